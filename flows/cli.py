@@ -1,0 +1,92 @@
+"""Command line shared by `python -m flows.sft` (and later dpo, grpo)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from tasks.spec import Method, RunSpec, SpecError, load_spec, parse_spec
+
+# Runs with no Prefect server start a temporary one; offline it would log telemetry errors.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _set(data: dict[str, Any], dotted: str) -> None:
+    key, sep, raw = dotted.partition("=")
+    if not sep:
+        raise SpecError(f"--set expects key=value, got '{dotted}'")
+    value = yaml.safe_load(raw)
+    target = data
+    parts = key.split(".")
+    for p in parts[:-1]:
+        target = target.setdefault(p, {})
+        if not isinstance(target, dict):
+            raise SpecError(f"--set {key}: '{p}' is not a mapping")
+    target[parts[-1]] = value
+
+
+def parse_args(method: Method, argv: list[str] | None) -> tuple[argparse.Namespace, RunSpec]:
+    p = argparse.ArgumentParser(
+        prog=f"python -m flows.{method}",
+        description=f"Run the {method.upper()} fine-tuning lifecycle from a run spec.",
+    )
+    p.add_argument("--spec", help="run spec YAML (see examples/)")
+    p.add_argument("--dataset", help="dataset path or Hub id (instead of, or over, the spec's)")
+    p.add_argument("--model", help="model: 'tiny', a folder or a Hub id")
+    p.add_argument("--name", help="run name (folder runs/<name>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. training.max_steps=50",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="plan only: validate, size, price and write the script; submit nothing"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for agents)")
+    args = p.parse_args(argv)
+    overrides: dict[str, Any] = {"method": method}
+    for field in ("dataset", "model", "name"):
+        if getattr(args, field):
+            overrides[field] = getattr(args, field)
+    for item in args.set:
+        _set(overrides, item)
+    if args.spec:
+        spec = load_spec(args.spec, overrides)
+        if spec.method != method:
+            raise SpecError(f"{args.spec} is a {spec.method} spec; run it with python -m flows.{spec.method}")
+    elif "dataset" in overrides:
+        spec = parse_spec(overrides, source="command line")
+    else:
+        p.error("give --spec FILE (or at least --dataset)")
+    return args, spec
+
+
+def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = None) -> int:
+    from flows.pipeline import plan_json, plan_run
+    from tasks.report import plan_markdown, summary_text
+
+    try:
+        args, spec = parse_args(method, argv)
+        if args.dry_run:
+            plan = plan_run(spec)
+            print(plan_json(plan) if args.json else plan_markdown(plan))
+            return 0
+        summary = flow_fn(spec=spec)
+    except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
+        if "args" in locals() and getattr(args, "json", False):
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(summary.model_dump_json(indent=2))
+    else:
+        print(summary_text(summary))
+    return 0 if summary.error is None else 1

@@ -1,0 +1,224 @@
+"""The lifecycle shared by every method: plan, approve, train, fetch, convert, publish, report.
+
+`plan_run` is used both inside the flows (each stage a Prefect task) and directly by
+`--dry-run`, which needs no Prefect server: `under_prefect=False` calls the stages' plain
+functions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks import artifacts
+from tasks.approval import ApprovalInput, NotApproved, auto_decision, decision_from_input
+from tasks.methods import method_definition, training_arguments, unknown_training_keys
+from tasks.model_source import resolve_model
+from tasks.models import Approval, CostEstimate, RunPlan, RunSummary, StageOutcome
+from tasks.report import plan_markdown, summary_markdown
+from tasks.rundir import default_run_name, prepare_run_dir
+from tasks.script import script_config
+from tasks.spec import RunSpec, SpecError
+from tasks.stages import (
+    build_script_task,
+    convert_gguf_task,
+    estimate_cost_task,
+    fetch_artifacts_task,
+    monitor_task,
+    push_to_hub_task,
+    select_hardware_task,
+    submit_job_task,
+    validate_dataset_task,
+)
+
+SECRET_LIKE = ("token", "password", "secret", "api_key")
+PLAN_STAGES = ("validate_dataset", "select_hardware", "estimate_cost", "build_script")
+RUN_STAGES = ("approve", "submit_job", "monitor", "fetch_artifacts", "convert_gguf", "push_to_hub")
+
+
+def _check_training_keys(spec: RunSpec) -> None:
+    method = method_definition(spec.method)
+    secrets = [k for k in spec.training if any(s in k.lower() for s in SECRET_LIKE)]
+    if secrets:
+        raise SpecError(
+            f"training.{secrets[0]} looks like a secret; secrets never go into the spec or the script. "
+            "Set HF_TOKEN in the environment (or a Prefect Secret block) instead."
+        )
+    unknown = unknown_training_keys(method, list(spec.training))
+    if unknown:
+        parts = [
+            f"'{k}'" + (f" (did you mean {', '.join(repr(m) for m in near)}?)" if near else "")
+            for k, near in unknown.items()
+        ]
+        raise SpecError(f"training: unknown {method.config_class} option(s): {', '.join(parts)}")
+
+
+def _on_gpu() -> tuple[bool, bool]:
+    import torch
+
+    if torch.cuda.is_available():
+        return True, torch.cuda.is_bf16_supported()
+    return False, False
+
+
+def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool = False) -> RunPlan:
+    """Validate, size, price and script the run; nothing is submitted."""
+
+    def stage(t: Any) -> Any:
+        return t if under_prefect else t.fn
+
+    method = method_definition(spec.method)
+    _check_training_keys(spec)
+    run_name = spec.name or default_run_name(spec)
+    run_dir = prepare_run_dir(spec, run_name, runs_root)
+    model_path = resolve_model(spec.model)
+    on_gpu, bf16 = _on_gpu()
+    args = training_arguments(method, spec.training, on_gpu=on_gpu, bf16=bf16)
+    report = stage(validate_dataset_task)(
+        spec.dataset, method, model_path, int(args["max_length"]), run_dir / "data", spec.split, dict(spec.columns)
+    )
+    hardware = stage(select_hardware_task)(spec, model_path, args)
+    cost = stage(estimate_cost_task)(report, hardware, args)
+    config = script_config(spec, run_name, model_path, hardware, args)
+    script = stage(build_script_task)(method, config, run_dir)
+    plan = RunPlan(
+        run_name=run_name,
+        run_dir=str(run_dir),
+        method=spec.method,
+        model=spec.model,
+        model_path=model_path,
+        dataset=report,
+        hardware=hardware,
+        cost=cost,
+        script=script,
+    )
+    (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
+    return plan
+
+
+def request_approval(cost: CostEstimate, spec: RunSpec, run_name: str, timeout_s: int) -> Approval:
+    """Auto-approve, refuse, or pause the flow run for a person's typed answer."""
+    decision = auto_decision(cost, spec.budget)
+    if decision is not None:
+        return decision
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    description = (
+        f"Run `{run_name}` is estimated at ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}), "
+        f"above auto_approve_usd ${spec.budget.auto_approve_usd:.2f}. Approve to start it."
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False),
+            timeout=timeout_s,
+            key=f"approve-{run_name}",
+        )
+    except FlowPauseTimeout:
+        raise NotApproved(f"no approval within {timeout_s} s; the run was not started") from None
+    return decision_from_input(answer, cost, spec.budget)
+
+
+def _outputs(plan: RunPlan, summary_fields: dict[str, Any]) -> dict[str, str]:
+    run_dir = Path(plan.run_dir)
+    out = {
+        "run folder": str(run_dir),
+        "spec": str(run_dir / "spec.yaml"),
+        "plan": str(run_dir / "plan.json"),
+        "script": plan.script.path,
+        "data": plan.dataset.prepared_path,
+    }
+    if (run_dir / "logs" / "train.log").exists():
+        out["log"] = str(run_dir / "logs" / "train.log")
+    if (run_dir / "trackio").exists():
+        out["metrics"] = str(run_dir / "trackio")
+    result = summary_fields.get("result")
+    if result is not None:
+        out["model"] = result.model_dir
+        if result.adapter_dir:
+            out["adapter"] = result.adapter_dir
+    gguf = summary_fields.get("gguf")
+    if gguf is not None and gguf.files:
+        out["gguf"] = ", ".join(gguf.files)
+    out["report"] = str(run_dir / "report.md")
+    return out
+
+
+def finish(plan: RunPlan, stages: list[StageOutcome], fields: dict[str, Any], error: str | None) -> RunSummary:
+    summary = RunSummary(
+        run_name=plan.run_name,
+        run_dir=plan.run_dir,
+        plan=plan,
+        stages=stages,
+        outputs=_outputs(plan, fields),
+        error=error,
+        **fields,
+    )
+    run_dir = Path(plan.run_dir)
+    md = summary_markdown(summary)
+    (run_dir / "report.md").write_text(md)
+    (run_dir / "report.json").write_text(summary.model_dump_json(indent=2))
+    artifacts.markdown(artifacts.artifact_key("report", plan.run_name), md, description="run report")
+    return summary
+
+
+def plan_outcomes(plan: RunPlan) -> list[StageOutcome]:
+    d, h, c = plan.dataset, plan.hardware, plan.cost
+    details = {
+        "validate_dataset": f"{d.rows} rows, format {d.format}, {len(d.warnings)} warning(s)",
+        "select_hardware": f"{h.flavor}, LoRA {'on' if h.use_lora else 'off'}, peak ~{h.estimated_peak_memory_gb:.2f} GB",
+        "estimate_cost": f"${c.usd:.2f} (range ${c.usd_low:.2f}-${c.usd_high:.2f}), ~{c.hours * 60:.1f} min",
+        "build_script": plan.script.path,
+    }
+    return [StageOutcome(stage=s, status="passed", detail=details[s]) for s in PLAN_STAGES]
+
+
+def run_lifecycle(
+    spec: RunSpec, dry_run: bool = False, approval_timeout_s: int = 3600, poll_s: float = 1.0
+) -> RunSummary:
+    """The whole lifecycle inside a flow run. Failures after planning still write the
+    report (every stage with its status) before the error propagates."""
+    plan = plan_run(spec, under_prefect=True)
+    stages = plan_outcomes(plan)
+    artifacts.markdown(artifacts.artifact_key("plan", plan.run_name), plan_markdown(plan), description="the plan")
+    fields: dict[str, Any] = {}
+    if dry_run:
+        stages += [StageOutcome(stage=s, status="not run", detail="dry run") for s in RUN_STAGES]
+        return finish(plan, stages, fields, None)
+
+    run_dir = Path(plan.run_dir)
+    current = "approve"
+    try:
+        fields["approval"] = request_approval(plan.cost, spec, plan.run_name, approval_timeout_s)
+        stages.append(StageOutcome(stage="approve", status="passed", detail=fields["approval"].reason))
+        current = "submit_job"
+        handle = submit_job_task(spec.backend, plan.script, run_dir)
+        stages.append(StageOutcome(stage="submit_job", status="passed", detail=handle.job_id))
+        current = "monitor"
+        job = monitor_task(handle, plan.run_name, plan.cost.price_per_hour_usd, fields["approval"].max_usd, poll_s)
+        fields["job"] = job
+        stages.append(
+            StageOutcome(stage="monitor", status="passed" if job.state == "completed" else "failed", detail=job.detail)
+        )
+        current = "fetch_artifacts"
+        fields["result"] = fetch_artifacts_task(handle, job)
+        stages.append(StageOutcome(stage="fetch_artifacts", status="passed", detail=fields["result"].model_dir))
+        current = "convert_gguf"
+        fields["gguf"] = convert_gguf_task(fields["result"], spec.outputs)
+        stages.append(fields["gguf"].outcome)
+        current = "push_to_hub"
+        fields["published"] = push_to_hub_task(fields["result"], fields["gguf"], spec.outputs)
+        stages.append(fields["published"].outcome)
+    except Exception as e:
+        if not stages or stages[-1].stage != current:
+            stages.append(StageOutcome(stage=current, status="failed", detail=f"{type(e).__name__}: {e}"))
+        done = {s.stage for s in stages}
+        stages += [StageOutcome(stage=s, status="not run") for s in RUN_STAGES if s not in done]
+        finish(plan, stages, fields, f"{current}: {e}")
+        raise
+    return finish(plan, stages, fields, None)
+
+
+def plan_json(plan: RunPlan) -> str:
+    return json.dumps(plan.model_dump(mode="json"), indent=2)

@@ -1,0 +1,92 @@
+"""What differs between training methods, in one place per method.
+
+The pipeline is shared; a method contributes its dataset formats, the TRL trainer and
+config class its script uses, the script template, and training defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.spec import Method
+
+
+class MethodDefinition(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: Method
+    trainer: str
+    config_class: str
+    template: str
+    # dataset formats in detection order: format name -> canonical columns it needs
+    formats: dict[str, tuple[str, ...]]
+    # defaults chosen for correctness on any hardware; the spec's `training` overrides them
+    training_defaults: dict[str, Any]
+
+
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_epochs": 1,
+    "learning_rate": 2e-4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_length": 1024,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 100,
+    "save_total_limit": 2,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0,
+    "dataloader_num_workers": 0,
+}
+
+SFT = MethodDefinition(
+    name="sft",
+    trainer="SFTTrainer",
+    config_class="SFTConfig",
+    template="sft.py",
+    formats={
+        "messages": ("messages",),
+        "prompt_completion": ("prompt", "completion"),
+        "text": ("text",),
+    },
+    training_defaults=_COMMON_DEFAULTS,
+)
+
+METHODS: dict[str, MethodDefinition] = {"sft": SFT}
+
+
+def method_definition(method: str) -> MethodDefinition:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise NotImplementedError(f"method '{method}' has no pipeline yet; available: {', '.join(METHODS)}") from None
+
+
+def training_arguments(method: MethodDefinition, overrides: dict[str, Any], on_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """The TRL config arguments: method defaults, hardware-dependent precision, then the spec."""
+    args = dict(method.training_defaults)
+    args.update(
+        {
+            "bf16": bf16,
+            "fp16": False,
+            # Recomputing activations only pays when memory is short; on the CPU it just slows.
+            "gradient_checkpointing": on_gpu,
+            "use_cpu": not on_gpu,
+        }
+    )
+    args.update(overrides)
+    return args
+
+
+def unknown_training_keys(method: MethodDefinition, keys: list[str]) -> dict[str, list[str]]:
+    """Keys the method's TRL config does not accept, each with close matches."""
+    import dataclasses
+    import difflib
+
+    import trl
+
+    config_cls = getattr(trl, method.config_class)
+    valid = {f.name for f in dataclasses.fields(config_cls)}
+    return {k: difflib.get_close_matches(k, valid, n=3) for k in keys if k not in valid}

@@ -1,0 +1,57 @@
+"""Resolving the spec's `model` to something loadable: the tiny default, a folder or a Hub id."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from training.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+
+
+class ModelSourceError(ValueError):
+    """The model's config or tokenizer could not be read; says where it looked."""
+
+
+def resolve_model(model: str) -> str:
+    """A local folder path for `tiny` and folders; the Hub id unchanged otherwise."""
+    if model == TINY_MODEL_NAME:
+        return str(ensure_tiny_model())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelSourceError(f"model folder {path} has no config.json")
+        return str(path.resolve())
+    if model.count("/") != 1:
+        raise ModelSourceError(
+            f"model '{model}' is neither 'tiny', an existing folder, nor a Hub id of the form 'owner/name'"
+        )
+    return model
+
+
+def _offline_hint(model: str, what: str, err: Exception) -> ModelSourceError:
+    return ModelSourceError(
+        f"could not read the {what} of '{model}': {type(err).__name__}: {err}. "
+        "If this machine is offline, download the model to a folder and set `model:` to that folder, "
+        "or use `model: tiny`."
+    )
+
+
+@lru_cache(maxsize=8)
+def load_config(model_path: str) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_path)
+    except Exception as e:  # transformers/hub raise many types; the message matters
+        raise _offline_hint(model_path, "config.json", e) from None
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except Exception as e:
+        raise _offline_hint(model_path, "tokenizer", e) from None

@@ -1,0 +1,172 @@
+"""The typed, frozen objects that pass between lifecycle stages."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.spec import Method
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+StageStatus = Literal["passed", "skipped", "failed", "not run"]
+
+
+class StageOutcome(Frozen):
+    stage: str
+    status: StageStatus
+    detail: str = ""
+
+
+class TokenStats(Frozen):
+    min: int
+    max: int
+    mean: float
+    p50: int
+    p95: int
+
+
+class DatasetReport(Frozen):
+    source: str
+    split: str
+    format: Literal["messages", "prompt_completion", "text"]
+    rows: int
+    columns: list[str]
+    column_mapping: dict[str, str]
+    tokens: TokenStats
+    total_tokens: int
+    max_length: int
+    rows_over_max_length: int
+    duplicates: int
+    empty_turns: int
+    warnings: list[str]
+    prepared_path: str = Field(description="the validated rows in canonical columns, as JSONL")
+
+
+class HardwarePlan(Frozen):
+    backend: str
+    flavor: str
+    description: str
+    accelerator: str | None
+    accelerator_count: int
+    accelerator_memory_gb: float | None
+    cpu_count: int
+    ram_gb: float
+    parameters: int
+    trainable_parameters: int
+    dtype: Literal["float32", "bfloat16", "float16"]
+    use_lora: bool
+    lora_reason: str
+    memory_breakdown_gb: dict[str, float]
+    estimated_peak_memory_gb: float
+    available_memory_gb: float
+    fits: bool
+
+
+class CostEstimate(Frozen):
+    flavor: str
+    price_per_hour_usd: float
+    tokens: int
+    estimated_flops: float
+    hours: float
+    hours_low: float
+    hours_high: float
+    usd: float
+    usd_low: float
+    usd_high: float
+    basis: str
+
+
+class Approval(Frozen):
+    approved: bool
+    by: Literal["auto", "user"]
+    reason: str
+    max_usd: float
+    estimated_usd: float
+
+
+class TrainingScript(Frozen):
+    path: str
+    sha256: str
+    method: Method
+    trainer: str
+    config: dict[str, Any]
+
+
+class JobHandle(Frozen):
+    backend: str
+    job_id: str
+    run_dir: str
+    log_path: str
+    started_at: datetime
+    pid: int | None = None
+
+
+class LossPoint(Frozen):
+    step: int
+    loss: float
+
+
+class JobStatus(Frozen):
+    state: Literal["completed", "failed", "cancelled"]
+    detail: str
+    duration_s: float
+    steps: int
+    max_steps: int | None
+    losses: list[LossPoint]
+    last_metrics: dict[str, float]
+    cost_usd: float
+
+
+class JobResult(Frozen):
+    model_dir: str
+    adapter_dir: str | None
+    files: list[str]
+    size_mb: float
+    train_metrics: dict[str, float]
+
+
+class GgufFiles(Frozen):
+    outcome: StageOutcome
+    files: list[str] = Field(default_factory=list)
+
+
+class PublishedModel(Frozen):
+    outcome: StageOutcome
+    repo: str | None = None
+    url: str | None = None
+
+
+class RunPlan(Frozen):
+    """Everything decided before money is spent: what --dry-run prints."""
+
+    run_name: str
+    run_dir: str
+    method: Method
+    model: str
+    model_path: str
+    dataset: DatasetReport
+    hardware: HardwarePlan
+    cost: CostEstimate
+    script: TrainingScript
+
+
+class RunSummary(Frozen):
+    """What the flow returns and the report shows."""
+
+    run_name: str
+    run_dir: str
+    plan: RunPlan
+    approval: Approval | None = None
+    job: JobStatus | None = None
+    result: JobResult | None = None
+    gguf: GgufFiles | None = None
+    published: PublishedModel | None = None
+    stages: list[StageOutcome]
+    outputs: dict[str, str]
+    error: str | None = None

@@ -1,0 +1,96 @@
+"""The plan and the final report, as markdown (Prefect artifact, report.md) and console text."""
+
+from __future__ import annotations
+
+from tasks.models import RunPlan, RunSummary
+
+
+def _gb(x: float) -> str:
+    return f"{x:.3f} GB" if x < 1 else f"{x:.1f} GB"
+
+
+def _duration(hours: float) -> str:
+    s = hours * 3600
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{hours:.1f} h"
+
+
+def plan_markdown(plan: RunPlan) -> str:
+    d, h, c = plan.dataset, plan.hardware, plan.cost
+    lines = [
+        f"# Plan for run `{plan.run_name}`",
+        "",
+        f"**{plan.method.upper()}** of `{plan.model}` on `{d.source}` ({d.rows} rows, format `{d.format}`)",
+        "",
+        "## Dataset",
+        f"- rows: {d.rows}; tokens per row: min {d.tokens.min}, mean {d.tokens.mean}, p95 {d.tokens.p95}, max {d.tokens.max}",
+        f"- rows over max_length {d.max_length}: {d.rows_over_max_length}; duplicates: {d.duplicates}; empty turns: {d.empty_turns}",
+        *(f"- warning: {w}" for w in d.warnings),
+        "",
+        "## Hardware",
+        f"- {h.description} (`{h.flavor}`, {h.backend} backend, {h.dtype})",
+        f"- parameters: {h.parameters:,}; trained: {h.trainable_parameters:,}; LoRA: {'yes' if h.use_lora else 'no'} ({h.lora_reason})",
+        f"- estimated peak memory: {_gb(h.estimated_peak_memory_gb)} of {_gb(h.available_memory_gb)} usable",
+        "  (" + ", ".join(f"{k} {_gb(v)}" for k, v in h.memory_breakdown_gb.items()) + ")",
+        "",
+        "## Cost",
+        f"- time: {_duration(c.hours)} (range {_duration(c.hours_low)} - {_duration(c.hours_high)})",
+        f"- cost: ${c.usd:.2f} (range ${c.usd_low:.2f} - ${c.usd_high:.2f}) at ${c.price_per_hour_usd:.2f}/h",
+        f"- basis: {c.basis}",
+        "",
+        "## Script",
+        f"- `{plan.script.path}` ({plan.script.trainer}, sha256 `{plan.script.sha256[:12]}`)",
+    ]
+    return "\n".join(lines)
+
+
+def summary_markdown(s: RunSummary) -> str:
+    p = s.plan
+    lines = [f"# Run `{s.run_name}`", ""]
+    if s.error:
+        lines += [f"**Failed:** {s.error}", ""]
+    lines.append(
+        f"**{p.method.upper()}** of `{p.model}` on `{p.dataset.source}` ({p.dataset.rows} rows, `{p.dataset.format}`)"
+    )
+    lines.append(f"on {p.hardware.description}, LoRA: {'yes' if p.hardware.use_lora else 'no'}")
+    if s.job:
+        j = s.job
+        steps = f"{j.steps}/{j.max_steps}" if j.max_steps else str(j.steps)
+        lines.append(f"- training: {j.state}, {steps} steps in {j.duration_s:.1f} s, cost ${j.cost_usd:.2f}")
+        if j.losses:
+            lines.append(
+                f"- loss: {j.losses[0].loss:.4f} at step {j.losses[0].step} -> {j.losses[-1].loss:.4f} at step {j.losses[-1].step}"
+            )
+    if s.approval:
+        lines.append(
+            f"- approval: {'approved' if s.approval.approved else 'declined'} by {s.approval.by} ({s.approval.reason})"
+        )
+    lines += ["", "## Stages", "| stage | status | detail |", "|---|---|---|"]
+    for st in s.stages:
+        detail = st.detail.replace("\n", " ").replace("|", "\\|")
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        lines.append(f"| {st.stage} | {st.status} | {detail} |")
+    lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
+    return "\n".join(lines)
+
+
+def summary_text(s: RunSummary) -> str:
+    """The console version: the same facts, without markdown tables."""
+    p = s.plan
+    out = [f"run {s.run_name}: {'FAILED: ' + s.error if s.error else 'done'}"]
+    out.append(f"  trained {p.method} on {p.model} with {p.dataset.source} ({p.dataset.rows} rows, {p.dataset.format})")
+    out.append(f"  hardware: {p.hardware.description}; LoRA: {'yes' if p.hardware.use_lora else 'no'}")
+    if s.job:
+        out.append(
+            f"  training: {s.job.state}, {s.job.steps} steps in {s.job.duration_s:.1f} s, cost ${s.job.cost_usd:.2f}"
+        )
+        if s.job.losses:
+            first, last = s.job.losses[0], s.job.losses[-1]
+            out.append(f"  loss: {first.loss:.4f} (step {first.step}) -> {last.loss:.4f} (step {last.step})")
+    out.append("  stages:")
+    for st in s.stages:
+        detail = st.detail.splitlines()[0] if st.detail else ""
+        out.append(f"    {st.stage:<18} {st.status:<8} {detail}")
+    out.append("  outputs:")
+    out += [f"    {k:<10} {v}" for k, v in s.outputs.items()]
+    return "\n".join(out)

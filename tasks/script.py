@@ -1,0 +1,83 @@
+"""Stage 5: write the self-contained TRL training script, the contract a user can review.
+
+The template is a real Python file in `training/templates/`; building fills in its CONFIG
+(a literal dict) and its inline dependency metadata (PEP 723) pinned to the versions
+installed here, so the script runs the same by hand, under `uv run`, or on a job runner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pprint
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from tasks.methods import MethodDefinition
+from tasks.models import HardwarePlan, TrainingScript
+from tasks.spec import RunSpec
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "training" / "templates"
+CONFIG_MARKER = "CONFIG: dict = {}  # @@CONFIG@@"
+DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
+SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio")
+
+
+def pinned_dependencies() -> list[str]:
+    pins = []
+    for name in SCRIPT_PACKAGES:
+        try:
+            v = version(name).split("+")[0]  # drop local tags such as +cpu
+            pins.append(f"{name}=={v}")
+        except PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def script_config(
+    spec: RunSpec, run_name: str, model_path: str, plan: HardwarePlan, training_args: dict[str, Any]
+) -> dict[str, Any]:
+    lora = None
+    if plan.use_lora:
+        lora = {
+            "r": spec.lora.r,
+            "lora_alpha": spec.lora.alpha,
+            "lora_dropout": spec.lora.dropout,
+            "target_modules": spec.lora.target_modules,
+        }
+    return {
+        "model": model_path,
+        "data": "data/train.jsonl",
+        "split": spec.split,
+        "seed": spec.seed,
+        "dtype": plan.dtype,
+        "lora": lora,
+        "project": run_name,
+        "run_name": run_name,
+        "training": training_args,
+    }
+
+
+def render_script(method: MethodDefinition, config: dict[str, Any]) -> str:
+    template = (TEMPLATES / method.template).read_text(encoding="utf-8")
+    if CONFIG_MARKER not in template or DEPENDENCIES_MARKER not in template:
+        raise RuntimeError(f"template {method.template} lacks its CONFIG or dependencies marker")
+    deps = "# dependencies = [\n" + "".join(f'#   "{d}",\n' for d in pinned_dependencies()) + "# ]"
+    body = "CONFIG: dict = " + pprint.pformat(config, sort_dicts=False, width=100)
+    return template.replace(DEPENDENCIES_MARKER, deps).replace(CONFIG_MARKER, body)
+
+
+def build_script(method: MethodDefinition, config: dict[str, Any], run_dir: Path) -> TrainingScript:
+    source = render_script(method, config)
+    compile(source, "train.py", "exec")  # a template bug fails here, not on the job runner
+    path = run_dir / "train.py"
+    tmp = path.with_suffix(".py.tmp")
+    tmp.write_text(source, encoding="utf-8")
+    tmp.replace(path)
+    return TrainingScript(
+        path=str(path),
+        sha256=hashlib.sha256(source.encode()).hexdigest(),
+        method=method.name,
+        trainer=method.trainer,
+        config=config,
+    )

@@ -1,0 +1,151 @@
+"""The run spec: what a user (or an agent) asks for, validated before anything runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Method = Literal["sft", "dpo", "grpo"]
+Backend = Literal["local", "hf-jobs", "prefect-pool"]
+GgufType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k"]
+
+RUN_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class SpecError(ValueError):
+    """A run spec that cannot be used; the message names each bad field and what is allowed."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LoraSettings(_Frozen):
+    """``lora: auto|true|false`` or a mapping with ``enabled`` and PEFT overrides."""
+
+    enabled: Literal["auto"] | bool = "auto"
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class Budget(_Frozen):
+    max_usd: float = Field(20.0, ge=0)
+    auto_approve_usd: float = Field(2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Budget:
+        if self.auto_approve_usd > self.max_usd:
+            raise ValueError(
+                f"auto_approve_usd ({self.auto_approve_usd}) is above max_usd ({self.max_usd}); "
+                "lower auto_approve_usd or raise max_usd"
+            )
+        return self
+
+
+class Outputs(_Frozen):
+    hub_repo: str | None = None
+    gguf: list[GgufType] = Field(default_factory=lambda: ["q4_k_m", "q8_0"])
+    private: bool = True
+
+
+class RunSpec(_Frozen):
+    """One fine-tuning run. Same fields as YAML and as flow parameters."""
+
+    method: Method = "sft"
+    model: str = "tiny"
+    dataset: str
+    split: str = "train"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="mapping canonical column -> your column, e.g. {messages: conversation}"
+    )
+    hardware: str = "auto"
+    backend: Backend = "local"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: dict[str, Any] = Field(default_factory=dict, description="passed through to the TRL config")
+    budget: Budget = Field(default_factory=Budget)
+    outputs: Outputs = Field(default_factory=Outputs)
+    rewards: list[str] = Field(default_factory=list)
+    name: str | None = Field(None, description="run name; the run folder is runs/<name>")
+    seed: int = 42
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, bool) or v == "auto":
+            return {"enabled": v}
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_folder_safe(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_NAME_PATTERN.match(v):
+            raise ValueError(
+                "must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> RunSpec:
+        if self.rewards and self.method != "grpo":
+            raise ValueError(f"'rewards' applies to method grpo only (this spec's method is {self.method})")
+        return self
+
+
+def _describe(err: dict) -> str:
+    field = ".".join(str(p) for p in err["loc"]) or "(spec)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(err["loc"][:-1])
+        allowed = ", ".join(parent.model_fields) if parent else ""
+        return f"unknown field '{field}'; allowed fields here: {allowed}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"field '{field}': {msg}{shown}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunSpec
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def parse_spec(data: dict[str, Any], source: str = "spec") -> RunSpec:
+    """Validate a mapping into a RunSpec, turning pydantic's errors into one readable message."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a run spec must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return RunSpec.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise SpecError(f"{source} is not a valid run spec:\n  - " + "\n  - ".join(lines)) from None
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> RunSpec:
+    """Load a YAML spec; relative dataset paths are resolved against the spec file's folder
+    first, then the working directory, so specs work from anywhere."""
+    path = Path(path)
+    if not path.exists():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path} is not valid YAML: {e}") from None
+    if isinstance(data, dict):
+        data = {**data, **(overrides or {})}
+        ds = data.get("dataset")
+        if isinstance(ds, str) and not Path(ds).is_absolute() and not Path(ds).exists():
+            candidate = (path.parent / ds).resolve()
+            if candidate.exists():
+                data["dataset"] = str(candidate)
+    return parse_spec(data, source=str(path))

@@ -1,0 +1,185 @@
+"""Thin Prefect task wrappers around the plain stage functions.
+
+The wrappers add retries, names and artifacts; the work stays in the plain functions so
+each can be called and tested without Prefect (`stage.fn(...)` also skips Prefect).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import artifacts
+from tasks.backends import Backend, get_backend
+from tasks.cost import estimate_cost
+from tasks.fetch import fetch_artifacts
+from tasks.gguf import convert_gguf
+from tasks.hardware import select_hardware
+from tasks.hub import push_to_hub
+from tasks.methods import MethodDefinition
+from tasks.models import (
+    CostEstimate,
+    DatasetReport,
+    GgufFiles,
+    HardwarePlan,
+    JobHandle,
+    JobResult,
+    JobStatus,
+    PublishedModel,
+    TrainingScript,
+)
+from tasks.monitor import Progress, monitor_job
+from tasks.script import build_script
+from tasks.spec import Outputs, RunSpec
+from tasks.validate import validate_dataset
+
+
+def _log(message: str) -> None:
+    try:
+        get_run_logger().info(message)
+    except Exception:  # called outside a run: print to stderr instead
+        import sys
+
+        print(message, file=sys.stderr)
+
+
+@task(name="validate_dataset", cache_policy=NO_CACHE)
+def validate_dataset_task(
+    source: str,
+    method: MethodDefinition,
+    model_path: str,
+    max_length: int,
+    out_dir: Path,
+    split: str,
+    columns: dict[str, str],
+) -> DatasetReport:
+    from tasks.model_source import load_tokenizer
+
+    report = validate_dataset(source, method, load_tokenizer(model_path), max_length, out_dir, split, columns)
+    _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row")
+    return report
+
+
+@task(name="select_hardware", cache_policy=NO_CACHE)
+def select_hardware_task(spec: RunSpec, model_path: str, training_args: dict[str, Any]) -> HardwarePlan:
+    from tasks.model_source import load_config
+
+    plan = select_hardware(spec, load_config(model_path), training_args)
+    _log(f"hardware: {plan.description}; peak ~{plan.estimated_peak_memory_gb:.2f} GB; LoRA {plan.use_lora}")
+    return plan
+
+
+@task(name="estimate_cost", cache_policy=NO_CACHE)
+def estimate_cost_task(report: DatasetReport, plan: HardwarePlan, training_args: dict[str, Any]) -> CostEstimate:
+    cost = estimate_cost(report, plan, training_args)
+    _log(f"estimate: {cost.hours * 60:.1f} min, ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f})")
+    return cost
+
+
+@task(name="build_script", cache_policy=NO_CACHE)
+def build_script_task(method: MethodDefinition, config: dict[str, Any], run_dir: Path) -> TrainingScript:
+    script = build_script(method, config, run_dir)
+    source = Path(script.path).read_text()
+    artifacts.markdown(
+        artifacts.artifact_key("script", config["run_name"]),
+        f"# Training script `{script.path}`\n\nsha256 `{script.sha256}`\n\n```python\n{source}\n```",
+        description="the generated, self-contained training script",
+    )
+    return script
+
+
+@task(name="submit_job", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def submit_job_task(backend_name: str, script: TrainingScript, run_dir: Path) -> JobHandle:
+    handle = get_backend(backend_name).submit(script, run_dir)
+    _log(f"submitted {handle.job_id}; log: {handle.log_path}")
+    return handle
+
+
+def _flow_cancel_watch() -> str | None:
+    """A reason to stop when the surrounding flow run is being cancelled (a plain local run
+    is not interrupted by Prefect's cancel, so the monitor must look for itself)."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return None
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(ctx.flow_run.id).state
+    except Exception:
+        return None
+    if state is not None and (state.is_cancelling() or state.is_cancelled()):
+        return "the flow run was cancelled"
+    return None
+
+
+@task(name="monitor", cache_policy=NO_CACHE)
+def monitor_task(
+    handle: JobHandle, run_name: str, price_per_hour_usd: float, max_usd: float, poll_s: float = 1.0
+) -> JobStatus:
+    backend: Backend = get_backend(handle.backend)
+    bar = ProgressBarFor(run_name)
+    checks = {"n": 0}
+
+    def stop_requested() -> str | None:
+        checks["n"] += 1
+        return _flow_cancel_watch() if checks["n"] % 10 == 0 else None
+
+    status = monitor_job(
+        backend,
+        handle,
+        run_name,
+        price_per_hour_usd,
+        max_usd,
+        poll_s=poll_s,
+        on_update=bar.update,
+        stop_requested=stop_requested,
+    )
+    bar.finish(status)
+    _log(f"job {status.state}: {status.detail.splitlines()[0] if status.detail else ''}")
+    return status
+
+
+class ProgressBarFor:
+    """Turns monitor updates into a Prefect progress artifact, a loss table and log lines."""
+
+    def __init__(self, run_name: str) -> None:
+        self.run_name = run_name
+        self.bar = artifacts.ProgressBar(artifacts.artifact_key("progress", run_name), "training progress")
+        self.logged = 0
+
+    def update(self, p: Progress) -> None:
+        self.bar.update(p.percent)
+        for point in p.losses[self.logged :]:
+            _log(f"step {point.step}/{p.max_steps or '?'} loss {point.loss:.4f}")
+        self.logged = len(p.losses)
+
+    def finish(self, status: JobStatus) -> None:
+        if status.state == "completed":
+            self.bar.update(100.0)
+        artifacts.table(
+            artifacts.artifact_key("loss", self.run_name),
+            [{"step": p.step, "loss": round(p.loss, 5)} for p in status.losses],
+            description="training loss (from Trackio)",
+        )
+
+
+@task(name="fetch_artifacts", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def fetch_artifacts_task(handle: JobHandle, status: JobStatus) -> JobResult:
+    result = fetch_artifacts(handle, status)
+    _log(f"model: {result.model_dir} ({result.size_mb} MB)")
+    return result
+
+
+@task(name="convert_gguf", cache_policy=NO_CACHE)
+def convert_gguf_task(result: JobResult, outputs: Outputs) -> GgufFiles:
+    return convert_gguf(result, outputs)
+
+
+@task(name="push_to_hub", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=NO_CACHE)
+def push_to_hub_task(result: JobResult, gguf: GgufFiles, outputs: Outputs) -> PublishedModel:
+    return push_to_hub(result, gguf, outputs)

@@ -1,0 +1,278 @@
+"""Stage 1: validate the dataset against the method's schema before anything is spent.
+
+pandera does the checking (one schema per format, lazily, so every bad row is reported at
+once); this module turns its failure cases into an error that names rows and columns, then
+measures the data with the model's own tokenizer for the `DatasetReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+
+from tasks.dataset_io import load_frame
+from tasks.methods import MethodDefinition
+from tasks.models import DatasetReport, TokenStats
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_ROWS_SHOWN = 10
+MAX_TOKENIZED_ROWS = 20_000
+
+
+class DatasetValidationError(ValueError):
+    """The data would waste a run; the message lists each problem with its rows and columns."""
+
+
+def _plain(value: Any) -> Any:
+    """Parquet and `datasets` hand back numpy arrays for list columns; make them lists."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+# --- element checks: each returns True for a good value --------------------------------
+
+
+def _is_turn_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(t, dict) and "role" in t and "content" in t for t in v)
+
+
+def _roles_known(v: Any) -> bool:
+    return not _is_turn_list(v) or all(t["role"] in ROLES for t in v)
+
+
+def _turn_text_present(v: Any) -> bool:
+    if not _is_turn_list(v):
+        return True
+    return all(
+        isinstance(t["content"], str) and t["content"].strip() != "" for t in v if t["role"] in ("user", "assistant")
+    )
+
+
+def _role_order(v: Any) -> bool:
+    if not _is_turn_list(v) or not _roles_known(v):
+        return True
+    roles = [t["role"] for t in v]
+    if "system" in roles[1:]:
+        return False
+    convo = [r for r in roles if r in ("user", "assistant")]
+    if not convo or convo[0] != "user" or "assistant" not in convo:
+        return False
+    return all(a != b for a, b in zip(convo, convo[1:], strict=False))
+
+
+def _is_text_or_turns(v: Any) -> bool:
+    return isinstance(v, str) or _is_turn_list(v)
+
+
+def _not_empty(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip() != ""
+    return not isinstance(v, list) or len(v) > 0
+
+
+def _turn_checks() -> list[pa.Check]:
+    return [
+        pa.Check(_is_turn_list, element_wise=True, error="must be a non-empty list of turns, each {role, content}"),
+        pa.Check(_roles_known, element_wise=True, error=f"every turn's role must be one of {', '.join(ROLES)}"),
+        pa.Check(
+            _turn_text_present, element_wise=True, error="every user and assistant turn needs non-empty text content"
+        ),
+        pa.Check(
+            _role_order,
+            element_wise=True,
+            error="turns must go [system], user, assistant, user, ... (no repeats) with at least one assistant turn",
+        ),
+    ]
+
+
+def _text_checks(what: str) -> list[pa.Check]:
+    return [
+        pa.Check(_is_text_or_turns, element_wise=True, error=f"{what} must be a string (or a list of turns)"),
+        pa.Check(_not_empty, element_wise=True, error=f"{what} must not be empty"),
+    ]
+
+
+def schema_for(fmt: str) -> pa.DataFrameSchema:
+    """The pandera schema of one SFT dataset format (canonical column names)."""
+    if fmt == "messages":
+        columns = {"messages": pa.Column(object, nullable=False, checks=_turn_checks())}
+    elif fmt == "prompt_completion":
+        columns = {
+            "prompt": pa.Column(object, nullable=False, checks=_text_checks("prompt")),
+            "completion": pa.Column(object, nullable=False, checks=_text_checks("completion")),
+        }
+    elif fmt == "text":
+        columns = {
+            "text": pa.Column(
+                object,
+                nullable=False,
+                checks=[
+                    pa.Check(lambda v: isinstance(v, str), element_wise=True, error="text must be a string"),
+                    pa.Check(_not_empty, element_wise=True, error="text must not be empty"),
+                ],
+            )
+        }
+    else:
+        raise ValueError(f"unknown format {fmt}")
+    return pa.DataFrameSchema(columns, strict=False, coerce=False)
+
+
+# --- format detection and column mapping ----------------------------------------------
+
+
+def apply_mapping(df: pd.DataFrame, mapping: dict[str, str], method: MethodDefinition) -> pd.DataFrame:
+    canonical = {c for cols in method.formats.values() for c in cols}
+    for target, source in mapping.items():
+        if target not in canonical:
+            raise DatasetValidationError(
+                f"columns: '{target}' is not a {method.name} column; map onto one of {', '.join(sorted(canonical))}"
+            )
+        if source not in df.columns:
+            raise DatasetValidationError(
+                f"columns: '{target}: {source}' names a column the dataset lacks; "
+                f"its columns are {', '.join(map(str, df.columns))}"
+            )
+    return df.rename(columns={source: target for target, source in mapping.items()})
+
+
+def detect_format(df: pd.DataFrame, method: MethodDefinition) -> str:
+    for fmt, needed in method.formats.items():
+        if all(c in df.columns for c in needed):
+            return fmt
+    wanted = " | ".join("+".join(cols) for cols in method.formats.values())
+    raise DatasetValidationError(
+        f"no {method.name} format recognised: the dataset has columns [{', '.join(map(str, df.columns))}], "
+        f"{method.name} needs one of: {wanted}. Rename them, or map yours in the spec, "
+        "e.g. `columns: {messages: conversation}`"
+    )
+
+
+def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str) -> str:
+    cases = err.failure_cases
+    lines = []
+    for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
+        rows = sorted({int(i) for i in group["index"].dropna()})
+        reason = "must not be missing (null)" if check == "not_nullable" else str(check)
+        if check == "column_in_dataframe":
+            lines.append(f"column '{group['failure_case'].iloc[0]}' is missing")
+            continue
+        shown = ", ".join(map(str, rows[:MAX_ROWS_SHOWN]))
+        more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
+        lines.append(f"column '{column}', rows {shown}{more}: {reason}")
+    return (
+        f"{source}: {len(set(cases['index'].dropna()))} bad row(s) for format '{fmt}' "
+        "(rows are numbered from 1; for JSONL, the line number):\n  - " + "\n  - ".join(lines)
+    )
+
+
+# --- measuring ------------------------------------------------------------------------
+
+
+def _token_counter(tokenizer: Any, fmt: str) -> Callable[[dict], int]:
+    def render(v: Any) -> str:
+        if isinstance(v, list):
+            return tokenizer.apply_chat_template(v, tokenize=False)
+        return v
+
+    if fmt == "messages":
+        return lambda row: len(tokenizer(render(row["messages"]), add_special_tokens=False)["input_ids"])
+    if fmt == "prompt_completion":
+        return lambda row: len(
+            tokenizer(render(row["prompt"]) + render(row["completion"]), add_special_tokens=False)["input_ids"]
+        )
+    return lambda row: len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+
+
+def _empty_turns(row: dict, fmt: str) -> int:
+    turns = []
+    for col in ("messages", "prompt", "completion"):
+        if isinstance(row.get(col), list):
+            turns.extend(row[col])
+    return sum(1 for t in turns if not str(t.get("content") or "").strip())
+
+
+def validate_dataset(
+    source: str,
+    method: MethodDefinition,
+    tokenizer: Any,
+    max_length: int,
+    out_dir: Path,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+) -> DatasetReport:
+    """Check the data, measure it, and write the canonical rows to ``out_dir/train.jsonl``."""
+    df = load_frame(source, split)
+    if df.empty:
+        raise DatasetValidationError(f"{source}: the dataset has no rows")
+    df = apply_mapping(df, columns or {}, method)
+    fmt = detect_format(df, method)
+    needed = list(method.formats[fmt])
+    dropped = [str(c) for c in df.columns if c not in needed]
+    df = df[needed].map(_plain)
+    try:
+        schema_for(fmt).validate(df, lazy=True)
+    except pa.errors.SchemaErrors as e:
+        raise DatasetValidationError(_format_failures(e, source, fmt)) from None
+
+    records = df.to_dict(orient="records")
+    count = _token_counter(tokenizer, fmt)
+    sample = records[:MAX_TOKENIZED_ROWS]
+    lengths = [count(r) for r in sample]
+    canonical = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in records]
+    duplicates = len(canonical) - len(set(canonical))
+    empty_turns = sum(_empty_turns(r, fmt) for r in records)
+    over = sum(1 for n in lengths if n > max_length)
+
+    warnings = []
+    if dropped:
+        warnings.append(f"columns not used by {fmt} and left out: {', '.join(dropped)}")
+    if over:
+        warnings.append(f"{over} row(s) exceed max_length={max_length} tokens and will be truncated")
+    if duplicates:
+        warnings.append(f"{duplicates} duplicate row(s)")
+    if empty_turns:
+        warnings.append(f"{empty_turns} empty system/tool turn(s)")
+    if len(records) > len(sample):
+        warnings.append(f"token statistics measured on the first {len(sample)} of {len(records)} rows")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prepared = out_dir / "train.jsonl"
+    tmp = prepared.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(prepared)
+
+    ordered = sorted(lengths)
+    return DatasetReport(
+        source=source,
+        split=split,
+        format=fmt,  # type: ignore[arg-type]
+        rows=len(records),
+        columns=needed,
+        column_mapping=dict(columns or {}),
+        tokens=TokenStats(
+            min=ordered[0],
+            max=ordered[-1],
+            mean=round(statistics.fmean(ordered), 2),
+            p50=ordered[len(ordered) // 2],
+            p95=ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))],
+        ),
+        total_tokens=int(round(statistics.fmean(ordered) * len(records))),
+        max_length=max_length,
+        rows_over_max_length=over,
+        duplicates=duplicates,
+        empty_turns=empty_turns,
+        warnings=warnings,
+        prepared_path=str(prepared),
+    )

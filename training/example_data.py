@@ -1,0 +1,92 @@
+"""Deterministic generator for the shipped example datasets and the tiny tokenizer's corpus.
+
+The task is small-number arithmetic: a tiny random-init model learns its format within a
+few hundred CPU steps (the loss falls clearly), and its answers are verifiable, which the
+GRPO demo reuses. Run ``python -m training.example_data`` to rewrite ``examples/data/``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SEED = 20261125
+MAX_OPERAND = 20
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "data"
+
+# General prose so the tokenizer learns ordinary English merges, not only arithmetic.
+GENERAL_TEXT = """\
+A small model learns the shape of its answers long before it learns the answers themselves.
+Fine-tuning adapts a pretrained language model to a task with a modest amount of data.
+The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun.
+Please answer the question briefly and show the result at the end of your reply.
+You are a helpful assistant. Think step by step, then give the final answer.
+Numbers such as 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 10 appear often in everyday text.
+The weather today is sunny with a light breeze; tomorrow it may rain in the afternoon.
+Training loss falls as the model fits the data, and evaluation shows whether it generalises.
+Questions, answers, instructions and responses: every chat is a list of turns.
+"""
+
+
+def _operands(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """n distinct operand pairs (there are (MAX_OPERAND + 1) ** 2 in all), in random order."""
+    pairs = [(a, b) for a in range(MAX_OPERAND + 1) for b in range(MAX_OPERAND + 1)]
+    rng.shuffle(pairs)
+    return pairs[:n]
+
+
+def sft_chat_rows(n: int = 400, seed: int = SEED) -> list[dict]:
+    """Chat rows in the ``messages`` format."""
+    rng = random.Random(seed)
+    rows = []
+    for a, b in _operands(rng, n):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {a} + {b}?"},
+                    {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+                ]
+            }
+        )
+    return rows
+
+
+def sft_prompt_completion_rows(n: int = 400, seed: int = SEED + 1) -> list[dict]:
+    """Plain-text rows in the ``prompt``/``completion`` format."""
+    rng = random.Random(seed)
+    return [{"prompt": f"Add {a} and {b}.", "completion": f" The sum is {a + b}."} for a, b in _operands(rng, n)]
+
+
+def tokenizer_corpus() -> list[str]:
+    """The text the tiny tokenizer is trained on: the shipped examples plus general prose."""
+    lines = GENERAL_TEXT.splitlines()
+    for row in sft_chat_rows():
+        lines.extend(m["content"] for m in row["messages"])
+    for row in sft_prompt_completion_rows():
+        lines.append(row["prompt"] + row["completion"])
+    return lines
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_examples(out_dir: Path = EXAMPLES_DIR) -> list[Path]:
+    files = {
+        "sft_chat.jsonl": sft_chat_rows(),
+        "sft_prompt_completion.jsonl": sft_prompt_completion_rows(),
+    }
+    written = []
+    for name, rows in files.items():
+        write_jsonl(rows, out_dir / name)
+        written.append(out_dir / name)
+    return written
+
+
+if __name__ == "__main__":
+    for p in write_examples():
+        print(p)
