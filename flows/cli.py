@@ -52,18 +52,18 @@ def parse_args(method: Method, argv: list[str] | None) -> tuple[argparse.Namespa
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for agents)")
     args = p.parse_args(argv)
-    overrides: dict[str, Any] = {"method": method}
+    overrides: dict[str, Any] = {}
     for field in ("dataset", "model", "name"):
         if getattr(args, field):
             overrides[field] = getattr(args, field)
     for item in args.set:
         _set(overrides, item)
     if args.spec:
-        spec = load_spec(args.spec, overrides)
+        spec = load_spec(args.spec, overrides, default_method=method)
         if spec.method != method:
             raise SpecError(f"{args.spec} is a {spec.method} spec; run it with python -m flows.{spec.method}")
     elif "dataset" in overrides:
-        spec = parse_spec(overrides, source="command line")
+        spec = parse_spec({"method": method, **overrides}, source="command line")
     else:
         p.error("give --spec FILE (or at least --dataset)")
     return args, spec

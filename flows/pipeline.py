@@ -97,7 +97,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     return plan
 
 
-def request_approval(cost: CostEstimate, spec: RunSpec, run_name: str, timeout_s: int) -> Approval:
+def request_approval(cost: CostEstimate, spec: RunSpec, run_name: str, timeout_s: int, poll_s: int = 2) -> Approval:
     """Auto-approve, refuse, or pause the flow run for a person's typed answer."""
     decision = auto_decision(cost, spec.budget)
     if decision is not None:
@@ -113,6 +113,7 @@ def request_approval(cost: CostEstimate, spec: RunSpec, run_name: str, timeout_s
         answer = pause_flow_run(
             wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False),
             timeout=timeout_s,
+            poll_interval=poll_s,
             key=f"approve-{run_name}",
         )
     except FlowPauseTimeout:

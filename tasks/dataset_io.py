@@ -8,11 +8,13 @@ number for JSON, CSV and Parquet. Hub ids and folders go through ``datasets``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class DatasetLoadError(ValueError):
@@ -74,7 +76,8 @@ def load_frame(source: str, split: str = "train") -> pd.DataFrame:
         raise DatasetLoadError(
             f"{path}: unsupported file type '{suffix}'; use one of {', '.join(sorted(LOCAL_SUFFIXES))}"
         )
-    if path.is_dir() or "/" in source:
+    looks_local = path.is_absolute() or source.startswith(".") or path.suffix.lower() in LOCAL_SUFFIXES
+    if path.is_dir() or (not looks_local and HUB_ID.match(source)):
         from datasets import load_dataset
 
         try:

@@ -131,7 +131,18 @@ def parse_spec(data: dict[str, Any], source: str = "spec") -> RunSpec:
         raise SpecError(f"{source} is not a valid run spec:\n  - " + "\n  - ".join(lines)) from None
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> RunSpec:
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` wins, key by key, down through nested mappings (so `training.max_steps`
+    overrides one setting without dropping the others)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_spec(
+    path: str | Path, overrides: dict[str, Any] | None = None, default_method: Method | None = None
+) -> RunSpec:
     """Load a YAML spec; relative dataset paths are resolved against the spec file's folder
     first, then the working directory, so specs work from anywhere."""
     path = Path(path)
@@ -142,7 +153,9 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> RunS
     except yaml.YAMLError as e:
         raise SpecError(f"{path} is not valid YAML: {e}") from None
     if isinstance(data, dict):
-        data = {**data, **(overrides or {})}
+        data = deep_merge(data, overrides or {})
+        if default_method is not None:
+            data.setdefault("method", default_method)
         ds = data.get("dataset")
         if isinstance(ds, str) and not Path(ds).is_absolute() and not Path(ds).exists():
             candidate = (path.parent / ds).resolve()

@@ -105,18 +105,21 @@ def _text_checks(what: str) -> list[pa.Check]:
 
 
 def schema_for(fmt: str) -> pa.DataFrameSchema:
-    """The pandera schema of one SFT dataset format (canonical column names)."""
+    """The pandera schema of one SFT dataset format (canonical column names).
+
+    No dtype is pinned: pandas may store text as object or string dtype, and a cell may hold
+    text or a list of turns; the element checks decide what is acceptable."""
     if fmt == "messages":
-        columns = {"messages": pa.Column(object, nullable=False, checks=_turn_checks())}
+        columns = {"messages": pa.Column(None, nullable=False, checks=_turn_checks())}
     elif fmt == "prompt_completion":
         columns = {
-            "prompt": pa.Column(object, nullable=False, checks=_text_checks("prompt")),
-            "completion": pa.Column(object, nullable=False, checks=_text_checks("completion")),
+            "prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")),
+            "completion": pa.Column(None, nullable=False, checks=_text_checks("completion")),
         }
     elif fmt == "text":
         columns = {
             "text": pa.Column(
-                object,
+                None,
                 nullable=False,
                 checks=[
                     pa.Check(lambda v: isinstance(v, str), element_wise=True, error="text must be a string"),

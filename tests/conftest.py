@@ -1,0 +1,53 @@
+"""Shared fixtures: every test runs with its own run folder and Prefect home, and the
+tiny model is built once per session into a temporary cache."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tiny_cache))
+    monkeypatch.setenv("FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("HF_DEBUG", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_cache: Path) -> str:
+    from training.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(tiny_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_path: str):
+    from tasks.model_source import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One real Prefect server for the whole session (flows and pauses need one)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
