@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from flows.cli import parse_args
 from tasks.spec import RunSpec, SpecError, load_spec, parse_spec
@@ -74,7 +75,7 @@ def test_unknown_gguf_type_is_rejected_with_the_list():
 
 def test_the_spec_is_frozen():
     spec = parse_spec({"dataset": "x"})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         spec.model = "other"  # type: ignore[misc]
 
 
