@@ -1,0 +1,177 @@
+"""The SFT lifecycle end to end on the embedded default, under a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import plan_run
+from flows.sft import sft
+from tasks.spec import load_spec, parse_spec
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server):
+    start = time.monotonic()
+    spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "flow-test"})
+    summary = sft(spec=spec)
+    elapsed = time.monotonic() - start
+    assert elapsed < 120
+
+    assert summary.error is None
+    status = {s.stage: s.status for s in summary.stages}
+    assert [s.stage for s in summary.stages] == [
+        "validate_dataset",
+        "select_hardware",
+        "estimate_cost",
+        "build_script",
+        "approve",
+        "submit_job",
+        "monitor",
+        "fetch_artifacts",
+        "convert_gguf",
+        "push_to_hub",
+    ]
+    assert all(status[s] == "passed" for s in list(status)[:8])
+    assert status["convert_gguf"] == "skipped" and status["push_to_hub"] == "skipped"
+
+    job = summary.job
+    assert job.state == "completed" and job.steps == job.max_steps == 50
+    first, last = job.losses[0].loss, job.losses[-1].loss
+    assert last < first * 0.3, (first, last)  # the loss fell clearly
+
+    run_dir = Path(summary.run_dir)
+    for name in [
+        "spec.yaml",
+        "plan.json",
+        "train.py",
+        "data/train.jsonl",
+        "logs/train.log",
+        "report.md",
+        "report.json",
+        "train_result.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ]:
+        assert (run_dir / name).exists(), name
+    assert any((run_dir / "trackio").glob("*.db"))
+    assert list((run_dir / "checkpoints").glob("checkpoint-*"))
+    report = (run_dir / "report.md").read_text()
+    assert "| convert_gguf | skipped |" in report and "loss:" in report
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 3 + 4?"}], tokenize=False, add_generation_prompt=True
+    )
+    out = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0]).count("+") >= 2  # it answers in the trained "a + b = c" form
+
+    from prefect.artifacts import Artifact
+
+    assert Artifact.get("report-flow-test") is not None
+    loss_table = json.loads(Artifact.get("loss-flow-test").data)
+    assert len(loss_table) == len(job.losses)
+
+
+def test_broken_data_fails_before_anything_is_submitted(prefect_server, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+        + "\n"
+    )
+    spec = parse_spec({"dataset": str(bad), "name": "broken"})
+    with pytest.raises(Exception, match="rows 2: turns must go"):
+        sft(spec=spec)
+    from tasks.rundir import runs_root
+
+    assert not (runs_root() / "broken" / "job.json").exists()
+    assert not (runs_root() / "broken" / "train.py").exists()
+
+
+def _resume_when_paused(answer: dict, seen: dict) -> threading.Thread:
+    def run() -> None:
+        from prefect import get_client
+        from prefect.flow_runs import resume_flow_run
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs()
+            paused = [r for r in runs if r.state and r.state.is_paused() and r.id not in seen.values()]
+            if paused:
+                seen["id"] = paused[0].id
+                resume_flow_run(paused[0].id, run_input=answer)
+                return
+            time.sleep(0.5)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_above_the_threshold_the_flow_pauses_for_a_typed_answer(prefect_server):
+    from prefect import flow
+
+    from flows.pipeline import request_approval
+    from tasks.approval import NotApproved
+    from tests.test_planning import _cost
+
+    spec = parse_spec({"dataset": "x.jsonl", "budget": {"max_usd": 20, "auto_approve_usd": 1}})
+
+    @flow
+    def gate(timeout_s: int = 60):
+        return request_approval(_cost(5), spec, "gate", timeout_s, poll_s=1)
+
+    seen: dict = {}
+    _resume_when_paused({"approve": True, "reason": "looks fine", "max_usd": 12}, seen)
+    approval = gate()
+    assert approval.by == "user" and approval.reason == "looks fine" and approval.max_usd == 12
+
+    _resume_when_paused({"approve": False, "reason": "too dear"}, seen)
+    with pytest.raises(NotApproved, match="too dear"):
+        gate()
+
+    with pytest.raises(NotApproved, match="no approval within 3 s"):
+        gate(timeout_s=3)
+
+
+def test_the_generated_script_runs_by_hand_with_lora_and_merges(tmp_path):
+    spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "by-hand", "lora": True, "training": {"learning_rate": 1e-2}})
+    plan = plan_run(spec)
+    out = tmp_path / "by-hand"
+    proc = subprocess.run(
+        [sys.executable, plan.script.path, "--max-steps", "10", "--output-dir", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["global_step"] == 10 and result["lora"] is True
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(plan.model_path)
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter")
+    ids = torch.tensor([[5, 17, 42, 9]])
+    torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, atol=1e-4, rtol=1e-4)
+    assert not any("lora" in n for n, _ in merged.named_parameters())

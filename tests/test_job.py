@@ -1,0 +1,105 @@
+"""The local backend and the monitor: real processes, real Trackio store, budget guard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from tasks.backends import LocalBackend, load_handle
+from tasks.fetch import JobFailed, fetch_artifacts
+from tasks.models import TrainingScript
+from tasks.monitor import monitor_job, read_trackio_metrics
+
+
+def _script(run_dir: Path, body: str) -> TrainingScript:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "train.py"
+    path.write_text(textwrap.dedent(body))
+    return TrainingScript(path=str(path), sha256="0", method="sft", trainer="SFTTrainer", config={})
+
+
+def test_metrics_are_read_from_trackios_own_store_while_it_is_written(tmp_path):
+    writer = textwrap.dedent(
+        """
+        import trackio
+        trackio.init(project="proj", name="run-a")
+        for step in range(1, 4):
+            trackio.log({"train/loss": 4.0 / step, "train/global_step": step * 5})
+        trackio.finish()
+        """
+    )
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", writer], env=env, check=True, capture_output=True, timeout=120)
+    rows = read_trackio_metrics(tmp_path, "proj", "run-a")
+    assert [r["train/global_step"] for r in rows] == [5, 10, 15]
+    assert rows[-1]["train/loss"] == 4.0 / 3
+    assert read_trackio_metrics(tmp_path, "proj", "other-run") == []
+    assert read_trackio_metrics(tmp_path / "missing", "proj", "run-a") == []
+
+
+def test_a_completed_job_is_followed_to_the_end(tmp_path):
+    run_dir = tmp_path / "run"
+    script = _script(
+        run_dir,
+        """
+        import json, pathlib
+        here = pathlib.Path(__file__).parent
+        (here / "progress.json").write_text(json.dumps({"step": 3, "max_steps": 3}))
+        (here / "train_result.json").write_text(json.dumps({"model_dir": "model", "adapter_dir": None}))
+        print("all good")
+        """,
+    )
+    backend = LocalBackend()
+    handle = backend.submit(script, run_dir)
+    assert load_handle(run_dir) == handle  # persisted for other processes
+    seen = []
+    status = monitor_job(backend, handle, "run", 0.0, 1.0, poll_s=0.1, on_update=seen.append)
+    assert status.state == "completed" and status.steps == 3 and status.max_steps == 3
+    assert seen and seen[-1].percent == 100.0
+    assert "all good" in Path(handle.log_path).read_text()
+    # the script claimed success but wrote no model: fetching says so
+    try:
+        fetch_artifacts(handle, status)
+        raise AssertionError("fetch should fail")
+    except JobFailed as e:
+        assert "incomplete" in str(e) and "config.json" in str(e)
+
+
+def test_a_failing_job_reports_the_end_of_its_log(tmp_path):
+    run_dir = tmp_path / "run"
+    script = _script(run_dir, "raise SystemExit('CUDA out of memory: tried to allocate 2 GiB')\n")
+    backend = LocalBackend()
+    handle = backend.submit(script, run_dir)
+    status = monitor_job(backend, handle, "run", 0.0, 1.0, poll_s=0.1)
+    assert status.state == "failed"
+    assert "CUDA out of memory" in status.detail
+
+
+def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(tmp_path):
+    run_dir = tmp_path / "run"
+    script = _script(run_dir, "import time\ntime.sleep(120)\n")
+    backend = LocalBackend()
+    handle = backend.submit(script, run_dir)
+    start = time.monotonic()
+    # $3600/h is $1/s: with max_usd $1.5 the guard must stop it within about a second
+    status = monitor_job(backend, handle, "run", 3600.0, 1.5, poll_s=0.25)
+    assert status.state == "cancelled" and "budget guard" in status.detail
+    assert time.monotonic() - start < 15
+    assert status.cost_usd <= 1.5
+    assert backend.status(handle) == "cancelled"
+
+
+def test_a_job_is_found_again_from_another_backend_instance(tmp_path):
+    run_dir = tmp_path / "run"
+    script = _script(run_dir, "import time\ntime.sleep(30)\n")
+    first = LocalBackend()
+    handle = first.submit(script, run_dir)
+    other = LocalBackend()  # e.g. a retry or a cancellation hook in another process
+    assert other.status(load_handle(run_dir)) == "running"
+    other.cancel(handle)
+    first._procs[handle.job_id].wait(timeout=15)
+    assert first.status(handle) == "cancelled"
