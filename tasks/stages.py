@@ -6,6 +6,7 @@ each can be called and tested without Prefect (`stage.fn(...)` also skips Prefec
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tasks.models import (
     JobHandle,
     JobResult,
     JobStatus,
+    LossPoint,
     PublishedModel,
     TrainingScript,
 )
@@ -147,25 +149,34 @@ def monitor_task(
 class ProgressBarFor:
     """Turns monitor updates into a Prefect progress artifact, a loss table and log lines."""
 
+    TABLE_EVERY_S = 15.0  # table artifacts cannot be updated in place: each refresh is a new version
+
     def __init__(self, run_name: str) -> None:
         self.run_name = run_name
         self.bar = artifacts.ProgressBar(artifacts.artifact_key("progress", run_name), "training progress")
         self.logged = 0
+        self.table_at = time.monotonic()
 
     def update(self, p: Progress) -> None:
         self.bar.update(p.percent)
         for point in p.losses[self.logged :]:
             _log(f"step {point.step}/{p.max_steps or '?'} loss {point.loss:.4f}")
         self.logged = len(p.losses)
+        if time.monotonic() - self.table_at > self.TABLE_EVERY_S:
+            self._table(p.losses)
+
+    def _table(self, losses: list[LossPoint]) -> None:
+        self.table_at = time.monotonic()
+        artifacts.table(
+            artifacts.artifact_key("loss", self.run_name),
+            [{"step": p.step, "loss": round(p.loss, 5)} for p in losses],
+            description="training loss (from Trackio)",
+        )
 
     def finish(self, status: JobStatus) -> None:
         if status.state == "completed":
             self.bar.update(100.0)
-        artifacts.table(
-            artifacts.artifact_key("loss", self.run_name),
-            [{"step": p.step, "loss": round(p.loss, 5)} for p in status.losses],
-            description="training loss (from Trackio)",
-        )
+        self._table(status.losses)
 
 
 @task(name="fetch_artifacts", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)

@@ -164,16 +164,17 @@ def detect_format(df: pd.DataFrame, method: MethodDefinition) -> str:
 
 def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str) -> str:
     cases = err.failure_cases
-    lines = []
+    found = []
     for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
         rows = sorted({int(i) for i in group["index"].dropna()})
         reason = "must not be missing (null)" if check == "not_nullable" else str(check)
         if check == "column_in_dataframe":
-            lines.append(f"column '{group['failure_case'].iloc[0]}' is missing")
+            found.append((0, f"column '{group['failure_case'].iloc[0]}' is missing"))
             continue
         shown = ", ".join(map(str, rows[:MAX_ROWS_SHOWN]))
         more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
-        lines.append(f"column '{column}', rows {shown}{more}: {reason}")
+        found.append((rows[0] if rows else 0, f"column '{column}', rows {shown}{more}: {reason}"))
+    lines = [text for _, text in sorted(found)]  # in file order, so the first bad row comes first
     return (
         f"{source}: {len(set(cases['index'].dropna()))} bad row(s) for format '{fmt}' "
         "(rows are numbered from 1; for JSONL, the line number):\n  - " + "\n  - ".join(lines)
