@@ -141,7 +141,7 @@ def _outputs(plan: RunPlan, summary_fields: dict[str, Any]) -> dict[str, str]:
             out["adapter"] = result.adapter_dir
     gguf = summary_fields.get("gguf")
     if gguf is not None and gguf.files:
-        out["gguf"] = ", ".join(gguf.files)
+        out["gguf"] = ", ".join(f.path for f in gguf.files)
     out["report"] = str(run_dir / "report.md")
     return out
 
@@ -209,7 +209,7 @@ def run_lifecycle(
         fields["gguf"] = convert_gguf_task(fields["result"], spec.outputs)
         stages.append(fields["gguf"].outcome)
         current = "push_to_hub"
-        fields["published"] = push_to_hub_task(fields["result"], fields["gguf"], spec.outputs)
+        fields["published"] = push_to_hub_task(spec, plan, job, fields["result"], fields["gguf"])
         stages.append(fields["published"].outcome)
     except Exception as e:
         if not stages or stages[-1].stage != current:

@@ -1,20 +1,225 @@
-"""Stage 10: publishing to the Hugging Face Hub.
+"""Stage 10: publish the model, its adapter, GGUF files and card, to the Hub or a folder.
 
-Not built yet: nothing is uploaded. The stage reports itself as skipped with the reason,
-and never reads or prints a token.
+The release is first staged in `runs/<name>/release/` with exactly the layout of the Hub
+repo; then it goes either to a local folder (`outputs.hub_repo: ./folder` or `file://...`),
+copying only files whose content changed, or to the Hub through huggingface_hub's
+`upload_folder` (large files through its large-file path). The token comes from
+`HF_TOKEN` or a Prefect Secret block and is scrubbed from every message that leaves here.
 """
 
 from __future__ import annotations
 
-from tasks.models import GgufFiles, JobResult, PublishedModel, StageOutcome
-from tasks.spec import Outputs
+import hashlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from tasks.dataset_io import HUB_ID
+from tasks.models import GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
+from tasks.spec import RunSpec
+
+SECRET_BLOCK_ENV = "FINETUNE_HF_TOKEN_BLOCK"  # name of a Prefect Secret block holding the token
+DEFAULT_SECRET_BLOCK = "hf-token"
+RETRY_DELAYS_S = (2.0, 5.0, 15.0, 30.0)
 
 
-def push_to_hub(result: JobResult, gguf: GgufFiles, outputs: Outputs) -> PublishedModel:
+class PublishError(RuntimeError):
+    """Publishing failed; the message says what to fix and never contains the token."""
+
+
+def publish_target(hub_repo: str) -> tuple[Literal["folder", "hub"], str]:
+    """`owner/name` is a Hub repo; a path (absolute, ./, ../, ~ or file://) is a local folder."""
+    if hub_repo.startswith("file://"):
+        return "folder", str(Path(hub_repo.removeprefix("file://")).expanduser().resolve())
+    if hub_repo.startswith(("/", "./", "../", "~")):
+        return "folder", str(Path(hub_repo).expanduser().resolve())
+    if HUB_ID.match(hub_repo):
+        return "hub", hub_repo
+    raise PublishError(
+        f"outputs.hub_repo '{hub_repo}' is neither a Hub repo id ('owner/name') nor a local folder "
+        "('./folder', '/abs/path' or 'file:///abs/path')"
+    )
+
+
+def resolve_token() -> str | None:
+    """HF_TOKEN from the environment, else the Prefect Secret block (if a server has one)."""
+    token = os.environ.get("HF_TOKEN")
+    if token:
+        return token
+    try:
+        from prefect.blocks.system import Secret
+
+        return str(Secret.load(os.environ.get(SECRET_BLOCK_ENV, DEFAULT_SECRET_BLOCK)).get())
+    except Exception:  # no server, no block: the caller reports a missing token
+        return None
+
+
+def scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _copy_into(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def stage_release(run_dir: Path, result: JobResult, gguf: GgufFiles | None, card: str, loss_png: Path | None) -> Path:
+    """Lay out the release folder: model files at the top, adapter/, gguf/, README.md, loss.png."""
+    release = run_dir / "release"
+    if release.exists():
+        shutil.rmtree(release)
+    release.mkdir(parents=True)
+    for f in Path(result.model_dir).iterdir():
+        if f.is_file():
+            _copy_into(f, release / f.name)
+    if result.adapter_dir:
+        for f in Path(result.adapter_dir).iterdir():
+            if f.is_file():
+                _copy_into(f, release / "adapter" / f.name)
+    if gguf is not None:
+        for g in gguf.files:
+            if g.passed:
+                _copy_into(Path(g.path), release / "gguf" / Path(g.path).name)
+        if gguf.modelfile and any(g.passed for g in gguf.files):
+            _copy_into(Path(gguf.modelfile), release / "gguf" / "Modelfile")
+    if loss_png is not None:
+        _copy_into(loss_png, release / "loss.png")
+    (release / "README.md").write_text(card, encoding="utf-8")
+    return release
+
+
+def publish_to_folder(release: Path, target: Path) -> tuple[list[str], list[str]]:
+    """Make `target` hold exactly the release; copy only changed files. Returns (written, removed)."""
+    target.mkdir(parents=True, exist_ok=True)
+    wanted = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
+    written = []
+    for rel in sorted(wanted):
+        src, dst = release / rel, target / rel
+        if dst.exists() and dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src):
+            continue
+        _copy_into(src, dst)
+        written.append(rel)
+    removed = []
+    for p in sorted(target.rglob("*")):
+        rel = p.relative_to(target).as_posix()
+        if p.is_file() and rel not in wanted:
+            p.unlink()
+            removed.append(rel)
+    return written, removed
+
+
+def _status_of(err: Exception) -> int | None:
+    response = getattr(err, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def _is_transient(err: Exception) -> bool:
+    import httpx
+
+    status = _status_of(err)
+    if status is not None:
+        return status in (408, 429) or status >= 500
+    return isinstance(err, httpx.TransportError | ConnectionError | TimeoutError | OSError)
+
+
+def publish_to_hub(release: Path, repo_id: str, private: bool, token: str | None, message: str) -> str:
+    """Create the repo if needed and upload the release; returns the commit URL."""
+    if not token:
+        raise PublishError(
+            f"no Hugging Face token to publish to '{repo_id}': set HF_TOKEN, or store a token with write "
+            f"access in a Prefect Secret block named '{os.environ.get(SECRET_BLOCK_ENV, DEFAULT_SECRET_BLOCK)}'"
+        )
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    attempt = 0
+    while True:
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            commit = api.upload_folder(
+                folder_path=str(release),
+                repo_id=repo_id,
+                repo_type="model",
+                commit_message=message,
+                delete_patterns=["*"],  # the repo ends up holding exactly the release
+            )
+            return str(getattr(commit, "commit_url", commit))
+        except Exception as e:
+            status = _status_of(e)
+            if status in (401, 403):
+                raise PublishError(
+                    f"the Hub refused the token (HTTP {status}) for '{repo_id}': "
+                    + (
+                        "the token from HF_TOKEN (or the Secret block) is invalid or expired"
+                        if status == 401
+                        else f"the token lacks write access to '{repo_id.split('/')[0]}' (use a token with the "
+                        "'write' role, or a fine-grained token allowed to write repos in that namespace)"
+                    )
+                ) from None
+            if not _is_transient(e) or attempt >= len(RETRY_DELAYS_S):
+                raise PublishError(
+                    f"publishing to '{repo_id}' failed: {scrub(f'{type(e).__name__}: {e}', token)}"
+                ) from None
+            time.sleep(RETRY_DELAYS_S[attempt])
+            attempt += 1
+
+
+def push_to_hub(
+    spec: RunSpec, plan: RunPlan, status: JobStatus, result: JobResult, gguf: GgufFiles | None
+) -> PublishedModel:
+    from tasks.model_card import loss_curve_png, model_card
+
+    outputs = spec.outputs
     if not outputs.hub_repo:
-        detail = "outputs.hub_repo is not set; the model stays in the run folder"
+        return PublishedModel(
+            outcome=StageOutcome(
+                stage="push_to_hub",
+                status="skipped",
+                detail="outputs.hub_repo is not set; the model stays in the run folder",
+            )
+        )
+    kind, target = publish_target(outputs.hub_repo)
+    if gguf is not None and gguf.files and not all(g.passed for g in gguf.files):
+        failed = [g.quant for g in gguf.files if not g.passed]
+        note = f"; GGUF files that failed their smoke test are left out: {', '.join(failed)}"
     else:
-        detail = f"publishing is not available yet; nothing was uploaded to '{outputs.hub_repo}'"
+        note = ""
+    run_dir = Path(plan.run_dir)
+    png = loss_curve_png(status, run_dir / "loss.png", f"{plan.run_name}: training loss")
+    card = model_card(
+        spec,
+        plan,
+        status,
+        result,
+        gguf,
+        target if kind == "hub" else Path(target).name,
+        "loss.png" if png else None,
+        status.cost_usd,
+    )
+    release = stage_release(run_dir, result, gguf, card, png)
+    if kind == "folder":
+        written, removed = publish_to_folder(release, Path(target))
+        detail = f"published to folder {target}: {len(written)} file(s) written, {len(removed)} removed{note}"
+        return PublishedModel(
+            outcome=StageOutcome(stage="push_to_hub", status="passed", detail=detail),
+            repo=target,
+            url=Path(target).as_uri(),
+        )
+    token = resolve_token()
+    url = publish_to_hub(release, target, outputs.private, token, f"finetune-flow run {plan.run_name}")
+    detail = f"published to the Hub as {'private' if outputs.private else 'public'} repo {target}{note}"
     return PublishedModel(
-        outcome=StageOutcome(stage="push_to_hub", status="skipped", detail=detail), repo=outputs.hub_repo
+        outcome=StageOutcome(stage="push_to_hub", status="passed", detail=detail), repo=target, url=url
     )

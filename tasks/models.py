@@ -131,9 +131,30 @@ class JobResult(Frozen):
     train_metrics: dict[str, float]
 
 
+class GgufFile(Frozen):
+    """One GGUF file and what its smoke test measured."""
+
+    quant: str
+    path: str
+    size_mb: float
+    sha256: str
+    load_s: float | None = None
+    tokenization_matches: int = 0
+    tokenization_checked: int = 0
+    top1_agreement: float | None = None
+    perplexity: float | None = None
+    hf_perplexity: float | None = None
+    generation_tokens_per_s: float | None = None
+    sample_generation: str | None = None
+    passed: bool = False
+    problems: list[str] = Field(default_factory=list)
+
+
 class GgufFiles(Frozen):
     outcome: StageOutcome
-    files: list[str] = Field(default_factory=list)
+    files: list[GgufFile] = Field(default_factory=list)
+    modelfile: str | None = None
+    convert_s: float | None = None
 
 
 class PublishedModel(Frozen):

@@ -31,6 +31,7 @@ from tasks.models import (
     JobStatus,
     LossPoint,
     PublishedModel,
+    RunPlan,
     TrainingScript,
 )
 from tasks.monitor import Progress, monitor_job
@@ -191,6 +192,10 @@ def convert_gguf_task(result: JobResult, outputs: Outputs) -> GgufFiles:
     return convert_gguf(result, outputs)
 
 
-@task(name="push_to_hub", retries=3, retry_delay_seconds=[5, 20, 60], cache_policy=NO_CACHE)
-def push_to_hub_task(result: JobResult, gguf: GgufFiles, outputs: Outputs) -> PublishedModel:
-    return push_to_hub(result, gguf, outputs)
+@task(name="push_to_hub", cache_policy=NO_CACHE)  # transient HTTP errors are retried inside, with backoff
+def push_to_hub_task(
+    spec: RunSpec, plan: RunPlan, status: JobStatus, result: JobResult, gguf: GgufFiles | None
+) -> PublishedModel:
+    published = push_to_hub(spec, plan, status, result, gguf)
+    _log(f"push_to_hub {published.outcome.status}: {published.outcome.detail}")
+    return published
