@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build here, the CUDA build on a GPU machine
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[gguf,dev]"
+	# llama.cpp's HF-to-GGUF converter, from the sdist of the pinned llama-cpp-python
+	$(PY) -m tasks.gguf_converter
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -13,8 +13,9 @@ from typing import Any
 
 from tasks import artifacts
 from tasks.approval import ApprovalInput, NotApproved, auto_decision, decision_from_input
+from tasks.gguf import check_quant_types, config_row_sizes
 from tasks.methods import method_definition, training_arguments, unknown_training_keys
-from tasks.model_source import resolve_model
+from tasks.model_source import load_config, resolve_model
 from tasks.models import Approval, CostEstimate, RunPlan, RunSummary, StageOutcome
 from tasks.report import plan_markdown, summary_markdown
 from tasks.rundir import default_run_name, prepare_run_dir
@@ -28,13 +29,14 @@ from tasks.stages import (
     monitor_task,
     push_to_hub_task,
     select_hardware_task,
+    smoke_test_gguf_task,
     submit_job_task,
     validate_dataset_task,
 )
 
 SECRET_LIKE = ("token", "password", "secret", "api_key")
 PLAN_STAGES = ("validate_dataset", "select_hardware", "estimate_cost", "build_script")
-RUN_STAGES = ("approve", "submit_job", "monitor", "fetch_artifacts", "convert_gguf", "push_to_hub")
+RUN_STAGES = ("approve", "submit_job", "monitor", "fetch_artifacts", "convert_gguf", "smoke_test_gguf", "push_to_hub")
 
 
 def _check_training_keys(spec: RunSpec) -> None:
@@ -79,6 +81,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         spec.dataset, method, model_path, int(args["max_length"]), run_dir / "data", spec.split, dict(spec.columns)
     )
     hardware = stage(select_hardware_task)(spec, model_path, args)
+    check_quant_types(config_row_sizes(load_config(model_path)), list(spec.outputs.gguf))
     cost = stage(estimate_cost_task)(report, hardware, args)
     config = script_config(spec, run_name, model_path, hardware, args)
     script = stage(build_script_task)(method, config, run_dir)
@@ -141,7 +144,7 @@ def _outputs(plan: RunPlan, summary_fields: dict[str, Any]) -> dict[str, str]:
             out["adapter"] = result.adapter_dir
     gguf = summary_fields.get("gguf")
     if gguf is not None and gguf.files:
-        out["gguf"] = ", ".join(f.path for f in gguf.files)
+        out["gguf"] = str(Path(gguf.files[0].path).parent)
     out["report"] = str(run_dir / "report.md")
     return out
 
@@ -206,7 +209,10 @@ def run_lifecycle(
         fields["result"] = fetch_artifacts_task(handle, job)
         stages.append(StageOutcome(stage="fetch_artifacts", status="passed", detail=fields["result"].model_dir))
         current = "convert_gguf"
-        fields["gguf"] = convert_gguf_task(fields["result"], spec.outputs)
+        gguf = convert_gguf_task(fields["result"], spec.outputs, run_dir, plan.run_name)
+        stages.append(gguf.outcome)
+        current = "smoke_test_gguf"
+        fields["gguf"] = smoke_test_gguf_task(gguf, fields["result"], plan.dataset, plan.run_name)
         stages.append(fields["gguf"].outcome)
         current = "push_to_hub"
         fields["published"] = push_to_hub_task(spec, plan, job, fields["result"], fields["gguf"])

@@ -44,7 +44,7 @@ def training_tokens(report: DatasetReport, training_args: dict[str, Any]) -> int
             * int(training_args.get("gradient_accumulation_steps", 1))
         )
     else:
-        rows = report.rows * float(training_args.get("num_train_epochs", 1))
+        rows = report.train_rows * float(training_args.get("num_train_epochs", 1))
     return int(rows * per_row)
 
 

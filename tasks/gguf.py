@@ -1,25 +1,263 @@
-"""Stage 9: GGUF conversion and quantization.
+"""Stage 9: GGUF conversion (llama.cpp's converter) and quantization (llama-cpp-python).
 
-Not built yet: llama.cpp's converter is not wired in. The stage reports itself as skipped,
-naming what was asked for, so no run claims GGUF files it does not have.
+The fetched model (LoRA already merged) is converted once to f16 (or bf16), then quantized
+to every type in `outputs.gguf` through llama-cpp-python's quantize API, which gives the
+same bytes as llama.cpp's `llama-quantize` binary (not shipped in the pip build).
+
+Two checks happen before any work:
+- k-quants need every weight row to be a multiple of 256; otherwise llama.cpp silently
+  falls back to another type, so such a request fails up front, naming what would work.
+- llama.cpp recognises a BPE pre-tokenizer by a hash over the token ids of a fixed text,
+  so a newly trained vocabulary is never in its table. When, and only when, the model's
+  normalizer and pre-tokenizer are exactly those of a family llama.cpp knows (compared
+  with what transformers builds for that family), the model's hash is registered under
+  that family's name, as llama.cpp's own update script would do. Anything else is left to
+  the converter, which rejects unknown tokenizers rather than mislabel them.
 """
 
 from __future__ import annotations
 
-from tasks.models import GgufFiles, JobResult, StageOutcome
+import ast
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from tasks.gguf_converter import CHKTXT_PREFIX, find_converter
+from tasks.models import GgufFile, GgufFiles, JobResult, StageOutcome
 from tasks.spec import Outputs
 
+FTYPES = {
+    "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "q5_k_s": "LLAMA_FTYPE_MOSTLY_Q5_K_S",
+    "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "q4_k_s": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+    "q3_k_m": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+    "q2_k": "LLAMA_FTYPE_MOSTLY_Q2_K",
+}
+BASE_TYPES = ("f16", "bf16")
+# Block sizes: k-quants pack 256 values per block, the legacy and q8_0 types 32.
+ROW_MULTIPLE = {q: (256 if "_k" in q else 32) for q in FTYPES}
 
-def convert_gguf(result: JobResult, outputs: Outputs) -> GgufFiles:
+
+class GgufError(RuntimeError):
+    """Conversion or quantization cannot produce what was asked; the message says why."""
+
+
+def weight_row_sizes(model_dir: Path) -> dict[str, int]:
+    """Length of each 2-D weight's rows (its last dimension), read from safetensors headers."""
+    from safetensors import safe_open
+
+    sizes = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            for name in st.keys():
+                shape = st.get_slice(name).get_shape()
+                if len(shape) == 2:
+                    sizes[name] = int(shape[-1])
+    return sizes
+
+
+def config_row_sizes(config: Any) -> dict[str, int]:
+    """Row lengths of every 2-D weight of an architecture, from its config on the meta device
+    (so the check can run at planning time, before any weights exist)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2}
+
+
+def check_quant_types(rows: dict[str, int], types: list[str]) -> None:
+    """Refuse quant types the architecture's row sizes cannot take, before any work."""
+    for quant in types:
+        if quant in BASE_TYPES:
+            continue
+        multiple = ROW_MULTIPLE[quant]
+        bad = {n: r for n, r in rows.items() if r % multiple}
+        if bad:
+            name, size = next(iter(bad.items()))
+            works = [q for q in FTYPES if all(r % ROW_MULTIPLE[q] == 0 for r in rows.values())]
+            raise GgufError(
+                f"gguf type {quant} needs every weight row to be a multiple of {multiple}, but {len(bad)} "
+                f"weight(s) are not (e.g. {name}: rows of {size}); llama.cpp would silently fall back to "
+                f"another type. Types this model can take: {', '.join([*BASE_TYPES, *works])}"
+            )
+
+
+# --- the tokenizer's family ---------------------------------------------------------------
+
+
+def _ids_only(node: Any) -> Any:
+    """Drop options that change offsets but never token ids (`trim_offsets`)."""
+    if isinstance(node, dict):
+        return {k: _ids_only(v) for k, v in node.items() if k != "trim_offsets"}
+    if isinstance(node, list):
+        return [_ids_only(v) for v in node]
+    return node
+
+
+def known_families() -> dict[str, dict[str, Any]]:
+    """Normalizer and pre-tokenizer of each family, as transformers itself builds them."""
+    from transformers import Qwen2Tokenizer
+
+    qwen2 = json.loads(Qwen2Tokenizer(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]).backend_tokenizer.to_str())
+    return {"qwen2": {"normalizer": qwen2["normalizer"], "pre_tokenizer": qwen2["pre_tokenizer"]}}
+
+
+def tokenizer_family(model_dir: Path) -> str | None:
+    """The llama.cpp pre-tokenizer name whose pipeline this tokenizer has exactly, or None."""
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("model", {}).get("type") != "BPE":
+        return None
+    for family, ref in known_families().items():
+        if _ids_only(data.get("normalizer")) == _ids_only(ref["normalizer"]) and _ids_only(
+            data.get("pre_tokenizer")
+        ) == _ids_only(ref["pre_tokenizer"]):
+            return family
+    return None
+
+
+def converter_chktxt(converter: Path) -> str:
+    """The fixed text the converter hashes, read from its source (never copied here)."""
+    tree = ast.parse((converter / "conversion" / "base.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == "get_vocab_base_pre":
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and sub.value.startswith(CHKTXT_PREFIX):
+                    return sub.value
+    raise GgufError(f"could not find the pre-tokenizer check text in {converter}/conversion/base.py")
+
+
+def tokenizer_chkhsh(model_dir: Path, chktxt: str) -> str:
+    """The hash exactly as the converter computes it (same tokenizer class, same call)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sha256(str(tok.encode(chktxt)).encode()).hexdigest()
+
+
+def hash_registrations(model_dir: Path, converter: Path) -> dict[str, str]:
+    """{chkhsh: family} for a tokenizer whose pipeline is exactly a known family's."""
+    family = tokenizer_family(model_dir)
+    if family is None:
+        return {}
+    return {tokenizer_chkhsh(model_dir, converter_chktxt(converter)): family}
+
+
+# --- conversion and quantization ----------------------------------------------------------
+
+
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, log_path: Path) -> float:
+    """Run the converter through our driver; returns the seconds it took."""
+    converter = find_converter()
+    registrations = hash_registrations(model_dir, converter)
+    partial = outfile.with_name(outfile.name + ".partial")
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks.gguf_converter",
+        "--run",
+        str(converter),
+        *(f"{h}={name}" for h, name in registrations.items()),
+        "--",
+        str(model_dir),
+        "--outtype",
+        outtype,
+        "--outfile",
+        str(partial),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "NO_LOCAL_GGUF": ""}
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0 or not partial.exists():
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+        partial.unlink(missing_ok=True)
+        raise GgufError(f"llama.cpp's converter failed on {model_dir} (log: {log_path}):\n{tail}")
+    partial.replace(outfile)
+    return seconds
+
+
+def quantize(base: Path, outfile: Path, quant: str) -> float:
+    """Quantize with llama-cpp-python; fail if llama.cpp fell back to another type."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[quant])
+    params.nthread = max(1, len(os.sched_getaffinity(0)))
+    partial = outfile.with_name(outfile.name + ".partial")
+    # llama.cpp reports fallbacks on its own stderr (fd 2), not through Python: capture fd 2.
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        saved = os.dup(2)
+        sys.stderr.flush()
+        os.dup2(captured.fileno(), 2)
+        try:
+            start = time.perf_counter()
+            rc = llama_cpp.llama_model_quantize(str(base).encode(), str(partial).encode(), ctypes.byref(params))
+            seconds = time.perf_counter() - start
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        messages = captured.read().decode(errors="replace")
+    if rc != 0 or not partial.exists():
+        partial.unlink(missing_ok=True)
+        raise GgufError(f"quantizing to {quant} failed (code {rc}): {messages[-800:]}")
+    if "fallback" in messages.lower():
+        partial.unlink(missing_ok=True)
+        lines = [line for line in messages.splitlines() if "fallback" in line.lower()]
+        raise GgufError(f"quantizing to {quant} fell back to another type: {lines[:3]}")
+    partial.replace(outfile)
+    return seconds
+
+
+def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: str) -> GgufFiles:
+    """Convert, then quantize to every requested type; the files are smoke-tested next."""
+    from tasks.model_card import modelfile
+
     if not outputs.gguf:
         return GgufFiles(outcome=StageOutcome(stage="convert_gguf", status="skipped", detail="outputs.gguf is empty"))
+    model_dir = Path(result.model_dir)
+    types = list(dict.fromkeys(outputs.gguf))
+    check_quant_types(weight_row_sizes(model_dir), types)
+    out_dir = run_dir / "gguf"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_type = "bf16" if "bf16" in types and "f16" not in types else "f16"
+    base = out_dir / f"{run_name}-{base_type}.gguf"
+    convert_s = convert_to_gguf(model_dir, base, base_type, out_dir / "convert.log")
+    files, timings = [], [f"convert to {base_type}: {convert_s:.1f} s"]
+    for quant in types:
+        path = base if quant == base_type else out_dir / f"{run_name}-{quant}.gguf"
+        if quant != base_type:
+            if quant in BASE_TYPES:
+                timings.append(f"{quant}: {convert_to_gguf(model_dir, path, quant, out_dir / 'convert.log'):.1f} s")
+            else:
+                timings.append(f"{quant}: {quantize(base, path, quant):.2f} s")
+        files.append(GgufFile(quant=quant, path=str(path), size_mb=round(path.stat().st_size / 1e6, 3), sha256=""))
+    if base_type not in types:
+        base.unlink()
+    preferred = next((f for f in files if f.quant == "q4_k_m"), files[0])
+    mf = out_dir / "Modelfile"
+    mf.write_text(modelfile(Path(preferred.path).name, model_dir))
+    detail = f"{len(files)} file(s): " + ", ".join(f"{f.quant} {f.size_mb:.1f} MB" for f in files)
     return GgufFiles(
-        outcome=StageOutcome(
-            stage="convert_gguf",
-            status="skipped",
-            detail=(
-                "GGUF conversion is not available yet (llama.cpp's converter is not wired in); "
-                f"requested types {', '.join(outputs.gguf)} were not produced"
-            ),
-        )
+        outcome=StageOutcome(stage="convert_gguf", status="passed", detail=f"{detail} ({'; '.join(timings)})"),
+        files=files,
+        modelfile=str(mf),
+        convert_s=round(convert_s, 2),
     )

@@ -45,7 +45,9 @@ class DatasetReport(Frozen):
     duplicates: int
     empty_turns: int
     warnings: list[str]
-    prepared_path: str = Field(description="the validated rows in canonical columns, as JSONL")
+    prepared_path: str = Field(description="the validated training rows in canonical columns, as JSONL")
+    train_rows: int
+    heldout_path: str = Field(description="rows held out of training, to evaluate exported models")
 
 
 class HardwarePlan(Frozen):

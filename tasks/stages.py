@@ -18,6 +18,7 @@ from tasks.backends import Backend, get_backend
 from tasks.cost import estimate_cost
 from tasks.fetch import fetch_artifacts
 from tasks.gguf import convert_gguf
+from tasks.gguf_smoke import smoke_test_all
 from tasks.hardware import select_hardware
 from tasks.hub import push_to_hub
 from tasks.methods import MethodDefinition
@@ -32,6 +33,7 @@ from tasks.models import (
     LossPoint,
     PublishedModel,
     RunPlan,
+    StageOutcome,
     TrainingScript,
 )
 from tasks.monitor import Progress, monitor_job
@@ -188,8 +190,38 @@ def fetch_artifacts_task(handle: JobHandle, status: JobStatus) -> JobResult:
 
 
 @task(name="convert_gguf", cache_policy=NO_CACHE)
-def convert_gguf_task(result: JobResult, outputs: Outputs) -> GgufFiles:
-    return convert_gguf(result, outputs)
+def convert_gguf_task(result: JobResult, outputs: Outputs, run_dir: Path, run_name: str) -> GgufFiles:
+    gguf = convert_gguf(result, outputs, run_dir, run_name)
+    _log(f"convert_gguf {gguf.outcome.status}: {gguf.outcome.detail}")
+    return gguf
+
+
+@task(name="smoke_test_gguf", cache_policy=NO_CACHE)
+def smoke_test_gguf_task(gguf: GgufFiles, result: JobResult, report: DatasetReport, run_name: str) -> GgufFiles:
+    if not gguf.files:
+        return gguf.model_copy(
+            update={"outcome": StageOutcome(stage="smoke_test_gguf", status="skipped", detail="no GGUF files")}
+        )
+    tested = smoke_test_all(gguf, Path(result.model_dir), Path(report.heldout_path), Path(report.prepared_path))
+    artifacts.table(
+        artifacts.artifact_key("gguf", run_name),
+        [
+            {
+                "type": f.quant,
+                "size_mb": f.size_mb,
+                "perplexity": f.perplexity,
+                "hf_perplexity": f.hf_perplexity,
+                "top1_agreement": f.top1_agreement,
+                "tokenization": f"{f.tokenization_matches}/{f.tokenization_checked}",
+                "tokens_per_s": f.generation_tokens_per_s,
+                "passed": f.passed,
+            }
+            for f in tested.files
+        ],
+        description="GGUF smoke test: each file against the transformers model",
+    )
+    _log(f"smoke_test_gguf {tested.outcome.status}: {tested.outcome.detail}")
+    return tested
 
 
 @task(name="push_to_hub", cache_policy=NO_CACHE)  # transient HTTP errors are retried inside, with backoff

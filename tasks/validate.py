@@ -24,6 +24,7 @@ from tasks.models import DatasetReport, TokenStats
 ROLES = ("system", "user", "assistant", "tool")
 MAX_ROWS_SHOWN = 10
 MAX_TOKENIZED_ROWS = 20_000
+HELDOUT_MAX = 16
 
 
 class DatasetValidationError(ValueError):
@@ -181,6 +182,17 @@ def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str) -> str:
     )
 
 
+def heldout_count(rows: int) -> int:
+    """Rows kept out of training to evaluate exports: 5%, at most HELDOUT_MAX, none under 40 rows."""
+    return 0 if rows < 40 else min(HELDOUT_MAX, rows // 20)
+
+
+def _write_jsonl(records: list[dict], path: Path) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+
+
 # --- measuring ------------------------------------------------------------------------
 
 
@@ -252,10 +264,13 @@ def validate_dataset(
         warnings.append(f"token statistics measured on the first {len(sample)} of {len(records)} rows")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    held = heldout_count(len(records))
     prepared = out_dir / "train.jsonl"
-    tmp = prepared.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(prepared)
+    heldout_path = out_dir / "heldout.jsonl"
+    _write_jsonl(records[: len(records) - held], prepared)
+    _write_jsonl(records[len(records) - held :], heldout_path)
+    if held:
+        warnings.append(f"the last {held} row(s) are held out of training to evaluate the exported model")
 
     ordered = sorted(lengths)
     return DatasetReport(
@@ -279,4 +294,6 @@ def validate_dataset(
         empty_turns=empty_turns,
         warnings=warnings,
         prepared_path=str(prepared),
+        train_rows=len(records) - held,
+        heldout_path=str(heldout_path),
     )

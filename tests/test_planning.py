@@ -85,7 +85,7 @@ def test_training_tokens_follow_epochs_or_max_steps(tiny_model_path, tiny_tokeni
 
     report = validate_dataset(CHAT, SFT, tiny_tokenizer, 128, tmp_path)
     two_epochs = training_tokens(report, _args(num_train_epochs=2))
-    assert two_epochs == pytest.approx(2 * report.rows * report.tokens.mean, rel=0.01)
+    assert two_epochs == pytest.approx(2 * report.train_rows * report.tokens.mean, rel=0.01)
     capped = training_tokens(report, _args(max_steps=10, per_device_train_batch_size=4))
     assert capped == int(40 * report.tokens.mean)
     plan = select_hardware(_spec(), load_config(tiny_model_path), _args())
