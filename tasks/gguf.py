@@ -21,6 +21,7 @@ import ast
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,11 @@ FTYPES = {
 BASE_TYPES = ("f16", "bf16")
 # Block sizes: k-quants pack 256 values per block, the legacy and q8_0 types 32.
 ROW_MULTIPLE = {q: (256 if "_k" in q else 32) for q in FTYPES}
+
+
+# What llama.cpp logs when a tensor cannot take the requested type ("... -> falling back to
+# q5_0", "N of M tensor(s) required fallback quantization").
+FALLBACK_MESSAGE = re.compile(r"falling back to|required fallback quantization", re.IGNORECASE)
 
 
 class GgufError(RuntimeError):
@@ -201,7 +207,17 @@ def quantize(base: Path, outfile: Path, quant: str) -> float:
     params.ftype = getattr(llama_cpp, FTYPES[quant])
     params.nthread = max(1, len(os.sched_getaffinity(0)))
     partial = outfile.with_name(outfile.name + ".partial")
-    # llama.cpp reports fallbacks on its own stderr (fd 2), not through Python: capture fd 2.
+    # llama.cpp reports fallbacks only in its log: route its log callback (which llama-cpp-python
+    # otherwise prints, and Prefect turns into log lines) and its raw stderr into our hands.
+    import llama_cpp._logger as llama_logger
+
+    collected: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        collected.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
     with tempfile.TemporaryFile(mode="w+b") as captured:
         saved = os.dup(2)
         sys.stderr.flush()
@@ -213,14 +229,16 @@ def quantize(base: Path, outfile: Path, quant: str) -> float:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            llama_cpp.llama_log_set(llama_logger.llama_log_callback, ctypes.c_void_p(0))
         captured.seek(0)
-        messages = captured.read().decode(errors="replace")
+        messages = "".join(collected) + captured.read().decode(errors="replace")
+    outfile.with_suffix(".quantize.log").write_text(messages)
     if rc != 0 or not partial.exists():
         partial.unlink(missing_ok=True)
         raise GgufError(f"quantizing to {quant} failed (code {rc}): {messages[-800:]}")
-    if "fallback" in messages.lower():
+    lines = [line.strip() for line in messages.splitlines() if FALLBACK_MESSAGE.search(line)]
+    if lines:
         partial.unlink(missing_ok=True)
-        lines = [line for line in messages.splitlines() if "fallback" in line.lower()]
         raise GgufError(f"quantizing to {quant} fell back to another type: {lines[:3]}")
     partial.replace(outfile)
     return seconds

@@ -3,7 +3,7 @@
 The converter is not on PyPI as a package of its own, but the llama-cpp-python source
 distribution carries it (vendor/llama.cpp). `install_converter()` downloads that sdist
 from the package registry with pip and extracts only the converter's files into the
-cache, at install time (`make install` runs `python -m tasks.gguf_converter`). Nothing of
+Python environment, at install time (`make install` runs `python -m tasks.gguf_converter`). Nothing of
 llama.cpp is copied into this repository.
 
 Run as a script with `--run`, this module is also the converter's driver: it puts the
@@ -14,6 +14,7 @@ pre-tokenizer name, added to `get_vocab_base_pre`), and calls the converter's `m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -35,14 +36,16 @@ def llama_cpp_version() -> str:
     return version("llama-cpp-python")
 
 
-def converter_dir(cache: Path | None = None) -> Path:
-    from training.tiny_model import cache_root
+def converter_dir(root: Path | None = None) -> Path:
+    """Inside the Python environment (it belongs to the installed llama-cpp-python), unless
+    ``FINETUNE_CONVERTER_DIR`` names another root."""
+    env = os.environ.get("FINETUNE_CONVERTER_DIR")
+    base = root or (Path(env) if env else Path(sys.prefix) / "share" / "finetune-flow")
+    return base / f"llama.cpp-converter-{llama_cpp_version()}"
 
-    return (cache or cache_root()) / f"llama.cpp-converter-{llama_cpp_version()}"
 
-
-def find_converter(cache: Path | None = None) -> Path:
-    path = converter_dir(cache)
+def find_converter(root: Path | None = None) -> Path:
+    path = converter_dir(root)
     if not (path / "convert_hf_to_gguf.py").exists():
         raise ConverterUnavailable(
             f"llama.cpp's converter for llama-cpp-python {llama_cpp_version()} is not installed in {path}; "
@@ -51,9 +54,9 @@ def find_converter(cache: Path | None = None) -> Path:
     return path
 
 
-def install_converter(cache: Path | None = None) -> Path:
+def install_converter(root: Path | None = None) -> Path:
     """Fetch the llama-cpp-python sdist with pip and keep only the converter's files."""
-    target = converter_dir(cache)
+    target = converter_dir(root)
     if (target / "convert_hf_to_gguf.py").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

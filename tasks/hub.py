@@ -120,22 +120,46 @@ def publish_to_folder(release: Path, target: Path) -> tuple[list[str], list[str]
     return written, removed
 
 
-def _status_of(err: Exception) -> int | None:
+def _status_of(err: BaseException) -> int | None:
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
 
-def _is_transient(err: Exception) -> bool:
-    import httpx
+def _causes(err: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        chain.append(err)
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return chain
 
-    status = _status_of(err)
-    if status is not None:
-        return status in (408, 429) or status >= 500
-    return isinstance(err, httpx.TransportError | ConnectionError | TimeoutError | OSError)
+
+def _is_transient(err: BaseException) -> bool:
+    """Network cuts, timeouts, 408/429 and 5xx are worth another try; 4xx answers are not.
+
+    huggingface_hub 2.4 talks through `httpx2` (not `httpx`) and wraps a failed large-file
+    upload in a RuntimeError whose cause is the network error, so the whole chain is read.
+    """
+    for e in _causes(err):
+        status = _status_of(e)
+        if status is not None:
+            return status in (408, 429) or status >= 500
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if any(c.__name__ in ("TransportError", "TimeoutException", "NetworkError") for c in type(e).__mro__):
+            return True
+    return False
 
 
-def publish_to_hub(release: Path, repo_id: str, private: bool, token: str | None, message: str) -> str:
-    """Create the repo if needed and upload the release; returns the commit URL."""
+def publish_to_hub(
+    release: Path, repo_id: str, private: bool, token: str | None, message: str, endpoint: str | None = None
+) -> str:
+    """Create the repo if needed and upload the release; returns the commit URL.
+
+    Unchanged files are skipped by huggingface_hub itself (it compares content hashes with
+    what the repo holds), so a re-run uploads only what changed. A failed attempt is safe to
+    repeat: large files already stored are not sent again, and a commit is all or nothing.
+    """
     if not token:
         raise PublishError(
             f"no Hugging Face token to publish to '{repo_id}': set HF_TOKEN, or store a token with write "
@@ -143,7 +167,7 @@ def publish_to_hub(release: Path, repo_id: str, private: bool, token: str | None
         )
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     attempt = 0
     while True:
         try:
@@ -157,7 +181,7 @@ def publish_to_hub(release: Path, repo_id: str, private: bool, token: str | None
             )
             return str(getattr(commit, "commit_url", commit))
         except Exception as e:
-            status = _status_of(e)
+            status = next((s for s in map(_status_of, _causes(e)) if s is not None), None)
             if status in (401, 403):
                 raise PublishError(
                     f"the Hub refused the token (HTTP {status}) for '{repo_id}': "
@@ -169,8 +193,9 @@ def publish_to_hub(release: Path, repo_id: str, private: bool, token: str | None
                     )
                 ) from None
             if not _is_transient(e) or attempt >= len(RETRY_DELAYS_S):
+                tries = f" after {attempt + 1} attempts" if attempt else ""
                 raise PublishError(
-                    f"publishing to '{repo_id}' failed: {scrub(f'{type(e).__name__}: {e}', token)}"
+                    f"publishing to '{repo_id}' failed{tries}: {scrub(f'{type(e).__name__}: {e}', token)}"
                 ) from None
             time.sleep(RETRY_DELAYS_S[attempt])
             attempt += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -19,9 +20,11 @@ from tests.conftest import EXAMPLES
 pytestmark = pytest.mark.slow
 
 
-def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server):
+def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "S3cretT0ken" * 3)  # must never appear in any output
     start = time.monotonic()
-    spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "flow-test"})
+    published = tmp_path / "published" / "tiny-sft"
+    spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "flow-test", "outputs": {"hub_repo": f"file://{published}"}})
     summary = sft(spec=spec)
     elapsed = time.monotonic() - start
     assert elapsed < 120
@@ -38,10 +41,10 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server):
         "monitor",
         "fetch_artifacts",
         "convert_gguf",
+        "smoke_test_gguf",
         "push_to_hub",
     ]
-    assert all(status[s] == "passed" for s in list(status)[:8])
-    assert status["convert_gguf"] == "skipped" and status["push_to_hub"] == "skipped"
+    assert all(v == "passed" for v in status.values()), summary.stages
 
     job = summary.job
     assert job.state == "completed" and job.steps == job.max_steps == 48  # 384 training rows / batch 8
@@ -66,7 +69,33 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server):
     assert any((run_dir / "trackio").glob("*.db"))
     assert list((run_dir / "checkpoints").glob("checkpoint-*"))
     report = (run_dir / "report.md").read_text()
-    assert "| convert_gguf | skipped |" in report and "loss:" in report
+    assert "| smoke_test_gguf | passed |" in report and "loss:" in report
+
+    # every GGUF file loads in llama.cpp, tokenizes as the HF tokenizer does and agrees with the HF model
+    assert [f.quant for f in summary.gguf.files] == ["f16", "q8_0", "q5_k_m", "q4_k_m"]
+    for f in summary.gguf.files:
+        assert f.passed, f.problems
+        assert f.tokenization_matches == f.tokenization_checked > 10
+        assert f.top1_agreement >= 0.9 and f.perplexity < f.hf_perplexity * 1.1
+    # the local publish target holds exactly the Hub repo's layout
+    names = {p.relative_to(published).as_posix() for p in published.rglob("*") if p.is_file()}
+    assert {
+        "README.md",
+        "loss.png",
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "gguf/Modelfile",
+        "gguf/flow-test-q4_k_m.gguf",
+        "gguf/flow-test-f16.gguf",
+    } <= names
+    card = (published / "README.md").read_text()
+    assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "ollama create" in card
+    assert "| `flow-test-q8_0.gguf` | q8_0 |" in card
+    secret = os.environ["HF_TOKEN"]
+    for path in [*run_dir.rglob("*"), *published.rglob("*")]:
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

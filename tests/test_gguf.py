@@ -1,0 +1,154 @@
+"""GGUF: checks before conversion, the tokenizer family rule, conversion, quantization and
+the smoke test, on the tiny model with llama.cpp's real converter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tasks.gguf import (
+    GgufError,
+    check_quant_types,
+    config_row_sizes,
+    convert_gguf,
+    converter_chktxt,
+    hash_registrations,
+    tokenizer_chkhsh,
+    tokenizer_family,
+    weight_row_sizes,
+)
+from tasks.gguf_converter import find_converter
+from tasks.gguf_smoke import smoke_test_all
+from tasks.model_source import load_config
+from tasks.models import JobResult
+from tasks.spec import Outputs
+
+pytestmark = pytest.mark.slow
+
+
+def test_k_quants_are_refused_up_front_when_rows_are_not_multiples_of_256(tiny_model_path):
+    from transformers import Qwen2Config
+
+    assert set(config_row_sizes(load_config(tiny_model_path)).values()) == {256, 512}
+    check_quant_types(weight_row_sizes(Path(tiny_model_path)), ["f16", "q8_0", "q5_k_m", "q4_k_m"])
+    odd = Qwen2Config(
+        hidden_size=320,
+        intermediate_size=640,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    with pytest.raises(GgufError) as e:
+        check_quant_types(config_row_sizes(odd), ["q8_0", "q4_k_m"])
+    msg = str(e.value)
+    assert "gguf type q4_k_m needs every weight row to be a multiple of 256" in msg
+    assert "rows of 320" in msg and "Types this model can take: f16, bf16, q8_0, q4_0" in msg
+
+
+def test_the_tiny_tokenizer_is_exactly_qwen2s_pipeline_and_nothing_else_is(tiny_model_path, tmp_path):
+    assert tokenizer_family(Path(tiny_model_path)) == "qwen2"
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_path, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["normalizer"] = None
+    data["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    assert tokenizer_family(other) is None
+    assert hash_registrations(other, find_converter()) == {}  # never mislabelled
+
+
+def test_the_registered_hash_is_the_converters_own(tiny_model_path):
+    converter = find_converter()
+    chktxt = converter_chktxt(converter)
+    assert len(chktxt) > 100 and "\n" in chktxt
+    regs = hash_registrations(Path(tiny_model_path), converter)
+    assert regs == {tokenizer_chkhsh(Path(tiny_model_path), chktxt): "qwen2"}
+
+
+def test_an_unrecognised_tokenizer_is_rejected_by_the_converter(tiny_model_path, tmp_path):
+    other = tmp_path / "model"
+    shutil.copytree(tiny_model_path, other)
+    data = json.loads((other / "tokenizer.json").read_text())
+    data["normalizer"] = None  # no longer exactly Qwen2's: no registration
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    result = JobResult(model_dir=str(other), adapter_dir=None, files=[], size_mb=0, train_metrics={})
+    with pytest.raises(GgufError, match="pre-tokenizer was not recognized"):
+        convert_gguf(result, Outputs(gguf=["f16"]), tmp_path / "run", "x")
+    assert not list((tmp_path / "run" / "gguf").glob("*.gguf*"))  # no half-written file
+
+
+def test_convert_quantize_and_smoke_test_every_type(tiny_model_path, tmp_path):
+    from gguf import GGUFReader
+
+    result = JobResult(model_dir=tiny_model_path, adapter_dir=None, files=[], size_mb=0, train_metrics={})
+    gguf = convert_gguf(result, Outputs(gguf=["q4_k_m", "q8_0", "f16"]), tmp_path, "tiny")
+    assert [f.quant for f in gguf.files] == ["q4_k_m", "q8_0", "f16"]
+    sizes = {f.quant: f.size_mb for f in gguf.files}
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+    reader = GGUFReader(gguf.files[2].path)
+    fields = {k: v for k, v in reader.fields.items()}
+    template = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
+    assert "<|im_start|>" in template
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"
+    assert int(fields["tokenizer.ggml.eos_token_id"].parts[-1][0]) == 2
+    modelfile = Path(gguf.modelfile).read_text()
+    assert modelfile.startswith("FROM ./tiny-q4_k_m.gguf") and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"What is {a} + 2?"},
+                        {"role": "assistant", "content": f"{a} + 2 = {a + 2}"},
+                    ]
+                }
+            )
+            + "\n"
+            for a in range(4)
+        )
+    )
+    tested = smoke_test_all(gguf, Path(tiny_model_path), rows, rows)
+    for f in tested.files:
+        assert f.tokenization_matches == f.tokenization_checked == 14, f.problems
+        assert f.perplexity is not None and f.hf_perplexity is not None and f.generation_tokens_per_s
+        assert len(f.sha256) == 64
+    f16 = next(f for f in tested.files if f.quant == "f16")
+    assert f16.passed and f16.top1_agreement >= 0.98
+    assert f16.perplexity == pytest.approx(f16.hf_perplexity, rel=0.01)
+
+
+def test_a_silent_fallback_in_llama_cpp_is_caught(tiny_model_path, tmp_path):
+    """llama.cpp quantizes rows of 320 to q4_K by falling back to q5_0 and still returns 0."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tasks.gguf import convert_to_gguf, quantize
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    config = Qwen2Config(
+        hidden_size=320,
+        intermediate_size=640,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model_dir = tmp_path / "odd"
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    base = tmp_path / "odd-f16.gguf"
+    convert_to_gguf(model_dir, base, "f16", tmp_path / "convert.log")
+    with pytest.raises(GgufError, match="fell back to another type"):
+        quantize(base, tmp_path / "odd-q4_k_m.gguf", "q4_k_m")
+    assert not (tmp_path / "odd-q4_k_m.gguf").exists()
+    quantize(base, tmp_path / "odd-q8_0.gguf", "q8_0")  # 320 is a multiple of 32: fine
+    assert (tmp_path / "odd-q8_0.gguf").stat().st_size > 0
