@@ -223,15 +223,9 @@ def push_to_hub(
         note = ""
     run_dir = Path(plan.run_dir)
     png = loss_curve_png(status, run_dir / "loss.png", f"{plan.run_name}: training loss")
+    repo_name = target if kind == "hub" else Path(target).name
     card = model_card(
-        spec,
-        plan,
-        status,
-        result,
-        gguf,
-        target if kind == "hub" else Path(target).name,
-        "loss.png" if png else None,
-        status.cost_usd,
+        spec, plan, status, result, gguf, repo_name, "loss.png" if png else None, status.cost_usd, outputs.license
     )
     release = stage_release(run_dir, result, gguf, card, png)
     if kind == "folder":

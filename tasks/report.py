@@ -70,8 +70,39 @@ def summary_markdown(s: RunSummary) -> str:
         if len(detail) > 300:
             detail = detail[:300] + "..."
         lines.append(f"| {st.stage} | {st.status} | {detail} |")
+    if s.gguf is not None and s.gguf.files:
+        lines += [
+            "",
+            "## GGUF files",
+            "",
+            "| type | size | perplexity (HF model) | top-1 agreement | tokenization | tok/s | published |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]} | {row[6]} |" for row in gguf_rows(s)
+        ]
     lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
     return "\n".join(lines)
+
+
+def gguf_rows(s: RunSummary) -> list[tuple[str, ...]]:
+    rows = []
+    for f in s.gguf.files if s.gguf else []:
+        ppl = f"{f.perplexity:.3f} ({f.hf_perplexity:.3f})" if f.perplexity and f.hf_perplexity else "-"
+        agree = f"{f.top1_agreement:.1%}" if f.top1_agreement is not None else "-"
+        tps = f"{f.generation_tokens_per_s:.0f}" if f.generation_tokens_per_s else "-"
+        rows.append(
+            (
+                f.quant,
+                f"{f.size_mb:.1f} MB",
+                ppl,
+                agree,
+                f"{f.tokenization_matches}/{f.tokenization_checked}",
+                tps,
+                "yes" if f.passed else "no: " + "; ".join(f.problems),
+            )
+        )
+    return rows
 
 
 def summary_text(s: RunSummary) -> str:
@@ -91,6 +122,9 @@ def summary_text(s: RunSummary) -> str:
     for st in s.stages:
         detail = st.detail.splitlines()[0] if st.detail else ""
         out.append(f"    {st.stage:<18} {st.status:<8} {detail}")
+    if s.gguf is not None and s.gguf.files:
+        out.append("  gguf:  type      size      perplexity (HF)     agreement  tokenization  tok/s  published")
+        out += [f"         {r[0]:<9} {r[1]:<9} {r[2]:<19} {r[3]:<10} {r[4]:<13} {r[5]:<6} {r[6]}" for r in gguf_rows(s)]
     out.append("  outputs:")
     out += [f"    {k:<10} {v}" for k, v in s.outputs.items()]
     return "\n".join(out)

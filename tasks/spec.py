@@ -49,9 +49,10 @@ class Budget(_Frozen):
 
 
 class Outputs(_Frozen):
-    hub_repo: str | None = None
+    hub_repo: str | None = Field(None, description="owner/name on the Hub, or a local folder (./dir, /dir, file://dir)")
     gguf: list[GgufType] = Field(default_factory=lambda: ["q4_k_m", "q8_0"])
     private: bool = True
+    license: str = Field("apache-2.0", description="the model card's license (a Hub license id)")
 
 
 class RunSpec(_Frozen):
