@@ -51,6 +51,20 @@ def parse_args(method: Method, argv: list[str] | None) -> tuple[argparse.Namespa
         "--dry-run", action="store_true", help="plan only: validate, size, price and write the script; submit nothing"
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for agents)")
+    p.add_argument(
+        "--approve-up-to",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="pre-approve the run if its estimate (high end) is at most USD; otherwise it asks or stops",
+    )
+    p.add_argument(
+        "--approval-timeout",
+        type=int,
+        default=3600,
+        metavar="S",
+        help="how long a paused run waits for approval before stopping unapproved (default 3600)",
+    )
     args = p.parse_args(argv)
     overrides: dict[str, Any] = {}
     for field in ("dataset", "model", "name"):
@@ -79,7 +93,7 @@ def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = N
             plan = plan_run(spec)
             print(plan_json(plan) if args.json else plan_markdown(plan))
             return 0
-        summary = flow_fn(spec=spec)
+        summary = flow_fn(spec=spec, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
     except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
         if "args" in locals() and getattr(args, "json", False):
             print(json.dumps({"error": str(e), "type": type(e).__name__}))

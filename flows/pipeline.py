@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks import artifacts
-from tasks.approval import ApprovalInput, NotApproved, auto_decision, decision_from_input
+from tasks.approval import request_approval
 from tasks.gguf import check_quant_types, config_row_sizes
-from tasks.methods import method_definition, training_arguments, unknown_training_keys
+from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
 from tasks.model_source import load_config, resolve_model
-from tasks.models import Approval, CostEstimate, RunPlan, RunSummary, StageOutcome
+from tasks.models import RunPlan, RunSummary, StageOutcome
 from tasks.report import plan_markdown, summary_markdown
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
@@ -56,14 +56,6 @@ def _check_training_keys(spec: RunSpec) -> None:
         raise SpecError(f"training: unknown {method.config_class} option(s): {', '.join(parts)}")
 
 
-def _on_gpu() -> tuple[bool, bool]:
-    import torch
-
-    if torch.cuda.is_available():
-        return True, torch.cuda.is_bf16_supported()
-    return False, False
-
-
 def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool = False) -> RunPlan:
     """Validate, size, price and script the run; nothing is submitted."""
 
@@ -75,14 +67,15 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     run_name = spec.name or default_run_name(spec)
     run_dir = prepare_run_dir(spec, run_name, runs_root)
     model_path = resolve_model(spec.model)
-    on_gpu, bf16 = _on_gpu()
-    args = training_arguments(method, spec.training, on_gpu=on_gpu, bf16=bf16)
+    args = base_arguments(method, spec.training)
     report = stage(validate_dataset_task)(
         spec.dataset, method, model_path, int(args["max_length"]), run_dir / "data", spec.split, dict(spec.columns)
     )
-    hardware = stage(select_hardware_task)(spec, model_path, args)
+    hardware = stage(select_hardware_task)(spec, model_path, args, report)
     check_quant_types(config_row_sizes(load_config(model_path)), list(spec.outputs.gguf))
-    cost = stage(estimate_cost_task)(report, hardware, args)
+    cost = stage(estimate_cost_task)(spec, model_path, hardware, report, args)
+    on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
+    args = device_arguments(args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16")
     config = script_config(spec, run_name, model_path, hardware, args)
     script = stage(build_script_task)(method, config, run_dir)
     plan = RunPlan(
@@ -98,30 +91,6 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     )
     (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
     return plan
-
-
-def request_approval(cost: CostEstimate, spec: RunSpec, run_name: str, timeout_s: int, poll_s: int = 2) -> Approval:
-    """Auto-approve, refuse, or pause the flow run for a person's typed answer."""
-    decision = auto_decision(cost, spec.budget)
-    if decision is not None:
-        return decision
-    from prefect.exceptions import FlowPauseTimeout
-    from prefect.flow_runs import pause_flow_run
-
-    description = (
-        f"Run `{run_name}` is estimated at ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}), "
-        f"above auto_approve_usd ${spec.budget.auto_approve_usd:.2f}. Approve to start it."
-    )
-    try:
-        answer = pause_flow_run(
-            wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False),
-            timeout=timeout_s,
-            poll_interval=poll_s,
-            key=f"approve-{run_name}",
-        )
-    except FlowPauseTimeout:
-        raise NotApproved(f"no approval within {timeout_s} s; the run was not started") from None
-    return decision_from_input(answer, cost, spec.budget)
 
 
 def _outputs(plan: RunPlan, summary_fields: dict[str, Any]) -> dict[str, str]:
@@ -179,7 +148,11 @@ def plan_outcomes(plan: RunPlan) -> list[StageOutcome]:
 
 
 def run_lifecycle(
-    spec: RunSpec, dry_run: bool = False, approval_timeout_s: int = 3600, poll_s: float = 1.0
+    spec: RunSpec,
+    dry_run: bool = False,
+    approval_timeout_s: int = 3600,
+    approve_up_to_usd: float | None = None,
+    poll_s: float = 1.0,
 ) -> RunSummary:
     """The whole lifecycle inside a flow run. Failures after planning still write the
     report (every stage with its status) before the error propagates."""
@@ -194,7 +167,9 @@ def run_lifecycle(
     run_dir = Path(plan.run_dir)
     current = "approve"
     try:
-        fields["approval"] = request_approval(plan.cost, spec, plan.run_name, approval_timeout_s)
+        fields["approval"] = request_approval(
+            plan.cost, spec.budget, plan.run_name, run_dir, approval_timeout_s, approve_up_to_usd=approve_up_to_usd
+        )
         stages.append(StageOutcome(stage="approve", status="passed", detail=fields["approval"].reason))
         current = "submit_job"
         handle = submit_job_task(spec.backend, plan.script, run_dir)

@@ -8,6 +8,11 @@ the flow (pauses belong to flow runs, not tasks) with `ApprovalInput` as the typ
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
 from prefect.input import RunInput
 
 from tasks.models import Approval, CostEstimate
@@ -65,3 +70,96 @@ def decision_from_input(answer: ApprovalInput, cost: CostEstimate, budget: Budge
         max_usd=max_usd,
         estimated_usd=cost.usd,
     )
+
+
+def has_api_server() -> bool:
+    """True when flows report to a Prefect server someone else can reach (PREFECT_API_URL);
+    False in Prefect's local mode, where a temporary server lives only as long as the run."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def how_to_approve(run_name: str, cost: CostEstimate) -> str:
+    return (
+        f"run '{run_name}' needs approval: estimated ${cost.usd:.2f} (up to ${cost.usd_high:.2f}). Approve it with "
+        f"`--approve-up-to {cost.usd_high:.2f}` on the command line, or run against a Prefect server "
+        "(PREFECT_API_URL) and answer the pause from the UI, `python -m flows.approve <run>` or the REST API"
+    )
+
+
+def _terminal_prompt(run_name: str, cost: CostEstimate, ask: Callable[[str], str] | None = None) -> bool:
+    print(
+        f"\nRun '{run_name}' is estimated at ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}), "
+        f"{cost.hours * 60:.0f} min on {cost.flavor}.",
+        file=sys.stderr,
+    )
+    return (ask or input)("Approve this spend? [y/N] ").strip().lower() in ("y", "yes")
+
+
+def request_approval(
+    cost: CostEstimate,
+    budget: Budget,
+    run_name: str,
+    run_dir: Path,
+    timeout_s: int,
+    poll_s: int = 2,
+    approve_up_to_usd: float | None = None,
+    interactive: bool | None = None,
+) -> Approval:
+    """Decide, in order: refuse above max_usd; approve under auto_approve_usd; approve under a
+    pre-approval given on the command line; otherwise ask. With a Prefect server the flow
+    pauses for the typed `ApprovalInput` (UI form, `flows.approve`, REST API) until
+    `timeout_s`; without one, an interactive terminal is asked and anything else fails fast
+    saying how to approve."""
+    decision = auto_decision(cost, budget)
+    if decision is not None:
+        return decision
+    if approve_up_to_usd is not None:
+        if cost.usd_high <= approve_up_to_usd:
+            return Approval(
+                approved=True,
+                by="command line",
+                max_usd=budget.max_usd,
+                estimated_usd=cost.usd,
+                reason=f"pre-approved up to ${approve_up_to_usd:.2f} (--approve-up-to)",
+            )
+        raise NotApproved(
+            f"the estimate reaches ${cost.usd_high:.2f}, above --approve-up-to ${approve_up_to_usd:.2f}; "
+            "raise it to approve this run"
+        )
+    if not has_api_server():
+        if interactive if interactive is not None else sys.stdin.isatty():
+            if _terminal_prompt(run_name, cost):
+                return Approval(
+                    approved=True,
+                    by="terminal",
+                    reason="approved at the terminal",
+                    max_usd=budget.max_usd,
+                    estimated_usd=cost.usd,
+                )
+            raise NotApproved("declined at the terminal")
+        raise NotApproved(how_to_approve(run_name, cost))
+
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:  # lets `flows.approve <run-name>` find the pause
+        (run_dir / "approval.json").write_text(json.dumps({"flow_run_id": str(ctx.flow_run.id), "run": run_name}))
+    description = (
+        f"Run `{run_name}` is estimated at ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}), "
+        f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd ${budget.auto_approve_usd:.2f}. "
+        f"Approve to start it; it stops unapproved after {timeout_s} s."
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False),
+            timeout=timeout_s,
+            poll_interval=poll_s,
+            key=f"approve-{run_name}",
+        )
+    except FlowPauseTimeout:
+        raise NotApproved(f"no approval within {timeout_s} s; the run was not started") from None
+    return decision_from_input(answer, cost, budget)

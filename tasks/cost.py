@@ -1,9 +1,17 @@
 """Stage 3: what the run will take, in hours and dollars, as a range.
 
-Time is training FLOPs (6 per parameter per token for full fine-tuning, 4 with LoRA, where
-no weight gradients are formed) over the throughput of the chosen hardware at an assumed
-utilisation. On the local CPU the peak is measured on the spot with a matrix multiply, so
-the estimate follows the machine it runs on. The local backend costs nothing.
+hours = start-up + (training tokens x FLOPs per token) / (peak FLOP/s x utilisation)
+        [+ for GRPO, generating the completions, at a lower utilisation]
+
+- training tokens come from the dataset report (rows x mean tokens x epochs, or max_steps
+  x batch), FLOPs per token from the memory model's architecture (tasks/memory.py);
+- the peak is the flavor's dense bf16 peak from the catalogue, or, on this machine, a
+  matrix multiply measured on the spot;
+- utilisation: ASSUMED_GPU_UTILISATION on GPUs (typical for single-GPU fine-tuning with
+  TRL; not yet calibrated on a GPU here), CPU_UTILISATION on CPUs (calibrated by
+  benchmarks/calibrate.py against measured step times);
+- start-up: process start, model download and saving (cloud), stated separately.
+The range is RANGE_LOW..RANGE_HIGH times the estimate; USD is hours x the hourly price.
 """
 
 from __future__ import annotations
@@ -12,12 +20,17 @@ import time
 from functools import lru_cache
 from typing import Any
 
-from tasks.models import CostEstimate, DatasetReport, HardwarePlan
+from tasks.flavors import Flavor
+from tasks.memory import Architecture, Workload, flops_per_token
+from tasks.models import CostEstimate, DatasetReport
 
-# Share of the measured matmul throughput a small-model training step achieves (optimizer,
-# data collation and Python overheads take the rest); the range below covers its spread.
-ASSUMED_UTILISATION = 0.3
-RANGE_LOW, RANGE_HIGH = 0.5, 2.0
+ASSUMED_GPU_UTILISATION = 0.35
+CPU_UTILISATION = 0.25  # calibrated: benchmarks/results/calibration.md
+GENERATION_UTILISATION = {"hf": 0.03, "vllm": 0.25}  # token-by-token decoding is memory-bound
+RANGE_LOW, RANGE_HIGH = 0.75, 1.5
+LOCAL_STARTUP_S = 8.0  # interpreter, library imports, tokenizing (measured on the tiny demo)
+CLOUD_STARTUP_S = 180.0  # scheduling and container start on a job runner
+DOWNLOAD_BYTES_PER_S = 100e6
 
 
 @lru_cache(maxsize=1)
@@ -34,52 +47,69 @@ def measured_cpu_flops(size: int = 512, seconds: float = 0.3) -> float:
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def training_tokens(report: DatasetReport, training_args: dict[str, Any]) -> int:
-    per_row = min(report.tokens.mean, report.max_length)
-    max_steps = int(training_args.get("max_steps", -1) or -1)
+@lru_cache(maxsize=1)
+def measured_gpu_flops(size: int = 8192, repeats: int = 20) -> float:
+    """Achieved bf16 FLOP/s of this machine's first GPU on a square matmul."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    torch.cuda.synchronize()
+    return repeats * 2 * size**3 / (time.perf_counter() - start)
+
+
+def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
+    """Tokens the trainer will process (each row padded to no more than max_length)."""
+    per_row = min(report.tokens.mean, float(args.get("max_length", report.max_length)))
+    max_steps = int(args.get("max_steps", -1) or -1)
     if max_steps > 0:
         rows = (
             max_steps
-            * int(training_args.get("per_device_train_batch_size", 1))
-            * int(training_args.get("gradient_accumulation_steps", 1))
+            * int(args.get("per_device_train_batch_size", 1))
+            * int(args.get("gradient_accumulation_steps", 1))
         )
     else:
-        rows = report.train_rows * float(training_args.get("num_train_epochs", 1))
+        rows = report.train_rows * float(args.get("num_train_epochs", 1))
     return int(rows * per_row)
 
 
-def estimate_cost(report: DatasetReport, plan: HardwarePlan, training_args: dict[str, Any]) -> CostEstimate:
-    tokens = training_tokens(report, training_args)
-    flops = (4 if plan.use_lora else 6) * plan.parameters * tokens
-    if plan.flavor == "local-cpu":
-        peak = measured_cpu_flops()
-        price = 0.0
-        peak_note = f"measured CPU matmul peak {peak / 1e9:.1f} GFLOP/s"
+def estimate_for(arch: Architecture, w: Workload, tokens: int, flavor: Flavor, backend: str) -> CostEstimate:
+    utilisation = ASSUMED_GPU_UTILISATION if flavor.is_gpu else CPU_UTILISATION
+    peak = flavor.peak_tflops * 1e12
+    if w.method == "grpo":
+        # tokens counts prompts' tokens; each prompt gets num_generations completions
+        prompts = tokens / max(w.seq_len - w.completion_len, 1)
+        train_tokens = prompts * w.num_generations * w.seq_len
+        gen_tokens = prompts * w.num_generations * w.completion_len
+        gen_util = GENERATION_UTILISATION["vllm" if w.vllm_gpu_fraction else "hf"]
+        gen_s = gen_tokens * 2 * arch.matmul_params / (peak * gen_util)
     else:
-        import torch
-
-        size = 4096
-        a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ a
-        torch.cuda.synchronize()
-        peak = 20 * 2 * size**3 / (time.perf_counter() - start)
-        price = 0.0
-        peak_note = f"measured GPU bf16 matmul peak {peak / 1e12:.1f} TFLOP/s"
-    hours = flops / (peak * ASSUMED_UTILISATION) / 3600
+        train_tokens, gen_s = tokens, 0.0
+    flops = train_tokens * flops_per_token(arch, w)
+    compute_s = flops / (peak * utilisation) + gen_s
+    if backend == "local":
+        startup_s = LOCAL_STARTUP_S
+    else:
+        startup_s = CLOUD_STARTUP_S + 2 * arch.params * w.dtype_bytes / DOWNLOAD_BYTES_PER_S
+    hours = (compute_s + startup_s) / 3600
+    price = flavor.price_per_hour
     basis = (
-        f"{tokens:,} training tokens x {4 if plan.use_lora else 6} FLOPs/parameter/token x "
-        f"{plan.parameters:,} parameters = {flops:.3g} FLOPs; {peak_note} at an assumed "
-        f"{ASSUMED_UTILISATION:.0%} utilisation; range x{RANGE_LOW}-x{RANGE_HIGH}; "
-        f"{plan.backend} backend at ${price:.2f}/h"
+        f"{int(train_tokens):,} training tokens x {flops_per_token(arch, w):.3g} FLOPs/token = {flops:.3g} FLOPs"
+        + (f", plus {int(gen_tokens):,} generated tokens ({gen_s / 60:.1f} min)" if w.method == "grpo" else "")
+        + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s at {utilisation:.0%} utilisation"
+        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; ${price:.2f}/h"
     )
     return CostEstimate(
-        flavor=plan.flavor,
+        flavor=flavor.name,
         price_per_hour_usd=price,
-        tokens=tokens,
+        tokens=int(train_tokens),
         estimated_flops=flops,
+        utilisation=utilisation,
+        startup_s=startup_s,
         hours=hours,
         hours_low=hours * RANGE_LOW,
         hours_high=hours * RANGE_HIGH,
@@ -88,3 +118,14 @@ def estimate_cost(report: DatasetReport, plan: HardwarePlan, training_args: dict
         usd_high=hours * RANGE_HIGH * price,
         basis=basis,
     )
+
+
+def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args: dict[str, Any]) -> CostEstimate:
+    """The estimate for the placement the hardware stage chose."""
+    from tasks.flavors import load_catalogue
+    from tasks.hardware import local_flavor, workload_for
+
+    flavor = local_flavor() if spec.backend == "local" else load_catalogue(spec.flavors).get(plan.flavor)
+    arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
+    w = workload_for(spec, flavor, plan.mode, args, report)
+    return estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend)

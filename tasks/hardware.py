@@ -1,197 +1,283 @@
-"""Stage 2: size the run (parameters, peak memory, LoRA or not) and pick where it runs.
+"""Stage 2: size the run and choose where it runs.
 
-Parameters are counted from the model's config on PyTorch's meta device (no weights are
-read or allocated), so the count is exact for any architecture transformers knows.
-The memory model is a first-order one (weights, gradients and AdamW states for what is
-trained, activations per token); its calibration against measurement is tracked
-separately and its assumptions are written into the plan.
+The rule, for `hardware: auto`:
+1. Candidates: this machine for `backend: local`; for cloud backends every single-GPU flavor
+   of the catalogue (the generated script trains in one process; multi-GPU flavors would be
+   paid for and left idle) and the CPU flavors.
+2. Mode: `lora: false` trains everything, `lora: true` an adapter, `lora: qlora` an adapter
+   on 4-bit weights. `lora: auto` trains everything when the model has at most
+   LORA_AUTO_THRESHOLD parameters and some candidate fits it; otherwise LoRA; otherwise
+   QLoRA (GPUs only: bitsandbytes needs CUDA).
+3. A candidate fits when the estimated peak memory is at most SAFETY_MARGIN of its memory
+   (per GPU, or RAM) and the high end of its time estimate is within `budget.max_hours`.
+4. Among those that fit, the cheapest run wins (estimated hours x hourly price), then the
+   fastest. When nothing fits, the error says what would.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
-from tasks.models import HardwarePlan
+from tasks.cost import estimate_for, training_tokens
+from tasks.flavors import Catalogue, Flavor, load_catalogue
+from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
+from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
 from tasks.spec import RunSpec
 
 GB = 1024**3
-# Above this many parameters `lora: auto` trains an adapter even when full fine-tuning fits:
-# full updates of multi-billion models rarely pay for their optimizer memory.
 LORA_AUTO_THRESHOLD = 3_000_000_000
-# Leave this share of memory free for the allocator, the OS and fragmentation.
-SAFETY_MARGIN = 0.8
-# Bytes of activations kept per token, per layer, per hidden unit, without checkpointing
-# (attention, MLP and norms in float32 on the CPU; see Korthikanti et al. 2022, table 2).
-ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN = 34
-RUNTIME_OVERHEAD_GB = 0.5
+SAFETY_MARGIN = 0.9
 
 
 class HardwareError(ValueError):
     """No placement fits; the message says what would."""
 
 
-@dataclass(frozen=True)
-class ParameterCount:
-    total: int
-    lora_trainable: int
-
-
-def count_parameters(config: Any, lora_r: int, target_modules: list[str] | str) -> ParameterCount:
-    """Exact parameter counts on the meta device, plus what a LoRA of rank r would train."""
+def local_flavor() -> Flavor:
+    """This machine as a flavor: its GPU if torch sees one, else its CPU, at no cost."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in model.parameters())
-    output = model.get_output_embeddings()
-    lora = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is output:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if target_modules == "all-linear" or leaf in target_modules:
-            lora += lora_r * (module.in_features + module.out_features)
-    return ParameterCount(total=total, lora_trainable=lora)
-
-
-def local_machine() -> dict[str, Any]:
-    """What this machine offers: its GPU if torch sees one, else its CPU and RAM."""
-    import torch
+    from tasks.cost import measured_cpu_flops
 
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {
-            "flavor": "local-cuda",
-            "accelerator": props.name,
-            "count": torch.cuda.device_count(),
-            "memory_gb": props.total_memory / GB,
-            "bf16": torch.cuda.is_bf16_supported(),
-            "cpus": cpus,
-            "ram_gb": ram_gb,
+        from tasks.cost import measured_gpu_flops
+
+        return Flavor(
+            name="local-cuda",
+            accelerator=props.name,
+            count=1,
+            memory_gb=props.total_memory / GB,
+            ram_gb=ram_gb,
+            vcpus=cpus,
+            bf16=torch.cuda.is_bf16_supported(),
+            peak_tflops=measured_gpu_flops() / 1e12,
+            price_per_hour=0,
+        )
+    return Flavor(
+        name="local-cpu",
+        accelerator=None,
+        count=0,
+        memory_gb=ram_gb,
+        ram_gb=ram_gb,
+        vcpus=cpus,
+        bf16=False,
+        peak_tflops=measured_cpu_flops() / 1e12,
+        price_per_hour=0,
+    )
+
+
+def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any], report: DatasetReport) -> Workload:
+    on_gpu = flavor.is_gpu
+    seq_len = min(int(args.get("max_length", 1024)), report.tokens.max)
+    extra: dict[str, Any] = {}
+    if spec.method == "grpo":
+        completion = int(args.get("max_completion_length", 256))
+        seq_len = min(report.tokens.max, int(args.get("max_length", 1024))) + completion
+        extra = {
+            "num_generations": int(args.get("num_generations", 8)),
+            "completion_len": completion,
+            "reference_model": float(args.get("beta", 0.0)) > 0,
+            "vllm_gpu_fraction": float(args.get("vllm_gpu_memory_utilization", 0.3)) if args.get("use_vllm") else 0.0,
         }
-    return {
-        "flavor": "local-cpu",
-        "accelerator": None,
-        "count": 0,
-        "memory_gb": None,
-        "bf16": False,
-        "cpus": cpus,
-        "ram_gb": ram_gb,
-    }
+    return Workload(
+        method=spec.method,
+        mode=mode,
+        dtype_bytes=2 if (on_gpu and flavor.bf16) else 4,
+        micro_batch=int(args.get("per_device_train_batch_size", 1)),
+        seq_len=max(seq_len, 1),
+        checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
+        fused_attention=on_gpu,
+        **extra,
+    )
 
 
-def estimate_memory_gb(
-    config: Any,
-    params: ParameterCount,
-    use_lora: bool,
-    dtype_bytes: int,
-    micro_batch: int,
-    seq_len: int,
-    checkpointing: bool,
-) -> dict[str, float]:
-    trained = params.lora_trainable if use_lora else params.total
-    hidden = int(getattr(config, "hidden_size", 0) or 0)
-    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    tokens = micro_batch * seq_len
-    per_layer = tokens * hidden * ACTIVATION_BYTES_PER_TOKEN_LAYER_HIDDEN * dtype_bytes / 4
-    if checkpointing:  # only each layer's input is kept, plus one layer recomputed at a time
-        activations = tokens * hidden * dtype_bytes * layers + per_layer
-    else:
-        activations = per_layer * layers
-    logits = tokens * vocab * 4 * 2  # float32 logits and their gradient
-    return {
-        "weights": params.total * dtype_bytes / GB,
-        "gradients": trained * (4 if use_lora else dtype_bytes) / GB,
-        "optimizer": trained * 8 / GB,  # AdamW: two float32 moments
-        "activations": (activations + logits) / GB,
-        "runtime": RUNTIME_OVERHEAD_GB,
-    }
+def _option(
+    spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
+) -> tuple[FlavorOption, CostEstimate]:
+    w = workload_for(spec, flavor, mode, args, report)
+    memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
+    peak = sum(memory.values())
+    usable = flavor.memory_gb * SAFETY_MARGIN
+    cost = estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend)
+    problems = []
+    if peak > usable:
+        problems.append(f"needs {peak:.1f} GB, has {usable:.1f} GB usable")
+    if mode == "qlora" and not flavor.is_gpu:
+        problems.append("QLoRA needs a CUDA GPU")
+    if cost.hours_high > spec.budget.max_hours:
+        problems.append(f"up to {cost.hours_high:.1f} h, over budget.max_hours {spec.budget.max_hours:g}")
+    return (
+        FlavorOption(
+            flavor=flavor.name,
+            mode=mode,
+            peak_memory_gb=round(peak, 3),
+            usable_memory_gb=round(usable, 2),
+            hours=cost.hours,
+            usd=cost.usd,
+            fits=not problems,
+            why_not="; ".join(problems),
+            memory_breakdown_gb=memory,
+        ),
+        cost,
+    )
 
 
-def select_hardware(spec: RunSpec, config: Any, training_args: dict[str, Any]) -> HardwarePlan:
-    if spec.backend != "local":
-        raise HardwareError(
-            f"backend '{spec.backend}' is not available yet: planning and submission for it arrive "
-            "with the GPU flavor catalogue. Use backend: local for now."
-        )
-    if spec.hardware not in ("auto", "local"):
-        raise HardwareError(
-            f"hardware '{spec.hardware}' names a cloud flavor, but backend: local runs on this machine; "
-            "set hardware: auto (or local)"
-        )
-    machine = local_machine()
-    on_gpu = machine["accelerator"] is not None
-    dtype = "bfloat16" if machine["bf16"] else "float32"
-    dtype_bytes = 2 if dtype == "bfloat16" else 4
-    lora = spec.lora
-    params = count_parameters(config, lora.r, lora.target_modules)
-    available = (machine["memory_gb"] if on_gpu else machine["ram_gb"]) * SAFETY_MARGIN
+def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
+    if spec.backend == "local":
+        if spec.hardware not in ("auto", "local"):
+            raise HardwareError(
+                f"hardware '{spec.hardware}' names a cloud flavor, but backend: local runs on this machine; "
+                "set hardware: auto (or use backend: hf-jobs for that flavor)"
+            )
+        return [local_flavor()]
+    if spec.hardware != "auto":
+        flavor = catalogue.get(spec.hardware)
+        if flavor.count > 1:
+            raise HardwareError(
+                f"hardware '{flavor.name}' has {flavor.count} GPUs, but the generated script trains in one process "
+                "on one GPU: the others would be paid for and idle. Choose a single-GPU flavor."
+            )
+        return [flavor]
+    return [f for f in catalogue.flavors.values() if f.count <= 1]
 
-    def plan_memory(use_lora: bool) -> dict[str, float]:
-        return estimate_memory_gb(
-            config,
-            params,
-            use_lora,
-            dtype_bytes,
-            int(training_args.get("per_device_train_batch_size", 1)),
-            int(training_args.get("max_length", 1024)),
-            bool(training_args.get("gradient_checkpointing", False)),
-        )
 
-    full, with_lora = plan_memory(False), plan_memory(True)
-    if lora.enabled is True:
-        use_lora, reason = True, "requested in the spec (lora: true)"
-    elif lora.enabled is False:
-        use_lora, reason = False, "disabled in the spec (lora: false)"
-    elif params.total > LORA_AUTO_THRESHOLD:
-        use_lora, reason = (
-            True,
-            f"auto: {params.total / 1e9:.1f}B parameters is above the {LORA_AUTO_THRESHOLD / 1e9:.0f}B full fine-tuning threshold",
-        )
-    elif sum(full.values()) > available:
-        use_lora, reason = (
-            True,
-            f"auto: full fine-tuning needs {sum(full.values()):.1f} GB, more than the {available:.1f} GB usable",
-        )
-    else:
-        use_lora, reason = (
-            False,
-            f"auto: full fine-tuning fits ({sum(full.values()):.2f} GB of {available:.1f} GB usable)",
-        )
-    breakdown = with_lora if use_lora else full
-    peak = sum(breakdown.values())
-    if peak > available:
-        raise HardwareError(
-            f"the run needs about {peak:.1f} GB but this machine offers {available:.1f} GB usable "
-            f"({'GPU' if on_gpu else 'RAM'}, {SAFETY_MARGIN:.0%} of total). Try a smaller max_length or "
-            "per_device_train_batch_size, lora: true, or a bigger machine."
-        )
-    if on_gpu:
-        desc = f"this machine: {machine['count']}x {machine['accelerator']} ({machine['memory_gb']:.0f} GB)"
-    else:
-        desc = f"this machine: CPU only, {machine['cpus']} cores, {machine['ram_gb']:.0f} GB RAM"
+def _modes(spec: RunSpec, arch: Architecture) -> list[tuple[Mode, str]]:
+    setting = spec.lora.enabled
+    if setting is False:
+        return [("full", "lora: false in the spec")]
+    if setting is True:
+        return [("lora", "lora: true in the spec")]
+    if setting == "qlora":
+        return [("qlora", "lora: qlora in the spec")]
+    if arch.params > LORA_AUTO_THRESHOLD:
+        big = f"auto: {arch.params / 1e9:.1f}B parameters is above the {LORA_AUTO_THRESHOLD / 1e9:.0f}B threshold"
+        return [("lora", big), ("qlora", big + ", and LoRA in 16 bits fits nowhere")]
+    return [
+        ("full", "auto: full fine-tuning fits"),
+        ("lora", "auto: full fine-tuning fits nowhere"),
+        ("qlora", "auto: neither full fine-tuning nor LoRA in 16 bits fits anywhere"),
+    ]
+
+
+def select_hardware(
+    spec: RunSpec, config: Any, args: dict[str, Any], report: DatasetReport, catalogue: Catalogue | None = None
+) -> tuple[HardwarePlan, CostEstimate]:
+    catalogue = catalogue or load_catalogue(spec.flavors)
+    arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
+    candidates = _candidates(spec, catalogue)
+    considered: list[FlavorOption] = []
+    for mode, reason in _modes(spec, arch):
+        options = [_option(spec, f, mode, arch, args, report) for f in candidates]
+        considered += [o for o, _ in options]
+        fitting = sorted((o for o in options if o[0].fits), key=lambda o: (o[0].usd, o[0].hours))
+        if fitting:
+            best, cost = fitting[0]
+            flavor = next(f for f in candidates if f.name == best.flavor)
+            return _plan(spec, flavor, best, arch, reason, considered, args, report), cost
+    raise HardwareError(_nothing_fits(spec, considered, candidates, arch, args, report))
+
+
+def _plan(
+    spec: RunSpec,
+    flavor: Flavor,
+    best: FlavorOption,
+    arch: Architecture,
+    reason: str,
+    considered: list[FlavorOption],
+    args: dict[str, Any],
+    report: DatasetReport,
+) -> HardwarePlan:
+    w = workload_for(spec, flavor, best.mode, args, report)
+    dtype = "bfloat16" if w.dtype_bytes == 2 else "float32"
+    alternatives = sorted((o for o in considered if o.fits and o.mode == best.mode), key=lambda o: o.usd)[:5]
     return HardwarePlan(
         backend=spec.backend,
-        flavor=machine["flavor"],
-        description=desc,
-        accelerator=machine["accelerator"],
-        accelerator_count=machine["count"],
-        accelerator_memory_gb=round(machine["memory_gb"], 2) if machine["memory_gb"] else None,
-        cpu_count=machine["cpus"],
-        ram_gb=round(machine["ram_gb"], 2),
-        parameters=params.total,
-        trainable_parameters=params.lora_trainable if use_lora else params.total,
+        flavor=flavor.name,
+        description=("this machine: " if spec.backend == "local" else "") + flavor.describe(),
+        accelerator=flavor.accelerator,
+        accelerator_count=flavor.count,
+        accelerator_memory_gb=round(flavor.memory_gb, 2) if flavor.is_gpu else None,
+        cpu_count=flavor.vcpus,
+        ram_gb=round(flavor.ram_gb, 2),
+        price_per_hour_usd=flavor.price_per_hour,
+        peak_tflops=flavor.peak_tflops,
+        parameters=arch.params,
+        trainable_parameters=arch.params if best.mode == "full" else arch.lora_params,
         dtype=dtype,  # type: ignore[arg-type]
-        use_lora=use_lora,
+        mode=best.mode,
+        use_lora=best.mode != "full",
         lora_reason=reason,
-        memory_breakdown_gb={k: round(v, 4) for k, v in breakdown.items()},
-        estimated_peak_memory_gb=round(peak, 3),
-        available_memory_gb=round(available, 2),
+        seq_len=w.seq_len,
+        gradient_checkpointing=w.checkpointing,
+        memory_breakdown_gb=best.memory_breakdown_gb,
+        estimated_peak_memory_gb=best.peak_memory_gb,
+        available_memory_gb=best.usable_memory_gb,
         fits=True,
+        alternatives=alternatives,
     )
+
+
+def _nothing_fits(
+    spec: RunSpec,
+    considered: list[FlavorOption],
+    candidates: list[Flavor],
+    arch: Architecture,
+    args: dict[str, Any],
+    report: DatasetReport,
+) -> str:
+    smallest = min(considered, key=lambda o: o.peak_memory_gb)
+    biggest = max(candidates, key=lambda f: f.memory_gb)
+    if spec.backend == "local":
+        where = "nothing on this machine"
+    elif spec.hardware == "auto":
+        where = "no single-GPU or CPU flavor of the catalogue"
+    else:
+        where = f"nothing: not on the chosen flavor '{spec.hardware}'"
+    lines = [
+        f"the run fits on {where}: the smallest need is {smallest.peak_memory_gb:.1f} GB ({smallest.mode} on "
+        f"{smallest.flavor}: {smallest.why_not}). What would help:"
+    ]
+    seq = int(args.get("max_length", 1024))
+    for shorter in (seq // 2, seq // 4):
+        if shorter < 64:
+            break
+        trial = {**args, "max_length": shorter}
+        ok = [
+            o
+            for f in candidates
+            for mode, _ in _modes(spec, arch)
+            if (o := _option(spec, f, mode, arch, trial, report)[0]).fits
+        ]
+        if ok:
+            best = min(ok, key=lambda o: o.usd)
+            lines.append(f"- max_length {shorter} (rows longer are truncated) fits on {best.flavor} with {best.mode}")
+            break
+    if spec.lora.enabled is False:
+        lines.append("- lora: auto (or true/qlora) trains an adapter and needs far less memory")
+    elif spec.lora.enabled is True:
+        ok = [o for f in candidates if (o := _option(spec, f, "qlora", arch, args, report)[0]).fits]
+        if ok:
+            best = min(ok, key=lambda o: o.usd)
+            lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about ${best.usd:.2f}")
+    if int(args.get("per_device_train_batch_size", 1)) > 1:
+        lines.append("- per_device_train_batch_size 1 with gradient_accumulation_steps to keep the effective batch")
+    if spec.backend == "local":
+        lines.append("- backend: hf-jobs, to rent a GPU that fits")
+    elif spec.hardware != "auto":
+        others = [f for f in load_catalogue(spec.flavors).flavors.values() if f.count <= 1]
+        ok = [
+            o
+            for f in others
+            for mode, _ in _modes(spec, arch)
+            if (o := _option(spec, f, mode, arch, args, report)[0]).fits
+        ]
+        if ok:
+            best = min(ok, key=lambda o: o.usd)
+            lines.append(f"- hardware: {best.flavor} ({best.mode}, about ${best.usd:.2f}), or hardware: auto")
+    else:
+        lines.append(f"- nothing bigger is listed: the biggest single-GPU flavor is {biggest.describe()}")
+    return "\n".join(lines)

@@ -64,20 +64,21 @@ def method_definition(method: str) -> MethodDefinition:
         raise NotImplementedError(f"method '{method}' has no pipeline yet; available: {', '.join(METHODS)}") from None
 
 
-def training_arguments(method: MethodDefinition, overrides: dict[str, Any], on_gpu: bool, bf16: bool) -> dict[str, Any]:
-    """The TRL config arguments: method defaults, hardware-dependent precision, then the spec."""
-    args = dict(method.training_defaults)
-    args.update(
-        {
-            "bf16": bf16,
-            "fp16": False,
-            # Recomputing activations only pays when memory is short; on the CPU it just slows.
-            "gradient_checkpointing": on_gpu,
-            "use_cpu": not on_gpu,
-        }
-    )
-    args.update(overrides)
-    return args
+def base_arguments(method: MethodDefinition, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Method defaults, then the spec's `training`; device-dependent keys come later."""
+    return {**method.training_defaults, **overrides}
+
+
+def device_arguments(args: dict[str, Any], on_gpu: bool, bf16: bool) -> dict[str, Any]:
+    """Precision and memory settings for where the run was placed; the spec still wins."""
+    chosen = {
+        "bf16": on_gpu and bf16,
+        "fp16": on_gpu and not bf16,  # GPUs without bf16 (T4): float32 weights, float16 autocast
+        # Recomputing activations only pays when memory is short; on the CPU it just slows.
+        "gradient_checkpointing": on_gpu,
+        "use_cpu": not on_gpu,
+    }
+    return {**chosen, **args}
 
 
 def unknown_training_keys(method: MethodDefinition, keys: list[str]) -> dict[str, list[str]]:

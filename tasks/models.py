@@ -50,6 +50,20 @@ class DatasetReport(Frozen):
     heldout_path: str = Field(description="rows held out of training, to evaluate exported models")
 
 
+class FlavorOption(Frozen):
+    """One placement the planner considered, with why it was or was not chosen."""
+
+    flavor: str
+    mode: Literal["full", "lora", "qlora"]
+    peak_memory_gb: float
+    usable_memory_gb: float
+    hours: float
+    usd: float
+    fits: bool
+    why_not: str = ""
+    memory_breakdown_gb: dict[str, float]
+
+
 class HardwarePlan(Frozen):
     backend: str
     flavor: str
@@ -59,15 +73,21 @@ class HardwarePlan(Frozen):
     accelerator_memory_gb: float | None
     cpu_count: int
     ram_gb: float
+    price_per_hour_usd: float
+    peak_tflops: float
     parameters: int
     trainable_parameters: int
     dtype: Literal["float32", "bfloat16", "float16"]
+    mode: Literal["full", "lora", "qlora"]
     use_lora: bool
     lora_reason: str
+    seq_len: int
+    gradient_checkpointing: bool
     memory_breakdown_gb: dict[str, float]
     estimated_peak_memory_gb: float
     available_memory_gb: float
     fits: bool
+    alternatives: list[FlavorOption] = Field(default_factory=list)
 
 
 class CostEstimate(Frozen):
@@ -75,6 +95,8 @@ class CostEstimate(Frozen):
     price_per_hour_usd: float
     tokens: int
     estimated_flops: float
+    utilisation: float
+    startup_s: float
     hours: float
     hours_low: float
     hours_high: float
@@ -86,7 +108,7 @@ class CostEstimate(Frozen):
 
 class Approval(Frozen):
     approved: bool
-    by: Literal["auto", "user"]
+    by: Literal["auto", "user", "command line", "terminal"]
     reason: str
     max_usd: float
     estimated_usd: float

@@ -23,9 +23,9 @@ DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
 SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio")
 
 
-def pinned_dependencies() -> list[str]:
+def pinned_dependencies(qlora: bool = False) -> list[str]:
     pins = []
-    for name in SCRIPT_PACKAGES:
+    for name in (*SCRIPT_PACKAGES, *(("bitsandbytes",) if qlora else ())):
         try:
             v = version(name).split("+")[0]  # drop local tags such as +cpu
             pins.append(f"{name}=={v}")
@@ -38,7 +38,7 @@ def script_config(
     spec: RunSpec, run_name: str, model_path: str, plan: HardwarePlan, training_args: dict[str, Any]
 ) -> dict[str, Any]:
     lora = None
-    if plan.use_lora:
+    if plan.mode != "full":
         lora = {
             "r": spec.lora.r,
             "lora_alpha": spec.lora.alpha,
@@ -52,6 +52,7 @@ def script_config(
         "seed": spec.seed,
         "dtype": plan.dtype,
         "lora": lora,
+        "quantization": "4bit" if plan.mode == "qlora" else None,
         "project": run_name,
         "run_name": run_name,
         "training": training_args,
@@ -62,7 +63,8 @@ def render_script(method: MethodDefinition, config: dict[str, Any]) -> str:
     template = (TEMPLATES / method.template).read_text(encoding="utf-8")
     if CONFIG_MARKER not in template or DEPENDENCIES_MARKER not in template:
         raise RuntimeError(f"template {method.template} lacks its CONFIG or dependencies marker")
-    deps = "# dependencies = [\n" + "".join(f'#   "{d}",\n' for d in pinned_dependencies()) + "# ]"
+    qlora = config.get("quantization") == "4bit"
+    deps = "# dependencies = [\n" + "".join(f'#   "{d}",\n' for d in pinned_dependencies(qlora)) + "# ]"
     body = "CONFIG: dict = " + pprint.pformat(config, sort_dicts=False, width=100)
     return template.replace(DEPENDENCIES_MARKER, deps).replace(CONFIG_MARKER, body)
 

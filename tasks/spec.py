@@ -27,7 +27,7 @@ class _Frozen(BaseModel):
 class LoraSettings(_Frozen):
     """``lora: auto|true|false`` or a mapping with ``enabled`` and PEFT overrides."""
 
-    enabled: Literal["auto"] | bool = "auto"
+    enabled: Literal["auto", "qlora"] | bool = "auto"
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -37,6 +37,7 @@ class LoraSettings(_Frozen):
 class Budget(_Frozen):
     max_usd: float = Field(20.0, ge=0)
     auto_approve_usd: float = Field(2.0, ge=0)
+    max_hours: float = Field(24.0, gt=0, description="placements whose time estimate may exceed this are not chosen")
 
     @model_validator(mode="after")
     def _ordered(self) -> Budget:
@@ -72,13 +73,16 @@ class RunSpec(_Frozen):
     budget: Budget = Field(default_factory=Budget)
     outputs: Outputs = Field(default_factory=Outputs)
     rewards: list[str] = Field(default_factory=list)
+    flavors: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="hardware catalogue overrides, e.g. {a100-large: {price_per_hour: 2.2}}"
+    )
     name: str | None = Field(None, description="run name; the run folder is runs/<name>")
     seed: int = 42
 
     @field_validator("lora", mode="before")
     @classmethod
     def _lora_shorthand(cls, v: Any) -> Any:
-        if isinstance(v, bool) or v == "auto":
+        if isinstance(v, bool) or v in ("auto", "qlora"):
             return {"enabled": v}
         return v
 

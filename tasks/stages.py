@@ -61,25 +61,36 @@ def validate_dataset_task(
     split: str,
     columns: dict[str, str],
 ) -> DatasetReport:
-    from tasks.model_source import load_tokenizer
+    from tasks.model_source import ModelSourceError, load_tokenizer
+    from tasks.validate import CharEstimateTokenizer
 
-    report = validate_dataset(source, method, load_tokenizer(model_path), max_length, out_dir, split, columns)
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except ModelSourceError:
+        tokenizer = CharEstimateTokenizer()  # plan anyway; the report says counts are estimates
+    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns)
     _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row")
     return report
 
 
 @task(name="select_hardware", cache_policy=NO_CACHE)
-def select_hardware_task(spec: RunSpec, model_path: str, training_args: dict[str, Any]) -> HardwarePlan:
+def select_hardware_task(
+    spec: RunSpec, model_path: str, training_args: dict[str, Any], report: DatasetReport
+) -> HardwarePlan:
     from tasks.model_source import load_config
 
-    plan = select_hardware(spec, load_config(model_path), training_args)
-    _log(f"hardware: {plan.description}; peak ~{plan.estimated_peak_memory_gb:.2f} GB; LoRA {plan.use_lora}")
+    plan, _ = select_hardware(spec, load_config(model_path), training_args, report)
+    _log(f"hardware: {plan.description}; {plan.mode}; peak ~{plan.estimated_peak_memory_gb:.2f} GB")
     return plan
 
 
 @task(name="estimate_cost", cache_policy=NO_CACHE)
-def estimate_cost_task(report: DatasetReport, plan: HardwarePlan, training_args: dict[str, Any]) -> CostEstimate:
-    cost = estimate_cost(report, plan, training_args)
+def estimate_cost_task(
+    spec: RunSpec, model_path: str, plan: HardwarePlan, report: DatasetReport, training_args: dict[str, Any]
+) -> CostEstimate:
+    from tasks.model_source import load_config
+
+    cost = estimate_cost(spec, load_config(model_path), plan, report, training_args)
     _log(f"estimate: {cost.hours * 60:.1f} min, ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f})")
     return cost
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -129,53 +128,6 @@ def test_broken_data_fails_before_anything_is_submitted(prefect_server, tmp_path
 
     assert not (runs_root() / "broken" / "job.json").exists()
     assert not (runs_root() / "broken" / "train.py").exists()
-
-
-def _resume_when_paused(answer: dict, seen: dict) -> threading.Thread:
-    def run() -> None:
-        from prefect import get_client
-        from prefect.flow_runs import resume_flow_run
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs()
-            paused = [r for r in runs if r.state and r.state.is_paused() and r.id not in seen.values()]
-            if paused:
-                seen["id"] = paused[0].id
-                resume_flow_run(paused[0].id, run_input=answer)
-                return
-            time.sleep(0.5)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
-
-
-def test_above_the_threshold_the_flow_pauses_for_a_typed_answer(prefect_server):
-    from prefect import flow
-
-    from flows.pipeline import request_approval
-    from tasks.approval import NotApproved
-    from tests.test_planning import _cost
-
-    spec = parse_spec({"dataset": "x.jsonl", "budget": {"max_usd": 20, "auto_approve_usd": 1}})
-
-    @flow
-    def gate(timeout_s: int = 60):
-        return request_approval(_cost(5), spec, "gate", timeout_s, poll_s=1)
-
-    seen: dict = {}
-    _resume_when_paused({"approve": True, "reason": "looks fine", "max_usd": 12}, seen)
-    approval = gate()
-    assert approval.by == "user" and approval.reason == "looks fine" and approval.max_usd == 12
-
-    _resume_when_paused({"approve": False, "reason": "too dear"}, seen)
-    with pytest.raises(NotApproved, match="too dear"):
-        gate()
-
-    with pytest.raises(NotApproved, match="no approval within 3 s"):
-        gate(timeout_s=3)
 
 
 def test_the_generated_script_runs_by_hand_with_lora_and_merges(tmp_path):

@@ -1,97 +1,238 @@
-"""Hardware, cost, approval and script: the plan that decides what gets spent."""
+"""Planning: memory and time models on real architectures, the selection rule, the approval
+decision and the generated script. Expected values are computed by hand in the tests."""
 
 from __future__ import annotations
 
 import ast
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 from flows.pipeline import plan_run
 from tasks.approval import ApprovalInput, BudgetExceeded, NotApproved, auto_decision, decision_from_input
-from tasks.cost import estimate_cost, training_tokens
-from tasks.hardware import HardwareError, count_parameters, select_hardware
-from tasks.methods import SFT, training_arguments
-from tasks.model_source import load_config
-from tasks.models import CostEstimate
+from tasks.cost import RANGE_HIGH, RANGE_LOW, training_tokens
+from tasks.flavors import CatalogueError, load_catalogue
+from tasks.hardware import LORA_AUTO_THRESHOLD, HardwareError, select_hardware
+from tasks.memory import GB, LOGIT_BYTES_PER_ENTRY, RUNTIME_GB, Architecture, Workload, memory_breakdown_gb
+from tasks.methods import SFT, base_arguments
+from tasks.models import CostEstimate, DatasetReport, TokenStats
 from tasks.spec import Budget, SpecError, parse_spec
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, REPO
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")
+CONFIGS = REPO / "tests" / "data" / "configs"
+
+
+def _load(name: str):
+    from transformers import AutoConfig
+
+    data = json.loads((CONFIGS / f"{name}.json").read_text())
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _report(rows: int = 10_000, mean: float = 512, longest: int = 1024) -> DatasetReport:
+    return DatasetReport(
+        source="x",
+        split="train",
+        format="messages",
+        rows=rows,
+        columns=["messages"],
+        column_mapping={},
+        tokens=TokenStats(min=10, max=longest, mean=mean, p50=int(mean), p95=longest),
+        total_tokens=int(rows * mean),
+        max_length=1024,
+        rows_over_max_length=0,
+        duplicates=0,
+        empty_turns=0,
+        warnings=[],
+        prepared_path="x",
+        train_rows=rows,
+        heldout_path="y",
+    )
 
 
 def _spec(**kw):
-    return parse_spec({"dataset": CHAT, "training": {"max_length": 128}, **kw})
+    return parse_spec({"dataset": CHAT, "outputs": {"gguf": []}, **kw})
 
 
 def _args(**over):
-    return training_arguments(SFT, {"max_length": 128, **over}, on_gpu=False, bf16=False)
+    return base_arguments(SFT, {"max_length": 1024, "per_device_train_batch_size": 4, **over})
 
 
-def test_parameter_count_is_exact_and_lora_count_matches_peft(tiny_model_path):
+# --- the architecture, from config.json --------------------------------------------------
+
+
+def test_parameter_counts_match_the_published_sizes():
+    # hand-computed: embeddings + layers x (q, k, v, o with Qwen's q/k/v biases, gated MLP, 2 norms) + final norm
+    qwen = 151936 * 896 + 24 * (896 * 896 + 896 + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896) + 896
+    llama8 = 2 * 128256 * 4096 + 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096
+    llama70 = 2 * 128256 * 8192 + 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) + 8192
+    assert (qwen, llama8, llama70) == (494_032_768, 8_030_261_248, 70_553_706_496)
+    assert Architecture.from_config(_load("qwen2.5-0.5b")).params == qwen
+    assert Architecture.from_config(_load("llama-3.1-8b")).params == llama8
+    assert Architecture.from_config(_load("llama-3.1-70b")).params == llama70
+
+
+def test_lora_parameters_match_peft(tiny_model_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    counts = count_parameters(load_config(tiny_model_path), 16, "all-linear")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    assert counts.total == sum(p.numel() for p in model.parameters())
-    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    assert counts.lora_trainable == trainable
+    from tasks.model_source import load_config
+
+    arch = Architecture.from_config(load_config(tiny_model_path), 16, "all-linear")
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_path),
+        LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    assert arch.lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Qwen2.5-0.5B, r=16 on every decoder linear: 24 x 16 x (q, k, v, o, gate, up, down in+out)
+    qwen = Architecture.from_config(_load("qwen2.5-0.5b"), 16, "all-linear")
+    assert qwen.lora_params == 24 * 16 * ((896 + 896) * 2 + (896 + 128) * 2 + (896 + 4864) * 3)
 
 
-def test_auto_trains_the_tiny_model_fully_on_this_machine(tiny_model_path):
-    plan = select_hardware(_spec(), load_config(tiny_model_path), _args())
-    assert plan.backend == "local" and plan.flavor in ("local-cpu", "local-cuda")
-    assert plan.use_lora is False and plan.lora_reason.startswith("auto: full fine-tuning fits")
-    assert plan.trainable_parameters == plan.parameters
-    assert plan.estimated_peak_memory_gb == pytest.approx(sum(plan.memory_breakdown_gb.values()), rel=1e-3)
+def test_memory_of_a_full_bf16_run_is_the_sum_of_its_parts():
+    arch = Architecture.from_config(_load("qwen2.5-0.5b"))
+    w = Workload(mode="full", dtype_bytes=2, micro_batch=4, seq_len=1024, checkpointing=True)
+    m = memory_breakdown_gb(arch, w, "gpu", 80)
+    p, tokens = 494_032_768, 4 * 1024
+    assert m["weights"] == pytest.approx(p * 2 / GB, abs=1e-4)
+    assert m["gradients"] == pytest.approx(p * 2 / GB, abs=1e-4)
+    assert m["optimizer"] == pytest.approx(p * 8 / GB, abs=1e-4)
+    # checkpointed: each layer's input, plus one layer's activations (5h + 2kv + 4i values per token)
+    act = tokens * 896 * 2 * 24 + tokens * (5 * 896 + 2 * 128 + 4 * 4864) * 2
+    assert m["activations"] == pytest.approx(act / GB, abs=1e-4)
+    assert m["logits"] == pytest.approx(tokens * 151936 * LOGIT_BYTES_PER_ENTRY / GB, abs=1e-4)
+    assert m["runtime"] == RUNTIME_GB["gpu"]
+    assert "adapter" not in m and "reference model" not in m
 
 
-def test_lora_true_trains_only_the_adapter_and_needs_less_optimizer_memory(tiny_model_path):
-    config = load_config(tiny_model_path)
-    full = select_hardware(_spec(), config, _args())
-    lora = select_hardware(_spec(lora=True), config, _args())
-    assert lora.use_lora and lora.trainable_parameters < full.trainable_parameters / 4
-    assert lora.memory_breakdown_gb["optimizer"] < full.memory_breakdown_gb["optimizer"]
+def test_qlora_weights_are_four_bit_and_dpo_adds_a_reference_only_without_lora():
+    arch = Architecture.from_config(_load("llama-3.1-8b"))
+    q = memory_breakdown_gb(arch, Workload(mode="qlora"), "gpu", 24)
+    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert q["weights"] == pytest.approx((linear * 0.516 + (8_030_261_248 - linear) * 2) / GB, abs=1e-3)
+    full_dpo = memory_breakdown_gb(arch, Workload(method="dpo", mode="full"), "gpu", 141)
+    lora_dpo = memory_breakdown_gb(arch, Workload(method="dpo", mode="lora"), "gpu", 141)
+    assert full_dpo["reference model"] == pytest.approx(8_030_261_248 * 2 / GB, abs=1e-3)
+    assert "reference model" not in lora_dpo
+    sft = memory_breakdown_gb(arch, Workload(method="sft", mode="lora"), "gpu", 141)
+    assert lora_dpo["activations"] == pytest.approx(2 * sft["activations"], rel=1e-6)  # chosen + rejected
 
 
-def test_activation_memory_grows_with_sequence_and_batch(tiny_model_path):
-    config = load_config(tiny_model_path)
-    small = select_hardware(_spec(), config, _args(per_device_train_batch_size=1))
-    big = select_hardware(_spec(), config, _args(per_device_train_batch_size=8))
-    ratio = big.memory_breakdown_gb["activations"] / small.memory_breakdown_gb["activations"]
-    assert ratio == pytest.approx(8, rel=0.01)
+# --- the selection rule -----------------------------------------------------------------
 
 
-def test_a_run_that_cannot_fit_says_what_would(tiny_model_path):
-    with pytest.raises(HardwareError, match="smaller max_length .* lora: true"):
+def test_a_small_model_trains_fully_on_the_cheapest_flavor_that_fits():
+    plan, cost = select_hardware(_spec(backend="hf-jobs"), _load("qwen2.5-0.5b"), _args(), _report())
+    assert plan.mode == "full" and plan.lora_reason == "auto: full fine-tuning fits"
+    assert plan.estimated_peak_memory_gb <= plan.available_memory_gb
+    cheaper_fitting = [o for o in plan.alternatives if o.usd < cost.usd]
+    assert cheaper_fitting == []  # nothing that fits is cheaper
+    assert cost.usd == pytest.approx(cost.hours * cost.price_per_hour_usd)
+    assert cost.usd_low == pytest.approx(cost.usd * RANGE_LOW) and cost.usd_high == pytest.approx(cost.usd * RANGE_HIGH)
+
+
+def test_above_the_size_threshold_auto_switches_to_lora_and_to_qlora_when_needed():
+    assert 8_030_261_248 > LORA_AUTO_THRESHOLD
+    plan8, _ = select_hardware(
+        _spec(backend="hf-jobs"), _load("llama-3.1-8b"), _args(per_device_train_batch_size=1), _report()
+    )
+    assert plan8.mode == "lora" and "threshold" in plan8.lora_reason
+    plan70, _ = select_hardware(
+        _spec(backend="hf-jobs"), _load("llama-3.1-70b"), _args(per_device_train_batch_size=1), _report()
+    )
+    assert plan70.mode == "qlora" and "fits nowhere" in plan70.lora_reason
+    assert plan70.accelerator is not None
+
+
+def test_a_named_flavor_that_is_too_small_says_what_would_fit():
+    with pytest.raises(HardwareError) as e:
         select_hardware(
-            _spec(), load_config(tiny_model_path), _args(per_device_train_batch_size=4096, max_length=65536)
+            _spec(backend="hf-jobs", hardware="t4-small", lora=False), _load("llama-3.1-8b"), _args(), _report()
         )
+    msg = str(e.value)
+    assert msg.startswith("the run fits on nothing: not on the chosen flavor 't4-small'")
+    assert "lora: auto" in msg and "- hardware: " in msg
+    with pytest.raises(HardwareError, match="one process on one GPU"):
+        select_hardware(_spec(backend="hf-jobs", hardware="a100x8"), _load("qwen2.5-0.5b"), _args(), _report())
 
 
-def test_cloud_backends_and_flavors_are_refused_clearly_for_now(tiny_model_path):
-    config = load_config(tiny_model_path)
-    with pytest.raises(HardwareError, match="backend 'hf-jobs' is not available yet"):
-        select_hardware(_spec(backend="hf-jobs"), config, _args())
-    with pytest.raises(HardwareError, match="set hardware: auto"):
-        select_hardware(_spec(hardware="a100-large"), config, _args())
+def test_max_hours_excludes_slow_placements():
+    spec = _spec(backend="hf-jobs", budget={"max_usd": 1000, "auto_approve_usd": 1, "max_hours": 0.05})
+    with pytest.raises(HardwareError, match="max_hours"):
+        select_hardware(spec, _load("llama-3.1-8b"), _args(), _report(rows=200_000))
 
 
-def test_training_tokens_follow_epochs_or_max_steps(tiny_model_path, tiny_tokenizer, tmp_path):
-    from tasks.validate import validate_dataset
+def test_prices_can_be_overridden_and_flavors_added_in_the_spec():
+    base, cost = select_hardware(_spec(backend="hf-jobs"), _load("qwen2.5-0.5b"), _args(), _report())
+    cheap = {
+        "mygpu": {
+            "accelerator": "A100",
+            "count": 1,
+            "memory_gb": 80,
+            "ram_gb": 100,
+            "vcpus": 8,
+            "bf16": True,
+            "peak_tflops": 312,
+            "price_per_hour": 0.05,
+        }
+    }
+    plan, cost2 = select_hardware(_spec(backend="hf-jobs", flavors=cheap), _load("qwen2.5-0.5b"), _args(), _report())
+    assert plan.flavor == "mygpu" and cost2.usd < cost.usd
+    with pytest.raises(CatalogueError, match="flavor 'half' is incomplete"):
+        load_catalogue({"half": {"price_per_hour": 1}})
+    assert load_catalogue({"a100-large": {"price_per_hour": 9.99}}).get("a100-large").price_per_hour == 9.99
 
-    report = validate_dataset(CHAT, SFT, tiny_tokenizer, 128, tmp_path)
-    two_epochs = training_tokens(report, _args(num_train_epochs=2))
-    assert two_epochs == pytest.approx(2 * report.train_rows * report.tokens.mean, rel=0.01)
-    capped = training_tokens(report, _args(max_steps=10, per_device_train_batch_size=4))
-    assert capped == int(40 * report.tokens.mean)
-    plan = select_hardware(_spec(), load_config(tiny_model_path), _args())
-    cost = estimate_cost(report, plan, _args())
+
+def test_the_catalogue_lists_the_hf_jobs_flavors_with_dated_prices():
+    cat = load_catalogue()
+    for name in [
+        "cpu-basic",
+        "t4-small",
+        "l4x1",
+        "l40sx1",
+        "a10g-large",
+        "a100-large",
+        "h200",
+        "rtx-pro-6000",
+        "h200x8",
+    ]:
+        assert name in cat.flavors
+    assert cat.get("a100-large").memory_gb == 80 and cat.get("h200").memory_gb == 141
+    assert cat.prices_read and "jobs-pricing" in cat.source
+    with pytest.raises(CatalogueError, match="unknown hardware flavor 'a200'"):
+        cat.get("a200")
+
+
+def test_the_tiny_model_runs_fully_on_this_machine(tiny_model_path):
+    from tasks.model_source import load_config
+
+    plan, cost = select_hardware(
+        _spec(),
+        load_config(tiny_model_path),
+        _args(max_length=128, per_device_train_batch_size=8),
+        _report(rows=384, mean=34, longest=36),
+    )
+    assert plan.backend == "local" and plan.flavor in ("local-cpu", "local-cuda") and plan.mode == "full"
     assert cost.usd == 0 and cost.hours_low < cost.hours < cost.hours_high
-    assert cost.estimated_flops == 6 * plan.parameters * cost.tokens
+
+
+def test_training_tokens_follow_epochs_or_max_steps():
+    r = _report(rows=1000, mean=100)
+    assert training_tokens(r, {"num_train_epochs": 2, "max_length": 1024}) == 200_000
+    assert (
+        training_tokens(
+            r, {"max_steps": 10, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 1024}
+        )
+        == 8_000
+    )
+    assert training_tokens(r, {"num_train_epochs": 1, "max_length": 50}) == 50_000  # truncated rows
+
+
+# --- approval ---------------------------------------------------------------------------
 
 
 def _cost(usd: float) -> CostEstimate:
@@ -100,21 +241,23 @@ def _cost(usd: float) -> CostEstimate:
         price_per_hour_usd=1,
         tokens=1,
         estimated_flops=1,
+        utilisation=0.3,
+        startup_s=0,
         hours=usd,
-        hours_low=usd / 2,
-        hours_high=usd * 2,
+        hours_low=usd * 0.75,
+        hours_high=usd * 1.5,
         usd=usd,
-        usd_low=usd / 2,
-        usd_high=usd * 2,
+        usd_low=usd * 0.75,
+        usd_high=usd * 1.5,
         basis="test",
     )
 
 
 def test_approval_is_automatic_only_when_the_high_estimate_is_under_the_threshold():
     budget = Budget(max_usd=20, auto_approve_usd=2)
-    approved = auto_decision(_cost(0.9), budget)
+    approved = auto_decision(_cost(1.2), budget)
     assert approved is not None and approved.by == "auto" and "within auto_approve_usd" in approved.reason
-    assert auto_decision(_cost(1.5), budget) is None  # high end $3 > $2: a person decides
+    assert auto_decision(_cost(1.5), budget) is None  # high end $2.25 > $2: a person decides
     with pytest.raises(BudgetExceeded, match=r"above budget.max_usd \$20.00"):
         auto_decision(_cost(25), budget)
 
@@ -129,21 +272,44 @@ def test_a_persons_answer_decides():
         decision_from_input(ApprovalInput(approve=True, max_usd=3), _cost(5), budget)
 
 
-def test_dry_run_plan_writes_a_self_contained_script(monkeypatch, tmp_path):
+# --- the plan as a whole ----------------------------------------------------------------
+
+
+def test_dry_run_plan_writes_a_self_contained_script(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
-    plan = plan_run(_spec(name="plan-test", lora=True))
+    plan = plan_run(_spec(name="plan-test", lora=True, training={"max_length": 128}))
     run_dir = Path(plan.run_dir)
     assert {p.name for p in run_dir.iterdir()} >= {"spec.yaml", "plan.json", "train.py", "data"}
     source = Path(plan.script.path).read_text()
     ast.parse(source)
     assert re.search(r"# /// script\n# requires-python.*\n# dependencies = \[\n#   \"torch==", source)
-    assert '"trl==1.16.0"' in source and "SFTTrainer" in source
+    assert '"trl==1.16.0"' in source and "SFTTrainer" in source and "bitsandbytes" not in source
     imports = [n for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Import | ast.ImportFrom)]
     modules = {(n.module if isinstance(n, ast.ImportFrom) else n.names[0].name).split(".")[0] for n in imports}
     assert not modules & {"tasks", "flows", "training", "deployments"}
-    assert "'lora_alpha': 32" in source and "'report_to'" not in source  # report_to is fixed in the template
+    assert "'lora_alpha': 32" in source and "'use_cpu': True" in source
     assert "hf_xxxx" not in source and "hf_xxxx" not in (run_dir / "plan.json").read_text()
     assert plan.hardware.use_lora and plan.cost.usd == 0
+
+
+def test_cloud_plans_work_in_a_dry_run_from_a_config_only_model_folder(tmp_path):
+    model = tmp_path / "llama8"
+    model.mkdir()
+    shutil.copy(CONFIGS / "llama-3.1-8b.json", model / "config.json")
+    plan = plan_run(_spec(model=str(model), backend="hf-jobs", name="cloud"))
+    assert plan.hardware.accelerator and plan.hardware.mode == "lora" and plan.cost.usd > 0
+    assert any("estimated as characters / 4" in w for w in plan.dataset.warnings)
+    source = Path(plan.script.path).read_text()
+    assert "'bf16': True" in source and "'gradient_checkpointing': True" in source
+
+
+def test_qlora_plans_write_a_4bit_script(tmp_path):
+    model = tmp_path / "llama70"
+    model.mkdir()
+    shutil.copy(CONFIGS / "llama-3.1-70b.json", model / "config.json")
+    plan = plan_run(_spec(model=str(model), backend="hf-jobs", name="q70"))
+    source = Path(plan.script.path).read_text()
+    assert plan.hardware.mode == "qlora" and "'quantization': '4bit'" in source and '"bitsandbytes' in source
 
 
 def test_training_options_are_checked_against_the_trl_config():
@@ -156,7 +322,7 @@ def test_training_options_are_checked_against_the_trl_config():
 def test_reusing_a_run_name_with_another_spec_is_refused():
     from tasks.rundir import RunFolderConflict
 
-    plan_run(_spec(name="same"))
-    plan_run(_spec(name="same"))  # identical spec: allowed (it resumes)
+    plan_run(_spec(name="same", training={"max_length": 128}))
+    plan_run(_spec(name="same", training={"max_length": 128}))  # identical spec: allowed (it resumes)
     with pytest.raises(RunFolderConflict, match="different spec"):
-        plan_run(_spec(name="same", seed=7))
+        plan_run(_spec(name="same", seed=7, training={"max_length": 128}))

@@ -65,7 +65,23 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(CONFIG["model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(CONFIG["model"], dtype=dtype)
+    quantization = None
+    if CONFIG.get("quantization") == "4bit":  # QLoRA: 4-bit NF4 base weights, bf16 compute
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(CONFIG["model"], dtype=dtype, quantization_config=quantization)
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=CONFIG["training"].get("gradient_checkpointing", True)
+        )
 
     peft_config = None
     if CONFIG["lora"]:
@@ -126,7 +142,13 @@ def main() -> int:
     if peft_config is not None:
         trainer.model.save_pretrained(str(out / "adapter.tmp"))
         tokenizer.save_pretrained(str(out / "adapter.tmp"))
-        final = trainer.model.merge_and_unload()
+        if quantization is not None:  # merge into 16-bit base weights, not the 4-bit ones
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(CONFIG["model"], dtype=torch.bfloat16)
+            final = PeftModel.from_pretrained(base, str(out / "adapter.tmp")).merge_and_unload()
+        else:
+            final = trainer.model.merge_and_unload()
     else:
         final = trainer.model
     final.save_pretrained(str(out / "model.tmp"), safe_serialization=True)

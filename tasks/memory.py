@@ -1,0 +1,169 @@
+"""A first-principles model of a training run's peak memory and FLOPs.
+
+The architecture is read from the model's config and instantiated on PyTorch's meta device,
+so parameter counts and layer shapes are exact for any architecture transformers knows
+(no name patterns). Memory is the sum of:
+- weights: parameters x bytes of the training dtype; QLoRA keeps decoder linear weights in
+  4-bit NF4 with double quantization (0.516 bytes per parameter) and the rest in 16 bits;
+- trained parameters: LoRA adapters in float32 (PEFT's default), their gradients and
+  AdamW's two float32 moments (full fine-tuning: gradients in the training dtype);
+- activations per layer and token, counted from the layer's structure (norm inputs, q/k/v,
+  attention output, the gated MLP's four intermediate tensors); with gradient
+  checkpointing only each layer's input is kept, plus one layer being recomputed; without
+  a fused attention kernel (the CPU) the attention probabilities too;
+- logits and their gradient in float32 (the loss is computed in float32);
+- method extras: DPO's chosen+rejected pairs and its reference model (none with LoRA:
+  the adapter is switched off instead); GRPO's generations, KV cache, reference model and
+  the share of the GPU given to vLLM;
+- a runtime constant (CUDA context and workspace, or the Python process on a CPU).
+The constants marked "calibrated" are fitted by benchmarks/calibrate.py on real runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+GB = 1024**3
+NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantized absmax per 64-value block
+LOGIT_BYTES_PER_ENTRY = 12  # calibrated: float32 logits, their gradient, the loss's softmax
+RUNTIME_GB = {"gpu": 1.0, "cpu": 0.75}  # CUDA context + workspaces; on CPU, calibrated process baseline
+ADAM_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Architecture:
+    hidden: int
+    layers: int
+    heads: int
+    kv_dim: int
+    intermediate: int
+    vocab: int
+    params: int
+    decoder_linear_params: int
+    matmul_params: int  # every Linear's in x out, lm_head included even when tied
+    lora_params: int
+
+    @classmethod
+    def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "all-linear") -> Architecture:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        output = model.get_output_embeddings()
+        params = sum(p.numel() for p in model.parameters())
+        decoder_linear = matmul = lora = 0
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            size = module.in_features * module.out_features
+            matmul += size
+            if module is output:
+                continue
+            decoder_linear += size
+            leaf = name.rsplit(".", 1)[-1]
+            if target_modules == "all-linear" or leaf in target_modules:
+                lora += lora_r * (module.in_features + module.out_features)
+        text = getattr(config, "text_config", None) or config
+        heads = int(text.num_attention_heads)
+        head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+        kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+        return cls(
+            hidden=int(text.hidden_size),
+            layers=int(text.num_hidden_layers),
+            heads=heads,
+            kv_dim=kv_heads * head_dim,
+            intermediate=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
+            vocab=int(text.vocab_size),
+            params=params,
+            decoder_linear_params=decoder_linear,
+            matmul_params=matmul,
+            lora_params=lora,
+        )
+
+
+Mode = Literal["full", "lora", "qlora"]
+
+
+class Workload(BaseModel):
+    """The shape of one optimizer micro-step, as far as memory and FLOPs are concerned."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: Literal["sft", "dpo", "grpo"] = "sft"
+    mode: Mode = "full"
+    dtype_bytes: int = 2
+    micro_batch: int = 1
+    seq_len: int = 1024
+    checkpointing: bool = False
+    fused_attention: bool = True
+    # GRPO only
+    num_generations: int = 8
+    completion_len: int = 256
+    reference_model: bool = True  # beta > 0
+    vllm_gpu_fraction: float = 0.0
+
+
+def _sequences(w: Workload) -> int:
+    """Sequences in one micro-step's forward/backward."""
+    return 2 * w.micro_batch if w.method == "dpo" else w.micro_batch
+
+
+def memory_breakdown_gb(
+    arch: Architecture, w: Workload, device: Literal["gpu", "cpu"], device_gb: float = 0
+) -> dict[str, float]:
+    b = w.dtype_bytes
+    if w.mode == "qlora":
+        weights = arch.decoder_linear_params * NF4_BYTES_PER_PARAM + (arch.params - arch.decoder_linear_params) * b
+    else:
+        weights = arch.params * b
+    trained = arch.params if w.mode == "full" else arch.lora_params
+    adapter = 0 if w.mode == "full" else arch.lora_params * 4
+    gradients = trained * (b if w.mode == "full" else 4)
+    optimizer = trained * ADAM_BYTES
+
+    seqs = _sequences(w)
+    tokens = seqs * w.seq_len
+    h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
+    per_token_layer = (5 * h + 2 * kv + 4 * i) * b  # attention block 4h+2kv(+out h), gated MLP 2h+4i
+    attention_probs = 0 if w.fused_attention else seqs * arch.heads * w.seq_len**2 * b
+    per_layer = tokens * per_token_layer + attention_probs
+    if w.checkpointing:
+        activations = tokens * h * b * arch.layers + per_layer
+    else:
+        activations = per_layer * arch.layers
+    logits = tokens * arch.vocab * LOGIT_BYTES_PER_ENTRY
+
+    out = {
+        "weights": weights / GB,
+        "adapter": adapter / GB,
+        "gradients": gradients / GB,
+        "optimizer": optimizer / GB,
+        "activations": activations / GB,
+        "logits": logits / GB,
+    }
+    if w.method in ("dpo", "grpo") and w.mode == "full" and (w.method == "dpo" or w.reference_model):
+        out["reference model"] = arch.params * b / GB
+    if w.method == "grpo":
+        kv_cache = w.micro_batch * w.seq_len * arch.layers * 2 * kv * b
+        out["generation kv cache"] = kv_cache / GB
+        if w.vllm_gpu_fraction and device == "gpu":
+            out["vllm"] = w.vllm_gpu_fraction * device_gb
+    out["runtime"] = RUNTIME_GB[device]
+    return {k: round(v, 4) for k, v in out.items() if v}
+
+
+def flops_per_token(arch: Architecture, w: Workload) -> float:
+    """Training FLOPs per processed token: the forward (2 per matmul parameter plus
+    attention), the backward (twice the forward, or once without weight gradients when only
+    an adapter trains), and a second forward under gradient checkpointing."""
+    forward = 2 * arch.matmul_params + 2 * arch.layers * w.seq_len * arch.hidden
+    backward = 2 * forward if w.mode == "full" else forward
+    recompute = forward if w.checkpointing else 0
+    total = forward + backward + recompute
+    if w.method == "dpo" or (w.method == "grpo" and w.reference_model):
+        total += forward  # the reference forward (with LoRA: the same model, adapter switched off)
+    return float(total)

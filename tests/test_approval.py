@@ -1,0 +1,145 @@
+"""Approval everywhere: automatic, paused for a typed answer (Python API, `flows.approve`,
+REST), a timeout, a terminal prompt or a fast failure without a server, a command-line
+pre-approval; all against a real local Prefect server started for the test session."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.approval import NotApproved, request_approval
+from tasks.rundir import runs_root
+from tasks.spec import Budget
+from tests.test_planning import _cost
+
+pytestmark = pytest.mark.slow
+BUDGET = Budget(max_usd=20, auto_approve_usd=1)
+
+
+def _gate(run_name: str, timeout_s: int = 60):
+    from prefect import flow
+
+    run_dir = runs_root() / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    @flow(name=f"gate-{run_name}")
+    def gate():
+        return request_approval(_cost(5), BUDGET, run_name, run_dir, timeout_s, poll_s=1)
+
+    return gate
+
+
+def _when_paused(action) -> threading.Thread:
+    """Run `action(flow_run_id)` once a flow run is paused."""
+
+    def run() -> None:
+        from prefect import get_client
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as client:
+                paused = [r for r in client.read_flow_runs() if r.state and r.state.is_paused()]
+            if paused:
+                action(paused[0].id)
+                return
+            time.sleep(0.5)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_the_pause_takes_a_typed_answer_from_the_python_api(prefect_server):
+    from prefect.flow_runs import resume_flow_run
+
+    _when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": True, "reason": "looks fine", "max_usd": 12}))
+    approval = _gate("api")()
+    assert approval.by == "user" and approval.reason == "looks fine" and approval.max_usd == 12
+
+    _when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": False, "reason": "too dear"}))
+    with pytest.raises(NotApproved, match="too dear"):
+        _gate("api-no")()
+
+
+def test_the_command_line_approves_by_run_name(prefect_server, capsys):
+    from flows.approve import main
+
+    results = []
+    _when_paused(lambda fid: results.append(main(["cli", "--reason", "go ahead"])))
+    approval = _gate("cli")()
+    assert results == [0] and approval.reason == "go ahead"
+    assert (runs_root() / "cli" / "approval.json").exists()
+    assert "approved: flow run" in capsys.readouterr().out
+
+    _when_paused(lambda fid: main(["cli-no", "--reject", "--reason", "not now"]))
+    with pytest.raises(NotApproved, match="not now"):
+        _gate("cli-no")()
+
+
+def test_the_rest_api_rejects_bad_input_and_accepts_good(prefect_server):
+    import httpx
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api.url
+    answers = []
+
+    def post(fid):
+        bad = httpx.post(f"{api}/flow_runs/{fid}/resume", json={"run_input": {"approve": "maybe not"}})
+        good = httpx.post(f"{api}/flow_runs/{fid}/resume", json={"run_input": {"approve": True, "reason": "via REST"}})
+        answers.append((bad.status_code, bad.json()["status"], good.status_code, good.json()["status"]))
+
+    _when_paused(post)
+    approval = _gate("rest")()
+    assert answers == [(200, "REJECT", 201, "ACCEPT")]  # an invalid answer is a 200 with REJECT
+    assert approval.reason == "via REST"
+
+
+def test_nobody_answering_stops_the_run_unapproved(prefect_server):
+    start = time.monotonic()
+    with pytest.raises(NotApproved, match="no approval within 3 s; the run was not started"):
+        _gate("silent", timeout_s=3)()
+    assert time.monotonic() - start < 30
+
+
+def test_without_a_server_a_terminal_is_asked_and_a_script_fails_fast(monkeypatch, tmp_path):
+    import tasks.approval as approval
+
+    monkeypatch.setattr(approval, "has_api_server", lambda: False)
+    with pytest.raises(NotApproved, match=r"--approve-up-to 7.50"):
+        request_approval(_cost(5), BUDGET, "batch", tmp_path, 60, interactive=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert request_approval(_cost(5), BUDGET, "tty", tmp_path, 60, interactive=True).by == "terminal"
+    monkeypatch.setattr("builtins.input", lambda prompt: "")
+    with pytest.raises(NotApproved, match="declined at the terminal"):
+        request_approval(_cost(5), BUDGET, "tty", tmp_path, 60, interactive=True)
+
+
+def test_a_command_line_pre_approval_covers_only_what_it_says(tmp_path):
+    ok = request_approval(_cost(5), BUDGET, "pre", tmp_path, 60, approve_up_to_usd=8)
+    assert ok.by == "command line" and "--approve-up-to" in ok.reason
+    with pytest.raises(NotApproved, match="above --approve-up-to"):
+        request_approval(_cost(5), BUDGET, "pre", tmp_path, 60, approve_up_to_usd=7)
+    assert request_approval(_cost(0.5), BUDGET, "pre", tmp_path, 60).by == "auto"
+
+
+def test_a_cloud_run_stops_after_approval_saying_submission_is_not_available(prefect_server):
+    from flows.sft import sft
+    from tasks.spec import parse_spec
+    from tests.conftest import EXAMPLES
+
+    spec = parse_spec(
+        {
+            "dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"),
+            "backend": "hf-jobs",
+            "name": "cloud-run",
+            "training": {"max_length": 128},
+            "outputs": {"gguf": []},
+        }
+    )
+    with pytest.raises(NotImplementedError, match="backend 'hf-jobs' cannot submit jobs yet"):
+        sft(spec=spec)
+    report = Path(runs_root() / "cloud-run" / "report.md").read_text()
+    assert "| approve | passed |" in report and "| submit_job | failed |" in report
