@@ -7,9 +7,8 @@ hours = start-up + (training tokens x FLOPs per token) / (peak FLOP/s x utilisat
   x batch), FLOPs per token from the memory model's architecture (tasks/memory.py);
 - the peak is the flavor's dense bf16 peak from the catalogue, or, on this machine, a
   matrix multiply measured on the spot;
-- utilisation: ASSUMED_GPU_UTILISATION on GPUs (typical for single-GPU fine-tuning with
-  TRL; not yet calibrated on a GPU here), CPU_UTILISATION on CPUs (calibrated by
-  benchmarks/calibrate.py against measured step times);
+- utilisation: UTILISATION, by device and by what is trained (assumed on GPUs,
+  calibrated on CPUs by benchmarks/calibrate.py against measured step times);
 - start-up: process start, model download and saving (cloud), stated separately.
 The range is RANGE_LOW..RANGE_HIGH times the estimate; USD is hours x the hourly price.
 """
@@ -24,27 +23,40 @@ from tasks.flavors import Flavor
 from tasks.memory import Architecture, Workload, flops_per_token
 from tasks.models import CostEstimate, DatasetReport
 
-ASSUMED_GPU_UTILISATION = 0.35
-CPU_UTILISATION = 0.25  # calibrated: benchmarks/results/calibration.md
+# Share of the peak a training step achieves, by what is trained. On GPUs an assumption
+# (typical single-GPU TRL runs; no GPU was available to calibrate); adapters run at a lower
+# share of their (smaller) FLOPs because of their many small extra operations, QLoRA lower
+# still for dequantizing weights. On CPUs calibrated: benchmarks/results/calibration.md.
+UTILISATION = {
+    "gpu": {"full": 0.35, "lora": 0.25, "qlora": 0.18},
+    "cpu": {"full": 0.44, "lora": 0.26, "qlora": 0.26},
+}
 GENERATION_UTILISATION = {"hf": 0.03, "vllm": 0.25}  # token-by-token decoding is memory-bound
 RANGE_LOW, RANGE_HIGH = 0.75, 1.5
+# Fixed cost of one micro-step (optimizer update, data collation, Python): calibrated on CPU,
+# where it dominates tiny models; an assumption on GPUs.
+STEP_OVERHEAD_S = {"cpu": 0.03, "gpu": 0.02}
 LOCAL_STARTUP_S = 8.0  # interpreter, library imports, tokenizing (measured on the tiny demo)
 CLOUD_STARTUP_S = 180.0  # scheduling and container start on a job runner
 DOWNLOAD_BYTES_PER_S = 100e6
 
 
 @lru_cache(maxsize=1)
-def measured_cpu_flops(size: int = 512, seconds: float = 0.3) -> float:
-    """Achieved float32 FLOP/s of this machine's CPU on a square matmul."""
+def measured_cpu_flops(size: int = 1024, trials: int = 3, seconds: float = 0.15) -> float:
+    """Achieved float32 FLOP/s of this machine's CPU on a square matmul: the best of a few
+    short trials, so a busy moment does not halve the estimate."""
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm-up
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        n += 1
-    return 2 * size**3 * n / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(trials):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
 
 
 @lru_cache(maxsize=1)
@@ -77,8 +89,19 @@ def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
     return int(rows * per_row)
 
 
-def estimate_for(arch: Architecture, w: Workload, tokens: int, flavor: Flavor, backend: str) -> CostEstimate:
-    utilisation = ASSUMED_GPU_UTILISATION if flavor.is_gpu else CPU_UTILISATION
+def training_steps(report: DatasetReport, args: dict[str, Any]) -> int:
+    """Optimizer micro-steps: max_steps x accumulation, or rows x epochs / micro-batch."""
+    batch = int(args.get("per_device_train_batch_size", 1))
+    max_steps = int(args.get("max_steps", -1) or -1)
+    if max_steps > 0:
+        return max_steps * int(args.get("gradient_accumulation_steps", 1))
+    return max(1, int(report.train_rows * float(args.get("num_train_epochs", 1)) / batch))
+
+
+def estimate_for(
+    arch: Architecture, w: Workload, tokens: int, flavor: Flavor, backend: str, steps: int = 0
+) -> CostEstimate:
+    utilisation = UTILISATION["gpu" if flavor.is_gpu else "cpu"][w.mode]
     peak = flavor.peak_tflops * 1e12
     if w.method == "grpo":
         # tokens counts prompts' tokens; each prompt gets num_generations completions
@@ -90,7 +113,7 @@ def estimate_for(arch: Architecture, w: Workload, tokens: int, flavor: Flavor, b
     else:
         train_tokens, gen_s = tokens, 0.0
     flops = train_tokens * flops_per_token(arch, w)
-    compute_s = flops / (peak * utilisation) + gen_s
+    compute_s = flops / (peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S["gpu" if flavor.is_gpu else "cpu"]
     if backend == "local":
         startup_s = LOCAL_STARTUP_S
     else:
@@ -101,6 +124,7 @@ def estimate_for(arch: Architecture, w: Workload, tokens: int, flavor: Flavor, b
         f"{int(train_tokens):,} training tokens x {flops_per_token(arch, w):.3g} FLOPs/token = {flops:.3g} FLOPs"
         + (f", plus {int(gen_tokens):,} generated tokens ({gen_s / 60:.1f} min)" if w.method == "grpo" else "")
         + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s at {utilisation:.0%} utilisation"
+        + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
         + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; ${price:.2f}/h"
     )
     return CostEstimate(
@@ -128,4 +152,4 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
     flavor = local_flavor() if spec.backend == "local" else load_catalogue(spec.flavors).get(plan.flavor)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     w = workload_for(spec, flavor, plan.mode, args, report)
-    return estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend)
+    return estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend, training_steps(report, args))

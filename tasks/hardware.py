@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tasks.cost import estimate_for, training_tokens
+from tasks.cost import estimate_for, training_steps, training_tokens
 from tasks.flavors import Catalogue, Flavor, load_catalogue
 from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
@@ -91,6 +91,7 @@ def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any]
         seq_len=max(seq_len, 1),
         checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
         fused_attention=on_gpu,
+        lora_dropout=spec.lora.dropout > 0,
         **extra,
     )
 
@@ -102,7 +103,7 @@ def _option(
     memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
     peak = sum(memory.values())
     usable = flavor.memory_gb * SAFETY_MARGIN
-    cost = estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend)
+    cost = estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend, training_steps(report, args))
     problems = []
     if peak > usable:
         problems.append(f"needs {peak:.1f} GB, has {usable:.1f} GB usable")

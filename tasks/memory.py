@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 GB = 1024**3
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantized absmax per 64-value block
 LOGIT_BYTES_PER_ENTRY = 12  # calibrated: float32 logits, their gradient, the loss's softmax
-RUNTIME_GB = {"gpu": 1.0, "cpu": 0.75}  # CUDA context + workspaces; on CPU, calibrated process baseline
+RUNTIME_GB = {"gpu": 1.0, "cpu": 0.55}  # CUDA context + workspaces; on CPU, calibrated process baseline
 ADAM_BYTES = 8
 
 
@@ -45,6 +45,9 @@ class Architecture:
     decoder_linear_params: int
     matmul_params: int  # every Linear's in x out, lm_head included even when tied
     lora_params: int
+    lora_in_features_per_layer: int  # summed inputs of the adapted linears in one layer
+    lora_out_features_per_layer: int  # summed outputs of the adapted linears in one layer
+    lora_linears_per_layer: int
 
     @classmethod
     def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "all-linear") -> Architecture:
@@ -55,7 +58,7 @@ class Architecture:
             model = AutoModelForCausalLM.from_config(config)
         output = model.get_output_embeddings()
         params = sum(p.numel() for p in model.parameters())
-        decoder_linear = matmul = lora = 0
+        decoder_linear = matmul = lora = lora_inputs = lora_outputs = lora_count = 0
         for name, module in model.named_modules():
             if not isinstance(module, torch.nn.Linear):
                 continue
@@ -67,6 +70,9 @@ class Architecture:
             leaf = name.rsplit(".", 1)[-1]
             if target_modules == "all-linear" or leaf in target_modules:
                 lora += lora_r * (module.in_features + module.out_features)
+                lora_inputs += module.in_features
+                lora_outputs += module.out_features
+                lora_count += 1
         text = getattr(config, "text_config", None) or config
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
@@ -82,6 +88,9 @@ class Architecture:
             decoder_linear_params=decoder_linear,
             matmul_params=matmul,
             lora_params=lora,
+            lora_in_features_per_layer=lora_inputs // max(int(text.num_hidden_layers), 1),
+            lora_out_features_per_layer=lora_outputs // max(int(text.num_hidden_layers), 1),
+            lora_linears_per_layer=lora_count // max(int(text.num_hidden_layers), 1),
         )
 
 
@@ -100,6 +109,7 @@ class Workload(BaseModel):
     seq_len: int = 1024
     checkpointing: bool = False
     fused_attention: bool = True
+    lora_dropout: bool = True  # PEFT keeps a dropped-out copy of each adapted layer's input
     # GRPO only
     num_generations: int = 8
     completion_len: int = 256
@@ -110,6 +120,11 @@ class Workload(BaseModel):
 def _sequences(w: Workload) -> int:
     """Sequences in one micro-step's forward/backward."""
     return 2 * w.micro_batch if w.method == "dpo" else w.micro_batch
+
+
+def lora_rank(arch: Architecture) -> int:
+    per_linear = arch.lora_in_features_per_layer + arch.lora_out_features_per_layer
+    return round(arch.lora_params / max(per_linear * arch.layers, 1))
 
 
 def memory_breakdown_gb(
@@ -129,7 +144,16 @@ def memory_breakdown_gb(
     tokens = seqs * w.seq_len
     h, i, kv = arch.hidden, arch.intermediate, arch.kv_dim
     per_token_layer = (5 * h + 2 * kv + 4 * i) * b  # attention block 4h+2kv(+out h), gated MLP 2h+4i
-    attention_probs = 0 if w.fused_attention else seqs * arch.heads * w.seq_len**2 * b
+    if w.mode != "full":
+        # per adapted linear PEFT keeps: the dropped-out input copy (when dropout > 0), the
+        # rank-r down-projection, the scaled up-projection and the sum with the base output
+        adapter_bytes = 4 if w.mode == "lora" and b == 4 else 2
+        values = 2 * arch.lora_out_features_per_layer + lora_rank(arch) * arch.lora_linears_per_layer
+        if w.lora_dropout:
+            values += arch.lora_in_features_per_layer
+        per_token_layer += values * adapter_bytes
+    # without a fused kernel, attention keeps its scores and probabilities (2 x heads x s^2)
+    attention_probs = 0 if w.fused_attention else 2 * seqs * arch.heads * w.seq_len**2 * b
     per_layer = tokens * per_token_layer + attention_probs
     if w.checkpointing:
         activations = tokens * h * b * arch.layers + per_layer
@@ -142,6 +166,7 @@ def memory_breakdown_gb(
         "adapter": adapter / GB,
         "gradients": gradients / GB,
         "optimizer": optimizer / GB,
+        "optimizer step": trained * 4 / GB,  # AdamW's multi-tensor update keeps one float32 temporary
         "activations": activations / GB,
         "logits": logits / GB,
     }

@@ -119,7 +119,9 @@ def test_qlora_weights_are_four_bit_and_dpo_adds_a_reference_only_without_lora()
     assert full_dpo["reference model"] == pytest.approx(8_030_261_248 * 2 / GB, abs=1e-3)
     assert "reference model" not in lora_dpo
     sft = memory_breakdown_gb(arch, Workload(method="sft", mode="lora"), "gpu", 141)
-    assert lora_dpo["activations"] == pytest.approx(2 * sft["activations"], rel=1e-6)  # chosen + rejected
+    assert lora_dpo["activations"] == pytest.approx(
+        2 * sft["activations"], abs=2e-4
+    )  # chosen + rejected (values rounded to 1e-4 GB)
 
 
 # --- the selection rule -----------------------------------------------------------------
@@ -151,7 +153,10 @@ def test_above_the_size_threshold_auto_switches_to_lora_and_to_qlora_when_needed
 def test_a_named_flavor_that_is_too_small_says_what_would_fit():
     with pytest.raises(HardwareError) as e:
         select_hardware(
-            _spec(backend="hf-jobs", hardware="t4-small", lora=False), _load("llama-3.1-8b"), _args(), _report()
+            _spec(backend="hf-jobs", hardware="t4-small", lora=False),
+            _load("llama-3.1-8b"),
+            _args(per_device_train_batch_size=1),
+            _report(),
         )
     msg = str(e.value)
     assert msg.startswith("the run fits on nothing: not on the chosen flavor 't4-small'")
