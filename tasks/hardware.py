@@ -222,6 +222,18 @@ def _plan(
     )
 
 
+def _cheapest_fit(
+    spec: RunSpec,
+    flavors: list[Flavor],
+    modes: list[Mode],
+    arch: Architecture,
+    args: dict[str, Any],
+    report: DatasetReport,
+) -> FlavorOption | None:
+    fits = [o for f in flavors for m in modes if (o := _option(spec, f, m, arch, args, report)[0]).fits]
+    return min(fits, key=lambda o: o.usd) if fits else None
+
+
 def _nothing_fits(
     spec: RunSpec,
     considered: list[FlavorOption],
@@ -242,42 +254,26 @@ def _nothing_fits(
         f"the run fits on {where}: the smallest need is {smallest.peak_memory_gb:.1f} GB ({smallest.mode} on "
         f"{smallest.flavor}: {smallest.why_not}). What would help:"
     ]
+    modes = [m for m, _ in _modes(spec, arch)]
     seq = int(args.get("max_length", 1024))
     for shorter in (seq // 2, seq // 4):
         if shorter < 64:
             break
-        trial = {**args, "max_length": shorter}
-        ok = [
-            o
-            for f in candidates
-            for mode, _ in _modes(spec, arch)
-            if (o := _option(spec, f, mode, arch, trial, report)[0]).fits
-        ]
-        if ok:
-            best = min(ok, key=lambda o: o.usd)
+        best = _cheapest_fit(spec, candidates, modes, arch, {**args, "max_length": shorter}, report)
+        if best:
             lines.append(f"- max_length {shorter} (rows longer are truncated) fits on {best.flavor} with {best.mode}")
             break
     if spec.lora.enabled is False:
         lines.append("- lora: auto (or true/qlora) trains an adapter and needs far less memory")
-    elif spec.lora.enabled is True:
-        ok = [o for f in candidates if (o := _option(spec, f, "qlora", arch, args, report)[0]).fits]
-        if ok:
-            best = min(ok, key=lambda o: o.usd)
-            lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about ${best.usd:.2f}")
+    elif spec.lora.enabled is True and (best := _cheapest_fit(spec, candidates, ["qlora"], arch, args, report)):
+        lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about ${best.usd:.2f}")
     if int(args.get("per_device_train_batch_size", 1)) > 1:
         lines.append("- per_device_train_batch_size 1 with gradient_accumulation_steps to keep the effective batch")
     if spec.backend == "local":
         lines.append("- backend: hf-jobs, to rent a GPU that fits")
     elif spec.hardware != "auto":
         others = [f for f in load_catalogue(spec.flavors).flavors.values() if f.count <= 1]
-        ok = [
-            o
-            for f in others
-            for mode, _ in _modes(spec, arch)
-            if (o := _option(spec, f, mode, arch, args, report)[0]).fits
-        ]
-        if ok:
-            best = min(ok, key=lambda o: o.usd)
+        if best := _cheapest_fit(spec, others, modes, arch, args, report):
             lines.append(f"- hardware: {best.flavor} ({best.mode}, about ${best.usd:.2f}), or hardware: auto")
     else:
         lines.append(f"- nothing bigger is listed: the biggest single-GPU flavor is {biggest.describe()}")

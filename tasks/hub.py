@@ -9,20 +9,22 @@ copying only files whose content changed, or to the Hub through huggingface_hub'
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from tasks.dataset_io import HUB_ID
+from tasks.gguf_smoke import sha256_file
 from tasks.models import GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
 from tasks.spec import RunSpec
 
 SECRET_BLOCK_ENV = "FINETUNE_HF_TOKEN_BLOCK"  # name of a Prefect Secret block holding the token
 DEFAULT_SECRET_BLOCK = "hf-token"
 RETRY_DELAYS_S = (2.0, 5.0, 15.0, 30.0)
+XET_HOSTS = {"huggingface.co", "hf.co"}
 
 
 class PublishError(RuntimeError):
@@ -58,14 +60,6 @@ def resolve_token() -> str | None:
 
 def scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _copy_into(src: Path, dst: Path) -> None:
@@ -107,7 +101,7 @@ def publish_to_folder(release: Path, target: Path) -> tuple[list[str], list[str]
     written = []
     for rel in sorted(wanted):
         src, dst = release / rel, target / rel
-        if dst.exists() and dst.stat().st_size == src.stat().st_size and _sha256(dst) == _sha256(src):
+        if dst.exists() and dst.stat().st_size == src.stat().st_size and sha256_file(dst) == sha256_file(src):
             continue
         _copy_into(src, dst)
         written.append(rel)
@@ -165,9 +159,15 @@ def publish_to_hub(
             f"no Hugging Face token to publish to '{repo_id}': set HF_TOKEN, or store a token with write "
             f"access in a Prefect Secret block named '{os.environ.get(SECRET_BLOCK_ENV, DEFAULT_SECRET_BLOCK)}'"
         )
+    import huggingface_hub.constants as hub_constants
     from huggingface_hub import HfApi
 
-    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
+    if endpoint and urlsplit(endpoint).hostname not in XET_HOSTS and os.environ.get("FINETUNE_HUB_XET") != "1":
+        # Another Hub-compatible server (a mirror, a stand-in): large files go by git-LFS,
+        # which every such server speaks, rather than Xet, which only huggingface.co is sure to.
+        hub_constants.HF_HUB_DISABLE_XET = True
+    api = HfApi(endpoint=endpoint, token=token)
     attempt = 0
     while True:
         try:

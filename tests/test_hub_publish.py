@@ -13,8 +13,8 @@ from tasks import hub
 from tasks.hub import PublishError, publish_to_hub
 from tests.hub_standin import HubStandin
 
-TOKEN = "hf_standinWRITEtoken0123456789abcdef"
-READ_ONLY = "hf_standinREADtoken0123456789abcdef"
+TOKEN = "test-write-token-for-the-standin"
+READ_ONLY = "test-read-token-for-the-standin"
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,9 @@ def standin():
 def hub_env(standin, monkeypatch, tmp_path):
     import huggingface_hub.constants as constants
 
-    # Xet is read per call from constants; the stand-in speaks the git-LFS protocol.
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    # publish_to_hub turns Xet off for any endpoint but huggingface.co (the stand-in speaks
+    # git-LFS); the original value is restored after each test.
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
     monkeypatch.setattr(hub, "RETRY_DELAYS_S", (0.1, 0.2, 0.3))
@@ -102,7 +103,7 @@ def test_a_persistent_outage_gives_up_with_a_clear_error(standin, tmp_path):
 
 def test_a_bad_token_and_a_read_only_token_say_what_is_missing(tmp_path):
     release = _release(tmp_path / "release", _weights(5))
-    bad = "hf_wrongTOKEN000000000000000000000000"
+    bad = "test-wrong-token-for-the-standin"
     with pytest.raises(PublishError, match=r"HTTP 401.*invalid or expired") as e:
         publish_to_hub(release, "me/denied", True, bad, "x")
     assert bad not in str(e.value)
