@@ -10,12 +10,16 @@ import os
 
 from prefect import serve
 
+from flows.dpo import dpo
 from flows.sft import sft
 
 
 def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    serve(sft.to_deployment(name="sft", tags=["finetune", "sft"]))
+    serve(
+        sft.to_deployment(name="sft", tags=["finetune", "sft"]),
+        dpo.to_deployment(name="dpo", tags=["finetune", "dpo"]),
+    )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     cost = stage(estimate_cost_task)(spec, model_path, hardware, report, args)
     on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
     args = device_arguments(args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16")
-    config = script_config(spec, run_name, model_path, hardware, args)
+    config = script_config(spec, method, run_name, model_path, hardware, args)
     script = stage(build_script_task)(method, config, run_dir)
     plan = RunPlan(
         run_name=run_name,

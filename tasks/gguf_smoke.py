@@ -176,6 +176,23 @@ def smoke_test(
     )
 
 
+def _render_rows(tokenizer: Any, rows: list[dict]) -> list[str]:
+    """Each row as the text the model was trained on (preference rows: prompt + chosen)."""
+    rendered = []
+    for row in rows:
+        if "messages" in row:
+            turns: Any = row["messages"]
+        elif "chosen" in row:
+            prompt = row.get("prompt", [] if isinstance(row["chosen"], list) else "")
+            turns = prompt + row["chosen"]
+        elif "completion" in row:
+            turns = row["prompt"] + row["completion"]
+        else:
+            turns = row.get("text", "")
+        rendered.append(tokenizer.apply_chat_template(turns, tokenize=False) if isinstance(turns, list) else turns)
+    return rendered
+
+
 def _sample_texts(tokenizer: Any, rows: list[dict]) -> list[str]:
     """Texts whose tokenization must match: rendered rows plus hard cases for tokenizers."""
     fixed = [
@@ -190,21 +207,15 @@ def _sample_texts(tokenizer: Any, rows: list[dict]) -> list[str]:
         "I'm sure they'll say we've done it, isn't it?",
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     ]
-    rendered = []
-    for row in rows:
-        if "messages" in row:
-            rendered.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
-        elif "prompt" in row and isinstance(row["prompt"], str):
-            rendered.append(row["prompt"] + row["completion"])
-        elif "text" in row:
-            rendered.append(row["text"])
-    return fixed + rendered
+    return fixed + _render_rows(tokenizer, rows)
 
 
 def _chat_prompt(rows: list[dict]) -> list[dict[str, str]]:
     for row in rows:
         if "messages" in row:
             return [m for m in row["messages"] if m["role"] != "assistant"][:2] or row["messages"][:1]
+        if isinstance(row.get("prompt"), list):
+            return row["prompt"]
         if isinstance(row.get("prompt"), str):
             return [{"role": "user", "content": row["prompt"]}]
     return [{"role": "user", "content": "Hello! Who are you?"}]
@@ -280,7 +291,7 @@ def _main(argv: list[str]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
     texts = _sample_texts(tokenizer, rows)
-    heldout = texts[len(texts) - len(rows) :]
+    heldout = _render_rows(tokenizer, rows)
     result = smoke_test(Path(path), quant, hf_model, tokenizer, texts, heldout, _chat_prompt(rows))
     Path(out).write_text(result.model_dump_json(indent=2))
 

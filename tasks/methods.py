@@ -24,6 +24,8 @@ class MethodDefinition(BaseModel):
     formats: dict[str, tuple[str, ...]]
     # defaults chosen for correctness on any hardware; the spec's `training` overrides them
     training_defaults: dict[str, Any]
+    # the Trackio metrics that show whether the method did what it claims
+    signal_metrics: tuple[str, ...] = ("train/loss", "train/mean_token_accuracy")
 
 
 _COMMON_DEFAULTS: dict[str, Any] = {
@@ -45,7 +47,7 @@ SFT = MethodDefinition(
     name="sft",
     trainer="SFTTrainer",
     config_class="SFTConfig",
-    template="sft.py",
+    template="train.py",
     formats={
         "messages": ("messages",),
         "prompt_completion": ("prompt", "completion"),
@@ -54,7 +56,21 @@ SFT = MethodDefinition(
     training_defaults=_COMMON_DEFAULTS,
 )
 
-METHODS: dict[str, MethodDefinition] = {"sft": SFT}
+DPO = MethodDefinition(
+    name="dpo",
+    trainer="DPOTrainer",
+    config_class="DPOConfig",
+    template="train.py",
+    formats={
+        "preference": ("prompt", "chosen", "rejected"),
+        # conversations that carry their prompt as a shared prefix of chosen and rejected
+        "implicit_preference": ("chosen", "rejected"),
+    },
+    training_defaults={**_COMMON_DEFAULTS, "learning_rate": 1e-5, "beta": 0.1, "loss_type": ["sigmoid"]},
+    signal_metrics=("train/rewards/margins", "train/rewards/accuracies"),
+)
+
+METHODS: dict[str, MethodDefinition] = {"sft": SFT, "dpo": DPO}
 
 
 def method_definition(method: str) -> MethodDefinition:

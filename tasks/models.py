@@ -34,7 +34,7 @@ class TokenStats(Frozen):
 class DatasetReport(Frozen):
     source: str
     split: str
-    format: Literal["messages", "prompt_completion", "text"]
+    format: Literal["messages", "prompt_completion", "text", "preference", "implicit_preference"]
     rows: int
     columns: list[str]
     column_mapping: dict[str, str]
@@ -143,6 +143,7 @@ class JobStatus(Frozen):
     steps: int
     max_steps: int | None
     losses: list[LossPoint]
+    first_metrics: dict[str, float] = Field(default_factory=dict)
     last_metrics: dict[str, float]
     cost_usd: float
 

@@ -27,6 +27,7 @@ class Progress(BaseModel):
     elapsed_s: float
     cost_usd: float
     losses: list[LossPoint]
+    first_metrics: dict[str, float]
     last_metrics: dict[str, float]
 
     @property
@@ -60,6 +61,11 @@ def losses_from(rows: list[dict[str, float]]) -> list[LossPoint]:
         for i, r in enumerate(rows)
         if "train/loss" in r
     ]
+
+
+def _training_rows(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Rows logged during training (the final summary row carries train_runtime instead)."""
+    return [r for r in rows if "train/loss" in r]
 
 
 def read_progress(run_dir: Path) -> dict:
@@ -99,7 +105,8 @@ def monitor_job(
             elapsed_s=elapsed,
             cost_usd=cost,
             losses=losses_from(rows),
-            last_metrics=rows[-1] if rows else {},
+            first_metrics=_training_rows(rows)[0] if _training_rows(rows) else {},
+            last_metrics=_training_rows(rows)[-1] if _training_rows(rows) else {},
         )
         if on_update and (step != last_step or state != "running"):
             on_update(progress)
@@ -131,6 +138,7 @@ def monitor_job(
         steps=progress.step,
         max_steps=progress.max_steps,
         losses=progress.losses,
+        first_metrics=progress.first_metrics,
         last_metrics=progress.last_metrics,
         cost_usd=round(cost, 4),
     )

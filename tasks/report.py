@@ -43,6 +43,20 @@ def plan_markdown(plan: RunPlan) -> str:
     return "\n".join(lines)
 
 
+def signal_lines(s: RunSummary) -> list[str]:
+    """The method's own signal, first logged value -> last (loss for SFT, margins for DPO)."""
+    from tasks.methods import method_definition
+
+    if s.job is None:
+        return []
+    lines = []
+    for name in method_definition(s.plan.method).signal_metrics:
+        if name in s.job.first_metrics and name in s.job.last_metrics:
+            short = name.removeprefix("train/")
+            lines.append(f"{short}: {s.job.first_metrics[name]:.4f} -> {s.job.last_metrics[name]:.4f}")
+    return lines
+
+
 def summary_markdown(s: RunSummary) -> str:
     p = s.plan
     lines = [f"# Run `{s.run_name}`", ""]
@@ -60,6 +74,7 @@ def summary_markdown(s: RunSummary) -> str:
             lines.append(
                 f"- loss: {j.losses[0].loss:.4f} at step {j.losses[0].step} -> {j.losses[-1].loss:.4f} at step {j.losses[-1].step}"
             )
+        lines += [f"- {line}" for line in signal_lines(s)]
     if s.approval:
         lines.append(
             f"- approval: {'approved' if s.approval.approved else 'declined'} by {s.approval.by} ({s.approval.reason})"
@@ -118,6 +133,7 @@ def summary_text(s: RunSummary) -> str:
         if s.job.losses:
             first, last = s.job.losses[0], s.job.losses[-1]
             out.append(f"  loss: {first.loss:.4f} (step {first.step}) -> {last.loss:.4f} (step {last.step})")
+        out += [f"  {line}" for line in signal_lines(s)]
     out.append("  stages:")
     for st in s.stages:
         detail = st.detail.splitlines()[0] if st.detail else ""

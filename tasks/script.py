@@ -35,7 +35,12 @@ def pinned_dependencies(qlora: bool = False) -> list[str]:
 
 
 def script_config(
-    spec: RunSpec, run_name: str, model_path: str, plan: HardwarePlan, training_args: dict[str, Any]
+    spec: RunSpec,
+    method: MethodDefinition,
+    run_name: str,
+    model_path: str,
+    plan: HardwarePlan,
+    training_args: dict[str, Any],
 ) -> dict[str, Any]:
     lora = None
     if plan.mode != "full":
@@ -46,6 +51,8 @@ def script_config(
             "target_modules": spec.lora.target_modules,
         }
     return {
+        "trainer": method.trainer,
+        "config_class": method.config_class,
         "model": model_path,
         "data": "data/train.jsonl",
         "split": spec.split,

@@ -173,8 +173,15 @@ class ProgressBarFor:
 
     def update(self, p: Progress) -> None:
         self.bar.update(p.percent)
+        extra = "".join(
+            f" {k.removeprefix('train/')} {p.last_metrics[k]:.4f}"
+            for k in ("train/rewards/margins", "train/rewards/accuracies")
+            if k in p.last_metrics
+        )
         for point in p.losses[self.logged :]:
-            _log(f"step {point.step}/{p.max_steps or '?'} loss {point.loss:.4f}")
+            _log(
+                f"step {point.step}/{p.max_steps or '?'} loss {point.loss:.4f}{extra if point is p.losses[-1] else ''}"
+            )
         self.logged = len(p.losses)
         if time.monotonic() - self.table_at > self.TABLE_EVERY_S:
             self._table(p.losses)

@@ -105,6 +105,95 @@ def _text_checks(what: str) -> list[pa.Check]:
     ]
 
 
+def _canonical(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, ensure_ascii=False) if not isinstance(v, str) else v.strip()
+
+
+def _sides_differ(df: pd.DataFrame) -> pd.Series:
+    return df["chosen"].map(_canonical) != df["rejected"].map(_canonical)
+
+
+def _same_kind(df: pd.DataFrame) -> pd.Series:
+    kinds = [df[c].map(lambda v: isinstance(v, list)) for c in df.columns]
+    return pd.concat(kinds, axis=1).nunique(axis=1) == 1
+
+
+def _shared_prefix(chosen: Any, rejected: Any) -> int:
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _implicit_prompt_ok(df: pd.DataFrame) -> pd.Series:
+    """Both sides are conversations sharing at least one leading turn (the prompt), then each
+    goes on with its own answer."""
+
+    def ok(row: pd.Series) -> bool:
+        c, r = row["chosen"], row["rejected"]
+        if not (_is_turn_list(c) and _is_turn_list(r)):
+            return False
+        n = _shared_prefix(c, r)
+        return 0 < n < min(len(c), len(r)) and c[-1]["role"] == r[-1]["role"] == "assistant"
+
+    return df.apply(ok, axis=1)
+
+
+def _conversation_order_ok(df: pd.DataFrame) -> pd.Series:
+    """prompt + each side, when given as turns, follow the chat role order."""
+
+    def ok(row: pd.Series) -> bool:
+        prompt = row["prompt"] if "prompt" in row and isinstance(row["prompt"], list) else []
+        for side in ("chosen", "rejected"):
+            turns = row[side]
+            if isinstance(turns, list) and _is_turn_list(turns) and not _role_order(prompt + turns):
+                return False
+        return True
+
+    return df.apply(ok, axis=1)
+
+
+def _preference_schema(fmt: str) -> pa.DataFrameSchema:
+    sides = {
+        side: pa.Column(
+            None,
+            nullable=False,
+            checks=_text_checks(side)
+            + [
+                pa.Check(
+                    _roles_known,
+                    element_wise=True,
+                    error=f"{side}: every turn's role must be one of {', '.join(ROLES)}",
+                ),
+                pa.Check(
+                    _turn_text_present, element_wise=True, error=f"{side}: every user and assistant turn needs text"
+                ),
+            ],
+        )
+        for side in ("chosen", "rejected")
+    }
+    if fmt == "preference":
+        sides = {"prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")), **sides}
+    checks = [
+        pa.Check(_sides_differ, error="chosen and rejected are identical: the pair teaches nothing"),
+        pa.Check(_same_kind, error="prompt, chosen and rejected must all be text or all be lists of turns"),
+        pa.Check(
+            _conversation_order_ok, error="prompt + answer turns break the role order [system], user, assistant, ..."
+        ),
+    ]
+    if fmt == "implicit_preference":
+        checks.append(
+            pa.Check(
+                _implicit_prompt_ok,
+                error="without a prompt column, chosen and rejected must be conversations that share their leading "
+                "turns (the prompt) and each end with a different assistant turn",
+            )
+        )
+    return pa.DataFrameSchema(sides, checks=checks, strict=False, coerce=False)
+
+
 def schema_for(fmt: str) -> pa.DataFrameSchema:
     """The pandera schema of one SFT dataset format (canonical column names).
 
@@ -117,6 +206,8 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
             "prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")),
             "completion": pa.Column(None, nullable=False, checks=_text_checks("completion")),
         }
+    elif fmt in ("preference", "implicit_preference"):
+        return _preference_schema(fmt)
     elif fmt == "text":
         columns = {
             "text": pa.Column(
@@ -163,18 +254,22 @@ def detect_format(df: pd.DataFrame, method: MethodDefinition) -> str:
     )
 
 
-def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str) -> str:
-    cases = err.failure_cases
+def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str, columns: list[str]) -> str:
+    cases = err.failure_cases.copy()
+    # A check across columns is reported once per column by pandera; report it once per row.
+    row_wide = cases["schema_context"] == "DataFrameSchema"
+    cases.loc[row_wide, "column"] = "columns " + "+".join(columns)
+    cases.loc[~row_wide, "column"] = "column '" + cases.loc[~row_wide, "column"].astype(str) + "'"
     found = []
-    for (column, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
+    for (where, check), group in cases.groupby(["column", "check"], sort=False, dropna=False):
         rows = sorted({int(i) for i in group["index"].dropna()})
-        reason = "must not be missing (null)" if check == "not_nullable" else str(check)
         if check == "column_in_dataframe":
             found.append((0, f"column '{group['failure_case'].iloc[0]}' is missing"))
             continue
+        reason = "must not be missing (null)" if check == "not_nullable" else str(check)
         shown = ", ".join(map(str, rows[:MAX_ROWS_SHOWN]))
         more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
-        found.append((rows[0] if rows else 0, f"column '{column}', rows {shown}{more}: {reason}"))
+        found.append((rows[0] if rows else 0, f"{where}, rows {shown}{more}: {reason}"))
     lines = [text for _, text in sorted(found)]  # in file order, so the first bad row comes first
     return (
         f"{source}: {len(set(cases['index'].dropna()))} bad row(s) for format '{fmt}' "
@@ -215,6 +310,16 @@ def _token_counter(tokenizer: Any, fmt: str) -> Callable[[dict], int]:
             return tokenizer.apply_chat_template(v, tokenize=False)
         return v
 
+    def ntok(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    if fmt in ("preference", "implicit_preference"):
+
+        def longest_side(row: dict) -> int:
+            prompt = row.get("prompt", [] if isinstance(row["chosen"], list) else "")
+            return max(ntok(render(prompt + row[side])) for side in ("chosen", "rejected"))
+
+        return longest_side
     if fmt == "messages":
         return lambda row: len(tokenizer(render(row["messages"]), add_special_tokens=False)["input_ids"])
     if fmt == "prompt_completion":
@@ -224,9 +329,18 @@ def _token_counter(tokenizer: Any, fmt: str) -> Callable[[dict], int]:
     return lambda row: len(tokenizer(row["text"], add_special_tokens=False)["input_ids"])
 
 
+def prompt_tokens(tokenizer: Any, row: dict) -> int:
+    """Tokens of a preference row's prompt (explicit, or the shared prefix of both sides)."""
+    prompt = row.get("prompt")
+    if prompt is None:
+        prompt = row["chosen"][: _shared_prefix(row["chosen"], row["rejected"])]
+    text = tokenizer.apply_chat_template(prompt, tokenize=False) if isinstance(prompt, list) else prompt
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def _empty_turns(row: dict, fmt: str) -> int:
     turns = []
-    for col in ("messages", "prompt", "completion"):
+    for col in ("messages", "prompt", "completion", "chosen", "rejected"):
         if isinstance(row.get(col), list):
             turns.extend(row[col])
     return sum(1 for t in turns if not str(t.get("content") or "").strip())
@@ -253,9 +367,18 @@ def validate_dataset(
     try:
         schema_for(fmt).validate(df, lazy=True)
     except pa.errors.SchemaErrors as e:
-        raise DatasetValidationError(_format_failures(e, source, fmt)) from None
+        raise DatasetValidationError(_format_failures(e, source, fmt, needed)) from None
 
     records = df.to_dict(orient="records")
+    if fmt in ("preference", "implicit_preference"):
+        too_long = [i for i, r in zip(df.index, records, strict=True) if prompt_tokens(tokenizer, r) >= max_length]
+        if too_long:
+            shown = ", ".join(map(str, too_long[:MAX_ROWS_SHOWN]))
+            raise DatasetValidationError(
+                f"{source}: rows {shown}{' and more' if len(too_long) > MAX_ROWS_SHOWN else ''}: the prompt alone "
+                f"fills max_length={max_length} tokens, so nothing of either answer would be trained; shorten the "
+                "prompts or raise training.max_length"
+            )
     count = _token_counter(tokenizer, fmt)
     sample = records[:MAX_TOKENIZED_ROWS]
     lengths = [count(r) for r in sample]
@@ -270,7 +393,8 @@ def validate_dataset(
     if dropped:
         warnings.append(f"columns not used by {fmt} and left out: {', '.join(dropped)}")
     if over:
-        warnings.append(f"{over} row(s) exceed max_length={max_length} tokens and will be truncated")
+        what = "have a side that exceeds" if fmt.endswith("preference") else "exceed"
+        warnings.append(f"{over} row(s) {what} max_length={max_length} tokens and will be truncated")
     if duplicates:
         warnings.append(f"{duplicates} duplicate row(s)")
     if empty_turns:

@@ -58,6 +58,24 @@ def sft_prompt_completion_rows(n: int = 400, seed: int = SEED + 1) -> list[dict]
     return [{"prompt": f"Add {a} and {b}.", "completion": f" The sum is {a + b}."} for a, b in _operands(rng, n)]
 
 
+def dpo_pair_rows(n: int = 300, seed: int = SEED + 2) -> list[dict]:
+    """Preference pairs: the crisp `a + b = c` answer is chosen over a hedging, wrong one.
+    A style the tiny model can pick up in a few dozen DPO steps (margin and accuracy rise)."""
+    rng = random.Random(seed)
+    hedges = ["I am not sure, maybe {w}.", "Hard to say. Perhaps {w}?", "I think it is {w}, but I cannot check."]
+    rows = []
+    for a, b in _operands(rng, n):
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}"}],
+                "rejected": [{"role": "assistant", "content": rng.choice(hedges).format(w=wrong)}],
+            }
+        )
+    return rows
+
+
 def tokenizer_corpus() -> list[str]:
     """The text the tiny tokenizer is trained on: the shipped examples plus general prose."""
     lines = GENERAL_TEXT.splitlines()
@@ -79,6 +97,7 @@ def write_examples(out_dir: Path = EXAMPLES_DIR) -> list[Path]:
     files = {
         "sft_chat.jsonl": sft_chat_rows(),
         "sft_prompt_completion.jsonl": sft_prompt_completion_rows(),
+        "dpo_pairs.jsonl": dpo_pair_rows(),
     }
     written = []
     for name, rows in files.items():
