@@ -25,7 +25,8 @@ class MethodDefinition(BaseModel):
     # defaults chosen for correctness on any hardware; the spec's `training` overrides them
     training_defaults: dict[str, Any]
     # the Trackio metrics that show whether the method did what it claims
-    signal_metrics: tuple[str, ...] = ("train/loss", "train/mean_token_accuracy")
+    # (the loss is always reported; these come beside it)
+    signal_metrics: tuple[str, ...] = ("train/mean_token_accuracy",)
 
 
 _COMMON_DEFAULTS: dict[str, Any] = {
