@@ -11,6 +11,7 @@ import os
 from prefect import serve
 
 from flows.dpo import dpo
+from flows.grpo import grpo
 from flows.sft import sft
 
 
@@ -19,6 +20,7 @@ def main() -> None:
     serve(
         sft.to_deployment(name="sft", tags=["finetune", "sft"]),
         dpo.to_deployment(name="dpo", tags=["finetune", "dpo"]),
+        grpo.to_deployment(name="grpo", tags=["finetune", "grpo"]),
     )
 
 

@@ -23,6 +23,7 @@ from tasks.script import script_config
 from tasks.spec import RunSpec, SpecError
 from tasks.stages import (
     build_script_task,
+    check_rewards_task,
     convert_gguf_task,
     estimate_cost_task,
     fetch_artifacts_task,
@@ -69,14 +70,25 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     model_path = resolve_model(spec.model)
     args = base_arguments(method, spec.training)
     report = stage(validate_dataset_task)(
-        spec.dataset, method, model_path, int(args["max_length"]), run_dir / "data", spec.split, dict(spec.columns)
+        spec.dataset,
+        method,
+        model_path,
+        int(args.get("max_length", 1024)),
+        run_dir / "data",
+        spec.split,
+        dict(spec.columns),
     )
+    rewards = stage(check_rewards_task)(spec.rewards, report) if spec.method == "grpo" else []
     hardware = stage(select_hardware_task)(spec, model_path, args, report)
     check_quant_types(config_row_sizes(load_config(model_path)), list(spec.outputs.gguf))
     cost = stage(estimate_cost_task)(spec, model_path, hardware, report, args)
     on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
     args = device_arguments(args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16")
+    if args.get("use_vllm") and not on_gpu:
+        raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
     config = script_config(spec, method, run_name, model_path, hardware, args)
+    if rewards:
+        config["rewards"] = [r.model_dump() for r in rewards]
     script = stage(build_script_task)(method, config, run_dir)
     plan = RunPlan(
         run_name=run_name,
@@ -204,3 +216,23 @@ def run_lifecycle(
 
 def plan_json(plan: RunPlan) -> str:
     return json.dumps(plan.model_dump(mode="json"), indent=2)
+
+
+def lifecycle_flow(method: str, description: str) -> Any:
+    """The Prefect flow of one method: the same lifecycle, named for the method, with the
+    run spec as a typed parameter (a form in the Prefect UI)."""
+    from prefect import flow
+
+    @flow(name=method, log_prints=True, description=description)
+    def lifecycle(
+        spec: RunSpec, dry_run: bool = False, approval_timeout_s: int = 3600, approve_up_to_usd: float | None = None
+    ) -> RunSummary:
+        """Above the spec's auto_approve_usd the run pauses for approval (at most
+        approval_timeout_s); approve_up_to_usd pre-approves any estimate up to that amount."""
+        if spec.method != method:
+            raise ValueError(f"the {method} flow got a {spec.method} spec; use python -m flows.{spec.method}")
+        return run_lifecycle(
+            spec, dry_run=dry_run, approval_timeout_s=approval_timeout_s, approve_up_to_usd=approve_up_to_usd
+        )
+
+    return lifecycle

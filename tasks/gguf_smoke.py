@@ -187,6 +187,8 @@ def _render_rows(tokenizer: Any, rows: list[dict]) -> list[str]:
             turns = prompt + row["chosen"]
         elif "completion" in row:
             turns = row["prompt"] + row["completion"]
+        elif "prompt" in row:  # prompt-only (GRPO) rows
+            turns = row["prompt"]
         else:
             turns = row.get("text", "")
         rendered.append(tokenizer.apply_chat_template(turns, tokenize=False) if isinstance(turns, list) else turns)

@@ -24,6 +24,8 @@ class MethodDefinition(BaseModel):
     formats: dict[str, tuple[str, ...]]
     # defaults chosen for correctness on any hardware; the spec's `training` overrides them
     training_defaults: dict[str, Any]
+    # keep dataset columns beyond the format's own (GRPO rewards read them)
+    keep_extra_columns: bool = False
     # the Trackio metrics that show whether the method did what it claims
     # (the loss is always reported; these come beside it)
     signal_metrics: tuple[str, ...] = ("train/mean_token_accuracy",)
@@ -71,7 +73,27 @@ DPO = MethodDefinition(
     signal_metrics=("train/rewards/margins", "train/rewards/accuracies"),
 )
 
-METHODS: dict[str, MethodDefinition] = {"sft": SFT, "dpo": DPO}
+GRPO = MethodDefinition(
+    name="grpo",
+    trainer="GRPOTrainer",
+    config_class="GRPOConfig",
+    template="train.py",
+    # prompts only; every other column (answer, tests, ...) is kept for the reward functions
+    formats={"prompt_only": ("prompt",)},
+    keep_extra_columns=True,
+    training_defaults={
+        **{k: v for k, v in _COMMON_DEFAULTS.items() if k != "max_length"},  # GRPOConfig has no max_length
+        "learning_rate": 1e-5,
+        "num_generations": 8,
+        "max_completion_length": 256,
+        "beta": 0.0,
+        "temperature": 1.0,
+        "use_vllm": False,
+    },
+    signal_metrics=("train/reward",),
+)
+
+METHODS: dict[str, MethodDefinition] = {"sft": SFT, "dpo": DPO, "grpo": GRPO}
 
 
 def method_definition(method: str) -> MethodDefinition:

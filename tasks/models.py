@@ -34,7 +34,7 @@ class TokenStats(Frozen):
 class DatasetReport(Frozen):
     source: str
     split: str
-    format: Literal["messages", "prompt_completion", "text", "preference", "implicit_preference"]
+    format: Literal["messages", "prompt_completion", "text", "preference", "implicit_preference", "prompt_only"]
     rows: int
     columns: list[str]
     column_mapping: dict[str, str]

@@ -37,6 +37,7 @@ from tasks.models import (
     TrainingScript,
 )
 from tasks.monitor import Progress, monitor_job
+from tasks.rewards import RewardSource
 from tasks.script import build_script
 from tasks.spec import Outputs, RunSpec
 from tasks.validate import validate_dataset
@@ -71,6 +72,20 @@ def validate_dataset_task(
     report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns)
     _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row")
     return report
+
+
+@task(name="check_rewards", cache_policy=NO_CACHE)
+def check_rewards_task(names: list[str], report: DatasetReport) -> list[RewardSource]:
+    """GRPO: resolve the spec's reward functions and call each on real rows before any spend."""
+    import json
+
+    from tasks.rewards import check_rewards, resolve_rewards
+
+    rewards = resolve_rewards(names)
+    rows = [json.loads(line) for line in Path(report.prepared_path).read_text().splitlines()[:4] if line.strip()]
+    check_rewards(rewards, rows)
+    _log(f"rewards ok: {', '.join(src.name for _, src in rewards)}")
+    return [src for _, src in rewards]
 
 
 @task(name="select_hardware", cache_policy=NO_CACHE)

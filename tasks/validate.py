@@ -208,6 +208,24 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
         }
     elif fmt in ("preference", "implicit_preference"):
         return _preference_schema(fmt)
+    elif fmt == "prompt_only":
+        columns = {
+            "prompt": pa.Column(
+                None,
+                nullable=False,
+                checks=[
+                    *_text_checks("prompt"),
+                    pa.Check(
+                        _roles_known, element_wise=True, error=f"every turn's role must be one of {', '.join(ROLES)}"
+                    ),
+                    pa.Check(
+                        lambda v: not isinstance(v, list) or not _is_turn_list(v) or v[-1]["role"] == "user",
+                        element_wise=True,
+                        error="a conversational prompt must end with a user turn (the model answers it)",
+                    ),
+                ],
+            )
+        }
     elif fmt == "text":
         columns = {
             "text": pa.Column(
@@ -320,6 +338,8 @@ def _token_counter(tokenizer: Any, fmt: str) -> Callable[[dict], int]:
             return max(ntok(render(prompt + row[side])) for side in ("chosen", "rejected"))
 
         return longest_side
+    if fmt == "prompt_only":
+        return lambda row: ntok(render(row["prompt"]))
     if fmt == "messages":
         return lambda row: len(tokenizer(render(row["messages"]), add_special_tokens=False)["input_ids"])
     if fmt == "prompt_completion":
@@ -362,8 +382,9 @@ def validate_dataset(
     df = apply_mapping(df, columns or {}, method)
     fmt = detect_format(df, method)
     needed = list(method.formats[fmt])
-    dropped = [str(c) for c in df.columns if c not in needed]
-    df = df[needed].map(_plain)
+    dropped = [] if method.keep_extra_columns else [str(c) for c in df.columns if c not in needed]
+    kept = needed + ([str(c) for c in df.columns if c not in needed] if method.keep_extra_columns else [])
+    df = df[kept].map(_plain)
     try:
         schema_for(fmt).validate(df, lazy=True)
     except pa.errors.SchemaErrors as e:

@@ -76,6 +76,14 @@ def dpo_pair_rows(n: int = 300, seed: int = SEED + 2) -> list[dict]:
     return rows
 
 
+def grpo_prompt_rows(seed: int = SEED + 3) -> list[dict]:
+    """Every single-digit addition as a prompt with its `answer`, for verifiable rewards."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10) for b in range(10)]
+    rng.shuffle(pairs)
+    return [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)} for a, b in pairs]
+
+
 def tokenizer_corpus() -> list[str]:
     """The text the tiny tokenizer is trained on: the shipped examples plus general prose."""
     lines = GENERAL_TEXT.splitlines()
@@ -98,6 +106,7 @@ def write_examples(out_dir: Path = EXAMPLES_DIR) -> list[Path]:
         "sft_chat.jsonl": sft_chat_rows(),
         "sft_prompt_completion.jsonl": sft_prompt_completion_rows(),
         "dpo_pairs.jsonl": dpo_pair_rows(),
+        "grpo_prompts.jsonl": grpo_prompt_rows(),
     }
     written = []
     for name, rows in files.items():

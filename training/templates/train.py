@@ -128,10 +128,19 @@ def main() -> int:
         def on_train_end(self, args, state, control, **kwargs):
             self._write(state, done=True)
 
+    extra = {}
+    if CONFIG.get("rewards"):  # GRPO: the reward functions' source travels inside this script
+        reward_funcs = []
+        for reward in CONFIG["rewards"]:
+            namespace = {"__name__": f"reward_{reward['function']}"}
+            exec(compile(reward["source"], reward["filename"], "exec"), namespace)
+            reward_funcs.append(namespace[reward["function"]])
+        extra["reward_funcs"] = reward_funcs
     # DPO with an adapter needs no second model: the reference is the base with the adapter off.
     trainer = Trainer(
         model=model,
         args=trainer_config,
+        **extra,
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,

@@ -1,0 +1,69 @@
+"""GRPO through the shared pipeline: prompts keep their reward columns, rewards are checked
+before any spend and travel inside the script, and the run logs its reward."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.grpo import grpo
+from tasks.methods import GRPO
+from tasks.rewards import RewardError
+from tasks.rundir import runs_root
+from tasks.spec import load_spec
+from tasks.validate import DatasetValidationError, validate_dataset
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.slow
+SPEC = EXAMPLES / "grpo-tiny.yaml"
+
+
+def test_prompt_rows_keep_their_reward_columns_and_bad_prompts_are_named(tiny_tokenizer, tmp_path):
+    report = validate_dataset(str(EXAMPLES / "data" / "grpo_prompts.jsonl"), GRPO, tiny_tokenizer, 64, tmp_path)
+    assert report.format == "prompt_only" and report.rows == 100
+    first = json.loads(Path(report.prepared_path).read_text().splitlines()[0])
+    assert set(first) == {"prompt", "answer"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps(
+            {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}], "answer": "1"}
+        )
+        + "\n"
+        + json.dumps({"prompt": "", "answer": "2"})
+        + "\n"
+    )
+    with pytest.raises(DatasetValidationError) as e:
+        validate_dataset(str(bad), GRPO, tiny_tokenizer, 64, tmp_path / "b")
+    assert "rows 1: a conversational prompt must end with a user turn" in str(e.value)
+    assert "rows 2: prompt must not be empty" in str(e.value)
+
+
+def test_a_user_reward_that_raises_stops_the_run_before_submission(prefect_server, tmp_path):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def strict(completions, solution, **kw):\n    return [1.0] * len(completions)\n")
+    spec = load_spec(SPEC, {"name": "grpo-bad-reward", "model": "tiny", "rewards": [f"{rewards}:strict"]})
+    with pytest.raises(RewardError, match=r"strict' raised TypeError: .*solution"):
+        grpo(spec=spec)
+    assert not (runs_root() / "grpo-bad-reward" / "job.json").exists()
+
+
+def test_grpo_runs_the_lifecycle_with_rewards_inside_the_script(prefect_server, tmp_path):
+    spec = load_spec(
+        SPEC,
+        {
+            "name": "grpo-test",
+            "model": "tiny",
+            "outputs": {"hub_repo": str(tmp_path / "pub")},
+            "training": {"max_steps": 20},
+        },
+    )
+    summary = grpo(spec=spec)
+    assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
+    script = Path(summary.plan.script.path).read_text()
+    assert "'trainer': 'GRPOTrainer'" in script and "def exact_answer(completions, answer" in script
+    assert "from training" not in script and "import training" not in script
+    last = summary.job.last_metrics
+    assert "train/reward" in last and "train/rewards/exact_answer/mean" in last
+    assert 0.0 <= last["train/rewards/exact_answer/mean"] <= 1.0
