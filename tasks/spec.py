@@ -166,4 +166,14 @@ def load_spec(
             candidate = (path.parent / ds).resolve()
             if candidate.exists():
                 data["dataset"] = str(candidate)
+        rewards = data.get("rewards")
+        if isinstance(rewards, list):  # reward files, like the dataset, may be relative to the spec
+            resolved = []
+            for r in rewards:
+                file, sep, fn = str(r).rpartition(":")
+                if sep and file.endswith(".py") and not Path(file).is_absolute() and not Path(file).exists():
+                    candidate = (path.parent / file).resolve()
+                    r = f"{candidate}:{fn}" if candidate.exists() else r
+                resolved.append(r)
+            data["rewards"] = resolved
     return parse_spec(data, source=str(path))

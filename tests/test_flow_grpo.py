@@ -49,21 +49,27 @@ def test_a_user_reward_that_raises_stops_the_run_before_submission(prefect_serve
     assert not (runs_root() / "grpo-bad-reward" / "job.json").exists()
 
 
-def test_grpo_runs_the_lifecycle_with_rewards_inside_the_script(prefect_server, tmp_path):
+def test_sft_then_grpo_raises_the_mean_reward(prefect_server, tmp_path):
+    from flows.sft import sft
+    from tasks.monitor import read_trackio_metrics
+
+    warm = sft(
+        spec=load_spec(
+            EXAMPLES / "sft-warmup-tiny.yaml", {"name": "warmup-test", "outputs": {"hub_repo": str(tmp_path / "warm")}}
+        )
+    )
+    assert warm.error is None
     spec = load_spec(
-        SPEC,
-        {
-            "name": "grpo-test",
-            "model": "tiny",
-            "outputs": {"hub_repo": str(tmp_path / "pub")},
-            "training": {"max_steps": 20},
-        },
+        SPEC, {"name": "grpo-test", "model": str(tmp_path / "warm"), "outputs": {"hub_repo": str(tmp_path / "pub")}}
     )
     summary = grpo(spec=spec)
     assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
     script = Path(summary.plan.script.path).read_text()
     assert "'trainer': 'GRPOTrainer'" in script and "def exact_answer(completions, answer" in script
     assert "from training" not in script and "import training" not in script
-    last = summary.job.last_metrics
-    assert "train/reward" in last and "train/rewards/exact_answer/mean" in last
-    assert 0.0 <= last["train/rewards/exact_answer/mean"] <= 1.0
+    rows = read_trackio_metrics(Path(summary.run_dir) / "trackio", "grpo-test", "grpo-test")
+    logged = [r for r in rows if "train/reward" in r]
+    rewards = [r["train/reward"] for r in logged]
+    assert len(rewards) >= 10 and "train/rewards/exact_answer/mean" in logged[-1]
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert end > start + 0.2, rewards  # measured here: 0.06 -> 0.54 (a learning-rate-0 control stays at 0.04-0.08)

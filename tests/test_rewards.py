@@ -76,3 +76,14 @@ def test_unusable_rewards_fail_before_any_spend(tmp_path):
     with pytest.raises(RewardError, match="has no function 'missing'"):
         resolve_rewards([f"{user}:missing"])
     assert Path(user).exists()
+
+
+def test_reward_files_are_found_next_to_the_spec(tmp_path):
+    from tasks.spec import load_spec
+
+    (tmp_path / "my_rewards.py").write_text("def brevity(completions, **kw):\n    return [0.0] * len(completions)\n")
+    (tmp_path / "run.yaml").write_text(
+        "method: grpo\ndataset: x.jsonl\nrewards: [exact_answer, my_rewards.py:brevity]\n"
+    )
+    spec = load_spec(tmp_path / "run.yaml")
+    assert spec.rewards == ["exact_answer", f"{tmp_path / 'my_rewards.py'}:brevity"]
