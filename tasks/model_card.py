@@ -14,6 +14,7 @@ import yaml
 
 from tasks.dataset_io import HUB_ID
 from tasks.models import GgufFiles, JobResult, JobStatus, RunPlan
+from tasks.report import gguf_cells
 from tasks.spec import RunSpec
 
 # Ollama's defaults for a ChatML model; the stop tokens come from the tokenizer itself.
@@ -124,9 +125,7 @@ def _gguf_table(gguf: GgufFiles) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for f in gguf.files:
-        ppl = f"{f.perplexity:.3f} ({f.hf_perplexity:.3f})" if f.perplexity and f.hf_perplexity else "-"
-        agree = f"{f.top1_agreement:.1%}" if f.top1_agreement is not None else "-"
-        tps = f"{f.generation_tokens_per_s:.0f}" if f.generation_tokens_per_s else "-"
+        ppl, agree, tps = gguf_cells(f)
         lines.append(
             f"| `{Path(f.path).name}` | {f.quant} | {f.size_mb:.1f} MB | {ppl} | {agree} | "
             f"{f.tokenization_matches}/{f.tokenization_checked} identical | {tps} |"

@@ -97,6 +97,7 @@ def monitor_job(
         elapsed = time.monotonic() - start
         cost = elapsed / 3600 * price_per_hour_usd
         rows = read_trackio_metrics(run_dir / "trackio", run_name, run_name)
+        training = _training_rows(rows)
         progress_file = read_progress(run_dir)
         step = int(progress_file.get("step", 0))
         progress = Progress(
@@ -105,8 +106,8 @@ def monitor_job(
             elapsed_s=elapsed,
             cost_usd=cost,
             losses=losses_from(rows),
-            first_metrics=_training_rows(rows)[0] if _training_rows(rows) else {},
-            last_metrics=_training_rows(rows)[-1] if _training_rows(rows) else {},
+            first_metrics=training[0] if training else {},
+            last_metrics=training[-1] if training else {},
         )
         if on_update and (step != last_step or state != "running"):
             on_update(progress)

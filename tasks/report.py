@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.models import RunPlan, RunSummary
+from tasks.models import GgufFile, RunPlan, RunSummary
 
 
 def _gb(x: float) -> str:
@@ -100,12 +100,18 @@ def summary_markdown(s: RunSummary) -> str:
     return "\n".join(lines)
 
 
+def gguf_cells(f: GgufFile) -> tuple[str, str, str]:
+    """Perplexity (HF model's in brackets), top-1 agreement and tokens/s of one smoke-tested file."""
+    ppl = f"{f.perplexity:.3f} ({f.hf_perplexity:.3f})" if f.perplexity and f.hf_perplexity else "-"
+    agree = f"{f.top1_agreement:.1%}" if f.top1_agreement is not None else "-"
+    tps = f"{f.generation_tokens_per_s:.0f}" if f.generation_tokens_per_s else "-"
+    return ppl, agree, tps
+
+
 def gguf_rows(s: RunSummary) -> list[tuple[str, ...]]:
     rows = []
     for f in s.gguf.files if s.gguf else []:
-        ppl = f"{f.perplexity:.3f} ({f.hf_perplexity:.3f})" if f.perplexity and f.hf_perplexity else "-"
-        agree = f"{f.top1_agreement:.1%}" if f.top1_agreement is not None else "-"
-        tps = f"{f.generation_tokens_per_s:.0f}" if f.generation_tokens_per_s else "-"
+        ppl, agree, tps = gguf_cells(f)
         rows.append(
             (
                 f.quant,
