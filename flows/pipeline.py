@@ -14,15 +14,20 @@ from typing import Any
 from tasks import artifacts
 from tasks.approval import request_approval
 from tasks.gguf import check_quant_types, config_row_sizes
+from tasks.hub import publish_target
 from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
 from tasks.model_source import load_config, resolve_model
-from tasks.models import RunPlan, RunSummary, StageOutcome
+from tasks.models import Approval, CostEstimate, JobStatus, RunPlan, RunSummary, StageOutcome, TrainingScript
 from tasks.report import plan_markdown, summary_markdown
+from tasks.run.backends import JobRequest, get_backend
+from tasks.run.monitor import Guard
+from tasks.run.resubmit import safer_training
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
 from tasks.spec import RunSpec, SpecError
 from tasks.stages import (
     build_script_task,
+    check_account_task,
     check_rewards_task,
     convert_gguf_task,
     estimate_cost_task,
@@ -37,7 +42,16 @@ from tasks.stages import (
 
 SECRET_LIKE = ("token", "password", "secret", "api_key")
 PLAN_STAGES = ("validate_dataset", "select_hardware", "estimate_cost", "build_script")
-RUN_STAGES = ("approve", "submit_job", "monitor", "fetch_artifacts", "convert_gguf", "smoke_test_gguf", "push_to_hub")
+RUN_STAGES = (
+    "check_account",
+    "approve",
+    "submit_job",
+    "monitor",
+    "fetch_artifacts",
+    "convert_gguf",
+    "smoke_test_gguf",
+    "push_to_hub",
+)
 
 
 def _check_training_keys(spec: RunSpec) -> None:
@@ -86,10 +100,22 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     args = device_arguments(args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16")
     if args.get("use_vllm") and not on_gpu:
         raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
-    config = script_config(spec, method, run_name, model_path, hardware, args)
+    backend = get_backend(spec.backend)
+    config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args)
+    if spec.outputs.hub_repo and publish_target(spec.outputs.hub_repo)[0] == "hub" and not backend.on_this_machine:
+        config["push_model_to"] = spec.outputs.hub_repo  # the job pushes the trained model there itself
+        config["private"] = spec.outputs.private
     if rewards:
         config["rewards"] = [r.model_dump() for r in rewards]
     script = stage(build_script_task)(method, config, run_dir)
+    inputs = backend.planned_inputs(run_dir, model_path)
+    if inputs is not None:
+        cost = cost.model_copy(
+            update={
+                "upload_s": inputs.seconds,
+                "basis": cost.basis + f"; upload of inputs ~{inputs.seconds:.0f} s first",
+            }
+        )
     plan = RunPlan(
         run_name=run_name,
         run_dir=str(run_dir),
@@ -100,6 +126,8 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         hardware=hardware,
         cost=cost,
         script=script,
+        inputs=inputs,
+        trackio={"project": run_name, "run": run_name, "dir": str(run_dir / "trackio")},
     )
     (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
     return plan
@@ -164,7 +192,7 @@ def run_lifecycle(
     dry_run: bool = False,
     approval_timeout_s: int = 3600,
     approve_up_to_usd: float | None = None,
-    poll_s: float = 1.0,
+    poll_s: float | None = None,
 ) -> RunSummary:
     """The whole lifecycle inside a flow run. Failures after planning still write the
     report (every stage with its status) before the error propagates."""
@@ -177,17 +205,46 @@ def run_lifecycle(
         return finish(plan, stages, fields, None)
 
     run_dir = Path(plan.run_dir)
-    current = "approve"
+    backend = get_backend(spec.backend)
+    current = "check_account"
     try:
+        account = check_account_task(spec.backend, plan.hardware.flavor)
+        cost = repriced(plan.cost, account.price_per_hour_usd)
+        stages.append(StageOutcome(stage="check_account", status="passed", detail=account_detail(account, cost)))
+        current = "approve"
         fields["approval"] = request_approval(
-            plan.cost, spec.budget, plan.run_name, run_dir, approval_timeout_s, approve_up_to_usd=approve_up_to_usd
+            cost, spec.budget, plan.run_name, run_dir, approval_timeout_s, approve_up_to_usd=approve_up_to_usd
         )
         stages.append(StageOutcome(stage="approve", status="passed", detail=fields["approval"].reason))
         current = "submit_job"
-        handle = submit_job_task(spec.backend, plan.script, run_dir)
-        stages.append(StageOutcome(stage="submit_job", status="passed", detail=handle.job_id))
-        current = "monitor"
-        job = monitor_task(handle, plan.run_name, plan.cost.price_per_hour_usd, fields["approval"].max_usd, poll_s)
+        script, job, handle = plan.script, None, None
+        attempts: list[str] = []
+        spent = 0.0
+        for attempt in (1, 2):
+            request = job_request(spec, plan, script, cost, attempt)
+            handle = submit_job_task(spec.backend, request)
+            if attempt == 1:
+                stages.append(StageOutcome(stage="submit_job", status="passed", detail=handle.url or handle.job_id))
+            current = "monitor"
+            guard = Guard(
+                max_usd=fields["approval"].max_usd,
+                price_per_hour_usd=cost.price_per_hour_usd,
+                projection_margin=spec.budget.projection_margin,
+                stall_s=spec.budget.stall_minutes * 60,
+                startup_grace_s=cost.startup_s * 2,
+                spent_before_usd=spent,
+            )
+            job = monitor_task(handle, plan.run_name, guard, poll_s or backend_poll_s(backend))
+            if job.failure != "oom" or attempt == 2:
+                break
+            retry = oom_retry(plan, script, cost, job, fields["approval"])
+            attempts.append(retry[1])
+            if retry[0] is None:
+                break
+            script, spent = retry[0], job.cost_usd
+            current = "submit_job"
+        assert job is not None and handle is not None
+        job = job.model_copy(update={"attempts": attempts}) if attempts else job
         fields["job"] = job
         stages.append(
             StageOutcome(stage="monitor", status="passed" if job.state == "completed" else "failed", detail=job.detail)
@@ -214,6 +271,83 @@ def run_lifecycle(
     return finish(plan, stages, fields, None)
 
 
+def backend_poll_s(backend: object) -> float:
+    """How often the monitor polls: FINETUNE_POLL_S, else the backend's own default."""
+    import os
+
+    env = os.environ.get("FINETUNE_POLL_S")
+    return float(env) if env else float(getattr(backend, "poll_s", 1.0))
+
+
+def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:
+    """The estimate at the price the backend quotes now (the catalogue's when it does not answer)."""
+    if price_per_hour is None or abs(price_per_hour - cost.price_per_hour_usd) < 1e-9:
+        return cost
+    return cost.model_copy(
+        update={
+            "price_per_hour_usd": price_per_hour,
+            "usd": cost.hours * price_per_hour,
+            "usd_low": cost.hours_low * price_per_hour,
+            "usd_high": cost.hours_high * price_per_hour,
+            "basis": cost.basis + f"; price refreshed to ${price_per_hour:.2f}/h",
+        }
+    )
+
+
+def account_detail(account: object, cost: CostEstimate) -> str:
+    namespace = getattr(account, "namespace", None)
+    if namespace is None:
+        return "this machine: nothing to check"
+    return (
+        f"namespace {namespace}; {cost.flavor} at ${cost.price_per_hour_usd:.2f}/h from "
+        f"{getattr(account, 'price_source', 'catalogue')}; estimate ${cost.usd:.2f} (up to ${cost.usd_high:.2f})"
+    )
+
+
+def job_timeout_s(cost: CostEstimate, max_hours: float) -> int:
+    """The high end of the estimate plus a quarter and ten minutes, never past budget.max_hours."""
+    return int(min(max_hours * 3600, cost.hours_high * 3600 * 1.25 + 600))
+
+
+def job_request(spec: RunSpec, plan: RunPlan, script: TrainingScript, cost: CostEstimate, attempt: int) -> JobRequest:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return JobRequest(
+        run_name=plan.run_name,
+        run_dir=plan.run_dir,
+        script=script,
+        model_path=plan.model_path,
+        flavor=plan.hardware.flavor,
+        timeout_s=job_timeout_s(cost, spec.budget.max_hours),
+        push_model_to=script.config.get("push_model_to"),
+        private=spec.outputs.private,
+        attempt=attempt,
+        flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
+    )
+
+
+def oom_retry(
+    plan: RunPlan, script: TrainingScript, cost: CostEstimate, job: JobStatus, approval: Approval
+) -> tuple[TrainingScript | None, str]:
+    """A safer script for one more attempt after an out-of-memory failure, when one exists and
+    the approved budget still covers a whole new run; else None and why not."""
+    changed = safer_training(script.config["training"])
+    first = f"attempt 1 ran out of memory after {job.steps} steps (${job.cost_usd:.2f})"
+    if changed is None:
+        return None, f"{first}; nothing safer to try (micro-batch 1 with gradient checkpointing already)"
+    training, what = changed
+    if job.cost_usd + cost.usd_high > approval.max_usd:
+        return None, (
+            f"{first}; not resubmitted: ${job.cost_usd:.2f} spent + up to ${cost.usd_high:.2f} for another attempt "
+            f"would pass max_usd ${approval.max_usd:.2f}"
+        )
+    run_dir = Path(plan.run_dir)
+    Path(script.path).replace(run_dir / "train.attempt1.py")  # kept for the record
+    new_script = build_script_task.fn(method_definition(plan.method), {**script.config, "training": training}, run_dir)
+    return new_script, f"{first}; resubmitted once with {what}, resuming from its last pushed checkpoint"
+
+
 def plan_json(plan: RunPlan) -> str:
     return json.dumps(plan.model_dump(mode="json"), indent=2)
 
@@ -223,7 +357,14 @@ def lifecycle_flow(method: str, description: str) -> Any:
     run spec as a typed parameter (a form in the Prefect UI)."""
     from prefect import flow
 
-    @flow(name=method, log_prints=True, description=description)
+    from flows.jobs import cancel_job_of_flow_run
+
+    @flow(
+        name=method,
+        log_prints=True,
+        description=description,
+        on_cancellation=[cancel_job_of_flow_run],
+    )
     def lifecycle(
         spec: RunSpec, dry_run: bool = False, approval_timeout_s: int = 3600, approve_up_to_usd: float | None = None
     ) -> RunSummary:

@@ -22,6 +22,7 @@ from typing import Any
 from tasks.flavors import Flavor
 from tasks.memory import Architecture, Workload, flops_per_token
 from tasks.models import CostEstimate, DatasetReport
+from tasks.run.backends import runs_on_this_machine
 
 # Share of the peak a training step achieves, by what is trained. On GPUs an assumption
 # (typical single-GPU TRL runs; no GPU was available to calibrate); adapters run at a lower
@@ -114,7 +115,7 @@ def estimate_for(
         train_tokens, gen_s = tokens, 0.0
     flops = train_tokens * flops_per_token(arch, w)
     compute_s = flops / (peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S["gpu" if flavor.is_gpu else "cpu"]
-    if backend == "local":
+    if runs_on_this_machine(backend):
         startup_s = LOCAL_STARTUP_S
     else:
         startup_s = CLOUD_STARTUP_S + 2 * arch.params * w.dtype_bytes / DOWNLOAD_BYTES_PER_S
@@ -149,7 +150,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
     from tasks.flavors import load_catalogue
     from tasks.hardware import local_flavor, workload_for
 
-    flavor = local_flavor() if spec.backend == "local" else load_catalogue(spec.flavors).get(plan.flavor)
+    flavor = local_flavor() if runs_on_this_machine(spec.backend) else load_catalogue(spec.flavors).get(plan.flavor)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     w = workload_for(spec, flavor, plan.mode, args, report)
     return estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend, training_steps(report, args))

@@ -23,6 +23,7 @@ from tasks.cost import estimate_for, training_steps, training_tokens
 from tasks.flavors import Catalogue, Flavor, load_catalogue
 from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
+from tasks.run.backends import runs_on_this_machine
 from tasks.spec import RunSpec
 
 GB = 1024**3
@@ -128,7 +129,7 @@ def _option(
 
 
 def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
-    if spec.backend == "local":
+    if runs_on_this_machine(spec.backend):
         if spec.hardware not in ("auto", "local"):
             raise HardwareError(
                 f"hardware '{spec.hardware}' names a cloud flavor, but backend: local runs on this machine; "
@@ -198,7 +199,7 @@ def _plan(
     return HardwarePlan(
         backend=spec.backend,
         flavor=flavor.name,
-        description=("this machine: " if spec.backend == "local" else "") + flavor.describe(),
+        description=("this machine: " if runs_on_this_machine(spec.backend) else "") + flavor.describe(),
         accelerator=flavor.accelerator,
         accelerator_count=flavor.count,
         accelerator_memory_gb=round(flavor.memory_gb, 2) if flavor.is_gpu else None,
@@ -244,7 +245,7 @@ def _nothing_fits(
 ) -> str:
     smallest = min(considered, key=lambda o: o.peak_memory_gb)
     biggest = max(candidates, key=lambda f: f.memory_gb)
-    if spec.backend == "local":
+    if runs_on_this_machine(spec.backend):
         where = "nothing on this machine"
     elif spec.hardware == "auto":
         where = "no single-GPU or CPU flavor of the catalogue"
@@ -269,7 +270,7 @@ def _nothing_fits(
         lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about ${best.usd:.2f}")
     if int(args.get("per_device_train_batch_size", 1)) > 1:
         lines.append("- per_device_train_batch_size 1 with gradient_accumulation_steps to keep the effective batch")
-    if spec.backend == "local":
+    if runs_on_this_machine(spec.backend):
         lines.append("- backend: hf-jobs, to rent a GPU that fits")
     elif spec.hardware != "auto":
         others = [f for f in load_catalogue(spec.flavors).flavors.values() if f.count <= 1]

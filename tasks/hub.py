@@ -62,6 +62,33 @@ def scrub(text: str, token: str | None) -> str:
     return text.replace(token, "***") if token else text
 
 
+def uses_xet(endpoint: str | None) -> bool:
+    """Xet only on huggingface.co; another Hub-compatible server (a mirror, a stand-in) gets
+    git-LFS, which every such server speaks. FINETUNE_HUB_XET=1 forces Xet."""
+    if os.environ.get("FINETUNE_HUB_XET") == "1":
+        return True
+    return not endpoint or urlsplit(endpoint).hostname in XET_HOSTS
+
+
+def make_api(token: str | None, endpoint: str | None = None):  # -> HfApi (imported lazily: it reads env at import)
+    import huggingface_hub.constants as hub_constants
+    from huggingface_hub import HfApi
+
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
+    if not uses_xet(endpoint):
+        hub_constants.HF_HUB_DISABLE_XET = True
+    return HfApi(endpoint=endpoint, token=token)
+
+
+def status_of(err: BaseException) -> int | None:
+    """The HTTP status anywhere in an exception's chain, if any."""
+    return next((s for s in map(_status_of, _causes(err)) if s is not None), None)
+
+
+def is_transient(err: BaseException) -> bool:
+    return _is_transient(err)
+
+
 def _copy_into(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".partial")
@@ -135,6 +162,8 @@ def _is_transient(err: BaseException) -> bool:
     upload in a RuntimeError whose cause is the network error, so the whole chain is read.
     """
     for e in _causes(err):
+        if type(e).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1: permanent for the process
+            return False
         status = _status_of(e)
         if status is not None:
             return status in (408, 429) or status >= 500
@@ -159,15 +188,7 @@ def publish_to_hub(
             f"no Hugging Face token to publish to '{repo_id}': set HF_TOKEN, or store a token with write "
             f"access in a Prefect Secret block named '{os.environ.get(SECRET_BLOCK_ENV, DEFAULT_SECRET_BLOCK)}'"
         )
-    import huggingface_hub.constants as hub_constants
-    from huggingface_hub import HfApi
-
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
-    if endpoint and urlsplit(endpoint).hostname not in XET_HOSTS and os.environ.get("FINETUNE_HUB_XET") != "1":
-        # Another Hub-compatible server (a mirror, a stand-in): large files go by git-LFS,
-        # which every such server speaks, rather than Xet, which only huggingface.co is sure to.
-        hub_constants.HF_HUB_DISABLE_XET = True
-    api = HfApi(endpoint=endpoint, token=token)
+    api = make_api(token, endpoint)
     attempt = 0
     while True:
         try:
@@ -181,7 +202,7 @@ def publish_to_hub(
             )
             return str(getattr(commit, "commit_url", commit))
         except Exception as e:
-            status = next((s for s in map(_status_of, _causes(e)) if s is not None), None)
+            status = status_of(e)
             if status in (401, 403):
                 raise PublishError(
                     f"the Hub refused the token (HTTP {status}) for '{repo_id}': "

@@ -100,6 +100,7 @@ class CostEstimate(Frozen):
     hours: float
     hours_low: float
     hours_high: float
+    upload_s: float = Field(0.0, description="uploading inputs before the job starts; wall time, not billed")
     usd: float
     usd_low: float
     usd_high: float
@@ -122,13 +123,47 @@ class TrainingScript(Frozen):
     config: dict[str, Any]
 
 
+class InputUpload(Frozen):
+    """What a remote backend must upload before its job can start (the job cannot see this disk)."""
+
+    destination: str = Field(description="where the inputs go, e.g. a private Hub repo")
+    files: int
+    bytes: int
+    seconds: float = Field(description="estimated upload time, before the job starts (not billed)")
+    items: list[str] = Field(description="what is uploaded: the script, the data, a local model folder")
+
+
 class JobHandle(Frozen):
+    """Enough to find, follow or cancel a job from any process; persisted as runs/<name>/job.json.
+    Holds no secret."""
+
     backend: str
     job_id: str
     run_dir: str
     log_path: str
     started_at: datetime
     pid: int | None = None
+    namespace: str | None = None
+    endpoint: str | None = None
+    url: str | None = None
+    flavor: str | None = None
+    timeout_s: int | None = None
+    staging_repo: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    attempt: int = 1
+    flow_run_id: str | None = None
+    log_start: int = Field(0, description="lines of log_path written before this job started")
+
+
+JobStage = Literal["scheduling", "running", "completed", "failed", "cancelled"]
+
+
+class JobSnapshot(Frozen):
+    """A job's state at one poll, with the seconds it has been billed so far."""
+
+    state: JobStage
+    billed_s: float
+    message: str | None = None
 
 
 class LossPoint(Frozen):
@@ -139,6 +174,15 @@ class LossPoint(Frozen):
 class JobStatus(Frozen):
     state: Literal["completed", "failed", "cancelled"]
     detail: str
+    failure: Literal["oom", "error", "budget", "projection", "stalled", "timeout", "flow cancelled", "lost"] | None = (
+        None
+    )
+    job_id: str = ""
+    backend: str = "local"
+    url: str | None = None
+    billed_s: float = 0.0
+    tokens_per_s: float | None = None
+    attempts: list[str] = Field(default_factory=list, description="earlier attempts of this run and how they ended")
     duration_s: float
     steps: int
     max_steps: int | None
@@ -200,6 +244,8 @@ class RunPlan(Frozen):
     hardware: HardwarePlan
     cost: CostEstimate
     script: TrainingScript
+    inputs: InputUpload | None = None
+    trackio: dict[str, str] = Field(default_factory=dict, description="Trackio project and run name")
 
 
 class RunSummary(Frozen):

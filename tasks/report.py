@@ -40,6 +40,20 @@ def plan_markdown(plan: RunPlan) -> str:
         "## Script",
         f"- `{plan.script.path}` ({plan.script.trainer}, sha256 `{plan.script.sha256[:12]}`)",
     ]
+    if plan.inputs is not None:
+        i = plan.inputs
+        lines += [
+            "",
+            "## Inputs uploaded before the job starts",
+            f"- to {i.destination}: {i.files} files, {i.bytes / 1e6:.1f} MB, ~{i.seconds:.0f} s (wall time, not billed)",
+            *(f"- {item}" for item in i.items),
+        ]
+    if plan.trackio:
+        lines += [
+            "",
+            f"Metrics: Trackio project `{plan.trackio['project']}`, run `{plan.trackio['run']}`; "
+            f"`TRACKIO_DIR={plan.trackio['dir']} trackio show` opens the dashboard once the run has them.",
+        ]
     return "\n".join(lines)
 
 
@@ -70,6 +84,11 @@ def summary_markdown(s: RunSummary) -> str:
         j = s.job
         steps = f"{j.steps}/{j.max_steps}" if j.max_steps else str(j.steps)
         lines.append(f"- training: {j.state}, {steps} steps in {j.duration_s:.1f} s, cost ${j.cost_usd:.2f}")
+        where = f" ({j.url})" if j.url else ""
+        lines.append(f"- job: {j.backend} `{j.job_id}`{where}, {j.billed_s:.0f} s billed")
+        if j.tokens_per_s:
+            lines.append(f"- throughput: {j.tokens_per_s:.0f} tokens/s (last logged)")
+        lines += [f"- {a}" for a in j.attempts]
         if j.losses:
             lines.append(
                 f"- loss: {j.losses[0].loss:.4f} at step {j.losses[0].step} -> {j.losses[-1].loss:.4f} at step {j.losses[-1].step}"
@@ -136,6 +155,8 @@ def summary_text(s: RunSummary) -> str:
         out.append(
             f"  training: {s.job.state}, {s.job.steps} steps in {s.job.duration_s:.1f} s, cost ${s.job.cost_usd:.2f}"
         )
+        out.append(f"  job: {s.job.backend} {s.job.job_id}" + (f" {s.job.url}" if s.job.url else ""))
+        out += [f"  {a}" for a in s.job.attempts]
         if s.job.losses:
             first, last = s.job.losses[0], s.job.losses[-1]
             out.append(f"  loss: {first.loss:.4f} (step {first.step}) -> {last.loss:.4f} (step {last.step})")

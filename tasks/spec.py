@@ -38,6 +38,10 @@ class Budget(_Frozen):
     max_usd: float = Field(20.0, ge=0)
     auto_approve_usd: float = Field(2.0, ge=0)
     max_hours: float = Field(24.0, gt=0, description="placements whose time estimate may exceed this are not chosen")
+    projection_margin: float = Field(
+        0.10, ge=0, le=10, description="cancel a job whose projected cost passes max_usd by more than this share"
+    )
+    stall_minutes: float = Field(30.0, gt=0, description="cancel a job that prints no progress line for this long")
 
     @model_validator(mode="after")
     def _ordered(self) -> Budget:

@@ -14,9 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import artifacts
-from tasks.backends import Backend, get_backend
 from tasks.cost import estimate_cost
-from tasks.fetch import fetch_artifacts
 from tasks.gguf import convert_gguf
 from tasks.gguf_smoke import smoke_test_all
 from tasks.hardware import select_hardware
@@ -36,8 +34,10 @@ from tasks.models import (
     StageOutcome,
     TrainingScript,
 )
-from tasks.monitor import Progress, monitor_job
 from tasks.rewards import RewardSource
+from tasks.run.backends import Account, JobRequest, get_backend
+from tasks.run.fetch import fetch_artifacts
+from tasks.run.monitor import Guard, Progress, monitor_job
 from tasks.script import build_script
 from tasks.spec import Outputs, RunSpec
 from tasks.validate import validate_dataset
@@ -122,54 +122,66 @@ def build_script_task(method: MethodDefinition, config: dict[str, Any], run_dir:
     return script
 
 
-@task(name="submit_job", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def submit_job_task(backend_name: str, script: TrainingScript, run_dir: Path) -> JobHandle:
-    handle = get_backend(backend_name).submit(script, run_dir)
-    _log(f"submitted {handle.job_id}; log: {handle.log_path}")
+@task(name="check_account", retries=0, cache_policy=NO_CACHE)
+def check_account_task(backend_name: str, flavor: str) -> Account:
+    """Credentials, namespace and the flavor's current price, before approval and upload."""
+    account = get_backend(backend_name).preflight(flavor)
+    if account.namespace:
+        price = f"${account.price_per_hour_usd:.2f}/h" if account.price_per_hour_usd is not None else "no price"
+        _log(f"{backend_name}: namespace {account.namespace}; {flavor} {price} from {account.price_source}")
+    return account
+
+
+@task(name="submit_job", cache_policy=NO_CACHE)  # the backend retries network faults itself, idempotently
+def submit_job_task(backend_name: str, request: JobRequest) -> JobHandle:
+    backend = get_backend(backend_name)
+    existing = backend.find_live(request)
+    if existing is not None:
+        _log(f"re-attached to {existing.job_id}, still alive from an earlier start of this run")
+        return existing
+    handle = backend.submit(request)
+    where = f" ({handle.url})" if handle.url else ""
+    _log(f"submitted {handle.job_id}{where} on {handle.flavor}; log: {handle.log_path}")
+    _log(
+        f"follow it with `python -m flows.status {request.run_name}`, cancel with `python -m flows.cancel {request.run_name}`"
+    )
     return handle
 
 
-def _flow_cancel_watch() -> str | None:
+class FlowCancelWatch:
     """A reason to stop when the surrounding flow run is being cancelled (a plain local run
-    is not interrupted by Prefect's cancel, so the monitor must look for itself)."""
-    from prefect.client.orchestration import get_client
-    from prefect.context import FlowRunContext
+    is not interrupted by Prefect's cancel, so the monitor looks for itself), checked at
+    most every `every_s` seconds."""
 
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None:
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self.checked_at = time.monotonic()
+
+    def __call__(self) -> str | None:
+        if time.monotonic() - self.checked_at < self.every_s:
+            return None
+        self.checked_at = time.monotonic()
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
+            return None
+        try:
+            with get_client(sync_client=True) as client:
+                state = client.read_flow_run(ctx.flow_run.id).state
+        except Exception:
+            return None
+        if state is not None and (state.is_cancelling() or state.is_cancelled()):
+            return "the flow run was cancelled; the job was cancelled with it"
         return None
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(ctx.flow_run.id).state
-    except Exception:
-        return None
-    if state is not None and (state.is_cancelling() or state.is_cancelled()):
-        return "the flow run was cancelled"
-    return None
 
 
 @task(name="monitor", cache_policy=NO_CACHE)
-def monitor_task(
-    handle: JobHandle, run_name: str, price_per_hour_usd: float, max_usd: float, poll_s: float = 1.0
-) -> JobStatus:
-    backend: Backend = get_backend(handle.backend)
+def monitor_task(handle: JobHandle, run_name: str, guard: Guard, poll_s: float = 1.0) -> JobStatus:
+    backend = get_backend(handle.backend)
     bar = ProgressBarFor(run_name)
-    checks = {"n": 0}
-
-    def stop_requested() -> str | None:
-        checks["n"] += 1
-        return _flow_cancel_watch() if checks["n"] % 10 == 0 else None
-
-    status = monitor_job(
-        backend,
-        handle,
-        run_name,
-        price_per_hour_usd,
-        max_usd,
-        poll_s=poll_s,
-        on_update=bar.update,
-        stop_requested=stop_requested,
-    )
+    status = monitor_job(backend, handle, guard, poll_s=poll_s, on_update=bar.update, stop_requested=FlowCancelWatch())
     bar.finish(status)
     _log(f"job {status.state}: {status.detail.splitlines()[0] if status.detail else ''}")
     return status
@@ -184,20 +196,31 @@ class ProgressBarFor:
         self.run_name = run_name
         self.bar = artifacts.ProgressBar(artifacts.artifact_key("progress", run_name), "training progress")
         self.logged = 0
+        self.state = ""
         self.table_at = time.monotonic()
 
     def update(self, p: Progress) -> None:
         self.bar.update(p.percent)
         extra = "".join(
             f" {k.removeprefix('train/')} {p.last_metrics[k]:.4f}"
-            for k in ("train/rewards/margins", "train/rewards/accuracies")
+            for k in ("train/rewards/margins", "train/rewards/accuracies", "train/reward")
             if k in p.last_metrics
         )
+        money = f" | ${p.cost_usd:.2f} so far" if p.cost_usd else ""
+        if p.projected_usd is not None and p.cost_usd:
+            money += f", ~${p.projected_usd:.2f} projected"
+        eta = f" | ETA {p.eta_s / 60:.1f} min" if p.eta_s is not None else ""
+        speed = f" | {p.tokens_per_s:.0f} tok/s" if p.tokens_per_s else ""
         for point in p.losses[self.logged :]:
+            last = point is p.losses[-1]
             _log(
-                f"step {point.step}/{p.max_steps or '?'} loss {point.loss:.4f}{extra if point is p.losses[-1] else ''}"
+                f"step {point.step}/{p.max_steps or '?'} loss {point.loss:.4f}"
+                + (f"{extra}{speed}{eta}{money}" if last else "")
             )
         self.logged = len(p.losses)
+        if p.state != self.state:
+            self.state = p.state
+            _log(f"job {p.state}" + (f" ({p.billed_s:.0f} s billed)" if p.billed_s and p.cost_usd else ""))
         if time.monotonic() - self.table_at > self.TABLE_EVERY_S:
             self._table(p.losses)
 
@@ -206,7 +229,7 @@ class ProgressBarFor:
         artifacts.table(
             artifacts.artifact_key("loss", self.run_name),
             [{"step": p.step, "loss": round(p.loss, 5)} for p in losses],
-            description="training loss (from Trackio)",
+            description="training loss (from the job's progress lines)",
         )
 
     def finish(self, status: JobStatus) -> None:
@@ -215,9 +238,9 @@ class ProgressBarFor:
         self._table(status.losses)
 
 
-@task(name="fetch_artifacts", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="fetch_artifacts", cache_policy=NO_CACHE)  # downloads are retried inside the backend
 def fetch_artifacts_task(handle: JobHandle, status: JobStatus) -> JobResult:
-    result = fetch_artifacts(handle, status)
+    result = fetch_artifacts(get_backend(handle.backend), handle, status)
     _log(f"model: {result.model_dir} ({result.size_mb} MB)")
     return result
 

@@ -86,6 +86,9 @@ class HubStandin:
         lfs_suffixes: files with these suffixes are "lfs" whatever their size (like the Hub's .gitattributes).
     """
 
+    # (method, regex, route name, needs write permission, public): routes a subclass adds
+    extra_routes: list[tuple[str, re.Pattern[str], str, bool, bool]] = []
+
     def __init__(
         self,
         *,
@@ -453,7 +456,8 @@ class _Handler(BaseHTTPRequestHandler):
         auth = self.headers.get("Authorization", "")
         token = auth[7:] if auth.startswith("Bearer ") else None
         req = _Req(parse_qs(url.query), self.headers, body, token)
-        route = next(((r, m) for r in _ROUTES if r[0] == self.command and (m := r[1].fullmatch(path))), None)
+        routes = [*hub.extra_routes, *_ROUTES]
+        route = next(((r, m) for r in routes if r[0] == self.command and (m := r[1].fullmatch(path))), None)
         name = route[0][2] if route else "unknown"
         with hub._lock:
             hub.counts[name] += 1
@@ -507,5 +511,7 @@ class _Handler(BaseHTTPRequestHandler):
             args["types"] = args.get("types") or "models"
         if name.startswith("resolve"):
             return self.hub.resolve(req, **args)
+        if name.startswith("raw_"):  # the route renders its own response (e.g. server-sent events)
+            return getattr(self.hub, name)(req, **args)
         ctype = "application/vnd.git-lfs+json" if name.startswith("lfs_") else "application/json"
         return 200, {"Content-Type": ctype}, json.dumps(getattr(self.hub, name)(req, **args)).encode()

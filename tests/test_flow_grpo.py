@@ -51,7 +51,7 @@ def test_a_user_reward_that_raises_stops_the_run_before_submission(prefect_serve
 
 def test_sft_then_grpo_raises_the_mean_reward(prefect_server, tmp_path):
     from flows.sft import sft
-    from tasks.monitor import read_trackio_metrics
+    from tasks.run.monitor import read_trackio_metrics
 
     warm = sft(
         spec=load_spec(

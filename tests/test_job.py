@@ -9,17 +9,23 @@ import textwrap
 import time
 from pathlib import Path
 
-from tasks.backends import LocalBackend, load_handle
-from tasks.fetch import JobFailed, fetch_artifacts
 from tasks.models import TrainingScript
-from tasks.monitor import monitor_job, read_trackio_metrics
+from tasks.run.backends import JobRequest, load_handle
+from tasks.run.backends.local import LocalBackend
+from tasks.run.fetch import JobFailed, fetch_artifacts
+from tasks.run.monitor import Guard, monitor_job, read_trackio_metrics
+
+FREE = Guard(max_usd=1.0, price_per_hour_usd=0.0)
 
 
-def _script(run_dir: Path, body: str) -> TrainingScript:
+def _script(run_dir: Path, body: str) -> JobRequest:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "train.py"
     path.write_text(textwrap.dedent(body))
-    return TrainingScript(path=str(path), sha256="0", method="sft", trainer="SFTTrainer", config={})
+    script = TrainingScript(path=str(path), sha256="0", method="sft", trainer="SFTTrainer", config={})
+    return JobRequest(
+        run_name=run_dir.name, run_dir=str(run_dir), script=script, model_path="tiny", flavor="local-cpu", timeout_s=60
+    )
 
 
 def test_metrics_are_read_from_trackios_own_store_while_it_is_written(tmp_path):
@@ -48,22 +54,22 @@ def test_a_completed_job_is_followed_to_the_end(tmp_path):
         """
         import json, pathlib
         here = pathlib.Path(__file__).parent
-        (here / "progress.json").write_text(json.dumps({"step": 3, "max_steps": 3}))
+        print("FINETUNE_PROGRESS " + json.dumps({"step": 3, "total": 3, "loss": 0.5, "elapsed_s": 1.0}))
         (here / "train_result.json").write_text(json.dumps({"model_dir": "model", "adapter_dir": None}))
         print("all good")
         """,
     )
     backend = LocalBackend()
-    handle = backend.submit(script, run_dir)
+    handle = backend.submit(script)
     assert load_handle(run_dir) == handle  # persisted for other processes
     seen = []
-    status = monitor_job(backend, handle, "run", 0.0, 1.0, poll_s=0.1, on_update=seen.append)
+    status = monitor_job(backend, handle, FREE, poll_s=0.1, on_update=seen.append)
     assert status.state == "completed" and status.steps == 3 and status.max_steps == 3
     assert seen and seen[-1].percent == 100.0
     assert "all good" in Path(handle.log_path).read_text()
     # the script claimed success but wrote no model: fetching says so
     try:
-        fetch_artifacts(handle, status)
+        fetch_artifacts(backend, handle, status)
         raise AssertionError("fetch should fail")
     except JobFailed as e:
         assert "incomplete" in str(e) and "config.json" in str(e)
@@ -73,8 +79,8 @@ def test_a_failing_job_reports_the_end_of_its_log(tmp_path):
     run_dir = tmp_path / "run"
     script = _script(run_dir, "raise SystemExit('CUDA out of memory: tried to allocate 2 GiB')\n")
     backend = LocalBackend()
-    handle = backend.submit(script, run_dir)
-    status = monitor_job(backend, handle, "run", 0.0, 1.0, poll_s=0.1)
+    handle = backend.submit(script)
+    status = monitor_job(backend, handle, FREE, poll_s=0.1)
     assert status.state == "failed"
     assert "CUDA out of memory" in status.detail
 
@@ -83,23 +89,25 @@ def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(tmp_path):
     run_dir = tmp_path / "run"
     script = _script(run_dir, "import time\ntime.sleep(120)\n")
     backend = LocalBackend()
-    handle = backend.submit(script, run_dir)
+    handle = backend.submit(script)
     start = time.monotonic()
     # $3600/h is $1/s: with max_usd $1.5 the guard must stop it within about a second
-    status = monitor_job(backend, handle, "run", 3600.0, 1.5, poll_s=0.25)
+    status = monitor_job(backend, handle, Guard(max_usd=1.5, price_per_hour_usd=3600.0), poll_s=0.25)
     assert status.state == "cancelled" and "budget guard" in status.detail
     assert time.monotonic() - start < 15
     assert status.cost_usd <= 1.5
-    assert backend.status(handle) == "cancelled"
+    assert backend.status(handle).state == "cancelled"
 
 
 def test_a_job_is_found_again_from_another_backend_instance(tmp_path):
     run_dir = tmp_path / "run"
     script = _script(run_dir, "import time\ntime.sleep(30)\n")
     first = LocalBackend()
-    handle = first.submit(script, run_dir)
+    handle = first.submit(script)
     other = LocalBackend()  # e.g. a retry or a cancellation hook in another process
-    assert other.status(load_handle(run_dir)) == "running"
+    assert other.status(load_handle(run_dir)).state == "running"
+    assert other.find_live(script) == handle  # a second start of the run re-attaches
     other.cancel(handle)
     first._procs[handle.job_id].wait(timeout=15)
-    assert first.status(handle) == "cancelled"
+    assert first.status(handle).state == "cancelled"
+    assert other.find_live(script) is None

@@ -13,6 +13,13 @@ itself unless --output-dir says otherwise:
   adapter/           the LoRA adapter, when LoRA is used
   model/             the trained model (LoRA merged into it), with its tokenizer
   train_result.json  final metrics and the loss history; written last, so it marks success
+
+It prints one line per logging step, `FINETUNE_PROGRESS {json}` (step, total, epoch, loss,
+the method's metrics, tokens/s, elapsed seconds), which is how a monitor follows it on any
+runner. With `--hub-repo owner/name` (what a Hugging Face job gets) it also resumes from the
+checkpoints stored in that repo, pushes every checkpoint there while it trains, and pushes
+model/, adapter/, trackio/ and train_result.json there at the end; the token comes from the
+HF_TOKEN environment variable (a job secret), never from this file.
 """
 
 import argparse
@@ -31,7 +38,48 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, default=here, help="where outputs go (default: next to this script)")
     p.add_argument("--data", default=None, help="training data (default: CONFIG['data'], relative to this script)")
     p.add_argument("--max-steps", type=int, default=None, help="override the number of optimizer steps")
+    p.add_argument(
+        "--hub-repo",
+        default=None,
+        help="a Hub repo to resume from and push checkpoints and outputs to (token from HF_TOKEN)",
+    )
     return p.parse_args()
+
+
+PROGRESS_PREFIX = "FINETUNE_PROGRESS "
+STARTED = time.time()
+
+
+def print_progress(event: str, state, logs: dict | None = None, tokens_per_s: float | None = None) -> None:
+    """One structured line on stdout: how any runner's monitor follows this script."""
+    logs = logs or {}
+    metrics = {
+        f"train/{k}": float(v) for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    record = {
+        "event": event,
+        "step": int(state.global_step),
+        "total": int(state.max_steps) if state.max_steps else None,
+        "epoch": float(state.epoch) if state.epoch is not None else None,
+        "loss": float(logs["loss"]) if isinstance(logs.get("loss"), int | float) else None,
+        "metrics": metrics,
+        "tokens_per_s": tokens_per_s,
+        "elapsed_s": round(time.time() - STARTED, 3),
+    }
+    print(PROGRESS_PREFIX + json.dumps(record), flush=True)
+
+
+def push_folder(repo: str, folder: Path, path_in_repo: str, message: str) -> None:
+    """Mirror a local folder into the repo (only changed files travel; removed ones are deleted)."""
+    from huggingface_hub import HfApi
+
+    HfApi().upload_folder(
+        repo_id=repo,
+        folder_path=str(folder),
+        path_in_repo=path_in_repo,
+        commit_message=message,
+        delete_patterns=["*"],
+    )
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -65,8 +113,17 @@ def main() -> int:
     else:  # a Hub dataset id
         dataset = load_dataset(data.removeprefix("hf://"), split=CONFIG.get("split", "train"))
 
+    model_source = CONFIG["model"]
+    if not Path(model_source).is_absolute() and (here / model_source).is_dir():
+        model_source = str(here / model_source)  # a model folder uploaded next to this script
+    if args.hub_repo and not list((out / "checkpoints").glob("checkpoint-*")):
+        from huggingface_hub import snapshot_download
+
+        # Resume what an earlier (crashed, cancelled) job pushed: the repo's checkpoints folder.
+        snapshot_download(args.hub_repo, allow_patterns=["checkpoints/*"], local_dir=str(out))
+
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[CONFIG["dtype"]]
-    tokenizer = AutoTokenizer.from_pretrained(CONFIG["model"])
+    tokenizer = AutoTokenizer.from_pretrained(model_source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     quantization = None
@@ -79,7 +136,7 @@ def main() -> int:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    model = AutoModelForCausalLM.from_pretrained(CONFIG["model"], dtype=dtype, quantization_config=quantization)
+    model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, quantization_config=quantization)
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -121,13 +178,30 @@ def main() -> int:
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._write(state)
+            self._tokens, self._at = state.num_input_tokens_seen, time.time()
+            print_progress("start", state)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             self._write(state)
+            now, seen = time.time(), state.num_input_tokens_seen
+            rate = (seen - self._tokens) / (now - self._at) if seen > self._tokens and now > self._at else None
+            self._tokens, self._at = seen, now
+            print_progress("log", state, logs, round(rate, 1) if rate else None)
 
         def on_train_end(self, args, state, control, **kwargs):
             self._write(state, done=True)
+            print_progress("end", state)
 
+    class PushCheckpoints(TrainerCallback):
+        """After each save (and rotation), mirror checkpoints/ into the Hub repo, so a job that
+        dies keeps its progress and the next one resumes from it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            push_folder(hub_repo, out / "checkpoints", "checkpoints", f"checkpoint at step {state.global_step}")
+            print(f"pushed checkpoints at step {state.global_step} to {hub_repo}", flush=True)
+
+    hub_repo = args.hub_repo
+    callbacks = [ProgressFile()] + ([PushCheckpoints()] if hub_repo else [])
     extra = {}
     if CONFIG.get("rewards"):  # GRPO: the reward functions' source travels inside this script
         reward_funcs = []
@@ -144,7 +218,7 @@ def main() -> int:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[ProgressFile()],
+        callbacks=callbacks,
     )
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     resume = str(checkpoints[-1]) if checkpoints else None
@@ -159,7 +233,7 @@ def main() -> int:
         if quantization is not None:  # merge into 16-bit base weights, not the 4-bit ones
             from peft import PeftModel
 
-            base = AutoModelForCausalLM.from_pretrained(CONFIG["model"], dtype=torch.bfloat16)
+            base = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.bfloat16)
             final = PeftModel.from_pretrained(base, str(out / "adapter.tmp")).merge_and_unload()
         else:
             final = trainer.model.merge_and_unload()
@@ -189,6 +263,36 @@ def main() -> int:
         },
     )
     print(f"training finished: {trainer.state.global_step} steps, model in {out / 'model'}", flush=True)
+    if hub_repo:
+        from huggingface_hub import HfApi
+
+        try:  # flush the metrics store before it is uploaded (the Trackio callback usually has)
+            import trackio
+
+            trackio.finish()
+        except Exception:
+            pass
+        for name in ("model", "adapter", "trackio"):
+            if (out / name).is_dir():
+                push_folder(hub_repo, out / name, name, f"{name} of run {CONFIG['run_name']}")
+        push_to = CONFIG.get("push_model_to")
+        if push_to:  # the user's own repo gets the trained model (and its adapter) as well
+            api = HfApi()
+            api.create_repo(push_to, private=CONFIG.get("private", True), exist_ok=True)
+            api.upload_folder(repo_id=push_to, folder_path=str(out / "model"), commit_message="trained model")
+            if peft_config is not None:
+                api.upload_folder(
+                    repo_id=push_to, folder_path=str(out / "adapter"), path_in_repo="adapter", commit_message="adapter"
+                )
+            print(f"pushed the trained model to {push_to}", flush=True)
+        # train_result.json goes last: its presence in the repo marks a complete upload
+        HfApi().upload_file(
+            repo_id=hub_repo,
+            path_or_fileobj=str(out / "train_result.json"),
+            path_in_repo="train_result.json",
+            commit_message="training finished",
+        )
+        print(f"pushed outputs to {hub_repo}", flush=True)
     return 0
 
 

@@ -1,13 +1,11 @@
-"""Where a training script runs, behind one interface: submit, status, logs, cancel.
+"""The `local` backend: the training script as a child process of this machine.
 
-`local` runs the script as a child process of this machine. The job id and pid are written
-to the run folder (job.json) so another process (a retry, a cancellation hook) can find
-the job again.
+The job id and pid go to the run folder (job.json) so another process (a retry, a
+cancellation hook, `python -m flows.status`) can find the job again.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,21 +13,12 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, Protocol
 
-from tasks.models import JobHandle, TrainingScript
-
-JobState = Literal["running", "completed", "failed", "cancelled"]
+from tasks.models import InputUpload, JobHandle, JobSnapshot
+from tasks.run.backends.base import Account, JobRequest, load_handle, save_handle, tail_lines
 
 
-class Backend(Protocol):
-    def submit(self, script: TrainingScript, run_dir: Path) -> JobHandle: ...
-    def status(self, handle: JobHandle) -> JobState: ...
-    def logs(self, handle: JobHandle, tail: int = 50) -> str: ...
-    def cancel(self, handle: JobHandle) -> None: ...
-
-
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -43,24 +32,51 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def read_complete_lines(path: Path, start: int) -> list[str]:
+    """Lines of a growing log from `start` on; a line still being written is left for later."""
+    if not path.exists():
+        return []
+    return path.read_text(encoding="utf-8", errors="replace").split("\n")[:-1][start:]
+
+
 class LocalBackend:
     """Runs the script with this interpreter; its output goes to logs/train.log."""
 
     name = "local"
+    on_this_machine = True
+    poll_s = 1.0
 
     def __init__(self) -> None:
         self._procs: dict[str, subprocess.Popen] = {}
+        self._line_counts: dict[str, int] = {}
 
-    def submit(self, script: TrainingScript, run_dir: Path) -> JobHandle:
+    def model_reference(self, model_path: str) -> str:
+        return model_path
+
+    def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
+        return None
+
+    def preflight(self, flavor: str) -> Account:
+        return Account(namespace=None, price_per_hour_usd=0.0, price_source="this machine")
+
+    def find_live(self, request: JobRequest) -> JobHandle | None:
+        handle = load_handle(Path(request.run_dir))
+        if handle is None or handle.backend != self.name or handle.attempt != request.attempt:
+            return None
+        return handle if self.status(handle).state == "running" else None
+
+    def submit(self, request: JobRequest) -> JobHandle:
+        run_dir = Path(request.run_dir)
         log_path = run_dir / "logs" / "train.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_start = len(read_complete_lines(log_path, 0))
         for stale in ("train_result.json", "cancelled"):
             (run_dir / stale).unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRACKIO_DIR": str(run_dir / "trackio")}
         env.pop("HF_DEBUG", None)  # it would log request bodies, tokens included
         log = log_path.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, script.path],
+            [sys.executable, request.script.path],
             cwd=run_dir,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -78,18 +94,23 @@ class LocalBackend:
             log_path=str(log_path),
             started_at=datetime.now(UTC),
             pid=proc.pid,
+            flavor=request.flavor,
+            attempt=request.attempt,
+            flow_run_id=request.flow_run_id,
+            labels={"finetune-run": request.run_name},
+            log_start=log_start,
         )
-        (run_dir / "job.json").write_text(handle.model_dump_json(indent=2))
+        save_handle(handle)
         return handle
 
-    def status(self, handle: JobHandle) -> JobState:
+    def _state(self, handle: JobHandle) -> str:
         run_dir = Path(handle.run_dir)
         proc = self._procs.get(handle.job_id)
         if proc is not None:
             code = proc.poll()
             running = code is None
         else:
-            code, running = None, handle.pid is not None and _pid_alive(handle.pid)
+            code, running = None, handle.pid is not None and pid_alive(handle.pid)
         if running:
             return "running"
         if (run_dir / "cancelled").exists():
@@ -98,12 +119,20 @@ class LocalBackend:
             return "completed"
         return "failed"
 
+    def status(self, handle: JobHandle) -> JobSnapshot:
+        state = self._state(handle)
+        billed = (datetime.now(UTC) - handle.started_at).total_seconds()
+        return JobSnapshot(state=state, billed_s=max(billed, 0.0))  # type: ignore[arg-type]
+
+    def read_log(self, handle: JobHandle, start: int) -> list[str]:
+        return read_complete_lines(Path(handle.log_path), start)
+
     def logs(self, handle: JobHandle, tail: int = 50) -> str:
         path = Path(handle.log_path)
         if not path.exists():
             return ""
-        lines = path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n").splitlines()
-        return "\n".join(line for line in lines[-tail:] if line.strip())
+        text = path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+        return tail_lines(text.splitlines(), tail)
 
     def cancel(self, handle: JobHandle) -> None:
         if handle.pid is None:
@@ -114,44 +143,13 @@ class LocalBackend:
         except ProcessLookupError:
             return
         deadline = time.time() + 10
-        while time.time() < deadline and self.status(handle) == "running":
+        while time.time() < deadline and self._state(handle) == "running":
             time.sleep(0.2)
-        if self.status(handle) == "running":
+        if self._state(handle) == "running":
             os.killpg(handle.pid, signal.SIGKILL)
         proc = self._procs.get(handle.job_id)
         if proc is not None:
             proc.wait(timeout=10)
 
-
-class UnavailableBackend:
-    """A backend named in the spec whose submission is not built yet: says so, submits nothing."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def submit(self, script: TrainingScript, run_dir: Path) -> JobHandle:
-        raise NotImplementedError(
-            f"backend '{self.name}' cannot submit jobs yet; the script is ready at {script.path} "
-            "and runs by hand (`python train.py`). Use backend: local to run it here."
-        )
-
-    def status(self, handle: JobHandle) -> JobState:
-        raise NotImplementedError(self.name)
-
-    def logs(self, handle: JobHandle, tail: int = 50) -> str:
-        raise NotImplementedError(self.name)
-
-    def cancel(self, handle: JobHandle) -> None:
-        raise NotImplementedError(self.name)
-
-
-_LOCAL = LocalBackend()
-
-
-def get_backend(name: str) -> Backend:
-    return _LOCAL if name == "local" else UnavailableBackend(name)
-
-
-def load_handle(run_dir: Path) -> JobHandle | None:
-    path = run_dir / "job.json"
-    return JobHandle.model_validate(json.loads(path.read_text())) if path.exists() else None
+    def fetch(self, handle: JobHandle) -> None:
+        """The script wrote into the run folder already."""

@@ -1,8 +1,9 @@
 """Stage 8: bring the trained model into the run folder and check that it is whole.
 
-For the local backend the script already wrote into the run folder; fetching means
-verifying that the model (LoRA merged) loads from config + safetensors + tokenizer files,
-and collecting the final metrics.
+The backend brings the outputs in (the local script already wrote into the run folder; a
+Hugging Face job pushed them to its staging repo); then the same check for every backend:
+the model (LoRA merged) has its config, safetensors and tokenizer files, and the final
+metrics are collected.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import json
 from pathlib import Path
 
 from tasks.models import JobHandle, JobResult, JobStatus
+from tasks.run.backends.base import Backend
 
 
 class JobFailed(RuntimeError):
     """The job did not produce a model; the message carries its state and log tail."""
 
 
-def fetch_artifacts(handle: JobHandle, status: JobStatus) -> JobResult:
+def fetch_artifacts(backend: Backend, handle: JobHandle, status: JobStatus) -> JobResult:
     run_dir = Path(handle.run_dir)
     if status.state != "completed":
         raise JobFailed(f"job {handle.job_id} {status.state}: {status.detail}")
+    backend.fetch(handle)
     result_path = run_dir / "train_result.json"
     if not result_path.exists():
         raise JobFailed(f"job {handle.job_id} ended without {result_path.name}; see {handle.log_path}")

@@ -1,0 +1,101 @@
+"""The one interface every backend implements, and the request it receives.
+
+The pipeline only talks to this interface: it never asks which backend it has. A backend
+says whether it runs on this machine (planning then sizes this machine instead of a rented
+flavor), what it must upload first, how to check credentials before anything is spent,
+and how to submit, follow, cancel and collect a job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.models import InputUpload, JobHandle, JobSnapshot, TrainingScript
+
+
+class BackendError(RuntimeError):
+    """The backend refused or could not do what was asked; the message says what to fix."""
+
+
+class JobRequest(BaseModel):
+    """Everything a backend needs to start one job of a run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    run_name: str
+    run_dir: str
+    script: TrainingScript
+    model_path: str
+    flavor: str
+    timeout_s: int
+    push_model_to: str | None = None
+    private: bool = True
+    attempt: int = 1
+    flow_run_id: str | None = None
+
+
+class Account(BaseModel):
+    """Who will pay, checked before anything is uploaded or submitted."""
+
+    model_config = ConfigDict(frozen=True)
+
+    namespace: str | None
+    price_per_hour_usd: float | None = None
+    price_source: str = "catalogue"
+
+
+class Backend(Protocol):
+    name: str
+    on_this_machine: bool
+
+    def model_reference(self, model_path: str) -> str:
+        """How the script names the model where it runs (a local folder may be uploaded)."""
+        ...
+
+    def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
+        """What must be uploaded before the job can start, with size and time; None if nothing."""
+        ...
+
+    def preflight(self, flavor: str) -> Account:
+        """Credentials, namespace and price, checked before any upload or spend."""
+        ...
+
+    def find_live(self, request: JobRequest) -> JobHandle | None:
+        """A job of this run (same attempt) that is still alive or finished, to re-attach to."""
+        ...
+
+    def submit(self, request: JobRequest) -> JobHandle: ...
+
+    def status(self, handle: JobHandle) -> JobSnapshot: ...
+
+    def read_log(self, handle: JobHandle, start: int) -> list[str]:
+        """The job's log lines from line `start` on (0-based); also kept in logs/train.log."""
+        ...
+
+    def logs(self, handle: JobHandle, tail: int = 50) -> str: ...
+
+    def cancel(self, handle: JobHandle) -> None: ...
+
+    def fetch(self, handle: JobHandle) -> None:
+        """Bring model/, adapter/, trackio/ and train_result.json into the run folder."""
+        ...
+
+
+def save_handle(handle: JobHandle) -> None:
+    path = Path(handle.run_dir) / "job.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(handle.model_dump_json(indent=2))
+    tmp.replace(path)
+
+
+def load_handle(run_dir: Path) -> JobHandle | None:
+    path = run_dir / "job.json"
+    return JobHandle.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def tail_lines(lines: list[str], tail: int) -> str:
+    clean = [line for line in (x.rstrip() for x in lines) if line.strip()]
+    return "\n".join(clean[-tail:])

@@ -1,0 +1,259 @@
+"""Stage 7: follow a running job until it ends, with its progress, metrics and budget guard.
+
+The same for every backend: the job's state and billed seconds come from
+`backend.status`, its log from `backend.read_log`, and progress, loss and the method's
+metrics from the structured progress lines the script prints (tasks/run/progress_line.py).
+Each poll produces a `Progress` that the Prefect wrapper turns into a progress artifact,
+a loss table and log lines.
+
+The guard cancels the job, keeping its last checkpoint, when
+- the cost so far would pass max_usd before the next poll,
+- the projection (cost so far + remaining steps at the measured rate) passes max_usd by
+  more than the spec's margin,
+- no progress line arrived for `stall_s` (after a start-up allowance), or
+- the caller asks (a cancelled flow run).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.models import JobHandle, JobSnapshot, JobStatus, LossPoint
+from tasks.run.backends.base import Backend, BackendError
+from tasks.run.progress_line import ProgressLine, parse_progress_line
+
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+class Guard(BaseModel):
+    """What the monitor enforces while the job runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_usd: float
+    price_per_hour_usd: float
+    projection_margin: float = 0.10
+    stall_s: float | None = 1800.0
+    startup_grace_s: float = 0.0
+    spent_before_usd: float = 0.0  # earlier attempts of the same run count against the same budget
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    state: str = "running"
+    step: int
+    max_steps: int | None
+    epoch: float | None = None
+    elapsed_s: float
+    billed_s: float = 0.0
+    cost_usd: float
+    projected_usd: float | None = None
+    eta_s: float | None = None
+    tokens_per_s: float | None = None
+    losses: list[LossPoint]
+    first_metrics: dict[str, float]
+    last_metrics: dict[str, float]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.step / self.max_steps if self.max_steps else 0.0
+
+
+def read_trackio_metrics(trackio_dir: Path, project: str, run_name: str) -> list[dict[str, float]]:
+    """Every logged metrics row of one run from Trackio's local store, oldest first."""
+    db = trackio_dir / f"{project}.db"
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2) as conn:
+            rows = conn.execute("SELECT metrics FROM metrics WHERE run_name = ? ORDER BY id", (run_name,)).fetchall()
+    except sqlite3.OperationalError:  # created but not yet initialised, or briefly locked
+        return []
+    out = []
+    for (blob,) in rows:
+        try:
+            values = json.loads(blob)
+        except (TypeError, ValueError):
+            continue
+        out.append({k: float(v) for k, v in values.items() if isinstance(v, int | float)})
+    return out
+
+
+def steps_per_s(records: list[ProgressLine]) -> float | None:
+    """The job's measured speed between its first and last logged steps."""
+    logged = [r for r in records if r.event == "log" and r.step > 0]
+    if len(logged) < 2 or logged[-1].elapsed_s <= logged[0].elapsed_s or logged[-1].step <= logged[0].step:
+        return None
+    return (logged[-1].step - logged[0].step) / (logged[-1].elapsed_s - logged[0].elapsed_s)
+
+
+def summarise(records: list[ProgressLine], snap: JobSnapshot, guard: Guard, elapsed_s: float) -> Progress:
+    training = [r for r in records if r.loss is not None]
+    last = records[-1] if records else None
+    total = next((r.total for r in reversed(records) if r.total), None)
+    step = last.step if last else 0
+    cost = guard.spent_before_usd + snap.billed_s / 3600 * guard.price_per_hour_usd
+    rate = steps_per_s(records)
+    eta = (total - step) / rate if rate and total and snap.state not in TERMINAL else None
+    projected = cost + eta / 3600 * guard.price_per_hour_usd if eta is not None else None
+    tokens = next((r.tokens_per_s for r in reversed(records) if r.tokens_per_s), None)
+    return Progress(
+        state=snap.state,
+        step=step,
+        max_steps=total,
+        epoch=last.epoch if last else None,
+        elapsed_s=elapsed_s,
+        billed_s=snap.billed_s,
+        cost_usd=cost,
+        projected_usd=projected,
+        eta_s=eta,
+        tokens_per_s=tokens,
+        losses=[LossPoint(step=r.step, loss=r.loss) for r in training if r.loss is not None],
+        first_metrics=training[0].metrics if training else {},
+        last_metrics=training[-1].metrics if training else {},
+    )
+
+
+def guard_reason(p: Progress, guard: Guard, poll_s: float, quiet_s: float | None) -> tuple[str, str] | None:
+    """(failure kind, why) when the guard must stop the job now."""
+    price = guard.price_per_hour_usd
+    if price > 0 and p.cost_usd + poll_s / 3600 * price > guard.max_usd:
+        return "budget", (
+            f"budget guard: ${p.cost_usd:.2f} spent after {p.billed_s / 60:.1f} billed min at ${price:.2f}/h; "
+            f"the next poll would pass max_usd ${guard.max_usd:.2f}"
+        )
+    if price > 0 and p.projected_usd is not None and p.projected_usd > guard.max_usd * (1 + guard.projection_margin):
+        return "projection", (
+            f"budget guard: at the measured speed the run would cost ${p.projected_usd:.2f} "
+            f"(step {p.step}/{p.max_steps}, ${p.cost_usd:.2f} so far), more than max_usd ${guard.max_usd:.2f} "
+            f"+ {guard.projection_margin:.0%}"
+        )
+    if guard.stall_s is not None and quiet_s is not None and quiet_s > guard.stall_s:
+        return "stalled", (
+            f"stuck: no progress line from the job for {quiet_s / 60:.1f} min (limit {guard.stall_s / 60:.1f} min, "
+            "budget.stall_minutes)"
+        )
+    return None
+
+
+def monitor_job(
+    backend: Backend,
+    handle: JobHandle,
+    guard: Guard,
+    poll_s: float = 1.0,
+    on_update: Callable[[Progress], None] | None = None,
+    stop_requested: Callable[[], str | None] | None = None,
+    max_unreachable_s: float = 600.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> JobStatus:
+    """Poll until the job ends (or the guard ends it) and say how it ended."""
+    start = clock()
+    records: list[ProgressLine] = []
+    seen = handle.log_start
+    snap = JobSnapshot(state="scheduling", billed_s=0.0)
+    running_since: float | None = None
+    last_line_at: float | None = None
+    unreachable_since: float | None = None
+    failure: str | None = None
+    detail = ""
+    progress = summarise(records, snap, guard, 0.0)
+    last_seen_step = None
+    while True:
+        try:
+            snap = backend.status(handle)
+            new_lines = backend.read_log(handle, seen)
+            unreachable_since = None
+        except BackendError as e:
+            # The job goes on without us; keep trying, counting its cost by our own clock.
+            now = clock()
+            unreachable_since = unreachable_since or now
+            if now - unreachable_since > max_unreachable_s:
+                failure, detail = "lost", f"lost contact with the job for {max_unreachable_s / 60:.0f} min: {e}"
+                break
+            snap = snap.model_copy(update={"billed_s": snap.billed_s + poll_s})
+            new_lines = []
+        seen += len(new_lines)
+        fresh = [r for r in map(parse_progress_line, new_lines) if r is not None]
+        now = clock()
+        if fresh:
+            records += fresh
+            last_line_at = now
+        if snap.state == "running" and running_since is None:
+            running_since = now
+        progress = summarise(records, snap, guard, now - start)
+        if on_update and (progress.step != last_seen_step or snap.state in TERMINAL or fresh):
+            on_update(progress)
+            last_seen_step = progress.step
+        if snap.state in TERMINAL:
+            break
+        quiet = None
+        if running_since is not None:
+            quiet = now - last_line_at if last_line_at is not None else now - running_since - guard.startup_grace_s
+        reason = guard_reason(progress, guard, poll_s, quiet)
+        if reason is None and stop_requested is not None:
+            asked = stop_requested()
+            reason = ("flow cancelled", asked) if asked else None
+        if reason is not None:
+            failure, detail = reason
+            backend.cancel(handle)
+            snap = _settle(backend, handle, snap, sleep)
+            progress = summarise(records, snap, guard, clock() - start)
+            if on_update:
+                on_update(progress)
+            break
+        sleep(poll_s)
+
+    if failure == "lost":
+        state = "failed"
+    elif failure is not None:
+        state = "cancelled"
+    else:
+        state = snap.state
+    if state == "completed":
+        detail = f"finished in {progress.elapsed_s:.1f} s ({progress.billed_s:.0f} s billed)"
+    elif state == "cancelled" and not detail:
+        detail = "cancelled" + (f": {snap.message}" if snap.message else " outside this flow")
+    elif state == "failed" and failure != "lost":
+        tail = backend.logs(handle, tail=30)
+        failure = "oom" if any(m in tail for m in OOM_MARKERS) else "error"
+        why = f" ({snap.message})" if snap.message else ""
+        detail = f"the training job failed{why}; last lines of its log:\n{tail}"
+    return JobStatus(
+        state=state,  # type: ignore[arg-type]
+        detail=detail,
+        failure=failure,  # type: ignore[arg-type]
+        job_id=handle.job_id,
+        backend=handle.backend,
+        url=handle.url,
+        billed_s=round(progress.billed_s, 1),
+        tokens_per_s=progress.tokens_per_s,
+        duration_s=round(progress.elapsed_s, 2),
+        steps=progress.step,
+        max_steps=progress.max_steps,
+        losses=progress.losses,
+        first_metrics=progress.first_metrics,
+        last_metrics=progress.last_metrics,
+        cost_usd=round(progress.cost_usd, 4),
+    )
+
+
+def _settle(backend: Backend, handle: JobHandle, snap: JobSnapshot, sleep: Callable[[float], None]) -> JobSnapshot:
+    """After a cancel, wait briefly for the job to stop, for its final billed time."""
+    for _ in range(20):
+        try:
+            snap = backend.status(handle)
+        except BackendError:
+            return snap
+        if snap.state in TERMINAL:
+            return snap
+        sleep(0.5)
+    return snap

@@ -1,0 +1,117 @@
+"""The tiny SFT with `backend: hf-jobs`, end to end through the same flow, against the
+executing Jobs stand-in: the job really trains, pushes checkpoints and outputs to the
+staging repo, and the rest of the lifecycle runs on what it fetched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.sft import sft
+from tasks.spec import load_spec
+from tests.conftest import EXAMPLES
+from tests.jobs_standin import JobsStandin
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "test-flow-token-9f8e7d6c5b4a"
+
+
+@pytest.fixture(scope="module")
+def standin():
+    with JobsStandin(require_token=TOKEN, schedule_s=0.2) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def jobs_env(standin, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("FINETUNE_POLL_S", "0.5")
+    standin.reset_counters()
+
+
+def _spec(tmp_path: Path, name: str, **outputs):
+    return load_spec(
+        EXAMPLES / "sft-tiny-hf-jobs.yaml",
+        {
+            "name": name,
+            "training": {"max_steps": 12, "save_steps": 5, "logging_steps": 2},
+            "outputs": {"hub_repo": str(tmp_path / "published" / name), **outputs},
+        },
+    )
+
+
+def _files_with(root: Path, needle: str) -> list[str]:
+    return [
+        str(p)
+        for p in root.rglob("*")
+        if p.is_file() and needle.encode() in p.read_bytes()  # binary files too: safetensors, sqlite, GGUF
+    ]
+
+
+def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
+    prefect_server, standin, tmp_path, tiny_model_path, capfd
+):
+    summary = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
+    assert summary.error is None, summary.stages
+    assert all(s.status == "passed" for s in summary.stages), summary.stages
+    assert standin.counts["create_job"] == 1
+
+    job = summary.job
+    assert job.backend == "hf-jobs" and job.state == "completed" and job.steps == job.max_steps == 12
+    assert [p.step for p in job.losses] == [2, 4, 6, 8, 10, 12]  # every progress line came back through the log
+    assert job.losses[-1].loss < job.losses[0].loss
+    assert job.billed_s > 0 and job.job_id in standin.jobs
+
+    # what the job pushed: checkpoints while training, then its outputs; inputs were uploaded first
+    staged = set(standin.repos["models/standin-user/finetune-hfjobs-e2e"].commits[-1][1])
+    assert {"train.py", "data/train.jsonl", "inputs/model/config.json", "train_result.json"} <= staged
+    assert any(f.startswith("checkpoints/checkpoint-10/") for f in staged)
+    assert any(f.startswith("model/") for f in staged) and any(f.startswith("trackio/") for f in staged)
+
+    # fetched into the run folder, then converted, smoke-tested and published as for a local run
+    run_dir = Path(summary.run_dir)
+    for name in ("model/model.safetensors", "train_result.json", "logs/train.log", "job.json", "report.md"):
+        assert (run_dir / name).exists(), name
+    assert any((run_dir / "trackio").glob("*.db"))
+    assert summary.gguf.files[0].passed and (tmp_path / "published" / "hfjobs-e2e" / "README.md").exists()
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["inputs"]["bytes"] > 1e6 and plan["cost"]["upload_s"] > 0
+    assert plan["script"]["config"]["model"] == "inputs/model"
+    assert job.job_id in (run_dir / "report.md").read_text()
+
+    # the token is nowhere: not in the run folder, the release, the job's spec, or what was printed
+    out, err = capfd.readouterr()
+    assert TOKEN not in out + err
+    assert _files_with(tmp_path, TOKEN) == []
+    body = json.loads(standin.received_bodies[-1])
+    assert TOKEN not in json.dumps({k: v for k, v in body.items() if k != "secrets"})
+
+    # the same run again re-attaches to the finished job instead of paying for another
+    again = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
+    assert again.error is None and again.job.job_id == job.job_id
+    assert standin.counts["create_job"] == 1
+
+
+def test_a_job_that_runs_out_of_memory_is_resubmitted_once_with_a_safer_plan(
+    prefect_server, standin, tmp_path, tiny_model_path
+):
+    standin.fail_next_jobs.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    summary = sft(spec=_spec(tmp_path, "hfjobs-oom", gguf=[]))
+    assert summary.error is None, summary.stages
+    assert standin.counts["create_job"] == 2
+    assert summary.job.state == "completed"
+    assert "ran out of memory" in summary.job.attempts[0]
+    assert "micro-batch 8 -> 4 with accumulation 1 -> 2" in summary.job.attempts[0]
+    config = json.loads(Path(summary.run_dir, "plan.json").read_text())["script"]["config"]["training"]
+    assert config["per_device_train_batch_size"] == 8  # the plan is what was approved; the script changed
+    assert "per_device_train_batch_size': 4" in Path(summary.run_dir, "train.py").read_text()
+    assert Path(summary.run_dir, "train.attempt1.py").exists()
+    assert "resubmitted once" in Path(summary.run_dir, "report.md").read_text()
