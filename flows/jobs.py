@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.models import JobHandle
+from tasks.money import usd
 from tasks.run.backends import BackendError, get_backend, load_handle
 from tasks.run.progress_line import parse_progress_line
 from tasks.rundir import runs_root
@@ -82,7 +83,7 @@ def status_main(argv: list[str] | None = None) -> int:
             print(
                 f"{info['run']}: {info['backend']} job {info['job_id']} {info['state']}"
                 + (f" ({info['message']})" if info["message"] else "")
-                + f"; {steps}{loss}; {info['billed_s']:.0f} s billed, ${info['cost_usd']:.2f}"
+                + f"; {steps}{loss}; {info['billed_s']:.0f} s billed, {usd(info['cost_usd'])}"
             )
             if info["url"]:
                 print(f"  {info['url']}")

@@ -18,6 +18,7 @@ from tasks.hub import publish_target
 from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
 from tasks.model_source import load_config, resolve_model
 from tasks.models import Approval, CostEstimate, JobStatus, RunPlan, RunSummary, StageOutcome, TrainingScript
+from tasks.money import usd
 from tasks.report import plan_markdown, summary_markdown
 from tasks.run.backends import JobRequest, get_backend
 from tasks.run.monitor import Guard
@@ -181,7 +182,7 @@ def plan_outcomes(plan: RunPlan) -> list[StageOutcome]:
     details = {
         "validate_dataset": f"{d.rows} rows, format {d.format}, {len(d.warnings)} warning(s)",
         "select_hardware": f"{h.flavor}, LoRA {'on' if h.use_lora else 'off'}, peak ~{h.estimated_peak_memory_gb:.2f} GB",
-        "estimate_cost": f"${c.usd:.2f} (range ${c.usd_low:.2f}-${c.usd_high:.2f}), ~{c.hours * 60:.1f} min",
+        "estimate_cost": f"{usd(c.usd)} (range {usd(c.usd_low)}-{usd(c.usd_high)}), ~{c.hours * 60:.1f} min",
         "build_script": plan.script.path,
     }
     return [StageOutcome(stage=s, status="passed", detail=details[s]) for s in PLAN_STAGES]
@@ -289,7 +290,7 @@ def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:
             "usd": cost.hours * price_per_hour,
             "usd_low": cost.hours_low * price_per_hour,
             "usd_high": cost.hours_high * price_per_hour,
-            "basis": cost.basis + f"; price refreshed to ${price_per_hour:.2f}/h",
+            "basis": cost.basis + f"; price refreshed to {usd(price_per_hour)}/h",
         }
     )
 
@@ -299,8 +300,8 @@ def account_detail(account: object, cost: CostEstimate) -> str:
     if namespace is None:
         return "this machine: nothing to check"
     return (
-        f"namespace {namespace}; {cost.flavor} at ${cost.price_per_hour_usd:.2f}/h from "
-        f"{getattr(account, 'price_source', 'catalogue')}; estimate ${cost.usd:.2f} (up to ${cost.usd_high:.2f})"
+        f"namespace {namespace}; {cost.flavor} at {usd(cost.price_per_hour_usd)}/h from "
+        f"{getattr(account, 'price_source', 'catalogue')}; estimate {usd(cost.usd)} (up to {usd(cost.usd_high)})"
     )
 
 
@@ -333,14 +334,14 @@ def oom_retry(
     """A safer script for one more attempt after an out-of-memory failure, when one exists and
     the approved budget still covers a whole new run; else None and why not."""
     changed = safer_training(script.config["training"])
-    first = f"attempt 1 ran out of memory after {job.steps} steps (${job.cost_usd:.2f})"
+    first = f"attempt 1 ran out of memory after {job.steps} steps ({usd(job.cost_usd)})"
     if changed is None:
         return None, f"{first}; nothing safer to try (micro-batch 1 with gradient checkpointing already)"
     training, what = changed
     if job.cost_usd + cost.usd_high > approval.max_usd:
         return None, (
-            f"{first}; not resubmitted: ${job.cost_usd:.2f} spent + up to ${cost.usd_high:.2f} for another attempt "
-            f"would pass max_usd ${approval.max_usd:.2f}"
+            f"{first}; not resubmitted: {usd(job.cost_usd)} spent + up to {usd(cost.usd_high)} for another attempt "
+            f"would pass max_usd {usd(approval.max_usd)}"
         )
     run_dir = Path(plan.run_dir)
     Path(script.path).replace(run_dir / "train.attempt1.py")  # kept for the record

@@ -16,6 +16,7 @@ from pathlib import Path
 from prefect.input import RunInput
 
 from tasks.models import Approval, CostEstimate
+from tasks.money import usd
 from tasks.spec import Budget
 
 
@@ -43,14 +44,14 @@ def auto_decision(cost: CostEstimate, budget: Budget) -> Approval | None:
     """
     if cost.usd > budget.max_usd:
         raise BudgetExceeded(
-            f"estimated cost ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}) is above "
-            f"budget.max_usd ${budget.max_usd:.2f}; raise max_usd, shorten the run, or pick cheaper hardware"
+            f"estimated cost {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}) is above "
+            f"budget.max_usd {usd(budget.max_usd)}; raise max_usd, shorten the run, or pick cheaper hardware"
         )
     if cost.usd_high <= budget.auto_approve_usd:
         return Approval(
             approved=True,
             by="auto",
-            reason=(f"estimated ${cost.usd_high:.2f} at most, within auto_approve_usd ${budget.auto_approve_usd:.2f}"),
+            reason=(f"estimated {usd(cost.usd_high)} at most, within auto_approve_usd {usd(budget.auto_approve_usd)}"),
             max_usd=budget.max_usd,
             estimated_usd=cost.usd,
         )
@@ -62,7 +63,7 @@ def decision_from_input(answer: ApprovalInput, cost: CostEstimate, budget: Budge
         raise NotApproved(f"the run was declined{': ' + answer.reason if answer.reason else ''}")
     max_usd = answer.max_usd if answer.max_usd is not None else budget.max_usd
     if cost.usd > max_usd:
-        raise NotApproved(f"approved max_usd ${max_usd:.2f} is below the estimate ${cost.usd:.2f}")
+        raise NotApproved(f"approved max_usd {usd(max_usd)} is below the estimate {usd(cost.usd)}")
     return Approval(
         approved=True,
         by="user",
@@ -82,7 +83,7 @@ def has_api_server() -> bool:
 
 def how_to_approve(run_name: str, cost: CostEstimate) -> str:
     return (
-        f"run '{run_name}' needs approval: estimated ${cost.usd:.2f} (up to ${cost.usd_high:.2f}). Approve it with "
+        f"run '{run_name}' needs approval: estimated {usd(cost.usd)} (up to {usd(cost.usd_high)}). Approve it with "
         f"`--approve-up-to {cost.usd_high:.2f}` on the command line, or run against a Prefect server "
         "(PREFECT_API_URL) and answer the pause from the UI, `python -m flows.approve <run>` or the REST API"
     )
@@ -90,7 +91,7 @@ def how_to_approve(run_name: str, cost: CostEstimate) -> str:
 
 def _terminal_prompt(run_name: str, cost: CostEstimate, ask: Callable[[str], str] | None = None) -> bool:
     print(
-        f"\nRun '{run_name}' is estimated at ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}), "
+        f"\nRun '{run_name}' is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
         f"{cost.hours * 60:.0f} min on {cost.flavor}.",
         file=sys.stderr,
     )
@@ -122,10 +123,10 @@ def request_approval(
                 by="command line",
                 max_usd=budget.max_usd,
                 estimated_usd=cost.usd,
-                reason=f"pre-approved up to ${approve_up_to_usd:.2f} (--approve-up-to)",
+                reason=f"pre-approved up to {usd(approve_up_to_usd)} (--approve-up-to)",
             )
         raise NotApproved(
-            f"the estimate reaches ${cost.usd_high:.2f}, above --approve-up-to ${approve_up_to_usd:.2f}; "
+            f"the estimate reaches {usd(cost.usd_high)}, above --approve-up-to {usd(approve_up_to_usd)}; "
             "raise it to approve this run"
         )
     if not has_api_server():
@@ -149,8 +150,8 @@ def request_approval(
     if ctx is not None and ctx.flow_run is not None:  # lets `flows.approve <run-name>` find the pause
         (run_dir / "approval.json").write_text(json.dumps({"flow_run_id": str(ctx.flow_run.id), "run": run_name}))
     description = (
-        f"Run `{run_name}` is estimated at ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f}), "
-        f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd ${budget.auto_approve_usd:.2f}. "
+        f"Run `{run_name}` is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
+        f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd {usd(budget.auto_approve_usd)}. "
         f"Approve to start it; it stops unapproved after {timeout_s} s."
     )
     try:

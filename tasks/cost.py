@@ -22,6 +22,7 @@ from typing import Any
 from tasks.flavors import Flavor
 from tasks.memory import Architecture, Workload, flops_per_token
 from tasks.models import CostEstimate, DatasetReport
+from tasks.money import usd
 from tasks.run.backends import runs_on_this_machine
 
 # Share of the peak a training step achieves, by what is trained. On GPUs an assumption
@@ -126,7 +127,7 @@ def estimate_for(
         + (f", plus {int(gen_tokens):,} generated tokens ({gen_s / 60:.1f} min)" if w.method == "grpo" else "")
         + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s at {utilisation:.0%} utilisation"
         + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
-        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; ${price:.2f}/h"
+        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
     )
     return CostEstimate(
         flavor=flavor.name,

@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.money import usd
+
 CATALOGUE_FILE = Path(__file__).resolve().parent / "data" / "flavors.yaml"
 
 
@@ -41,8 +43,8 @@ class Flavor(BaseModel):
     def describe(self) -> str:
         if self.is_gpu:
             gpus = f"{self.count}x {self.accelerator}" if self.count > 1 else self.accelerator
-            return f"{self.name}: {gpus} ({self.memory_gb:.0f} GB each), ${self.price_per_hour:.2f}/h"
-        return f"{self.name}: {self.vcpus} vCPU, {self.ram_gb:.0f} GB RAM, ${self.price_per_hour:.2f}/h"
+            return f"{self.name}: {gpus} ({self.memory_gb:.0f} GB each), {usd(self.price_per_hour)}/h"
+        return f"{self.name}: {self.vcpus} vCPU, {self.ram_gb:.0f} GB RAM, {usd(self.price_per_hour)}/h"
 
 
 class Catalogue(BaseModel):

@@ -23,6 +23,7 @@ from tasks.cost import estimate_for, training_steps, training_tokens
 from tasks.flavors import Catalogue, Flavor, load_catalogue
 from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
+from tasks.money import usd
 from tasks.run.backends import runs_on_this_machine
 from tasks.spec import RunSpec
 
@@ -267,7 +268,7 @@ def _nothing_fits(
     if spec.lora.enabled is False:
         lines.append("- lora: auto (or true/qlora) trains an adapter and needs far less memory")
     elif spec.lora.enabled is True and (best := _cheapest_fit(spec, candidates, ["qlora"], arch, args, report)):
-        lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about ${best.usd:.2f}")
+        lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about {usd(best.usd)}")
     if int(args.get("per_device_train_batch_size", 1)) > 1:
         lines.append("- per_device_train_batch_size 1 with gradient_accumulation_steps to keep the effective batch")
     if runs_on_this_machine(spec.backend):
@@ -275,7 +276,7 @@ def _nothing_fits(
     elif spec.hardware != "auto":
         others = [f for f in load_catalogue(spec.flavors).flavors.values() if f.count <= 1]
         if best := _cheapest_fit(spec, others, modes, arch, args, report):
-            lines.append(f"- hardware: {best.flavor} ({best.mode}, about ${best.usd:.2f}), or hardware: auto")
+            lines.append(f"- hardware: {best.flavor} ({best.mode}, about {usd(best.usd)}), or hardware: auto")
     else:
         lines.append(f"- nothing bigger is listed: the biggest single-GPU flavor is {biggest.describe()}")
     return "\n".join(lines)

@@ -45,9 +45,17 @@ def publish_target(hub_repo: str) -> tuple[Literal["folder", "hub"], str]:
     )
 
 
+def stored_token() -> str | None:
+    """The token `hf auth login` saved (huggingface_hub's own lookup: HF_TOKEN, then the token file)."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
 def resolve_token() -> str | None:
-    """HF_TOKEN from the environment, else the Prefect Secret block (if a server has one)."""
-    token = os.environ.get("HF_TOKEN")
+    """HF_TOKEN from the environment, the token `hf auth login` stored, else the Prefect
+    Secret block (if a server has one)."""
+    token = os.environ.get("HF_TOKEN") or stored_token()
     if token:
         return token
     try:

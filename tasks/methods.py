@@ -56,7 +56,8 @@ SFT = MethodDefinition(
         "prompt_completion": ("prompt", "completion"),
         "text": ("text",),
     },
-    training_defaults=_COMMON_DEFAULTS,
+    # counts real (non-padding) tokens, so the progress lines can report tokens/s
+    training_defaults={**_COMMON_DEFAULTS, "include_num_input_tokens_seen": "non_padding"},
 )
 
 DPO = MethodDefinition(

@@ -14,6 +14,7 @@ import yaml
 
 from tasks.dataset_io import HUB_ID
 from tasks.models import GgufFiles, JobResult, JobStatus, RunPlan
+from tasks.money import usd
 from tasks.report import gguf_cells
 from tasks.spec import RunSpec
 
@@ -168,8 +169,8 @@ def model_card(
         "",
         "## Cost",
         "",
-        f"${cost_usd:.2f} (estimated before the run: ${plan.cost.usd:.2f}, "
-        f"range ${plan.cost.usd_low:.2f}-${plan.cost.usd_high:.2f}).",
+        f"{usd(cost_usd)} (estimated before the run: {usd(plan.cost.usd)}, "
+        f"range {usd(plan.cost.usd_low)}-{usd(plan.cost.usd_high)}).",
         "",
     ]
     if gguf is not None and gguf.files:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tasks.models import GgufFile, RunPlan, RunSummary
+from tasks.money import usd
 
 
 def _gb(x: float) -> str:
@@ -34,7 +35,7 @@ def plan_markdown(plan: RunPlan) -> str:
         "",
         "## Cost",
         f"- time: {_duration(c.hours)} (range {_duration(c.hours_low)} - {_duration(c.hours_high)})",
-        f"- cost: ${c.usd:.2f} (range ${c.usd_low:.2f} - ${c.usd_high:.2f}) at ${c.price_per_hour_usd:.2f}/h",
+        f"- cost: {usd(c.usd)} (range {usd(c.usd_low)} - {usd(c.usd_high)}) at {usd(c.price_per_hour_usd)}/h",
         f"- basis: {c.basis}",
         "",
         "## Script",
@@ -83,7 +84,7 @@ def summary_markdown(s: RunSummary) -> str:
     if s.job:
         j = s.job
         steps = f"{j.steps}/{j.max_steps}" if j.max_steps else str(j.steps)
-        lines.append(f"- training: {j.state}, {steps} steps in {j.duration_s:.1f} s, cost ${j.cost_usd:.2f}")
+        lines.append(f"- training: {j.state}, {steps} steps in {j.duration_s:.1f} s, cost {usd(j.cost_usd)}")
         where = f" ({j.url})" if j.url else ""
         lines.append(f"- job: {j.backend} `{j.job_id}`{where}, {j.billed_s:.0f} s billed")
         if j.tokens_per_s:
@@ -153,7 +154,7 @@ def summary_text(s: RunSummary) -> str:
     out.append(f"  hardware: {p.hardware.description}; LoRA: {'yes' if p.hardware.use_lora else 'no'}")
     if s.job:
         out.append(
-            f"  training: {s.job.state}, {s.job.steps} steps in {s.job.duration_s:.1f} s, cost ${s.job.cost_usd:.2f}"
+            f"  training: {s.job.state}, {s.job.steps} steps in {s.job.duration_s:.1f} s, cost {usd(s.job.cost_usd)}"
         )
         out.append(f"  job: {s.job.backend} {s.job.job_id}" + (f" {s.job.url}" if s.job.url else ""))
         out += [f"  {a}" for a in s.job.attempts]

@@ -20,7 +20,7 @@ from tasks.spec import RunSpec
 TEMPLATES = Path(__file__).resolve().parent.parent / "training" / "templates"
 CONFIG_MARKER = "CONFIG: dict = {}  # @@CONFIG@@"
 DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
-SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio")
+SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio", "huggingface_hub")
 
 
 def pinned_dependencies(qlora: bool = False) -> list[str]:

@@ -34,6 +34,7 @@ from tasks.models import (
     StageOutcome,
     TrainingScript,
 )
+from tasks.money import usd
 from tasks.rewards import RewardSource
 from tasks.run.backends import Account, JobRequest, get_backend
 from tasks.run.fetch import fetch_artifacts
@@ -106,7 +107,7 @@ def estimate_cost_task(
     from tasks.model_source import load_config
 
     cost = estimate_cost(spec, load_config(model_path), plan, report, training_args)
-    _log(f"estimate: {cost.hours * 60:.1f} min, ${cost.usd:.2f} (range ${cost.usd_low:.2f}-${cost.usd_high:.2f})")
+    _log(f"estimate: {cost.hours * 60:.1f} min, {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)})")
     return cost
 
 
@@ -127,7 +128,7 @@ def check_account_task(backend_name: str, flavor: str) -> Account:
     """Credentials, namespace and the flavor's current price, before approval and upload."""
     account = get_backend(backend_name).preflight(flavor)
     if account.namespace:
-        price = f"${account.price_per_hour_usd:.2f}/h" if account.price_per_hour_usd is not None else "no price"
+        price = f"{usd(account.price_per_hour_usd)}/h" if account.price_per_hour_usd is not None else "no price"
         _log(f"{backend_name}: namespace {account.namespace}; {flavor} {price} from {account.price_source}")
     return account
 
@@ -206,9 +207,9 @@ class ProgressBarFor:
             for k in ("train/rewards/margins", "train/rewards/accuracies", "train/reward")
             if k in p.last_metrics
         )
-        money = f" | ${p.cost_usd:.2f} so far" if p.cost_usd else ""
+        money = f" | {usd(p.cost_usd)} so far" if p.cost_usd else ""
         if p.projected_usd is not None and p.cost_usd:
-            money += f", ~${p.projected_usd:.2f} projected"
+            money += f", ~{usd(p.projected_usd)} projected"
         eta = f" | ETA {p.eta_s / 60:.1f} min" if p.eta_s is not None else ""
         speed = f" | {p.tokens_per_s:.0f} tok/s" if p.tokens_per_s else ""
         for point in p.losses[self.logged :]:

@@ -51,3 +51,30 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="session")
+def jobs_standin() -> Iterator[object]:
+    """One executing stand-in of the Hub and Jobs API for the session (tests/jobs_standin.py)."""
+    from tests.jobs_standin import STANDIN_TOKEN, JobsStandin
+
+    with JobsStandin(require_token=STANDIN_TOKEN, schedule_s=0.2) as server:
+        yield server
+
+
+@pytest.fixture
+def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> object:
+    """huggingface_hub pointed at the stand-in, with its token; Xet restored afterwards."""
+    import huggingface_hub.constants as constants
+
+    from tests.jobs_standin import STANDIN_TOKEN
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    monkeypatch.setenv("HF_ENDPOINT", jobs_standin.endpoint)
+    monkeypatch.setenv("HF_TOKEN", STANDIN_TOKEN)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("FINETUNE_POLL_S", "0.5")
+    jobs_standin.can_pay = True
+    jobs_standin.fail_next_jobs.clear()
+    jobs_standin.reset_counters()
+    return jobs_standin

@@ -33,6 +33,8 @@ from typing import Any
 
 from tests.hub_standin import JSON, HubError, HubStandin, _Req
 
+STANDIN_TOKEN = "test-jobs-token-0123456789abcdef"  # what the tests' stand-in accepts; never a real token
+
 UV_SHIM = f"""#!{sys.executable}
 # Stand-in for the uv of the job image: `uv run [--with PKG]... [--python V] [--] CMD...`
 import os, sys

@@ -125,11 +125,16 @@ def test_a_command_line_pre_approval_covers_only_what_it_says(tmp_path):
     assert request_approval(_cost(0.5), BUDGET, "pre", tmp_path, 60).by == "auto"
 
 
-def test_a_cloud_run_stops_after_approval_saying_submission_is_not_available(prefect_server):
+def test_a_cloud_run_without_a_token_stops_before_approval_and_before_any_upload(prefect_server, monkeypatch):
     from flows.sft import sft
+    from tasks import hub
+    from tasks.run.backends import BackendError
     from tasks.spec import parse_spec
     from tests.conftest import EXAMPLES
 
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(hub, "stored_token", lambda: None)  # no `hf auth login` token either
+    monkeypatch.setenv("FINETUNE_HF_TOKEN_BLOCK", "no-such-block")
     spec = parse_spec(
         {
             "dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"),
@@ -139,7 +144,8 @@ def test_a_cloud_run_stops_after_approval_saying_submission_is_not_available(pre
             "outputs": {"gguf": []},
         }
     )
-    with pytest.raises(NotImplementedError, match="backend 'hf-jobs' cannot submit jobs yet"):
+    with pytest.raises(BackendError, match="no Hugging Face token for backend hf-jobs: set HF_TOKEN"):
         sft(spec=spec)
     report = Path(runs_root() / "cloud-run" / "report.md").read_text()
-    assert "| approve | passed |" in report and "| submit_job | failed |" in report
+    assert "| check_account | failed |" in report and "| approve | not run |" in report
+    assert not (runs_root() / "cloud-run" / "job.json").exists()

@@ -10,31 +10,15 @@ from pathlib import Path
 import pytest
 
 from flows.sft import sft
+from tasks.run.backends import JobRequest, get_backend
+from tasks.run.monitor import Guard, monitor_job
 from tasks.spec import load_spec
 from tests.conftest import EXAMPLES
-from tests.jobs_standin import JobsStandin
+from tests.jobs_standin import STANDIN_TOKEN
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("jobs_env")]
 
-TOKEN = "test-flow-token-9f8e7d6c5b4a"
-
-
-@pytest.fixture(scope="module")
-def standin():
-    with JobsStandin(require_token=TOKEN, schedule_s=0.2) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def jobs_env(standin, monkeypatch):
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
-    monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("FINETUNE_POLL_S", "0.5")
-    standin.reset_counters()
+TOKEN = STANDIN_TOKEN
 
 
 def _spec(tmp_path: Path, name: str, **outputs):
@@ -57,21 +41,21 @@ def _files_with(root: Path, needle: str) -> list[str]:
 
 
 def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
-    prefect_server, standin, tmp_path, tiny_model_path, capfd
+    prefect_server, jobs_standin, tmp_path, tiny_model_path, capfd
 ):
     summary = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
     assert summary.error is None, summary.stages
     assert all(s.status == "passed" for s in summary.stages), summary.stages
-    assert standin.counts["create_job"] == 1
+    assert jobs_standin.counts["create_job"] == 1
 
     job = summary.job
     assert job.backend == "hf-jobs" and job.state == "completed" and job.steps == job.max_steps == 12
     assert [p.step for p in job.losses] == [2, 4, 6, 8, 10, 12]  # every progress line came back through the log
     assert job.losses[-1].loss < job.losses[0].loss
-    assert job.billed_s > 0 and job.job_id in standin.jobs
+    assert job.billed_s > 0 and job.job_id in jobs_standin.jobs
 
     # what the job pushed: checkpoints while training, then its outputs; inputs were uploaded first
-    staged = set(standin.repos["models/standin-user/finetune-hfjobs-e2e"].commits[-1][1])
+    staged = set(jobs_standin.repos["models/standin-user/finetune-hfjobs-e2e"].commits[-1][1])
     assert {"train.py", "data/train.jsonl", "inputs/model/config.json", "train_result.json"} <= staged
     assert any(f.startswith("checkpoints/checkpoint-10/") for f in staged)
     assert any(f.startswith("model/") for f in staged) and any(f.startswith("trackio/") for f in staged)
@@ -91,22 +75,40 @@ def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
     out, err = capfd.readouterr()
     assert TOKEN not in out + err
     assert _files_with(tmp_path, TOKEN) == []
-    body = json.loads(standin.received_bodies[-1])
+    body = json.loads(jobs_standin.received_bodies[-1])
     assert TOKEN not in json.dumps({k: v for k, v in body.items() if k != "secrets"})
 
     # the same run again re-attaches to the finished job instead of paying for another
     again = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
     assert again.error is None and again.job.job_id == job.job_id
-    assert standin.counts["create_job"] == 1
+    assert jobs_standin.counts["create_job"] == 1
+
+    # a new job of the run (as after a crash) starts from the last checkpoint the first one pushed
+    backend = get_backend("hf-jobs")
+    request = JobRequest(
+        run_name="hfjobs-e2e",
+        run_dir=summary.run_dir,
+        script=summary.plan.script,
+        model_path=summary.plan.model_path,
+        flavor="cpu-basic",
+        timeout_s=600,
+        attempt=2,
+    )
+    second = monitor_job(backend, backend.submit(request), Guard(max_usd=1, price_per_hour_usd=0.01), poll_s=0.5)
+    assert second.state == "completed" and jobs_standin.counts["create_job"] == 2
+    log = (run_dir / "logs" / "train.log").read_text()  # the new job's log; the first one's is kept beside it
+    assert "resuming from" in log and "checkpoints/checkpoint-12" in log
+    assert '"event": "start", "step": 12' in log  # it started where the first job stopped, not at step 0
+    assert (run_dir / "logs" / f"train.{job.job_id}.log").exists()
 
 
 def test_a_job_that_runs_out_of_memory_is_resubmitted_once_with_a_safer_plan(
-    prefect_server, standin, tmp_path, tiny_model_path
+    prefect_server, jobs_standin, tmp_path, tiny_model_path
 ):
-    standin.fail_next_jobs.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    jobs_standin.fail_next_jobs.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     summary = sft(spec=_spec(tmp_path, "hfjobs-oom", gguf=[]))
     assert summary.error is None, summary.stages
-    assert standin.counts["create_job"] == 2
+    assert jobs_standin.counts["create_job"] == 2
     assert summary.job.state == "completed"
     assert "ran out of memory" in summary.job.attempts[0]
     assert "micro-batch 8 -> 4 with accumulation 1 -> 2" in summary.job.attempts[0]
@@ -115,3 +117,43 @@ def test_a_job_that_runs_out_of_memory_is_resubmitted_once_with_a_safer_plan(
     assert "per_device_train_batch_size': 4" in Path(summary.run_dir, "train.py").read_text()
     assert Path(summary.run_dir, "train.attempt1.py").exists()
     assert "resubmitted once" in Path(summary.run_dir, "report.md").read_text()
+
+
+def test_cancelling_the_flow_run_in_prefect_cancels_the_remote_job(
+    prefect_server, jobs_standin, tmp_path, tiny_model_path
+):
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    spec = _spec(tmp_path, "hfjobs-cancel", gguf=[])
+    spec = spec.model_copy(update={"training": {**spec.training, "max_steps": 100000, "save_steps": 100000}})
+    errors: list[BaseException] = []
+    flow_thread = threading.Thread(target=lambda: _run_collecting(spec, errors), daemon=True)
+    flow_thread.start()
+    run_dir = tmp_path / "runs" / "hfjobs-cancel"
+    deadline = time.time() + 180
+    while time.time() < deadline and "FINETUNE_PROGRESS" not in _text(run_dir / "logs" / "train.log"):
+        time.sleep(0.5)  # until the job trains
+    handle = json.loads((run_dir / "job.json").read_text())
+    assert jobs_standin.jobs[handle["job_id"]].stage == "RUNNING"
+    with get_client(sync_client=True) as client:  # what the UI's and the CLI's cancel do
+        client.set_flow_run_state(handle["flow_run_id"], Cancelling(), force=True)
+    flow_thread.join(timeout=90)
+    assert not flow_thread.is_alive()
+    assert jobs_standin.jobs[handle["job_id"]].stage == "CANCELED"
+    assert errors and "the flow run was cancelled" in str(errors[0])
+    assert "| monitor | failed |" in (run_dir / "report.md").read_text()
+
+
+def _run_collecting(spec, errors: list[BaseException]) -> None:
+    try:
+        sft(spec=spec)
+    except BaseException as e:  # the flow ends with the job cancelled: recorded for the test
+        errors.append(e)
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""

@@ -1,10 +1,11 @@
 """Hugging Face Jobs through the real huggingface_hub client, against an executing stand-in
-of the Jobs and Hub API (tests/jobs_standin.py): each job's command really runs, as a local
+of the Jobs and Hub API (tests/jobs_jobs_standin.py): each job's command really runs, as a local
 process, so submission, upload, logs, progress, checkpoints, push and fetch are exercised."""
 
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import time
 from pathlib import Path
@@ -15,36 +16,21 @@ from tasks.models import TrainingScript
 from tasks.run.backends import BackendError, JobRequest, get_backend, load_handle
 from tasks.run.backends.hf_jobs import HfJobsBackend
 from tasks.run.monitor import Guard, monitor_job
-from tests.jobs_standin import JobsStandin
+from tests.jobs_standin import STANDIN_TOKEN
 
-TOKEN = "test-jobs-token-0123456789abcdef"
+pytestmark = pytest.mark.usefixtures("jobs_env")
 
-
-@pytest.fixture(scope="module")
-def standin():
-    with JobsStandin(require_token=TOKEN, schedule_s=0.2) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def jobs_env(standin, monkeypatch):
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
-    monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("FINETUNE_POLL_S", "0.5")
-    standin.can_pay = True
-    standin.reset_counters()
+TOKEN = STANDIN_TOKEN
 
 
 def _backend() -> HfJobsBackend:
     return HfJobsBackend(retry_delays_s=(0.1, 0.2, 0.4))
 
 
-def _request(tmp_path: Path, body: str, name: str = "job-test", timeout_s: int = 120) -> JobRequest:
-    """A run folder whose train.py is `body`: enough for the backend, without training."""
+def _request(tmp_path: Path, body: str, name: str | None = None, timeout_s: int = 120) -> JobRequest:
+    """A run folder whose train.py is `body`: enough for the backend, without training.
+    Each test's run has its own name (the stand-in lives for the whole session)."""
+    name = name or re.sub(r"[^a-z0-9-]", "-", tmp_path.name.lower())[-40:].strip("-")
     run_dir = tmp_path / "runs" / name
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     (run_dir / "data" / "train.jsonl").write_text('{"text": "1 + 1 = 2"}\n')
@@ -69,9 +55,9 @@ for step in range(1, {steps} + 1):
 """
 
 
-def test_a_job_runs_remotely_and_its_progress_comes_back_through_the_log(standin, tmp_path):
+def test_a_job_runs_remotely_and_its_progress_comes_back_through_the_log(jobs_standin, tmp_path):
     backend = _backend()
-    request = _request(tmp_path, PROGRESS.format(steps=4, total=4, sleep=0.05) + "print('done')\n")
+    request = _request(tmp_path, PROGRESS.format(steps=4, total=4, sleep=0.05) + "print('done')\n", name="job-test")
     handle = backend.submit(request)
     assert load_handle(Path(request.run_dir)) == handle  # another process can find it
     assert handle.staging_repo == "standin-user/finetune-job-test" and handle.namespace == "standin-user"
@@ -82,14 +68,28 @@ def test_a_job_runs_remotely_and_its_progress_comes_back_through_the_log(standin
     assert status.billed_s > 0 and status.cost_usd > 0
     assert "done" in Path(handle.log_path).read_text()  # the job's log is kept in the run folder
     # the script and data went to a private staging repo; the job's request carried the token as a secret
-    repo = standin.repos["models/standin-user/finetune-job-test"]
+    repo = jobs_standin.repos["models/standin-user/finetune-job-test"]
     assert repo.private and {"train.py", "data/train.jsonl"} <= set(repo.commits[-1][1])
-    body = json.loads(standin.received_bodies[-1])
+    body = json.loads(jobs_standin.received_bodies[-1])
     assert body["secrets"] == {"HF_TOKEN": TOKEN}
     assert TOKEN not in json.dumps(body["environment"]) and TOKEN not in json.dumps(body["command"])
     assert body["flavor"] == "cpu-basic" and body["timeoutSeconds"] == 120
     assert body["labels"]["finetune-run"] == "job-test" and len(body["labels"]["finetune-key"]) == 16
     assert body["dockerImage"].startswith("ghcr.io/astral-sh/uv")
+
+
+def test_the_token_stays_out_of_debug_logs_even_with_hf_debug(monkeypatch, caplog, tmp_path):
+    import logging
+
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_DEBUG", True)  # what HF_DEBUG=1 turns on: curl dumps of every request
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    backend = _backend()
+    handle = backend.submit(_request(tmp_path, "print('hi')\n", name="debug-run"))
+    assert any("Send:" in r.getMessage() for r in caplog.records)  # the dumps are on...
+    assert all(TOKEN not in r.getMessage() for r in caplog.records)  # ...but never with the token
+    assert monitor_job(backend, handle, Guard(max_usd=1, price_per_hour_usd=0.6), poll_s=0.2).state == "completed"
 
 
 def test_a_failed_job_reports_its_state_and_the_end_of_its_log(tmp_path):
@@ -107,17 +107,17 @@ def test_out_of_memory_is_recognised_from_the_log(tmp_path):
     assert status.state == "failed" and status.failure == "oom"
 
 
-def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(standin, tmp_path):
+def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(jobs_standin, tmp_path):
     backend = _backend()
     handle = backend.submit(_request(tmp_path, "import time\ntime.sleep(120)\n"))
     # $3600/h is $1 per billed second: with max_usd $2.5 the guard must stop it after ~2 s
     status = monitor_job(backend, handle, Guard(max_usd=2.5, price_per_hour_usd=3600.0), poll_s=0.25)
     assert status.state == "cancelled" and status.failure == "budget"
     assert "next poll would pass max_usd $2.50" in status.detail
-    assert standin.jobs[handle.job_id].stage == "CANCELED"
+    assert jobs_standin.jobs[handle.job_id].stage == "CANCELED"
 
 
-def test_the_projection_stops_a_run_that_would_cost_too_much(standin, tmp_path):
+def test_the_projection_stops_a_run_that_would_cost_too_much(jobs_standin, tmp_path):
     backend = _backend()
     body = PROGRESS.format(steps=1000, total=1000, sleep=0.1)
     handle = backend.submit(_request(tmp_path, body))
@@ -126,19 +126,19 @@ def test_the_projection_stops_a_run_that_would_cost_too_much(standin, tmp_path):
     status = monitor_job(backend, handle, guard, poll_s=0.3)
     assert status.state == "cancelled" and status.failure == "projection", status.detail
     assert "at the measured speed" in status.detail and status.cost_usd < 0.30
-    assert standin.jobs[handle.job_id].stage == "CANCELED"
+    assert jobs_standin.jobs[handle.job_id].stage == "CANCELED"
 
 
-def test_a_job_that_prints_nothing_is_cancelled_as_stuck(standin, tmp_path):
+def test_a_job_that_prints_nothing_is_cancelled_as_stuck(jobs_standin, tmp_path):
     backend = _backend()
     handle = backend.submit(_request(tmp_path, "import time\ntime.sleep(120)\n"))
     status = monitor_job(backend, handle, Guard(max_usd=5.0, price_per_hour_usd=0.01, stall_s=1.5), poll_s=0.25)
     assert status.state == "cancelled" and status.failure == "stalled"
     assert "no progress line" in status.detail
-    assert standin.jobs[handle.job_id].stage == "CANCELED"
+    assert jobs_standin.jobs[handle.job_id].stage == "CANCELED"
 
 
-def test_a_cancel_request_cancels_the_remote_job(standin, tmp_path):
+def test_a_cancel_request_cancels_the_remote_job(jobs_standin, tmp_path):
     backend = _backend()
     handle = backend.submit(_request(tmp_path, "import time\ntime.sleep(120)\n"))
     asked = iter([None, None, "the flow run was cancelled"])
@@ -146,10 +146,10 @@ def test_a_cancel_request_cancels_the_remote_job(standin, tmp_path):
         backend, handle, Guard(max_usd=5.0, price_per_hour_usd=0.01), poll_s=0.2, stop_requested=lambda: next(asked)
     )
     assert status.state == "cancelled" and status.failure == "flow cancelled"
-    assert standin.jobs[handle.job_id].stage == "CANCELED"
+    assert jobs_standin.jobs[handle.job_id].stage == "CANCELED"
 
 
-def test_the_cancellation_hook_finds_the_job_of_a_flow_run(standin, tmp_path):
+def test_the_cancellation_hook_finds_the_job_of_a_flow_run(jobs_standin, tmp_path):
     from types import SimpleNamespace
 
     from flows.jobs import cancel_job_of_flow_run
@@ -158,61 +158,64 @@ def test_the_cancellation_hook_finds_the_job_of_a_flow_run(standin, tmp_path):
     request = _request(tmp_path, "import time\ntime.sleep(120)\n").model_copy(update={"flow_run_id": "fr-123"})
     handle = backend.submit(request)
     cancel_job_of_flow_run(None, SimpleNamespace(id="fr-other"), None)
-    assert standin.jobs[handle.job_id].stage in ("SCHEDULING", "RUNNING")
+    assert jobs_standin.jobs[handle.job_id].stage in ("SCHEDULING", "RUNNING")
     cancel_job_of_flow_run(None, SimpleNamespace(id="fr-123"), None)
     deadline = time.time() + 10
-    while standin.jobs[handle.job_id].stage != "CANCELED" and time.time() < deadline:
+    while jobs_standin.jobs[handle.job_id].stage != "CANCELED" and time.time() < deadline:
         time.sleep(0.1)
-    assert standin.jobs[handle.job_id].stage == "CANCELED"
+    assert jobs_standin.jobs[handle.job_id].stage == "CANCELED"
 
 
-def test_a_dropped_submission_is_found_by_its_label_and_never_sent_twice(standin, tmp_path):
+def test_a_dropped_submission_is_found_by_its_label_and_never_sent_twice(jobs_standin, tmp_path):
     backend = _backend()
     request = _request(tmp_path, PROGRESS.format(steps=2, total=2, sleep=0.05))
-    standin.drop_next("POST /api/jobs/", after_handling=True)  # the job is created, the answer lost
+    jobs_standin.drop_next("POST /api/jobs/", after_handling=True)  # the job is created, the answer lost
     handle = backend.submit(request)
-    assert standin.counts["create_job"] == 1
-    assert handle.job_id in standin.jobs
+    assert jobs_standin.counts["create_job"] == 1
+    assert handle.job_id in jobs_standin.jobs
     # submitting the same run again re-attaches instead of starting a second job
     assert backend.submit(request).job_id == handle.job_id
-    assert standin.counts["create_job"] == 1
+    assert jobs_standin.counts["create_job"] == 1
     assert monitor_job(backend, handle, Guard(max_usd=1, price_per_hour_usd=0.6), poll_s=0.2).state == "completed"
 
 
-def test_dropped_log_streams_are_retried_and_no_line_is_lost(standin, tmp_path):
+def test_dropped_log_streams_are_retried_and_no_line_is_lost(jobs_standin, tmp_path):
     backend = _backend()
     handle = backend.submit(_request(tmp_path, PROGRESS.format(steps=5, total=5, sleep=0.1)))
-    standin.drop_next("/logs", times=3)
-    standin.fail_next(f"/api/jobs/standin-user/{handle.job_id}", status=503, times=2)
+    jobs_standin.drop_next("/logs", times=3)
+    jobs_standin.fail_next(f"/api/jobs/standin-user/{handle.job_id}", status=503, times=2)
     status = monitor_job(backend, handle, Guard(max_usd=1, price_per_hour_usd=0.6), poll_s=0.2)
     assert status.state == "completed" and [p.step for p in status.losses] == [1, 2, 3, 4, 5]
 
 
-def test_a_refused_token_fails_before_anything_is_uploaded(standin, monkeypatch, tmp_path):
+def test_a_refused_token_fails_before_anything_is_uploaded(jobs_standin, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_TOKEN", "hf_wrong")
     with pytest.raises(BackendError, match="HTTP 401.*invalid or expired") as err:
         _backend().preflight("cpu-basic")
     assert "hf_wrong" not in str(err.value)
+    from tasks import hub
+
     monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr(hub, "stored_token", lambda: None)  # no `hf auth login` token either
     monkeypatch.setenv("FINETUNE_HF_TOKEN_BLOCK", "no-such-block")
     with pytest.raises(BackendError, match="no Hugging Face token"):
         _backend().preflight("cpu-basic")
-    assert standin.counts["create_repo"] == 0 and standin.counts["create_job"] == 0
+    assert jobs_standin.counts["create_repo"] == 0 and jobs_standin.counts["create_job"] == 0
 
 
-def test_a_namespace_that_cannot_pay_is_told_so_before_any_upload(standin):
-    standin.can_pay = False
+def test_a_namespace_that_cannot_pay_is_told_so_before_any_upload(jobs_standin):
+    jobs_standin.can_pay = False
     with pytest.raises(BackendError, match="no payment method or credits"):
         _backend().preflight("cpu-basic")
-    assert standin.counts["create_repo"] == 0
+    assert jobs_standin.counts["create_repo"] == 0
 
 
-def test_prices_come_from_the_jobs_hardware_list_with_the_catalogue_as_fallback(standin):
+def test_prices_come_from_the_jobs_hardware_list_with_the_catalogue_as_fallback(jobs_standin):
     account = _backend().preflight("t4-small")
     assert account.namespace == "standin-user"
     assert account.price_per_hour_usd == pytest.approx(0.006667 * 60)
     assert account.price_source == "list_jobs_hardware()"
-    standin.fail_next("/api/jobs/hardware", status=500)
+    jobs_standin.fail_next("/api/jobs/hardware", status=500)
     fallback = _backend().preflight("t4-small")
     assert fallback.price_per_hour_usd is None and fallback.price_source.startswith("catalogue")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from tasks.models import JobHandle, JobSnapshot, JobStatus, LossPoint
+from tasks.money import usd
 from tasks.run.backends.base import Backend, BackendError
 from tasks.run.progress_line import ProgressLine, parse_progress_line
 
@@ -127,13 +128,13 @@ def guard_reason(p: Progress, guard: Guard, poll_s: float, quiet_s: float | None
     price = guard.price_per_hour_usd
     if price > 0 and p.cost_usd + poll_s / 3600 * price > guard.max_usd:
         return "budget", (
-            f"budget guard: ${p.cost_usd:.2f} spent after {p.billed_s / 60:.1f} billed min at ${price:.2f}/h; "
-            f"the next poll would pass max_usd ${guard.max_usd:.2f}"
+            f"budget guard: {usd(p.cost_usd)} spent after {p.billed_s / 60:.1f} billed min at {usd(price)}/h; "
+            f"the next poll would pass max_usd {usd(guard.max_usd)}"
         )
     if price > 0 and p.projected_usd is not None and p.projected_usd > guard.max_usd * (1 + guard.projection_margin):
         return "projection", (
-            f"budget guard: at the measured speed the run would cost ${p.projected_usd:.2f} "
-            f"(step {p.step}/{p.max_steps}, ${p.cost_usd:.2f} so far), more than max_usd ${guard.max_usd:.2f} "
+            f"budget guard: at the measured speed the run would cost {usd(p.projected_usd)} "
+            f"(step {p.step}/{p.max_steps}, {usd(p.cost_usd)} so far), more than max_usd {usd(guard.max_usd)} "
             f"+ {guard.projection_margin:.0%}"
         )
     if guard.stall_s is not None and quiet_s is not None and quiet_s > guard.stall_s:

@@ -28,7 +28,8 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 from tasks.hub import is_transient as _is_transient
 from tasks.hub import make_api, resolve_token, scrub, status_of, uses_xet
 from tasks.models import InputUpload, JobHandle, JobSnapshot
-from tasks.run.backends.base import Account, BackendError, JobRequest, save_handle, tail_lines
+from tasks.run.backends.base import Account, BackendError, JobRequest, load_handle, save_handle, tail_lines
 
 T = TypeVar("T")
 
@@ -65,6 +66,28 @@ where = snapshot_download(repo, allow_patterns=PATTERNS, local_dir=tempfile.mkdt
 print(f"inputs from {repo} in {where}", flush=True)
 sys.exit(subprocess.call(["uv", "run", where + "/train.py", "--hub-repo", repo]))
 """.replace("PATTERNS", repr(INPUT_PATTERNS))
+
+
+@contextmanager
+def _no_request_dumps() -> Iterator[None]:
+    """With HF_DEBUG=1 huggingface_hub logs every request as a curl command, body included,
+    and the job's secrets are in the body: switch that off while the job is created."""
+    import huggingface_hub.constants as constants
+
+    saved = constants.HF_DEBUG
+    constants.HF_DEBUG = False
+    try:
+        yield
+    finally:
+        constants.HF_DEBUG = saved
+
+
+def _keep_earlier_log(run_dir: Path) -> None:
+    """logs/train.log mirrors the current job's log; an earlier job's copy is kept beside it."""
+    log = run_dir / "logs" / "train.log"
+    earlier = load_handle(run_dir)
+    if log.exists() and earlier is not None:
+        log.replace(log.with_name(f"train.{earlier.job_id}.log"))
 
 
 def label_value(text: str) -> str:
@@ -249,7 +272,10 @@ class HfJobsBackend:
             lambda: list(api.list_jobs(labels={"finetune-key": key}, namespace=namespace)),
             token,
         )
-        alive = [j for j in jobs if str(j.status.stage) not in DEAD_STAGES]
+        # the server filters by label; checking again costs nothing and never re-attaches to another run's job
+        alive = [
+            j for j in jobs if (j.labels or {}).get("finetune-key") == key and str(j.status.stage) not in DEAD_STAGES
+        ]
         if not alive:
             return None
         newest = max(alive, key=lambda j: j.created_at or datetime.min.replace(tzinfo=UTC))
@@ -314,17 +340,18 @@ class HfJobsBackend:
         attempt = 0
         while True:
             try:
-                job = api.run_job(
-                    image=UV_IMAGE,
-                    command=self.job_command(staging),
-                    env=self.job_environment(),
-                    secrets={"HF_TOKEN": token},
-                    flavor=request.flavor,
-                    timeout=request.timeout_s,
-                    name=label_value(f"finetune-{request.run_name}"),
-                    labels=labels,
-                    namespace=namespace,
-                )
+                with _no_request_dumps():
+                    job = api.run_job(
+                        image=UV_IMAGE,
+                        command=self.job_command(staging),
+                        env=self.job_environment(),
+                        secrets={"HF_TOKEN": token},
+                        flavor=request.flavor,
+                        timeout=request.timeout_s,
+                        name=label_value(f"finetune-{request.run_name}"),
+                        labels=labels,
+                        namespace=namespace,
+                    )
                 break
             except Exception as e:
                 if not _is_transient(e) or attempt >= len(self.retry_delays_s):
@@ -337,6 +364,7 @@ class HfJobsBackend:
                 if found is not None:
                     return found
         handle = self._handle(job, request, namespace, staging)
+        _keep_earlier_log(Path(request.run_dir))
         save_handle(handle)
         return handle
 
