@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tasks.errors import UserFacingError
 from tasks.spec import Method, RunSpec, SpecError, load_spec, parse_spec
 
 # Runs with no Prefect server start a temporary one; offline it would log telemetry errors.
@@ -94,7 +95,7 @@ def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = N
             print(plan_json(plan) if args.json else plan_markdown(plan))
             return 0
         summary = flow_fn(spec=spec, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
-    except (SpecError, ValueError, NotImplementedError, RuntimeError) as e:
+    except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
         if "args" in locals() and getattr(args, "json", False):
             print(json.dumps({"error": str(e), "type": type(e).__name__}))
         print(f"error: {e}", file=sys.stderr)

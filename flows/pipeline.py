@@ -82,7 +82,8 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     _check_training_keys(spec)
     run_name = spec.name or default_run_name(spec)
     run_dir = prepare_run_dir(spec, run_name, runs_root)
-    model_path = resolve_model(spec.model)
+    planning_model, notes = model_for_planning(spec)
+    model_path = resolve_model(planning_model)
     args = base_arguments(method, spec.training)
     report = stage(validate_dataset_task)(
         spec.dataset,
@@ -128,10 +129,51 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         cost=cost,
         script=script,
         inputs=inputs,
+        notes=notes,
         trackio={"project": run_name, "run": run_name, "dir": str(run_dir / "trackio")},
     )
     (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
     return plan
+
+
+def _missing_folder(model: str) -> bool:
+    return Path(model).is_absolute() and not Path(model).exists()
+
+
+def model_for_planning(spec: RunSpec) -> tuple[str, list[str]]:
+    """The model to size and price with. A chained spec whose model folder does not exist yet
+    is planned with the base model of the spec that produces it (same architecture)."""
+    if not (spec.requires and _missing_folder(spec.model)):
+        return spec.model, []
+    from tasks.spec import load_spec
+
+    first = load_spec(spec.requires[0])
+    base, notes = model_for_planning(first)
+    names = ", ".join(Path(r).name for r in spec.requires)
+    note = (
+        f"model {spec.model} does not exist yet: {names} produce(s) it and run(s) first in a real run; "
+        f"planned with its base model {first.model}"
+    )
+    return base, [*notes, note]
+
+
+def run_prerequisites(spec: RunSpec, **options: Any) -> list[RunSummary]:
+    """Run the specs in `requires` (each a whole lifecycle) when this run's model is missing."""
+    if not (spec.requires and _missing_folder(spec.model)):
+        return []
+    from tasks.spec import load_spec
+
+    done = []
+    for path in spec.requires:
+        required = load_spec(path)
+        print(f"model {spec.model} does not exist yet: running {Path(path).name} first ({required.method})")
+        done.append(run_lifecycle(required, **options))
+    if _missing_folder(spec.model):
+        raise SpecError(
+            f"{', '.join(Path(r).name for r in spec.requires)} ran but did not produce {spec.model}: its "
+            "outputs.hub_repo must be that folder"
+        )
+    return done
 
 
 def _outputs(plan: RunPlan, summary_fields: dict[str, Any]) -> dict[str, str]:
@@ -197,6 +239,10 @@ def run_lifecycle(
 ) -> RunSummary:
     """The whole lifecycle inside a flow run. Failures after planning still write the
     report (every stage with its status) before the error propagates."""
+    if not dry_run:
+        run_prerequisites(
+            spec, approval_timeout_s=approval_timeout_s, approve_up_to_usd=approve_up_to_usd, poll_s=poll_s
+        )
     plan = plan_run(spec, under_prefect=True)
     stages = plan_outcomes(plan)
     artifacts.markdown(artifacts.artifact_key("plan", plan.run_name), plan_markdown(plan), description="the plan")
@@ -359,6 +405,9 @@ def lifecycle_flow(method: str, description: str) -> Any:
     from prefect import flow
 
     from flows.jobs import cancel_job_of_flow_run
+    from tasks.errors import quiet_refusals
+
+    quiet_refusals()
 
     @flow(
         name=method,

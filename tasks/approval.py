@@ -15,16 +15,17 @@ from pathlib import Path
 
 from prefect.input import RunInput
 
+from tasks.errors import UserFacingError
 from tasks.models import Approval, CostEstimate
 from tasks.money import usd
 from tasks.spec import Budget
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(UserFacingError, RuntimeError):
     """The estimate is above max_usd: refused without asking."""
 
 
-class NotApproved(RuntimeError):
+class NotApproved(UserFacingError, RuntimeError):
     """A person declined the run, or nobody answered before the timeout."""
 
 

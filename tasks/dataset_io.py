@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from tasks.errors import UserFacingError
+
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class DatasetLoadError(ValueError):
+class DatasetLoadError(UserFacingError, ValueError):
     """The dataset could not be read at all; the message says where and why."""
 
 

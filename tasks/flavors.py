@@ -14,12 +14,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.errors import UserFacingError
 from tasks.money import usd
 
 CATALOGUE_FILE = Path(__file__).resolve().parent / "data" / "flavors.yaml"
 
 
-class CatalogueError(ValueError):
+class CatalogueError(UserFacingError, ValueError):
     """A flavor override that cannot be used; the message names the flavor and field."""
 
 

@@ -30,6 +30,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import UserFacingError
 from tasks.gguf_converter import CHKTXT_PREFIX, find_converter
 from tasks.models import GgufFile, GgufFiles, JobResult, StageOutcome
 from tasks.spec import Outputs
@@ -55,7 +56,7 @@ ROW_MULTIPLE = {q: (256 if "_k" in q else 32) for q in FTYPES}
 FALLBACK_MESSAGE = re.compile(r"falling back to|required fallback quantization", re.IGNORECASE)
 
 
-class GgufError(RuntimeError):
+class GgufError(UserFacingError, RuntimeError):
     """Conversion or quantization cannot produce what was asked; the message says why."""
 
 

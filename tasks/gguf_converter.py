@@ -22,13 +22,15 @@ import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
+from tasks.errors import UserFacingError
+
 CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 # The fixed text the converter hashes starts like this; the driver finds the full text in
 # the converter's own code so the two can never drift apart.
 CHKTXT_PREFIX = "\n \n\n \n\n\n \t"
 
 
-class ConverterUnavailable(RuntimeError):
+class ConverterUnavailable(UserFacingError, RuntimeError):
     """The converter is not installed; the message says how to install it."""
 
 

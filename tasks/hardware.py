@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from tasks.cost import estimate_for, training_steps, training_tokens
+from tasks.errors import UserFacingError
 from tasks.flavors import Catalogue, Flavor, load_catalogue
 from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
@@ -32,7 +33,7 @@ LORA_AUTO_THRESHOLD = 3_000_000_000
 SAFETY_MARGIN = 0.9
 
 
-class HardwareError(ValueError):
+class HardwareError(UserFacingError, ValueError):
     """No placement fits; the message says what would."""
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from tasks.dataset_io import HUB_ID
+from tasks.errors import UserFacingError
 from tasks.gguf_smoke import sha256_file
 from tasks.models import GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
 from tasks.spec import RunSpec
@@ -27,7 +28,7 @@ RETRY_DELAYS_S = (2.0, 5.0, 15.0, 30.0)
 XET_HOSTS = {"huggingface.co", "hf.co"}
 
 
-class PublishError(RuntimeError):
+class PublishError(UserFacingError, RuntimeError):
     """Publishing failed; the message says what to fix and never contains the token."""
 
 

@@ -6,10 +6,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import UserFacingError
 from training.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserFacingError, ValueError):
     """The model's config or tokenizer could not be read; says where it looked."""
 
 
@@ -18,6 +19,11 @@ def resolve_model(model: str) -> str:
     if model == TINY_MODEL_NAME:
         return str(ensure_tiny_model())
     path = Path(model).expanduser()
+    if model.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise ModelSourceError(
+            f"model folder {path} does not exist (paths in a spec are relative to the spec file). Train or "
+            "download it first, list the spec that produces it under `requires:`, or use `model: tiny` or a Hub id"
+        )
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelSourceError(f"model folder {path} has no config.json")

@@ -245,6 +245,7 @@ class RunPlan(Frozen):
     cost: CostEstimate
     script: TrainingScript
     inputs: InputUpload | None = None
+    notes: list[str] = Field(default_factory=list, description="what the plan assumed and why")
     trackio: dict[str, str] = Field(default_factory=dict, description="Trackio project and run name")
 
 

@@ -22,6 +22,7 @@ def plan_markdown(plan: RunPlan) -> str:
         "",
         f"**{plan.method.upper()}** of `{plan.model}` on `{d.source}` ({d.rows} rows, format `{d.format}`)",
         "",
+        *(f"> **Note:** {n}\n" for n in plan.notes),
         "## Dataset",
         f"- rows: {d.rows}; tokens per row: min {d.tokens.min}, mean {d.tokens.mean}, p95 {d.tokens.p95}, max {d.tokens.max}",
         f"- rows over max_length {d.max_length}: {d.rows_over_max_length}; duplicates: {d.duplicates}; empty turns: {d.empty_turns}",

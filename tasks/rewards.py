@@ -18,10 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.errors import UserFacingError
 from training.rewards import BUILT_IN
 
 
-class RewardError(ValueError):
+class RewardError(UserFacingError, ValueError):
     """A reward that cannot be used; the message names it and says why."""
 
 

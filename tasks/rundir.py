@@ -9,10 +9,11 @@ from pathlib import Path
 
 import yaml
 
+from tasks.errors import UserFacingError
 from tasks.spec import RunSpec
 
 
-class RunFolderConflict(ValueError):
+class RunFolderConflict(UserFacingError, ValueError):
     """A run of that name exists with a different spec."""
 
 

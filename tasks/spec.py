@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.errors import UserFacingError
+
 Method = Literal["sft", "dpo", "grpo"]
 Backend = Literal["local", "hf-jobs", "prefect-pool"]
 GgufType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k"]
@@ -16,7 +18,7 @@ GgufType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", 
 RUN_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
-class SpecError(ValueError):
+class SpecError(UserFacingError, ValueError):
     """A run spec that cannot be used; the message names each bad field and what is allowed."""
 
 
@@ -82,6 +84,10 @@ class RunSpec(_Frozen):
     )
     name: str | None = Field(None, description="run name; the run folder is runs/<name>")
     seed: int = 42
+    requires: list[str] = Field(
+        default_factory=list,
+        description="specs that produce this run's model (a local folder), run first when that folder is missing",
+    )
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -149,11 +155,20 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _spec_relative(value: str, base: Path) -> bool:
+    """`./x` and `../x` always mean next to the spec; a bare relative name does when it exists
+    there and not in the working directory (an `owner/name` Hub id never does)."""
+    if value.startswith(("./", "../")):
+        return True
+    return not Path(value).is_absolute() and not Path(value).exists() and (base / value).is_dir()
+
+
 def load_spec(
     path: str | Path, overrides: dict[str, Any] | None = None, default_method: Method | None = None
 ) -> RunSpec:
-    """Load a YAML spec; relative dataset paths are resolved against the spec file's folder
-    first, then the working directory, so specs work from anywhere."""
+    """Load a YAML spec. Paths in it (dataset, model folder, reward files, a local publish
+    folder, required specs) are resolved against the spec file's folder, so specs work from
+    any working directory."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec file not found: {path}")
@@ -165,11 +180,21 @@ def load_spec(
         data = deep_merge(data, overrides or {})
         if default_method is not None:
             data.setdefault("method", default_method)
+        base = path.parent
         ds = data.get("dataset")
         if isinstance(ds, str) and not Path(ds).is_absolute() and not Path(ds).exists():
-            candidate = (path.parent / ds).resolve()
+            candidate = (base / ds).resolve()
             if candidate.exists():
                 data["dataset"] = str(candidate)
+        model = data.get("model")
+        if isinstance(model, str) and _spec_relative(model, base):
+            data["model"] = str((base / model).resolve())
+        outputs = data.get("outputs")
+        if isinstance(outputs, dict) and isinstance(outputs.get("hub_repo"), str):
+            if outputs["hub_repo"].startswith(("./", "../")):  # a local publish folder, next to the spec
+                data["outputs"] = {**outputs, "hub_repo": str((base / outputs["hub_repo"]).resolve())}
+        if isinstance(data.get("requires"), list):
+            data["requires"] = [str((base / r).resolve()) if not Path(r).is_absolute() else r for r in data["requires"]]
         rewards = data.get("rewards")
         if isinstance(rewards, list):  # reward files, like the dataset, may be relative to the spec
             resolved = []

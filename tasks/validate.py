@@ -18,6 +18,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from tasks.dataset_io import load_frame
+from tasks.errors import UserFacingError
 from tasks.methods import MethodDefinition
 from tasks.models import DatasetReport, TokenStats
 
@@ -27,7 +28,7 @@ MAX_TOKENIZED_ROWS = 20_000
 HELDOUT_MAX = 16
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(UserFacingError, ValueError):
     """The data would waste a run; the message lists each problem with its rows and columns."""
 
 

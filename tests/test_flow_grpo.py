@@ -4,6 +4,7 @@ before any spend and travel inside the script, and the run logs its reward."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,20 +50,14 @@ def test_a_user_reward_that_raises_stops_the_run_before_submission(prefect_serve
     assert not (runs_root() / "grpo-bad-reward" / "job.json").exists()
 
 
-def test_sft_then_grpo_raises_the_mean_reward(prefect_server, tmp_path):
-    from flows.sft import sft
+def test_the_grpo_example_runs_alone_and_chains_its_sft_warm_up(prefect_server, tmp_path):
     from tasks.run.monitor import read_trackio_metrics
 
-    warm = sft(
-        spec=load_spec(
-            EXAMPLES / "sft-warmup-tiny.yaml", {"name": "warmup-test", "outputs": {"hub_repo": str(tmp_path / "warm")}}
-        )
-    )
-    assert warm.error is None
-    spec = load_spec(
-        SPEC, {"name": "grpo-test", "model": str(tmp_path / "warm"), "outputs": {"hub_repo": str(tmp_path / "pub")}}
-    )
-    summary = grpo(spec=spec)
+    examples = tmp_path / "examples"  # a fresh copy: nothing published yet
+    shutil.copytree(EXAMPLES, examples, ignore=shutil.ignore_patterns("published"))
+    summary = grpo(spec=load_spec(examples / "grpo-tiny.yaml", {"name": "grpo-test"}))
+    assert (examples / "published" / "sft-warmup-tiny" / "config.json").exists()  # the warm-up ran first
+    assert (examples / "published" / "grpo-tiny" / "README.md").exists()  # paths resolve next to the spec
     assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
     script = Path(summary.plan.script.path).read_text()
     assert "'trainer': 'GRPOTrainer'" in script and "def exact_answer(completions, answer" in script
@@ -73,3 +68,16 @@ def test_sft_then_grpo_raises_the_mean_reward(prefect_server, tmp_path):
     assert len(rewards) >= 10 and "train/rewards/exact_answer/mean" in logged[-1]
     start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert end > start + 0.2, rewards  # measured here: 0.06 -> 0.54 (a learning-rate-0 control stays at 0.04-0.08)
+
+
+def test_a_chained_spec_plans_before_its_model_exists_and_a_missing_folder_is_explained(tmp_path):
+    from flows.pipeline import plan_run
+    from tasks.model_source import ModelSourceError
+
+    examples = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, examples, ignore=shutil.ignore_patterns("published"))
+    plan = plan_run(load_spec(examples / "grpo-tiny.yaml", {"name": "grpo-plan"}))
+    assert "sft-warmup-tiny" in plan.notes[0] and "does not exist yet" in plan.notes[0]
+    alone = load_spec(examples / "grpo-tiny.yaml", {"name": "grpo-alone", "requires": []})
+    with pytest.raises(ModelSourceError, match="does not exist.*relative to the spec file.*requires"):
+        plan_run(alone)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tasks.errors import UserFacingError
 from tasks.models import JobHandle, JobResult, JobStatus
 from tasks.run.backends.base import Backend
 
 
-class JobFailed(RuntimeError):
+class JobFailed(UserFacingError, RuntimeError):
     """The job did not produce a model; the message carries its state and log tail."""
 
 

@@ -13,10 +13,11 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.errors import UserFacingError
 from tasks.models import InputUpload, JobHandle, JobSnapshot, TrainingScript
 
 
-class BackendError(RuntimeError):
+class BackendError(UserFacingError, RuntimeError):
     """The backend refused or could not do what was asked; the message says what to fix."""
 
 
