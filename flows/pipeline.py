@@ -93,10 +93,13 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         run_dir / "data",
         spec.split,
         dict(spec.columns),
+        args.get("chat_template_path"),
     )
     rewards = stage(check_rewards_task)(spec.rewards, report) if spec.method == "grpo" else []
     hardware = stage(select_hardware_task)(spec, model_path, args, report)
-    check_quant_types(config_row_sizes(load_config(model_path)), list(spec.outputs.gguf))
+    notes += check_quant_types(
+        config_row_sizes(load_config(model_path)), list(spec.outputs.gguf), strict=spec.outputs.gguf_strict
+    )
     cost = stage(estimate_cost_task)(spec, model_path, hardware, report, args)
     on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
     args = device_arguments(args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16")
@@ -255,6 +258,12 @@ def run_lifecycle(
     backend = get_backend(spec.backend)
     current = "check_account"
     try:
+        if plan.dataset.token_counts == "estimated":
+            raise SpecError(
+                "this plan's token counts, time and cost are estimates, not measurements: "
+                + next((w for w in plan.dataset.warnings if "ESTIMATED" in w), "the tokenizer cannot encode")
+                + ". Nothing was submitted; `--dry-run` still shows the estimated plan"
+            )
         account = check_account_task(spec.backend, plan.hardware.flavor)
         cost = repriced(plan.cost, account.price_per_hour_usd)
         stages.append(StageOutcome(stage="check_account", status="passed", detail=account_detail(account, cost)))
@@ -303,7 +312,7 @@ def run_lifecycle(
         gguf = convert_gguf_task(fields["result"], spec.outputs, run_dir, plan.run_name)
         stages.append(gguf.outcome)
         current = "smoke_test_gguf"
-        fields["gguf"] = smoke_test_gguf_task(gguf, fields["result"], plan.dataset, plan.run_name)
+        fields["gguf"] = smoke_test_gguf_task(gguf, fields["result"], plan.dataset, plan.run_name, spec.outputs)
         stages.append(fields["gguf"].outcome)
         current = "push_to_hub"
         fields["published"] = push_to_hub_task(spec, plan, job, fields["result"], fields["gguf"])

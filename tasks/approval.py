@@ -155,6 +155,8 @@ def request_approval(
         f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd {usd(budget.auto_approve_usd)}. "
         f"Approve to start it; it stops unapproved after {timeout_s} s."
     )
+    if cost.basis.startswith("TOKENS ESTIMATED"):
+        description += " Token counts are ESTIMATED (the tokenizer cannot encode): the cost may be far off."
     try:
         answer = pause_flow_run(
             wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False),

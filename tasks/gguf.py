@@ -5,8 +5,10 @@ to every type in `outputs.gguf` through llama-cpp-python's quantize API, which g
 same bytes as llama.cpp's `llama-quantize` binary (not shipped in the pip build).
 
 Two checks happen before any work:
-- k-quants need every weight row to be a multiple of 256; otherwise llama.cpp silently
-  falls back to another type, so such a request fails up front, naming what would work.
+- k-quants need every weight row to be a multiple of 256. Rows that are not (hidden 896 in
+  Qwen2.5-0.5B, say) fall back to another type the way llama.cpp does (q4_K -> q5_0,
+  q6_K -> q8_0): the plan says how many weights will, and each file records how many
+  tensors fell back and to what. `outputs.gguf_strict: true` refuses such types instead.
 - llama.cpp recognises a BPE pre-tokenizer by a hash over the token ids of a fixed text,
   so a newly trained vocabulary is never in its table. When, and only when, the model's
   normalizer and pre-tokenizer are exactly those of a family llama.cpp knows (compared
@@ -51,9 +53,22 @@ BASE_TYPES = ("f16", "bf16")
 ROW_MULTIPLE = {q: (256 if "_k" in q else 32) for q in FTYPES}
 
 
-# What llama.cpp logs when a tensor cannot take the requested type ("... -> falling back to
-# q5_0", "N of M tensor(s) required fallback quantization").
+# What llama.cpp logs when a tensor cannot take the requested type:
+#   "warning: blk.0.ffn_up.weight - ncols 896 not divisible by 256 (required for type q4_K)
+#    -> falling back to q5_0"  and, once, "144 of 290 tensor(s) required fallback quantization"
 FALLBACK_MESSAGE = re.compile(r"falling back to|required fallback quantization", re.IGNORECASE)
+FALLBACK_TENSOR = re.compile(r"required for type\s+(\S+)\)\s*->\s*falling back to\s+(\S+)")
+FALLBACK_TOTAL = re.compile(r"(\d+) of (\d+) tensor\(s\) required fallback quantization")
+
+
+def parse_fallbacks(log: str) -> tuple[int, int | None, dict[str, int]]:
+    """(tensors that fell back, tensors in all, {"q4_K -> q5_0": count}) from a quantize log."""
+    kinds: dict[str, int] = {}
+    for wanted, got in FALLBACK_TENSOR.findall(log):
+        kinds[f"{wanted} -> {got}"] = kinds.get(f"{wanted} -> {got}", 0) + 1
+    total = FALLBACK_TOTAL.search(log)
+    count = int(total.group(1)) if total else sum(kinds.values())
+    return count, int(total.group(2)) if total else None, kinds
 
 
 class GgufError(UserFacingError, RuntimeError):
@@ -85,21 +100,30 @@ def config_row_sizes(config: Any) -> dict[str, int]:
     return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2}
 
 
-def check_quant_types(rows: dict[str, int], types: list[str]) -> None:
-    """Refuse quant types the architecture's row sizes cannot take, before any work."""
+def check_quant_types(rows: dict[str, int], types: list[str], strict: bool = False) -> list[str]:
+    """What will fall back for each type, as plan notes; with `strict`, refuse such types."""
+    notes = []
     for quant in types:
         if quant in BASE_TYPES:
             continue
         multiple = ROW_MULTIPLE[quant]
         bad = {n: r for n, r in rows.items() if r % multiple}
-        if bad:
-            name, size = next(iter(bad.items()))
+        if not bad:
+            continue
+        name, size = next(iter(bad.items()))
+        if strict:
             works = [q for q in FTYPES if all(r % ROW_MULTIPLE[q] == 0 for r in rows.values())]
             raise GgufError(
                 f"gguf type {quant} needs every weight row to be a multiple of {multiple}, but {len(bad)} "
-                f"weight(s) are not (e.g. {name}: rows of {size}); llama.cpp would silently fall back to "
-                f"another type. Types this model can take: {', '.join([*BASE_TYPES, *works])}"
+                f"weight(s) are not (e.g. {name}: rows of {size}), and outputs.gguf_strict is on. Types this "
+                f"model can take without fallback: {', '.join([*BASE_TYPES, *works])}; or set gguf_strict: false "
+                "to let those rows fall back as llama.cpp does"
             )
+        notes.append(
+            f"gguf {quant}: {len(bad)} of {len(rows)} weights have rows that are not a multiple of {multiple} "
+            f"(e.g. {name}: {size}); llama.cpp stores those in a fallback type (the report lists them per file)"
+        )
+    return notes
 
 
 # --- the tokenizer's family ---------------------------------------------------------------
@@ -200,8 +224,9 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, log_path: Path
     return seconds
 
 
-def quantize(base: Path, outfile: Path, quant: str) -> float:
-    """Quantize with llama-cpp-python; fail if llama.cpp fell back to another type."""
+def quantize(base: Path, outfile: Path, quant: str, strict: bool = False) -> tuple[float, tuple]:
+    """Quantize with llama-cpp-python; returns the seconds and `parse_fallbacks` of its log.
+    With `strict`, a fallback fails instead."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
@@ -238,11 +263,20 @@ def quantize(base: Path, outfile: Path, quant: str) -> float:
         partial.unlink(missing_ok=True)
         raise GgufError(f"quantizing to {quant} failed (code {rc}): {messages[-800:]}")
     lines = [line.strip() for line in messages.splitlines() if FALLBACK_MESSAGE.search(line)]
-    if lines:
+    if lines and strict:
         partial.unlink(missing_ok=True)
-        raise GgufError(f"quantizing to {quant} fell back to another type: {lines[:3]}")
+        raise GgufError(f"quantizing to {quant} fell back to another type (outputs.gguf_strict is on): {lines[:3]}")
     partial.replace(outfile)
-    return seconds
+    return seconds, parse_fallbacks(messages)
+
+
+def fallback_text(f: GgufFile) -> str:
+    """ "144/290 tensors fell back: q4_K -> q5_0 x120, q6_K -> q8_0 x24" (or "none")."""
+    if not f.fallback_tensors:
+        return "none"
+    of = f"/{f.total_tensors}" if f.total_tensors else ""
+    kinds = ", ".join(f"{k} x{n}" for k, n in sorted(f.fallbacks.items(), key=lambda kv: -kv[1]))
+    return f"{f.fallback_tensors}{of} tensors fell back: {kinds}"
 
 
 def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: str) -> GgufFiles:
@@ -253,7 +287,7 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
         return GgufFiles(outcome=StageOutcome(stage="convert_gguf", status="skipped", detail="outputs.gguf is empty"))
     model_dir = Path(result.model_dir)
     types = list(dict.fromkeys(outputs.gguf))
-    check_quant_types(weight_row_sizes(model_dir), types)
+    check_quant_types(weight_row_sizes(model_dir), types, strict=outputs.gguf_strict)
     out_dir = run_dir / "gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
     base_type = "bf16" if "bf16" in types and "f16" not in types else "f16"
@@ -262,18 +296,33 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
     files, timings = [], [f"convert to {base_type}: {convert_s:.1f} s"]
     for quant in types:
         path = base if quant == base_type else out_dir / f"{run_name}-{quant}.gguf"
+        fallback: tuple = (0, None, {})
         if quant != base_type:
             if quant in BASE_TYPES:
                 timings.append(f"{quant}: {convert_to_gguf(model_dir, path, quant, out_dir / 'convert.log'):.1f} s")
             else:
-                timings.append(f"{quant}: {quantize(base, path, quant):.2f} s")
-        files.append(GgufFile(quant=quant, path=str(path), size_mb=round(path.stat().st_size / 1e6, 3), sha256=""))
+                seconds, fallback = quantize(base, path, quant, strict=outputs.gguf_strict)
+                timings.append(f"{quant}: {seconds:.2f} s")
+        count, total, kinds = fallback
+        files.append(
+            GgufFile(
+                quant=quant,
+                path=str(path),
+                size_mb=round(path.stat().st_size / 1e6, 3),
+                sha256="",
+                fallback_tensors=count,
+                total_tensors=total,
+                fallbacks=kinds,
+            )
+        )
     if base_type not in types:
         base.unlink()
     preferred = next((f for f in files if f.quant == "q4_k_m"), files[0])
     mf = out_dir / "Modelfile"
     mf.write_text(modelfile(Path(preferred.path).name, model_dir))
-    detail = f"{len(files)} file(s): " + ", ".join(f"{f.quant} {f.size_mb:.1f} MB" for f in files)
+    detail = f"{len(files)} file(s): " + ", ".join(
+        f"{f.quant} {f.size_mb:.1f} MB" + (f" ({fallback_text(f)})" if f.fallback_tensors else "") for f in files
+    )
     return GgufFiles(
         outcome=StageOutcome(stage="convert_gguf", status="passed", detail=f"{detail} ({'; '.join(timings)})"),
         files=files,

@@ -8,6 +8,7 @@ its quantization type should allow, and it generates through its embedded chat t
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -87,8 +88,10 @@ def smoke_test(
     heldout: list[str],
     chat_prompt: list[dict[str, str]],
     threads: int = 2,
+    thresholds: dict[str, float] | None = None,
 ) -> GgufFile:
-    """Load the file with llama-cpp-python and measure it; never raises for a bad file."""
+    """Load the file with llama-cpp-python and measure it; never raises for a bad file.
+    `thresholds` ({"min_agreement": .., "max_perplexity_ratio": ..}) decide whether it passes."""
     import numpy as np
     import torch
     from llama_cpp import Llama
@@ -150,10 +153,11 @@ def smoke_test(
 
     if matches != len(texts):
         problems.append(f"{len(texts) - matches} of {len(texts)} sample texts tokenize differently")
-    need = MIN_AGREEMENT.get(quant, 0.5)
+    limits = thresholds or default_thresholds(quant)
+    need = limits["min_agreement"]
     if agreement is not None and agreement < need:
         problems.append(f"top-1 agreement {agreement:.1%} is below {need:.0%} for {quant}")
-    ratio_cap = MAX_PERPLEXITY_RATIO.get(quant, DEFAULT_MAX_PERPLEXITY_RATIO)
+    ratio_cap = limits["max_perplexity_ratio"]
     if ppl is not None and hf_ppl is not None and ppl > hf_ppl * ratio_cap:
         problems.append(f"perplexity {ppl:.3f} is over {ratio_cap}x the transformers model's {hf_ppl:.3f}")
     if n_gen == 0:
@@ -173,7 +177,27 @@ def smoke_test(
         sample_generation=generated[:200],
         passed=not problems,
         problems=problems,
+        thresholds=limits,
     )
+
+
+def default_thresholds(quant: str) -> dict[str, float]:
+    return {
+        "min_agreement": MIN_AGREEMENT.get(quant, 0.5),
+        "max_perplexity_ratio": MAX_PERPLEXITY_RATIO.get(quant, DEFAULT_MAX_PERPLEXITY_RATIO),
+    }
+
+
+def thresholds_for(quant: str, outputs: Any = None) -> dict[str, float]:
+    """The defaults above, overridden per type by the spec's outputs.gguf_min_agreement and
+    outputs.gguf_max_perplexity_ratio."""
+    limits = default_thresholds(quant)
+    if outputs is not None:
+        if quant in outputs.gguf_min_agreement:
+            limits["min_agreement"] = float(outputs.gguf_min_agreement[quant])
+        if quant in outputs.gguf_max_perplexity_ratio:
+            limits["max_perplexity_ratio"] = float(outputs.gguf_max_perplexity_ratio[quant])
+    return limits
 
 
 def _render_rows(tokenizer: Any, rows: list[dict]) -> list[str]:
@@ -223,8 +247,9 @@ def _chat_prompt(rows: list[dict]) -> list[dict[str, str]]:
     return [{"role": "user", "content": "Hello! Who are you?"}]
 
 
-def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: Path) -> Any:
-    """Smoke-test every file of a GgufFiles; returns a new GgufFiles with the measurements."""
+def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: Path, outputs: Any = None) -> Any:
+    """Smoke-test every file of a GgufFiles against the spec's thresholds; returns a new
+    GgufFiles with the measurements (and each file's fallback record kept)."""
     import json
 
     from tasks.models import GgufFiles, StageOutcome
@@ -235,7 +260,12 @@ def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: P
     rows = rows[:16]
     rows_file = Path(gguf.files[0].path).parent / "smoke_rows.jsonl"
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tested = [_smoke_test_in_child(Path(f.path), f.quant, model_dir, rows_file) for f in gguf.files]
+    tested = [
+        _smoke_test_in_child(Path(f.path), f.quant, model_dir, rows_file, thresholds_for(f.quant, outputs)).model_copy(
+            update={"fallback_tensors": f.fallback_tensors, "total_tensors": f.total_tensors, "fallbacks": f.fallbacks}
+        )
+        for f in gguf.files
+    ]
     failed = [f for f in tested if not f.passed]
     if failed:
         detail = "; ".join(f"{f.quant}: {', '.join(f.problems)}" for f in failed)
@@ -256,14 +286,26 @@ def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: P
     )
 
 
-def _smoke_test_in_child(path: Path, quant: str, model_dir: Path, rows_file: Path) -> GgufFile:
+def _smoke_test_in_child(
+    path: Path, quant: str, model_dir: Path, rows_file: Path, thresholds: dict[str, float]
+) -> GgufFile:
     """Each file is tested in its own process: a crash inside llama.cpp then fails that file
     (with the signal named) instead of taking the flow down. A crash is retried once."""
     import subprocess
     import sys
 
     result_file = path.with_suffix(".smoke.json")
-    cmd = [sys.executable, "-m", "tasks.gguf_smoke", str(path), quant, str(model_dir), str(rows_file), str(result_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks.gguf_smoke",
+        str(path),
+        quant,
+        str(model_dir),
+        str(rows_file),
+        str(result_file),
+        json.dumps(thresholds),
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "TOKENIZERS_PARALLELISM": "false"}
     for _attempt in range(2):
         result_file.unlink(missing_ok=True)
@@ -288,13 +330,15 @@ def _main(argv: list[str]) -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, quant, model_dir, rows_file, out = argv
+    path, quant, model_dir, rows_file, out, limits = argv
     rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines() if line.strip()]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
     texts = _sample_texts(tokenizer, rows)
     heldout = _render_rows(tokenizer, rows)
-    result = smoke_test(Path(path), quant, hf_model, tokenizer, texts, heldout, _chat_prompt(rows))
+    result = smoke_test(
+        Path(path), quant, hf_model, tokenizer, texts, heldout, _chat_prompt(rows), thresholds=json.loads(limits)
+    )
     Path(out).write_text(result.model_dump_json(indent=2))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from tasks.dataset_io import HUB_ID
+from tasks.gguf import fallback_text
 from tasks.models import GgufFiles, JobResult, JobStatus, RunPlan
 from tasks.money import usd
 from tasks.report import gguf_cells
@@ -122,13 +123,14 @@ def _settings_rows(spec: RunSpec, plan: RunPlan, status: JobStatus) -> list[tupl
 
 def _gguf_table(gguf: GgufFiles) -> list[str]:
     lines = [
-        "| file | type | size | perplexity (HF model) | top-1 agreement | tokenization | generation tok/s |",
-        "|---|---|---|---|---|---|---|",
+        "| file | type | size | fallback tensors | perplexity (HF model) | top-1 agreement | tokenization "
+        "| generation tok/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f in gguf.files:
         ppl, agree, tps = gguf_cells(f)
         lines.append(
-            f"| `{Path(f.path).name}` | {f.quant} | {f.size_mb:.1f} MB | {ppl} | {agree} | "
+            f"| `{Path(f.path).name}` | {f.quant} | {f.size_mb:.1f} MB | {fallback_text(f)} | {ppl} | {agree} | "
             f"{f.tokenization_matches}/{f.tokenization_checked} identical | {tps} |"
         )
     return lines

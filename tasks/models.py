@@ -45,6 +45,9 @@ class DatasetReport(Frozen):
     duplicates: int
     empty_turns: int
     warnings: list[str]
+    token_counts: Literal["measured", "estimated"] = Field(
+        "measured", description="estimated when the model's tokenizer cannot encode: a real run refuses such a plan"
+    )
     prepared_path: str = Field(description="the validated training rows in canonical columns, as JSONL")
     train_rows: int
     heldout_path: str = Field(description="rows held out of training, to evaluate exported models")
@@ -217,6 +220,10 @@ class GgufFile(Frozen):
     sample_generation: str | None = None
     passed: bool = False
     problems: list[str] = Field(default_factory=list)
+    fallback_tensors: int = Field(0, description="tensors llama.cpp stored in a fallback type")
+    total_tensors: int | None = None
+    fallbacks: dict[str, int] = Field(default_factory=dict, description='e.g. {"q4_K -> q5_0": 120}')
+    thresholds: dict[str, float] = Field(default_factory=dict, description="what the smoke test required")
 
 
 class GgufFiles(Frozen):

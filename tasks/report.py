@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks.gguf import fallback_text
 from tasks.models import GgufFile, RunPlan, RunSummary
 from tasks.money import usd
 
@@ -111,11 +112,12 @@ def summary_markdown(s: RunSummary) -> str:
             "",
             "## GGUF files",
             "",
-            "| type | size | perplexity (HF model) | top-1 agreement | tokenization | tok/s | published |",
-            "|---|---|---|---|---|---|---|",
+            "| type | size | fallback tensors | perplexity (HF model) | top-1 agreement | tokenization | tok/s | published |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]} | {row[6]} |" for row in gguf_rows(s)
+            f"| {row[0]} | {row[1]} | {row[7]} | {row[2]} | {row[3]} | {row[4]} | {row[5]} | {row[6]} |"
+            for row in gguf_rows(s)
         ]
     lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
     return "\n".join(lines)
@@ -142,6 +144,7 @@ def gguf_rows(s: RunSummary) -> list[tuple[str, ...]]:
                 f"{f.tokenization_matches}/{f.tokenization_checked}",
                 tps,
                 "yes" if f.passed else "no: " + "; ".join(f.problems),
+                fallback_text(f),
             )
         )
     return rows
@@ -170,6 +173,7 @@ def summary_text(s: RunSummary) -> str:
     if s.gguf is not None and s.gguf.files:
         out.append("  gguf:  type      size      perplexity (HF)     agreement  tokenization  tok/s  published")
         out += [f"         {r[0]:<9} {r[1]:<9} {r[2]:<19} {r[3]:<10} {r[4]:<13} {r[5]:<6} {r[6]}" for r in gguf_rows(s)]
+        out += [f"         {r[0]}: {r[7]}" for r in gguf_rows(s) if r[7] != "none"]
     out.append("  outputs:")
     out += [f"    {k:<10} {v}" for k, v in s.outputs.items()]
     return "\n".join(out)

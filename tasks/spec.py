@@ -60,6 +60,19 @@ class Outputs(_Frozen):
     gguf: list[GgufType] = Field(default_factory=lambda: ["q4_k_m", "q8_0"])
     private: bool = True
     license: str = Field("apache-2.0", description="the model card's license (a Hub license id)")
+    gguf_strict: bool = Field(
+        False, description="refuse a k-quant the model's row sizes cannot take instead of letting rows fall back"
+    )
+    gguf_min_agreement: dict[GgufType, float] = Field(
+        default_factory=dict,
+        description="per type, the top-1 agreement with the trained model a file needs to be published "
+        "(defaults: f16 0.98, q8_0 0.95, q6_k 0.9, q5_k_m 0.85, q4_k_m 0.8, q4_0 0.75, q3_k_m 0.6, q2_k 0.4)",
+    )
+    gguf_max_perplexity_ratio: dict[GgufType, float] = Field(
+        default_factory=dict,
+        description="per type, how much more perplexed than the trained model a file may be "
+        "(defaults: f16 1.02, bf16 1.05, q8_0 1.05, others 1.5)",
+    )
 
 
 class RunSpec(_Frozen):

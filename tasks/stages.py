@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import artifacts
 from tasks.cost import estimate_cost
-from tasks.gguf import convert_gguf
+from tasks.gguf import convert_gguf, fallback_text
 from tasks.gguf_smoke import smoke_test_all
 from tasks.hardware import select_hardware
 from tasks.hub import push_to_hub
@@ -62,17 +62,42 @@ def validate_dataset_task(
     out_dir: Path,
     split: str,
     columns: dict[str, str],
+    chat_template_path: str | None = None,
 ) -> DatasetReport:
-    from tasks.model_source import ModelSourceError, load_tokenizer
-    from tasks.validate import CharEstimateTokenizer
+    tokenizer = planning_tokenizer(model_path, chat_template_path)
+    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns)
+    what = "ESTIMATED" if report.token_counts == "estimated" else "measured"
+    _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row ({what})")
+    return report
+
+
+def planning_tokenizer(model_path: str, chat_template_path: str | None = None) -> Any:
+    """The model's tokenizer when it can encode, else a stated characters-per-token estimate
+    (the plan, its JSON and the report say so, and a real run refuses it). A chat template
+    named by training.chat_template_path is applied as TRL will apply it."""
+    from tasks.model_source import ModelSourceError, load_config, load_tokenizer
+    from tasks.validate import CharEstimateTokenizer, tokenizer_problem
 
     try:
-        tokenizer = load_tokenizer(model_path)
+        model_type = getattr(load_config(model_path), "model_type", None)
     except ModelSourceError:
-        tokenizer = CharEstimateTokenizer()  # plan anyway; the report says counts are estimates
-    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns)
-    _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row")
-    return report
+        model_type = None
+    try:
+        tokenizer = load_tokenizer(model_path)
+    except ModelSourceError as e:
+        return CharEstimateTokenizer(model_type, f"could not be read ({str(e)[:120]})")
+    problem = tokenizer_problem(tokenizer)
+    if problem:
+        return CharEstimateTokenizer(model_type, problem)
+    if chat_template_path:
+        import copy
+
+        tokenizer = copy.copy(tokenizer)  # the cached tokenizer stays as the model has it
+        if Path(chat_template_path).is_file():
+            tokenizer.chat_template = Path(chat_template_path).read_text(encoding="utf-8")
+        else:
+            tokenizer.chat_template = load_tokenizer(chat_template_path).chat_template
+    return tokenizer
 
 
 @task(name="check_rewards", cache_policy=NO_CACHE)
@@ -254,12 +279,16 @@ def convert_gguf_task(result: JobResult, outputs: Outputs, run_dir: Path, run_na
 
 
 @task(name="smoke_test_gguf", cache_policy=NO_CACHE)
-def smoke_test_gguf_task(gguf: GgufFiles, result: JobResult, report: DatasetReport, run_name: str) -> GgufFiles:
+def smoke_test_gguf_task(
+    gguf: GgufFiles, result: JobResult, report: DatasetReport, run_name: str, outputs: Outputs | None = None
+) -> GgufFiles:
     if not gguf.files:
         return gguf.model_copy(
             update={"outcome": StageOutcome(stage="smoke_test_gguf", status="skipped", detail="no GGUF files")}
         )
-    tested = smoke_test_all(gguf, Path(result.model_dir), Path(report.heldout_path), Path(report.prepared_path))
+    tested = smoke_test_all(
+        gguf, Path(result.model_dir), Path(report.heldout_path), Path(report.prepared_path), outputs
+    )
     artifacts.table(
         artifacts.artifact_key("gguf", run_name),
         [
@@ -271,6 +300,7 @@ def smoke_test_gguf_task(gguf: GgufFiles, result: JobResult, report: DatasetRepo
                 "top1_agreement": f.top1_agreement,
                 "tokenization": f"{f.tokenization_matches}/{f.tokenization_checked}",
                 "tokens_per_s": f.generation_tokens_per_s,
+                "fallback": fallback_text(f),
                 "passed": f.passed,
             }
             for f in tested.files

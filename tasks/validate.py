@@ -310,17 +310,68 @@ def _write_jsonl(records: list[dict], path: Path) -> None:
 # --- measuring ------------------------------------------------------------------------
 
 
-class CharEstimateTokenizer:
-    """Stands in when the model's tokenizer cannot be read (a Hub model planned offline):
-    about four characters per token, plus four tokens of chat markup per turn."""
+# Characters per token of each family's tokenizer on English chat text: a stated assumption
+# used only when the model's tokenizer cannot encode (a config-only folder, a Hub model
+# planned offline). Larger vocabularies pack more characters into a token.
+CHARS_PER_TOKEN = {
+    "llama": 4.0,  # Llama 3.x, 128k vocabulary
+    "qwen2": 3.8,
+    "qwen2_moe": 3.8,
+    "qwen3": 3.8,
+    "qwen3_moe": 3.8,
+    "gemma": 4.2,
+    "gemma2": 4.2,
+    "gemma3": 4.2,
+    "gemma3_text": 4.2,
+    "mistral": 3.5,  # 32k vocabulary
+    "mixtral": 3.5,
+    "phi3": 3.5,
+}
+DEFAULT_CHARS_PER_TOKEN = 4.0
+PROBE_TEXT = "Hello, world! The quick brown fox jumps over 13 lazy dogs."
 
-    CHARS_PER_TOKEN = 4
+
+class CharEstimateTokenizer:
+    """Stands in when the model's tokenizer cannot encode: the family's characters per token,
+    plus four tokens of chat markup per turn. `why` says what was wrong with the real one."""
+
+    def __init__(self, model_type: str | None = None, why: str = "it could not be read") -> None:
+        self.model_type = model_type
+        self.chars_per_token = CHARS_PER_TOKEN.get(model_type or "", DEFAULT_CHARS_PER_TOKEN)
+        self.why = why
+        self.chat_template = "estimate"
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": [0] * max(1, round(len(text) / self.CHARS_PER_TOKEN))}
+        return {"input_ids": [0] * max(1, round(len(text) / self.chars_per_token))}
 
     def apply_chat_template(self, turns: list[dict], tokenize: bool = False) -> str:
         return "".join(f"<|{t.get('role')}|>{t.get('content') or ''}<|end|>" for t in turns)
+
+    def describe(self) -> str:
+        family = f"{self.model_type} family" if self.model_type in CHARS_PER_TOKEN else "no known family"
+        return (
+            f"token counts are ESTIMATED at {self.chars_per_token} characters per token ({family}), because the "
+            f"model's tokenizer {self.why}; a real run needs the model's tokenizer files (tokenizer.json, "
+            "tokenizer_config.json) next to its config.json"
+        )
+
+
+def tokenizer_problem(tokenizer: Any) -> str | None:
+    """Why a loaded tokenizer cannot be trusted to count tokens, or None. transformers builds
+    an empty tokenizer for a folder with only config.json: a vocabulary of 1 that encodes
+    every text to no tokens."""
+    try:
+        ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        size = len(tokenizer)
+    except Exception as e:
+        return f"fails to encode text ({type(e).__name__}: {e})"
+    if size < 100 or len(ids) == 0:
+        return f"is empty (a vocabulary of {size}; a test sentence encodes to {len(ids)} tokens)"
+    return None
+
+
+def _needs_chat_template(records: list[dict]) -> bool:
+    return bool(records) and any(isinstance(v, list) for v in records[0].values())
 
 
 def _token_counter(tokenizer: Any, fmt: str) -> Callable[[dict], int]:
@@ -401,6 +452,18 @@ def validate_dataset(
                 f"fills max_length={max_length} tokens, so nothing of either answer would be trained; shorten the "
                 "prompts or raise training.max_length"
             )
+    if _needs_chat_template(records) and not getattr(tokenizer, "chat_template", None):
+        sft_fix = (
+            "set training.chat_template_path (TRL's option) to a model that has one, e.g. "
+            "Qwen/Qwen2.5-0.5B-Instruct, or to a .jinja file; "
+            if method.name == "sft"
+            else "use a model that has one (its -Instruct variant), or "
+        )
+        raise DatasetValidationError(
+            f"{source}: the rows are conversations (lists of turns), but the model's tokenizer has no chat "
+            f"template to turn them into text. Fix: {sft_fix}give the data as plain text columns instead "
+            f"({', '.join(next(iter(method.formats.values())))} as strings)"
+        )
     count = _token_counter(tokenizer, fmt)
     sample = records[:MAX_TOKENIZED_ROWS]
     lengths = [count(r) for r in sample]
@@ -411,7 +474,7 @@ def validate_dataset(
 
     warnings = []
     if isinstance(tokenizer, CharEstimateTokenizer):
-        warnings.append("the model's tokenizer could not be read: token counts are estimated as characters / 4")
+        warnings.append(tokenizer.describe())
     if dropped:
         warnings.append(f"columns not used by {fmt} and left out: {', '.join(dropped)}")
     if over:
@@ -454,6 +517,7 @@ def validate_dataset(
         duplicates=duplicates,
         empty_turns=empty_turns,
         warnings=warnings,
+        token_counts="estimated" if isinstance(tokenizer, CharEstimateTokenizer) else "measured",
         prepared_path=str(prepared),
         train_rows=len(records) - held,
         heldout_path=str(heldout_path),

@@ -29,11 +29,11 @@ from tasks.spec import Outputs
 pytestmark = pytest.mark.slow
 
 
-def test_k_quants_are_refused_up_front_when_rows_are_not_multiples_of_256(tiny_model_path):
+def test_rows_that_cannot_take_a_k_quant_are_named_in_the_plan_and_refused_only_when_strict(tiny_model_path):
     from transformers import Qwen2Config
 
     assert set(config_row_sizes(load_config(tiny_model_path)).values()) == {256, 512}
-    check_quant_types(weight_row_sizes(Path(tiny_model_path)), ["f16", "q8_0", "q5_k_m", "q4_k_m"])
+    assert check_quant_types(weight_row_sizes(Path(tiny_model_path)), ["f16", "q8_0", "q5_k_m", "q4_k_m"]) == []
     odd = Qwen2Config(
         hidden_size=320,
         intermediate_size=640,
@@ -42,11 +42,13 @@ def test_k_quants_are_refused_up_front_when_rows_are_not_multiples_of_256(tiny_m
         num_key_value_heads=2,
         vocab_size=300,
     )
+    notes = check_quant_types(config_row_sizes(odd), ["q8_0", "q4_k_m"])
+    assert len(notes) == 1 and notes[0].startswith("gguf q4_k_m: ") and "not a multiple of 256" in notes[0]
     with pytest.raises(GgufError) as e:
-        check_quant_types(config_row_sizes(odd), ["q8_0", "q4_k_m"])
+        check_quant_types(config_row_sizes(odd), ["q8_0", "q4_k_m"], strict=True)
     msg = str(e.value)
     assert "gguf type q4_k_m needs every weight row to be a multiple of 256" in msg
-    assert "rows of 320" in msg and "Types this model can take: f16, bf16, q8_0, q4_0" in msg
+    assert "rows of 320" in msg and "without fallback: f16, bf16, q8_0, q4_0" in msg
 
 
 def test_the_tiny_tokenizer_is_exactly_qwen2s_pipeline_and_nothing_else_is(tiny_model_path, tmp_path):
@@ -123,7 +125,7 @@ def test_convert_quantize_and_smoke_test_every_type(tiny_model_path, tmp_path):
     assert f16.perplexity == pytest.approx(f16.hf_perplexity, rel=0.01)
 
 
-def test_a_silent_fallback_in_llama_cpp_is_caught(tiny_model_path, tmp_path):
+def test_a_fallback_in_llama_cpp_is_recorded_per_file_and_refused_when_strict(tiny_model_path, tmp_path):
     """llama.cpp quantizes rows of 320 to q4_K by falling back to q5_0 and still returns 0."""
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
@@ -148,7 +150,12 @@ def test_a_silent_fallback_in_llama_cpp_is_caught(tiny_model_path, tmp_path):
     base = tmp_path / "odd-f16.gguf"
     convert_to_gguf(model_dir, base, "f16", tmp_path / "convert.log")
     with pytest.raises(GgufError, match="fell back to another type"):
-        quantize(base, tmp_path / "odd-q4_k_m.gguf", "q4_k_m")
+        quantize(base, tmp_path / "odd-q4_k_m.gguf", "q4_k_m", strict=True)
     assert not (tmp_path / "odd-q4_k_m.gguf").exists()
-    quantize(base, tmp_path / "odd-q8_0.gguf", "q8_0")  # 320 is a multiple of 32: fine
-    assert (tmp_path / "odd-q8_0.gguf").stat().st_size > 0
+    # by default the rows fall back the way llama.cpp does, and the file says which and how many
+    _, (count, total, kinds) = quantize(base, tmp_path / "odd-q4_k_m.gguf", "q4_k_m")
+    assert (tmp_path / "odd-q4_k_m.gguf").stat().st_size > 0
+    assert count > 0 and total is not None and count <= total and sum(kinds.values()) == count
+    assert all(k.startswith(("q4_K ->", "q6_K ->")) for k in kinds), kinds
+    _, (count, _, _) = quantize(base, tmp_path / "odd-q8_0.gguf", "q8_0")  # 320 is a multiple of 32: fine
+    assert count == 0 and (tmp_path / "odd-q8_0.gguf").stat().st_size > 0
