@@ -303,7 +303,7 @@ def test_cloud_plans_work_in_a_dry_run_from_a_config_only_model_folder(tmp_path)
     shutil.copy(CONFIGS / "llama-3.1-8b.json", model / "config.json")
     plan = plan_run(_spec(model=str(model), backend="hf-jobs", name="cloud"))
     assert plan.hardware.accelerator and plan.hardware.mode == "lora" and plan.cost.usd > 0
-    assert any("estimated as characters / 4" in w for w in plan.dataset.warnings)
+    assert any("ESTIMATED at 4.0 characters per token (llama family)" in w for w in plan.dataset.warnings)
     source = Path(plan.script.path).read_text()
     assert "'bf16': True" in source and "'gradient_checkpointing': True" in source
 
