@@ -13,7 +13,7 @@ from typing import Any
 
 from tasks import artifacts
 from tasks.approval import request_approval
-from tasks.gguf import check_quant_types, config_row_sizes
+from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.hub import publish_target
 from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
 from tasks.model_source import load_config, resolve_model
@@ -97,6 +97,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     )
     rewards = stage(check_rewards_task)(spec.rewards, report) if spec.method == "grpo" else []
     hardware = stage(select_hardware_task)(spec, model_path, args, report)
+    notes += check_converter_knows(load_config(model_path), list(spec.outputs.gguf))
     notes += check_quant_types(
         config_row_sizes(load_config(model_path)), list(spec.outputs.gguf), strict=spec.outputs.gguf_strict
     )

@@ -41,6 +41,7 @@ STEP_OVERHEAD_S = {"cpu": 0.03, "gpu": 0.02}
 LOCAL_STARTUP_S = 8.0  # interpreter, library imports, tokenizing (measured on the tiny demo)
 CLOUD_STARTUP_S = 180.0  # scheduling and container start on a job runner
 DOWNLOAD_BYTES_PER_S = 100e6
+CHECKPOINT_BYTES_PER_PARAM = 2
 
 
 @lru_cache(maxsize=1)
@@ -119,7 +120,8 @@ def estimate_for(
     if runs_on_this_machine(backend):
         startup_s = LOCAL_STARTUP_S
     else:
-        startup_s = CLOUD_STARTUP_S + 2 * arch.params * w.dtype_bytes / DOWNLOAD_BYTES_PER_S
+        # the job downloads the checkpoint (16-bit on the Hub, whatever it trains in) and writes one back
+        startup_s = CLOUD_STARTUP_S + 2 * arch.params * CHECKPOINT_BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
     hours = (compute_s + startup_s) / 3600
     price = flavor.price_per_hour
     basis = (

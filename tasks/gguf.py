@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import UserFacingError
-from tasks.gguf_converter import CHKTXT_PREFIX, find_converter
+from tasks.gguf_converter import CHKTXT_PREFIX, ConverterUnavailable, find_converter
 from tasks.models import GgufFile, GgufFiles, JobResult, StageOutcome
 from tasks.spec import Outputs
 
@@ -124,6 +124,40 @@ def check_quant_types(rows: dict[str, int], types: list[str], strict: bool = Fal
             f"(e.g. {name}: {size}); llama.cpp stores those in a fallback type (the report lists them per file)"
         )
     return notes
+
+
+def converter_architectures() -> set[str] | None:
+    """The architectures llama.cpp's converter can convert (its TEXT_MODEL_MAP, read from its
+    source, never copied here); None when the converter is not installed."""
+    try:
+        converter = find_converter()
+    except ConverterUnavailable:
+        return None
+    tree = ast.parse((converter / "conversion" / "__init__.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and node.value is not None:
+            return set(ast.literal_eval(node.value))
+    return None
+
+
+def check_converter_knows(config: Any, types: list[str]) -> list[str]:
+    """Refuse, at planning time, GGUF files of an architecture the converter cannot convert
+    (before any money goes into training); a note when that cannot be checked here."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not types or not architectures:
+        return []
+    known = converter_architectures()
+    if known is None:
+        return ["GGUF: llama.cpp's converter is not installed here, so the architecture could not be checked"]
+    if architectures[0] not in known:
+        raise GgufError(
+            f"llama.cpp's converter (the one pinned with llama-cpp-python) cannot convert {architectures[0]}, so "
+            "no GGUF file can be made for this model; set outputs.gguf: [] to train and publish without GGUF files"
+        )
+    return []
 
 
 # --- the tokenizer's family ---------------------------------------------------------------

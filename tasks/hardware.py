@@ -149,6 +149,17 @@ def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
     return [f for f in catalogue.flavors.values() if f.count <= 1]
 
 
+# Cloud CPU flavors are offered only to models this small: above it, CPU training speed is far
+# outside what the calibration (up to 100M parameters) covers, and no one trains that way.
+CPU_FLAVOR_MAX_PARAMS = 1_000_000_000
+
+
+def _fit_for_device(flavors: list[Flavor], arch: Architecture, spec: RunSpec) -> list[Flavor]:
+    if spec.hardware != "auto" or arch.params <= CPU_FLAVOR_MAX_PARAMS:
+        return flavors
+    return [f for f in flavors if f.is_gpu]
+
+
 def _modes(spec: RunSpec, arch: Architecture) -> list[tuple[Mode, str]]:
     setting = spec.lora.enabled
     if setting is False:
@@ -173,6 +184,8 @@ def select_hardware(
     catalogue = catalogue or load_catalogue(spec.flavors)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     candidates = _candidates(spec, catalogue)
+    if not runs_on_this_machine(spec.backend):
+        candidates = _fit_for_device(candidates, arch, spec)
     considered: list[FlavorOption] = []
     for mode, reason in _modes(spec, arch):
         options = [_option(spec, f, mode, arch, args, report) for f in candidates]
@@ -210,7 +223,10 @@ def _plan(
         price_per_hour_usd=flavor.price_per_hour,
         peak_tflops=flavor.peak_tflops,
         parameters=arch.params,
-        trainable_parameters=arch.params if best.mode == "full" else arch.lora_params,
+        trainable_parameters=arch.params - arch.tower_params if best.mode == "full" else arch.lora_params,
+        lora_target_modules=list(arch.lora_targets) if isinstance(arch.lora_targets, tuple) else arch.lora_targets,
+        expert_parameters=arch.expert_params,
+        frozen_tower_parameters=arch.tower_params,
         dtype=dtype,  # type: ignore[arg-type]
         mode=best.mode,
         use_lora=best.mode != "full",

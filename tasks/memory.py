@@ -48,9 +48,12 @@ class Architecture:
     lora_in_features_per_layer: int  # summed inputs of the adapted linears in one layer
     lora_out_features_per_layer: int  # summed outputs of the adapted linears in one layer
     lora_linears_per_layer: int
+    lora_targets: tuple[str, ...] | str = "all-linear"  # what PEFT gets as target_modules
+    expert_params: int = 0  # MoE experts' weights (all of them are held; top-k of them compute)
+    tower_params: int = 0  # vision/audio towers and projectors of a multimodal model
 
     @classmethod
-    def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "all-linear") -> Architecture:
+    def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "auto") -> Architecture:
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -58,22 +61,31 @@ class Architecture:
             model = AutoModelForCausalLM.from_config(config)
         output = model.get_output_embeddings()
         params = sum(p.numel() for p in model.parameters())
-        decoder_linear = matmul = lora = lora_inputs = lora_outputs = lora_count = 0
+        text = getattr(config, "text_config", None) or config
+        experts = int(getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0)
+        top_k = int(getattr(text, "num_experts_per_tok", None) or 0)
+        targets = resolve_lora_targets(model, target_modules)
+        decoder_linear = matmul = lora = lora_inputs = lora_outputs = lora_count = expert = tower = 0
+        for name, p in model.named_parameters():
+            if _in_tower(name):
+                tower += p.numel()
+            elif p.dim() == 3 and ".experts." in name and experts:
+                # fused MoE experts (transformers 5): every expert is held, top-k compute per token
+                expert += p.numel()
+                matmul += p.numel() * top_k // experts
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(module, torch.nn.Linear) or _in_tower(name):
                 continue
             size = module.in_features * module.out_features
             matmul += size
             if module is output:
                 continue
             decoder_linear += size
-            leaf = name.rsplit(".", 1)[-1]
-            if target_modules == "all-linear" or leaf in target_modules:
+            if _lora_targets_module(name, targets):
                 lora += lora_r * (module.in_features + module.out_features)
                 lora_inputs += module.in_features
                 lora_outputs += module.out_features
                 lora_count += 1
-        text = getattr(config, "text_config", None) or config
         heads = int(text.num_attention_heads)
         head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
         kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
@@ -82,7 +94,7 @@ class Architecture:
             layers=int(text.num_hidden_layers),
             heads=heads,
             kv_dim=kv_heads * head_dim,
-            intermediate=int(getattr(text, "intermediate_size", 4 * text.hidden_size)),
+            intermediate=_active_intermediate(text, top_k),
             vocab=int(text.vocab_size),
             params=params,
             decoder_linear_params=decoder_linear,
@@ -91,7 +103,63 @@ class Architecture:
             lora_in_features_per_layer=lora_inputs // max(int(text.num_hidden_layers), 1),
             lora_out_features_per_layer=lora_outputs // max(int(text.num_hidden_layers), 1),
             lora_linears_per_layer=lora_count // max(int(text.num_hidden_layers), 1),
+            lora_targets=targets,
+            expert_params=expert,
+            tower_params=tower,
         )
+
+
+TOWER_MARKERS = ("vision", "visual", "audio", "multi_modal_projector", "mm_projector", "image_newline")
+ROUTER_LEAVES = ("gate", "router")  # MoE routers: a LoRA there would change which experts are chosen
+
+
+def _in_tower(name: str) -> bool:
+    return any(m in name for m in TOWER_MARKERS)
+
+
+def _active_intermediate(text: Any, top_k: int) -> int:
+    """The MLP width a token passes through: top-k experts' widths for MoE models."""
+    if top_k:
+        width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", None)
+        return int(width) * top_k + int(getattr(text, "shared_expert_intermediate_size", 0) or 0)
+    return int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size)
+
+
+def resolve_lora_targets(model: Any, requested: list[str] | str) -> tuple[str, ...] | str:
+    """`auto`: every linear layer of the language model by its leaf name, except MoE routers
+    (and fused experts, which are not linears) and the towers of a multimodal model, which
+    stay frozen; as a regex over the language model when towers share those leaf names."""
+    import torch
+
+    if requested != "auto":
+        return requested if isinstance(requested, str) else tuple(requested)
+    output = model.get_output_embeddings()
+    leaves: set[str] = set()
+    towers = False
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is output:
+            continue
+        if _in_tower(name):
+            towers = True
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in ROUTER_LEAVES:
+            leaves.add(leaf)
+    names = tuple(sorted(leaves))
+    if towers:
+        return rf"^(?!.*({'|'.join(TOWER_MARKERS)})).*\.({'|'.join(names)})$"
+    return names
+
+
+def _lora_targets_module(name: str, targets: tuple[str, ...] | str) -> bool:
+    import re
+
+    leaf = name.rsplit(".", 1)[-1]
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return leaf in targets
 
 
 Mode = Literal["full", "lora", "qlora"]
@@ -135,7 +203,7 @@ def memory_breakdown_gb(
         weights = arch.decoder_linear_params * NF4_BYTES_PER_PARAM + (arch.params - arch.decoder_linear_params) * b
     else:
         weights = arch.params * b
-    trained = arch.params if w.mode == "full" else arch.lora_params
+    trained = arch.params - arch.tower_params if w.mode == "full" else arch.lora_params  # towers stay frozen
     adapter = 0 if w.mode == "full" else arch.lora_params * 4
     gradients = trained * (b if w.mode == "full" else 4)
     optimizer = trained * ADAM_BYTES

@@ -109,7 +109,7 @@ def _settings_rows(spec: RunSpec, plan: RunPlan, status: JobStatus) -> list[tupl
             "LoRA",
             (
                 f"r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}, "
-                f"targets={spec.lora.target_modules}"
+                f"targets={plan.hardware.lora_target_modules}"
             )
             if plan.hardware.use_lora
             else "no (full fine-tuning)",

@@ -80,6 +80,9 @@ class HardwarePlan(Frozen):
     peak_tflops: float
     parameters: int
     trainable_parameters: int
+    lora_target_modules: list[str] | str = "all-linear"
+    expert_parameters: int = Field(0, description="MoE experts: all held in memory, top-k compute per token")
+    frozen_tower_parameters: int = Field(0, description="vision/audio towers of a multimodal model, kept frozen")
     dtype: Literal["float32", "bfloat16", "float16"]
     mode: Literal["full", "lora", "qlora"]
     use_lora: bool

@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from tasks.memory import TOWER_MARKERS
 from tasks.methods import MethodDefinition
 from tasks.models import HardwarePlan, TrainingScript
 from tasks.spec import RunSpec
@@ -48,7 +49,7 @@ def script_config(
             "r": spec.lora.r,
             "lora_alpha": spec.lora.alpha,
             "lora_dropout": spec.lora.dropout,
-            "target_modules": spec.lora.target_modules,
+            "target_modules": plan.lora_target_modules,
         }
     return {
         "trainer": method.trainer,
@@ -60,6 +61,8 @@ def script_config(
         "dtype": plan.dtype,
         "lora": lora,
         "quantization": "4bit" if plan.mode == "qlora" else None,
+        # a multimodal model's vision/audio towers are not trained (the plan's memory assumes so)
+        "frozen": list(TOWER_MARKERS) if plan.frozen_tower_parameters else [],
         "project": run_name,
         "run_name": run_name,
         "training": training_args,

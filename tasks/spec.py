@@ -33,7 +33,11 @@ class LoraSettings(_Frozen):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    target_modules: list[str] | Literal["auto", "all-linear"] = Field(
+        "auto",
+        description="auto: every linear layer of the language model, except MoE routers and the towers of "
+        "a multimodal model; all-linear: PEFT's own; or a list of module names",
+    )
 
 
 class Budget(_Frozen):

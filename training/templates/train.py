@@ -144,6 +144,10 @@ def main() -> int:
             model, use_gradient_checkpointing=CONFIG["training"].get("gradient_checkpointing", True)
         )
 
+    for name, param in model.named_parameters():  # e.g. the vision tower of a multimodal model
+        if any(marker in name for marker in CONFIG.get("frozen", [])):
+            param.requires_grad_(False)
+
     peft_config = None
     if CONFIG["lora"]:
         from peft import LoraConfig

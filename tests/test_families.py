@@ -1,0 +1,101 @@
+"""Planning for the families people fine-tune, from their real config.json files
+(tests/data/configs/): parameter counts as published, MoE experts, LoRA targets per
+architecture, and llama.cpp's converter knowing each one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from flows.pipeline import plan_run
+from tasks.gguf import converter_architectures
+from tasks.memory import Architecture
+from tasks.spec import parse_spec
+from tests.conftest import EXAMPLES, REPO
+
+CONFIGS = REPO / "tests" / "data" / "configs"
+
+# (config, parameters as the model card states them, one unit of its last digit: cards round or truncate)
+PUBLISHED = [
+    ("llama-3.2-1b", 1.23e9, 0.01e9),
+    ("llama-3.2-3b", 3.21e9, 0.01e9),
+    ("llama-3.1-8b", 8.03e9, 0.01e9),
+    ("llama-3.1-70b", 70.6e9, 0.1e9),
+    ("qwen2.5-0.5b", 0.49e9, 0.01e9),
+    ("qwen2.5-7b", 7.61e9, 0.01e9),
+    ("qwen3-0.6b", 0.6e9, 0.1e9),
+    ("qwen3-8b", 8.2e9, 0.1e9),
+    ("qwen3-30b-a3b", 30.5e9, 0.1e9),
+    ("gemma-2-2b", 2.61e9, 0.01e9),
+    ("gemma-2-9b", 9.24e9, 0.01e9),
+    ("mixtral-8x7b", 46.7e9, 0.1e9),
+    ("phi-3-mini", 3.8e9, 0.1e9),
+    ("phi-4", 14.7e9, 0.1e9),
+    ("smollm2-135m", 135e6, 1e6),
+]
+
+
+def _config(name: str):
+    from transformers import AutoConfig
+
+    data = json.loads((CONFIGS / f"{name}.json").read_text())
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+@pytest.mark.parametrize(("name", "published", "precision"), PUBLISHED)
+def test_parameter_counts_equal_the_published_ones(name, published, precision):
+    assert abs(Architecture.from_config(_config(name)).params - published) <= precision
+
+
+@pytest.mark.parametrize(("name", "active"), [("mixtral-8x7b", 12.9e9), ("qwen3-30b-a3b", 3.3e9)])
+def test_moe_models_hold_every_expert_but_compute_with_top_k(name, active):
+    arch = Architecture.from_config(_config(name))
+    assert arch.expert_params > 0.9 * arch.params  # every expert is in memory
+    # FLOPs come from the active weights: the card's "active" figure (it includes the embeddings)
+    assert 0.85 * active < arch.matmul_params < 1.05 * active
+    assert arch.lora_targets == ("k_proj", "o_proj", "q_proj", "v_proj")  # no router, no fused experts
+
+
+def test_lora_targets_default_to_each_architectures_own_linears():
+    assert Architecture.from_config(_config("llama-3.2-1b")).lora_targets == (
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    )
+    assert Architecture.from_config(_config("phi-3-mini")).lora_targets == (
+        "down_proj",
+        "gate_up_proj",
+        "o_proj",
+        "qkv_proj",
+    )
+    assert Architecture.from_config(_config("gemma-2-2b"), target_modules=["q_proj"]).lora_targets == ("q_proj",)
+
+
+def test_llama_cpps_converter_knows_every_family():
+    known = converter_architectures()
+    assert known is not None, "the converter is installed by `make install`"
+    for name, _, _ in PUBLISHED:
+        assert _config(name).architectures[0] in known, name
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "gemma-2-9b", "qwen3-8b"])
+def test_a_config_only_folder_of_each_family_plans_on_a_gpu_with_its_lora_targets(name, tmp_path):
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(CONFIGS / f"{name}.json", folder / "config.json")
+    spec = parse_spec(
+        {"dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"), "model": str(folder), "backend": "hf-jobs", "name": name}
+    )
+    plan = plan_run(spec)
+    h = plan.hardware
+    assert h.accelerator and h.estimated_peak_memory_gb > h.parameters * 0.5 / 2**30  # at least 4-bit weights
+    assert plan.dataset.token_counts == "estimated"
+    assert plan.script.config["lora"]["target_modules"] == h.lora_target_modules
+    if name == "mixtral-8x7b":
+        assert h.expert_parameters > 40e9 and "gate" not in h.lora_target_modules
