@@ -59,7 +59,7 @@ def measure(name: str, model_dir: Path, work: Path, params: int) -> dict:
     ]
     for quant in TYPES:
         out = work / f"{name}-{quant}.gguf"
-        seconds = quantize(base, out, quant)
+        seconds, _ = quantize(base, out, quant)
         rows.append({"type": quant, "seconds": round(seconds, 2), "mb": round(out.stat().st_size / 1e6, 2)})
         out.unlink()
     base.unlink()

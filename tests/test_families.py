@@ -33,6 +33,7 @@ PUBLISHED = [
     ("mixtral-8x7b", 46.7e9, 0.1e9),
     ("phi-3-mini", 3.8e9, 0.1e9),
     ("phi-4", 14.7e9, 0.1e9),
+    ("gemma-3-1b", 1.0e9, 0.1e9),  # the -it config: the same architecture as -pt
     ("smollm2-135m", 135e6, 1e6),
 ]
 
