@@ -241,8 +241,25 @@ def run_lifecycle(
     approve_up_to_usd: float | None = None,
     poll_s: float | None = None,
 ) -> RunSummary:
-    """The whole lifecycle inside a flow run. Failures after planning still write the
-    report (every stage with its status) before the error propagates."""
+    """The whole lifecycle inside a flow run, holding the run's lock (one flow per run
+    name). Failures after planning still write the report (every stage with its status)
+    before the error propagates."""
+    from tasks.run.locks import run_lock
+    from tasks.rundir import default_run_name
+
+    if spec.name is None:  # fix the default name now, so the lock and the run folder agree
+        spec = spec.model_copy(update={"name": default_run_name(spec)})
+    with run_lock(str(spec.name)):
+        return _run_lifecycle(spec, dry_run, approval_timeout_s, approve_up_to_usd, poll_s)
+
+
+def _run_lifecycle(
+    spec: RunSpec,
+    dry_run: bool,
+    approval_timeout_s: int,
+    approve_up_to_usd: float | None,
+    poll_s: float | None,
+) -> RunSummary:
     if not dry_run:
         run_prerequisites(
             spec, approval_timeout_s=approval_timeout_s, approve_up_to_usd=approve_up_to_usd, poll_s=poll_s

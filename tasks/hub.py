@@ -234,7 +234,6 @@ def publish_to_hub(
 def push_to_hub(
     spec: RunSpec, plan: RunPlan, status: JobStatus, result: JobResult, gguf: GgufFiles | None
 ) -> PublishedModel:
-    from tasks.model_card import loss_curve_png, model_card
 
     outputs = spec.outputs
     if not outputs.hub_repo:
@@ -246,6 +245,24 @@ def push_to_hub(
             )
         )
     kind, target = publish_target(outputs.hub_repo)
+    from tasks.run.locks import publish_lock
+
+    with publish_lock(target):
+        return _publish(spec, plan, status, result, gguf, kind, target)
+
+
+def _publish(
+    spec: RunSpec,
+    plan: RunPlan,
+    status: JobStatus,
+    result: JobResult,
+    gguf: GgufFiles | None,
+    kind: Literal["folder", "hub"],
+    target: str,
+) -> PublishedModel:
+    from tasks.model_card import loss_curve_png, model_card
+
+    outputs = spec.outputs
     if gguf is not None and gguf.files and not all(g.passed for g in gguf.files):
         failed = [g.quant for g in gguf.files if not g.passed]
         note = f"; GGUF files that failed their smoke test are left out: {', '.join(failed)}"

@@ -180,9 +180,9 @@ class LossPoint(Frozen):
 class JobStatus(Frozen):
     state: Literal["completed", "failed", "cancelled"]
     detail: str
-    failure: Literal["oom", "error", "budget", "projection", "stalled", "timeout", "flow cancelled", "lost"] | None = (
-        None
-    )
+    failure: (
+        Literal["oom", "killed", "error", "budget", "projection", "stalled", "timeout", "flow cancelled", "lost"] | None
+    ) = None
     job_id: str = ""
     backend: str = "local"
     url: str | None = None

@@ -4,6 +4,7 @@ tiny model is built once per session into a temporary cache."""
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,32 @@ import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Hermetic: nothing from the user's shell may change what the tests see. These are read at
+# import time by huggingface_hub and Prefect, so they are cleared before either is imported;
+# each test sets what it needs.
+for _name in (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_ENDPOINT",
+    "HF_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_DEBUG",
+    "HF_HUB_DISABLE_XET",
+    "PREFECT_API_URL",
+    "PREFECT_API_KEY",
+    "PREFECT_PROFILE",
+    "FINETUNE_HF_TOKEN_BLOCK",
+    "FINETUNE_FLAVORS_FILE",
+    "FINETUNE_POLL_S",
+    "FINETUNE_HUB_XET",
+    *(p for p in os.environ if p.lower() in ("http_proxy", "https_proxy", "all_proxy")),
+):
+    os.environ.pop(_name, None)
+os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-hf-home-")  # no user token file
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-prefect-home-")
 
 
 @pytest.fixture(scope="session")

@@ -111,3 +111,65 @@ def test_a_job_is_found_again_from_another_backend_instance(tmp_path):
     first._procs[handle.job_id].wait(timeout=15)
     assert first.status(handle).state == "cancelled"
     assert other.find_live(script) is None
+
+
+def test_a_job_killed_by_a_signal_says_how_it_died(tmp_path):
+    run_dir = tmp_path / "run"
+    script = _script(run_dir, "import os, signal\nprint('step 3/10')\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    backend = LocalBackend()
+    status = monitor_job(backend, backend.submit(script), FREE, poll_s=0.1)
+    assert status.state == "failed" and status.failure == "killed"
+    assert "killed by signal 9 (SIGKILL: most often the kernel's out-of-memory killer" in status.detail
+
+
+def test_one_flow_per_run_name_and_per_publish_target(tmp_path):
+    import pytest
+
+    from tasks.run.locks import RunLocked, publish_lock, run_lock
+
+    with run_lock("busy-run"):
+        with pytest.raises(RunLocked, match=r"run 'busy-run' is in use by another flow \(pid \d+"):
+            with run_lock("busy-run"):
+                pass
+        with run_lock("other-run"):  # another name is free
+            pass
+        with publish_lock("me/model"):
+            with pytest.raises(RunLocked, match="publish target 'me/model'.*choose another outputs.hub_repo"):
+                with publish_lock("me/model"):
+                    pass
+    with run_lock("busy-run"):  # released when the first flow ends
+        pass
+
+
+def test_a_lock_held_by_a_killed_process_is_free_again(tmp_path):
+    from tasks.run.locks import run_lock
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from tasks.run.locks import run_lock\nwith run_lock('crashy'):\n    print('held', flush=True)\n"
+            "    time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait(timeout=10)
+    with run_lock("crashy"):  # the kernel released it with the process
+        pass
+
+
+def test_a_second_flow_on_a_run_that_is_being_driven_is_refused_at_once(prefect_server):
+    import pytest
+
+    from flows.sft import sft
+    from tasks.run.locks import RunLocked, run_lock
+    from tasks.spec import parse_spec
+    from tests.conftest import EXAMPLES
+
+    spec = parse_spec({"dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"), "name": "twice"})
+    with run_lock("twice"), pytest.raises(RunLocked, match="run 'twice' is in use by another flow"):
+        sft(spec=spec)

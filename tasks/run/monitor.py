@@ -225,7 +225,12 @@ def monitor_job(
         detail = "cancelled" + (f": {snap.message}" if snap.message else " outside this flow")
     elif state == "failed" and failure != "lost":
         tail = backend.logs(handle, tail=30)
-        failure = "oom" if any(m in tail for m in OOM_MARKERS) else "error"
+        if any(m in tail for m in OOM_MARKERS):
+            failure = "oom"
+        elif snap.message and snap.message.startswith("killed by signal"):
+            failure = "killed"
+        else:
+            failure = "error"
         why = f" ({snap.message})" if snap.message else ""
         detail = f"the training job failed{why}; last lines of its log:\n{tail}"
     return JobStatus(

@@ -17,6 +17,28 @@ from pathlib import Path
 from tasks.models import InputUpload, JobHandle, JobSnapshot
 from tasks.run.backends.base import Account, JobRequest, load_handle, save_handle, tail_lines
 
+EXIT_STATUS = "exit_status"
+SIGNAL_HINTS = {
+    9: "SIGKILL: most often the kernel's out-of-memory killer (see `dmesg`), or a kill -9",
+    15: "SIGTERM: stopped from outside",
+    6: "SIGABRT: a crash in native code",
+    11: "SIGSEGV: a crash in native code",
+}
+
+
+def how_it_ended(code: int | None) -> str:
+    """An exit status as a person reads it: the shell reports a signal N as 128 + N."""
+    if code is None:
+        return "ended without an exit status (the process was gone before its shell could record one)"
+    if code > 128:
+        sig = code - 128
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by signal {sig} ({SIGNAL_HINTS.get(sig, name)})"
+    return f"exit code {code}"
+
 
 def pid_alive(pid: int) -> bool:
     try:
@@ -70,13 +92,15 @@ class LocalBackend:
         log_path = run_dir / "logs" / "train.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_start = len(read_complete_lines(log_path, 0))
-        for stale in ("train_result.json", "cancelled"):
+        for stale in ("train_result.json", "cancelled", EXIT_STATUS):
             (run_dir / stale).unlink(missing_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRACKIO_DIR": str(run_dir / "trackio")}
         env.pop("HF_DEBUG", None)  # it would log request bodies, tokens included
         log = log_path.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, request.script.path],
+            # a shell between us and the script records how the script ended, even when this
+            # process is gone by then (a killed flow) or the script dies by a signal
+            ["/bin/sh", "-c", '"$0" "$1"; echo $? > "$2"', sys.executable, request.script.path, EXIT_STATUS],
             cwd=run_dir,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -103,26 +127,32 @@ class LocalBackend:
         save_handle(handle)
         return handle
 
+    def _exit_code(self, handle: JobHandle) -> int | None:
+        try:
+            return int((Path(handle.run_dir) / EXIT_STATUS).read_text().strip())
+        except (OSError, ValueError):
+            return None
+
     def _state(self, handle: JobHandle) -> str:
         run_dir = Path(handle.run_dir)
         proc = self._procs.get(handle.job_id)
         if proc is not None:
-            code = proc.poll()
-            running = code is None
+            running = proc.poll() is None
         else:
-            code, running = None, handle.pid is not None and pid_alive(handle.pid)
+            running = handle.pid is not None and pid_alive(handle.pid)
         if running:
             return "running"
         if (run_dir / "cancelled").exists():
             return "cancelled"
-        if (run_dir / "train_result.json").exists() and code in (0, None):
+        if (run_dir / "train_result.json").exists() and self._exit_code(handle) in (0, None):
             return "completed"
         return "failed"
 
     def status(self, handle: JobHandle) -> JobSnapshot:
         state = self._state(handle)
         billed = (datetime.now(UTC) - handle.started_at).total_seconds()
-        return JobSnapshot(state=state, billed_s=max(billed, 0.0))  # type: ignore[arg-type]
+        message = how_it_ended(self._exit_code(handle)) if state == "failed" else None
+        return JobSnapshot(state=state, billed_s=max(billed, 0.0), message=message)  # type: ignore[arg-type]
 
     def read_log(self, handle: JobHandle, start: int) -> list[str]:
         return read_complete_lines(Path(handle.log_path), start)
