@@ -77,6 +77,9 @@ def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
     assert _files_with(tmp_path, TOKEN) == []
     body = json.loads(jobs_standin.received_bodies[-1])
     assert TOKEN not in json.dumps({k: v for k, v in body.items() if k != "secrets"})
+    assert _prefect_database_holds("hfjobs-e2e")  # the scan reads the database this flow wrote...
+    assert _prefect_database_holds(TOKEN) is False  # ...its logs, artifacts, parameters and states
+
 
     # the same run again re-attaches to the finished job instead of paying for another
     again = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
@@ -157,3 +160,17 @@ def _run_collecting(spec, errors: list[BaseException]) -> None:
 
 def _text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _prefect_database_holds(needle: str) -> bool:
+    """Whether the Prefect server's database (with its write-ahead log) contains `needle`,
+    after the flow's logs have been flushed to it."""
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import get_current_settings
+
+    APILogHandler().flush()
+    url = get_current_settings().server.database.connection_url.get_secret_value()
+    db = Path(url.split("///", 1)[1])
+    assert db.exists(), url
+    files = [p for p in (db, db.with_name(db.name + "-wal")) if p.exists()]
+    return any(needle.encode() in p.read_bytes() for p in files)
