@@ -80,7 +80,6 @@ def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
     assert _prefect_database_holds("hfjobs-e2e")  # the scan reads the database this flow wrote...
     assert _prefect_database_holds(TOKEN) is False  # ...its logs, artifacts, parameters and states
 
-
     # the same run again re-attaches to the finished job instead of paying for another
     again = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
     assert again.error is None and again.job.job_id == job.job_id
