@@ -8,6 +8,7 @@ functions.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from tasks.run.monitor import Guard
 from tasks.run.resubmit import safer_training
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
-from tasks.spec import RunSpec, SpecError
+from tasks.spec import RUN_NAME_PATTERN, RunSpec, SpecError
 from tasks.stages import (
     build_script_task,
     check_account_task,
@@ -168,8 +169,10 @@ def run_prerequisites(spec: RunSpec, **options: Any) -> list[RunSummary]:
     from tasks.spec import load_spec
 
     done = []
-    for path in spec.requires:
+    for i, path in enumerate(spec.requires):
         required = load_spec(path)
+        if required.name is None:  # its own name, never this run's (each run holds its own lock)
+            required = required.model_copy(update={"name": f"{default_run_name(required)}-pre{i}"})
         print(f"model {spec.model} does not exist yet: running {Path(path).name} first ({required.method})")
         done.append(run_lifecycle(required, **options))
     if _missing_folder(spec.model):
@@ -247,8 +250,8 @@ def run_lifecycle(
     from tasks.run.locks import run_lock
     from tasks.rundir import default_run_name
 
-    if spec.name is None:  # fix the default name now, so the lock and the run folder agree
-        spec = spec.model_copy(update={"name": default_run_name(spec)})
+    if spec.name is None:  # fix the default name now: the lock, the run folder and the Prefect run agree
+        spec = spec.model_copy(update={"name": _current_flow_run_name(spec) or default_run_name(spec)})
     with run_lock(str(spec.name)):
         return _run_lifecycle(spec, dry_run, approval_timeout_s, approve_up_to_usd, poll_s)
 
@@ -426,6 +429,27 @@ def plan_json(plan: RunPlan) -> str:
     return json.dumps(plan.model_dump(mode="json"), indent=2)
 
 
+def _current_flow_run_name(spec: RunSpec) -> str | None:
+    """The name `flow_run_name` gave this flow run, when it is a default run name."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    name = ctx.flow_run.name if ctx is not None and ctx.flow_run is not None else None
+    return name if name and name.startswith(f"{spec.method}-") and RUN_NAME_PATTERN.match(name) else None
+
+
+def flow_run_name() -> str:
+    """The run's own name in the Prefect UI's runs list (Prefect's random one otherwise)."""
+    from prefect.runtime import flow_run
+
+    spec = flow_run.parameters.get("spec")
+    try:
+        spec = spec if isinstance(spec, RunSpec) else RunSpec.model_validate(spec)
+    except Exception:  # the flow itself reports a bad spec
+        return f"{flow_run.flow_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    return spec.name or default_run_name(spec)
+
+
 def lifecycle_flow(method: str, description: str) -> Any:
     """The Prefect flow of one method: the same lifecycle, named for the method, with the
     run spec as a typed parameter (a form in the Prefect UI)."""
@@ -438,6 +462,7 @@ def lifecycle_flow(method: str, description: str) -> Any:
 
     @flow(
         name=method,
+        flow_run_name=flow_run_name,
         log_prints=True,
         description=description,
         on_cancellation=[cancel_job_of_flow_run],

@@ -77,6 +77,12 @@ def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
     assert _files_with(tmp_path, TOKEN) == []
     body = json.loads(jobs_standin.received_bodies[-1])
     assert TOKEN not in json.dumps({k: v for k, v in body.items() if k != "secrets"})
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with get_client(sync_client=True) as client:  # the Prefect run carries the run's name, not a random one
+        named = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["hfjobs-e2e"])))
+    assert named and all(r.name == "hfjobs-e2e" for r in named)
     assert _prefect_database_holds("hfjobs-e2e")  # the scan reads the database this flow wrote...
     assert _prefect_database_holds(TOKEN) is False  # ...its logs, artifacts, parameters and states
 

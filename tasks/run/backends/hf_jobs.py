@@ -161,9 +161,12 @@ class HfJobsBackend:
         after = f" after {tries} attempts" if tries > 1 else ""
         return BackendError(f"{what} failed{after} ({self._endpoint()}): {scrub(f'{type(e).__name__}: {e}', token)}")
 
-    def _call(self, what: str, fn: Callable[[], T], token: str, retry: bool = True) -> T:
+    def _call(
+        self, what: str, fn: Callable[[], T], token: str, retry: bool = True, delays: tuple[float, ...] | None = None
+    ) -> T:
         """Run one Hub call; retry network faults and 429/5xx with backoff; turn refusals into
         messages that say what to fix. Never lets the token into a message."""
+        delays = self.retry_delays_s if delays is None else delays
         attempt = 0
         while True:
             try:
@@ -171,14 +174,16 @@ class HfJobsBackend:
             except BackendError:
                 raise
             except Exception as e:
-                if not (retry and _is_transient(e)) or attempt >= len(self.retry_delays_s):
+                if not (retry and _is_transient(e)) or attempt >= len(delays):
                     raise self._refusal(what, e, token, attempt + 1) from None
-                self.sleep(self.retry_delays_s[attempt])
+                self.sleep(delays[attempt])
                 attempt += 1
 
     def _whoami(self, token: str) -> dict[str, Any]:
+        """The first call of a run: a short retry schedule, so an endpoint that is down is
+        reported within seconds, before anything else is tried."""
         api = self._api(token)
-        return self._call("checking the token (whoami)", lambda: api.whoami(), token)
+        return self._call("checking the token (whoami)", lambda: api.whoami(), token, delays=self.retry_delays_s[:3])
 
     def _namespace_for(self, token: str) -> str:
         key = hashlib.sha256(token.encode()).hexdigest()
