@@ -131,23 +131,55 @@ def stage_release(run_dir: Path, result: JobResult, gguf: GgufFiles | None, card
 
 
 def publish_to_folder(release: Path, target: Path) -> tuple[list[str], list[str]]:
-    """Make `target` hold exactly the release; copy only changed files. Returns (written, removed)."""
-    target.mkdir(parents=True, exist_ok=True)
+    """Make `target` hold exactly the release; copy only changed files. Returns (written, removed).
+
+    Before anything changes, the release it holds is kept in `<target>.previous/` (hard links:
+    no extra space, and each file is replaced by a new one, so the links keep the old
+    content), to be restored by renaming if the new release is not wanted."""
     wanted = {p.relative_to(release).as_posix() for p in release.rglob("*") if p.is_file()}
-    written = []
-    for rel in sorted(wanted):
-        src, dst = release / rel, target / rel
-        if dst.exists() and dst.stat().st_size == src.stat().st_size and sha256_file(dst) == sha256_file(src):
-            continue
-        _copy_into(src, dst)
-        written.append(rel)
-    removed = []
-    for p in sorted(target.rglob("*")):
-        rel = p.relative_to(target).as_posix()
-        if p.is_file() and rel not in wanted:
-            p.unlink()
-            removed.append(rel)
-    return written, removed
+    changed = [
+        rel
+        for rel in sorted(wanted)
+        if not (
+            (target / rel).exists()
+            and (target / rel).stat().st_size == (release / rel).stat().st_size
+            and sha256_file(target / rel) == sha256_file(release / rel)
+        )
+    ]
+    stale = sorted(
+        p.relative_to(target).as_posix()
+        for p in (target.rglob("*") if target.exists() else [])
+        if p.is_file() and p.relative_to(target).as_posix() not in wanted
+    )
+    if (changed or stale) and target.exists() and any(p.is_file() for p in target.rglob("*")):
+        keep_previous(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for rel in changed:
+        _copy_into(release / rel, target / rel)
+    for rel in stale:
+        (target / rel).unlink()
+    return changed, stale
+
+
+def keep_previous(target: Path) -> Path:
+    """Snapshot a folder target into `<target>.previous/` (replacing an older snapshot)."""
+    previous = target.with_name(target.name + ".previous")
+    partial = target.with_name(target.name + ".previous.partial")
+    for folder in (partial,):
+        if folder.exists():
+            shutil.rmtree(folder)
+    for src in target.rglob("*"):
+        if src.is_file():
+            dst = partial / src.relative_to(target)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # a file system without hard links: copy
+                shutil.copy2(src, dst)
+    if previous.exists():
+        shutil.rmtree(previous)
+    partial.rename(previous)
+    return previous
 
 
 def _status_of(err: BaseException) -> int | None:

@@ -37,6 +37,11 @@ def test_a_folder_publish_copies_only_what_changed_and_removes_stale_files(tmp_p
     assert written == ["README.md"] and removed == ["gguf/a.gguf"]
     assert (target / "README.md").read_bytes() == b"card v2"
     assert not list(target.rglob("*.partial"))
+    # the release it replaced is kept, whole, next to it
+    previous = tmp_path / "target.previous"
+    assert (previous / "README.md").read_bytes() == b"card" and (previous / "gguf" / "a.gguf").read_bytes() == b"g"
+    publish_to_folder(second, target)  # nothing changed: the previous release stays the previous one
+    assert (previous / "README.md").read_bytes() == b"card"
 
 
 def test_the_token_is_scrubbed_and_a_missing_token_is_explained(tmp_path, monkeypatch):
