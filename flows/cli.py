@@ -91,10 +91,10 @@ def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = N
     try:
         args, spec = parse_args(method, argv)
         if args.dry_run:
+            from flows.pipeline import named
             from tasks.run.locks import run_lock
-            from tasks.rundir import default_run_name
 
-            spec = spec if spec.name else spec.model_copy(update={"name": default_run_name(spec)})
+            spec = named(spec)
             with run_lock(str(spec.name)):  # a plan rewrites the run folder's script and data
                 plan = plan_run(spec)
             print(plan_json(plan) if args.json else plan_markdown(plan))

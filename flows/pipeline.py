@@ -21,7 +21,7 @@ from tasks.model_source import load_config, resolve_model
 from tasks.models import Approval, CostEstimate, JobStatus, RunPlan, RunSummary, StageOutcome, TrainingScript
 from tasks.money import usd
 from tasks.report import plan_markdown, summary_markdown
-from tasks.run.backends import JobRequest, get_backend
+from tasks.run.backends import Account, Backend, JobRequest, get_backend
 from tasks.run.monitor import Guard
 from tasks.run.resubmit import safer_training
 from tasks.rundir import default_run_name, prepare_run_dir
@@ -248,12 +248,18 @@ def run_lifecycle(
     name). Failures after planning still write the report (every stage with its status)
     before the error propagates."""
     from tasks.run.locks import run_lock
-    from tasks.rundir import default_run_name
 
-    if spec.name is None:  # fix the default name now: the lock, the run folder and the Prefect run agree
-        spec = spec.model_copy(update={"name": _current_flow_run_name(spec) or default_run_name(spec)})
+    spec = named(spec)
     with run_lock(str(spec.name)):
         return _run_lifecycle(spec, dry_run, approval_timeout_s, approve_up_to_usd, poll_s)
+
+
+def named(spec: RunSpec) -> RunSpec:
+    """The spec with its run name fixed now (the default one for a spec without a name), so
+    that the lock, the run folder and the Prefect flow run all agree on it."""
+    if spec.name is not None:
+        return spec
+    return spec.model_copy(update={"name": _current_flow_run_name(spec) or default_run_name(spec)})
 
 
 def _run_lifecycle(
@@ -348,12 +354,12 @@ def _run_lifecycle(
     return finish(plan, stages, fields, None)
 
 
-def backend_poll_s(backend: object) -> float:
+def backend_poll_s(backend: Backend) -> float:
     """How often the monitor polls: FINETUNE_POLL_S, else the backend's own default."""
     import os
 
     env = os.environ.get("FINETUNE_POLL_S")
-    return float(env) if env else float(getattr(backend, "poll_s", 1.0))
+    return float(env) if env else backend.poll_s
 
 
 def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:
@@ -371,13 +377,12 @@ def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:
     )
 
 
-def account_detail(account: object, cost: CostEstimate) -> str:
-    namespace = getattr(account, "namespace", None)
-    if namespace is None:
+def account_detail(account: Account, cost: CostEstimate) -> str:
+    if account.namespace is None:
         return "this machine: nothing to check"
     return (
-        f"namespace {namespace}; {cost.flavor} at {usd(cost.price_per_hour_usd)}/h from "
-        f"{getattr(account, 'price_source', 'catalogue')}; estimate {usd(cost.usd)} (up to {usd(cost.usd_high)})"
+        f"namespace {account.namespace}; {cost.flavor} at {usd(cost.price_per_hour_usd)}/h from "
+        f"{account.price_source}; estimate {usd(cost.usd)} (up to {usd(cost.usd_high)})"
     )
 
 

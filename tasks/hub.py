@@ -165,9 +165,8 @@ def keep_previous(target: Path) -> Path:
     """Snapshot a folder target into `<target>.previous/` (replacing an older snapshot)."""
     previous = target.with_name(target.name + ".previous")
     partial = target.with_name(target.name + ".previous.partial")
-    for folder in (partial,):
-        if folder.exists():
-            shutil.rmtree(folder)
+    if partial.exists():  # left by an interrupted snapshot
+        shutil.rmtree(partial)
     for src in target.rglob("*"):
         if src.is_file():
             dst = partial / src.relative_to(target)

@@ -165,35 +165,20 @@ def main() -> int:
         **training,
     )
 
-    class ProgressFile(TrainerCallback):
-        """Writes progress.json so a monitor knows the total number of steps."""
-
-        def _write(self, state, done: bool = False) -> None:
-            write_json_atomic(
-                out / "progress.json",
-                {
-                    "step": state.global_step,
-                    "max_steps": state.max_steps,
-                    "epoch": state.epoch,
-                    "done": done,
-                    "time": time.time(),
-                },
-            )
+    class ProgressLines(TrainerCallback):
+        """Prints the structured progress line at the start, each logging step and the end."""
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self._write(state)
             self._tokens, self._at = state.num_input_tokens_seen, time.time()
             print_progress("start", state)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            self._write(state)
             now, seen = time.time(), state.num_input_tokens_seen
             rate = (seen - self._tokens) / (now - self._at) if seen > self._tokens and now > self._at else None
             self._tokens, self._at = seen, now
             print_progress("log", state, logs, round(rate, 1) if rate else None)
 
         def on_train_end(self, args, state, control, **kwargs):
-            self._write(state, done=True)
             print_progress("end", state)
 
     class PushCheckpoints(TrainerCallback):
@@ -205,7 +190,7 @@ def main() -> int:
             print(f"pushed checkpoints at step {state.global_step} to {hub_repo}", flush=True)
 
     hub_repo = args.hub_repo
-    callbacks = [ProgressFile()] + ([PushCheckpoints()] if hub_repo else [])
+    callbacks = [ProgressLines()] + ([PushCheckpoints()] if hub_repo else [])
     extra = {}
     if CONFIG.get("rewards"):  # GRPO: the reward functions' source travels inside this script
         reward_funcs = []

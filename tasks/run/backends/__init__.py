@@ -33,6 +33,7 @@ class UnavailableBackend:
     backend and says so when asked to run anything."""
 
     on_this_machine = False
+    poll_s = 10.0
 
     def __init__(self, name: str) -> None:
         self.name = name

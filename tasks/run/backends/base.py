@@ -51,6 +51,7 @@ class Account(BaseModel):
 class Backend(Protocol):
     name: str
     on_this_machine: bool
+    poll_s: float  # how often the monitor asks for the job's state and log
 
     def model_reference(self, model_path: str) -> str:
         """How the script names the model where it runs (a local folder may be uploaded)."""
