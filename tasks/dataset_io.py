@@ -52,6 +52,30 @@ def _one_based(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
+
+
+def _load_refusal(source: str, split: str, local: bool, e: Exception) -> DatasetLoadError:
+    from tasks.faults import attempts_of, is_offline, kind_of, offline_mode, status_of
+
+    where = "local folder" if local else "Hub dataset"
+    status = status_of(e)
+    if is_offline(e) or offline_mode():
+        why = "HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1) is set and the dataset is not in the local cache"
+    elif status in (401, 403):
+        why = f"the Hub refused access (HTTP {status}): the dataset is gated or private; set HF_TOKEN to a token with access"
+    elif status == 404:
+        why = "the Hub has no such dataset (HTTP 404); check the id"
+    elif kind_of(e) == "transient":
+        why = f"the Hub did not answer after {attempts_of(e)} attempt(s): {type(e).__name__}: {e}"
+    else:
+        why = f"{type(e).__name__}: {e}"
+    return DatasetLoadError(
+        f"could not load {where} '{source}' (split '{split}'): {why}. "
+        "If you are offline, point 'dataset' at a local .jsonl/.json/.csv/.parquet file."
+    )
+
+
 def load_frame(source: str, split: str = "train") -> pd.DataFrame:
     """Read a local file (jsonl/json/csv/parquet), a local dataset folder or a Hub dataset id."""
     path = Path(source).expanduser()
@@ -82,13 +106,16 @@ def load_frame(source: str, split: str = "train") -> pd.DataFrame:
     if path.is_dir() or (not looks_local and HUB_ID.match(source)):
         from datasets import load_dataset
 
+        from tasks.faults import say_retry, with_retries
+
+        delays = () if path.is_dir() else HUB_READ_DELAYS_S
         try:
-            ds = load_dataset(str(path) if path.is_dir() else source, split=split)
-        except Exception as e:  # datasets raises many types; the message is what matters
-            where = "local folder" if path.is_dir() else "Hub dataset"
-            raise DatasetLoadError(
-                f"could not load {where} '{source}' (split '{split}'): {type(e).__name__}: {e}. "
-                "If you are offline, point 'dataset' at a local .jsonl/.json/.csv/.parquet file."
-            ) from None
+            ds = with_retries(
+                lambda: load_dataset(str(path) if path.is_dir() else source, split=split),
+                delays,
+                on_retry=say_retry(f"loading dataset {source}"),
+            )
+        except Exception as e:  # datasets raises many types; the kind and message matter
+            raise _load_refusal(source, split, path.is_dir(), e) from None
         return _one_based(ds.to_pandas())
     raise DatasetLoadError(f"dataset '{source}' was not found: no such file, and not a Hub id of the form 'owner/name'")

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from tasks.dataset_io import HUB_ID
 from tasks.errors import UserFacingError
+from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
 from tasks.gguf_smoke import sha256_file
 from tasks.models import GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
 from tasks.spec import RunSpec
@@ -26,6 +26,10 @@ SECRET_BLOCK_ENV = "FINETUNE_HF_TOKEN_BLOCK"  # name of a Prefect Secret block h
 DEFAULT_SECRET_BLOCK = "hf-token"
 RETRY_DELAYS_S = (2.0, 5.0, 15.0, 30.0)
 XET_HOSTS = {"huggingface.co", "hf.co"}
+
+
+class DebugSwitchRefused(UserFacingError, RuntimeError):
+    """A switch that logs request bodies is on while a token is in use."""
 
 
 class PublishError(UserFacingError, RuntimeError):
@@ -79,23 +83,36 @@ def uses_xet(endpoint: str | None) -> bool:
     return not endpoint or urlsplit(endpoint).hostname in XET_HOSTS
 
 
+DEBUG_SWITCHES = ("HF_DEBUG",)
+
+
+def refuse_request_dumps(token: str | None) -> None:
+    """With HF_DEBUG on, huggingface_hub logs every request as a curl command, headers and
+    body included, which is where a token travels (and a Job's secrets). Refused while a
+    token is in use, rather than trusting every log line to be redacted."""
+    import huggingface_hub.constants as hub_constants
+
+    on = [name for name in DEBUG_SWITCHES if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")]
+    if hub_constants.HF_DEBUG and not on:
+        on = ["HF_DEBUG (set in huggingface_hub.constants)"]
+    if token and on:
+        raise DebugSwitchRefused(
+            f"{', '.join(on)} is set: huggingface_hub would log every request with its headers and body, where "
+            "the Hugging Face token travels. Unset it to run with a token; debug a request with a token you revoke "
+            "afterwards, outside this engine."
+        )
+
+
 def make_api(token: str | None, endpoint: str | None = None):  # -> HfApi (imported lazily: it reads env at import)
     import huggingface_hub.constants as hub_constants
     from huggingface_hub import HfApi
+
+    refuse_request_dumps(token)
 
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or None
     if not uses_xet(endpoint):
         hub_constants.HF_HUB_DISABLE_XET = True
     return HfApi(endpoint=endpoint, token=token)
-
-
-def status_of(err: BaseException) -> int | None:
-    """The HTTP status anywhere in an exception's chain, if any."""
-    return next((s for s in map(_status_of, _causes(err)) if s is not None), None)
-
-
-def is_transient(err: BaseException) -> bool:
-    return _is_transient(err)
 
 
 def _copy_into(src: Path, dst: Path) -> None:
@@ -181,39 +198,6 @@ def keep_previous(target: Path) -> Path:
     return previous
 
 
-def _status_of(err: BaseException) -> int | None:
-    response = getattr(err, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _causes(err: BaseException) -> list[BaseException]:
-    chain, seen = [], set()
-    while err is not None and id(err) not in seen:
-        chain.append(err)
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return chain
-
-
-def _is_transient(err: BaseException) -> bool:
-    """Network cuts, timeouts, 408/429 and 5xx are worth another try; 4xx answers are not.
-
-    huggingface_hub 2.4 talks through `httpx2` (not `httpx`) and wraps a failed large-file
-    upload in a RuntimeError whose cause is the network error, so the whole chain is read.
-    """
-    for e in _causes(err):
-        if type(e).__name__ == "OfflineModeIsEnabled":  # HF_HUB_OFFLINE=1: permanent for the process
-            return False
-        status = _status_of(e)
-        if status is not None:
-            return status in (408, 429) or status >= 500
-        if isinstance(e, ConnectionError | TimeoutError):
-            return True
-        if any(c.__name__ in ("TransportError", "TimeoutException", "NetworkError") for c in type(e).__mro__):
-            return True
-    return False
-
-
 def publish_to_hub(
     release: Path, repo_id: str, private: bool, token: str | None, message: str, endpoint: str | None = None
 ) -> str:
@@ -229,37 +213,45 @@ def publish_to_hub(
             f"access in a Prefect Secret block named '{os.environ.get(SECRET_BLOCK_ENV, DEFAULT_SECRET_BLOCK)}'"
         )
     api = make_api(token, endpoint)
-    attempt = 0
-    while True:
-        try:
-            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-            commit = api.upload_folder(
-                folder_path=str(release),
-                repo_id=repo_id,
-                repo_type="model",
-                commit_message=message,
-                delete_patterns=["*"],  # the repo ends up holding exactly the release
+
+    def upload() -> str:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(release),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=message,
+            delete_patterns=["*"],  # the repo ends up holding exactly the release
+        )
+        return str(getattr(commit, "commit_url", commit))
+
+    try:
+        return with_retries(upload, RETRY_DELAYS_S, on_retry=say_retry(f"publishing to {repo_id}"))
+    except Exception as e:
+        raise publish_refusal(repo_id, e, token) from None
+
+
+def publish_refusal(repo_id: str, e: BaseException, token: str | None) -> PublishError:
+    """What failed and what to do about it, without the token."""
+    status = status_of(e)
+    if status in (401, 403):
+        return PublishError(
+            f"the Hub refused the token (HTTP {status}) for '{repo_id}': "
+            + (
+                "the token from HF_TOKEN (or the Secret block) is invalid or expired"
+                if status == 401
+                else f"the token lacks write access to '{repo_id.split('/')[0]}' (use a token with the "
+                "'write' role, or a fine-grained token allowed to write repos in that namespace)"
             )
-            return str(getattr(commit, "commit_url", commit))
-        except Exception as e:
-            status = status_of(e)
-            if status in (401, 403):
-                raise PublishError(
-                    f"the Hub refused the token (HTTP {status}) for '{repo_id}': "
-                    + (
-                        "the token from HF_TOKEN (or the Secret block) is invalid or expired"
-                        if status == 401
-                        else f"the token lacks write access to '{repo_id.split('/')[0]}' (use a token with the "
-                        "'write' role, or a fine-grained token allowed to write repos in that namespace)"
-                    )
-                ) from None
-            if not _is_transient(e) or attempt >= len(RETRY_DELAYS_S):
-                tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise PublishError(
-                    f"publishing to '{repo_id}' failed{tries}: {scrub(f'{type(e).__name__}: {e}', token)}"
-                ) from None
-            time.sleep(RETRY_DELAYS_S[attempt])
-            attempt += 1
+        )
+    if is_offline(e):
+        return PublishError(
+            f"cannot publish to '{repo_id}': HF_HUB_OFFLINE=1 is set, so huggingface_hub makes no network "
+            "call. Unset it, or publish to a folder (outputs.hub_repo: ./folder)"
+        )
+    tries = attempts_of(e)
+    after = f" after {tries} attempts" if tries > 1 else ""
+    return PublishError(f"publishing to '{repo_id}' failed{after}: {scrub(f'{type(e).__name__}: {e}', token)}")
 
 
 def push_to_hub(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,29 +36,54 @@ def resolve_model(model: str) -> str:
     return model
 
 
+HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
+
+
 def _offline_hint(model: str, what: str, err: Exception) -> ModelSourceError:
+    """Why the model could not be read, by the kind of fault, and what to do."""
+    from tasks.faults import attempts_of, is_offline, kind_of, offline_mode, status_of
+
+    status = status_of(err)
+    if is_offline(err) or offline_mode():
+        why = "HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set and the model is not in the local cache"
+    elif status in (401, 403):
+        why = (
+            f"the Hub refused access (HTTP {status}): the model is gated or private; accept its terms on its "
+            "Hub page and set HF_TOKEN to a token of an account that has access"
+        )
+    elif status == 404:
+        why = "the Hub has no such model (HTTP 404); check the id, or give a local folder"
+    elif kind_of(err) == "transient":
+        why = f"the Hub did not answer after {attempts_of(err)} attempt(s): {type(err).__name__}: {err}"
+    else:
+        why = f"{type(err).__name__}: {err}"
     return ModelSourceError(
-        f"could not read the {what} of '{model}': {type(err).__name__}: {err}. "
+        f"could not read the {what} of '{model}': {why}. "
         "If this machine is offline, download the model to a folder and set `model:` to that folder, "
         "or use `model: tiny`."
     )
+
+
+def _read(what: str, model_path: str, fn: Callable[[], Any]) -> Any:
+    """Read from a folder once, or from the Hub with retries on transient faults."""
+    from tasks.faults import say_retry, with_retries
+
+    delays = () if Path(model_path).is_dir() else HUB_READ_DELAYS_S
+    try:
+        return with_retries(fn, delays, on_retry=say_retry(f"reading the {what} of {model_path}"))
+    except Exception as e:  # transformers/hub raise many types; the kind and message matter
+        raise _offline_hint(model_path, what, e) from None
 
 
 @lru_cache(maxsize=8)
 def load_config(model_path: str) -> Any:
     from transformers import AutoConfig
 
-    try:
-        return AutoConfig.from_pretrained(model_path)
-    except Exception as e:  # transformers/hub raise many types; the message matters
-        raise _offline_hint(model_path, "config.json", e) from None
+    return _read("config.json", model_path, lambda: AutoConfig.from_pretrained(model_path))
 
 
 @lru_cache(maxsize=8)
 def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except Exception as e:
-        raise _offline_hint(model_path, "tokenizer", e) from None
+    return _read("tokenizer", model_path, lambda: AutoTokenizer.from_pretrained(model_path))

@@ -90,13 +90,18 @@ def jobs_standin() -> Iterator[object]:
 
 
 @pytest.fixture
-def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> object:
+def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     """huggingface_hub pointed at the stand-in, with its token; Xet restored afterwards."""
     import huggingface_hub.constants as constants
 
     from tests.jobs_standin import STANDIN_TOKEN
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    # downloads (hf_hub_download, through transformers) read the endpoint huggingface_hub saw at import
+    monkeypatch.setattr(constants, "ENDPOINT", jobs_standin.endpoint)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", jobs_standin.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setenv("HF_ENDPOINT", jobs_standin.endpoint)
     monkeypatch.setenv("HF_TOKEN", STANDIN_TOKEN)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -104,4 +109,6 @@ def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> object:
     jobs_standin.can_pay = True
     jobs_standin.fail_next_jobs.clear()
     jobs_standin.reset_counters()
-    return jobs_standin
+    jobs_standin.clear_faults()
+    yield jobs_standin
+    jobs_standin.clear_faults()

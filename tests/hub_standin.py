@@ -145,17 +145,25 @@ class HubStandin:
         with self._lock:
             self._rules.append([route_substring, times, "drop_after" if after_handling else "drop"])
 
-    def fail_next(self, route_substring: str, status: int = 503, times: int = 1) -> None:
-        """Answer the next `times` matching requests with `status` (e.g. 500/503 to exercise http_backoff)."""
+    def fail_next(
+        self, route_substring: str, status: int = 503, times: int = 1, retry_after: str | None = None
+    ) -> None:
+        """Answer the next `times` matching requests with `status` (e.g. 500/503 to exercise http_backoff),
+        with a `Retry-After` header when given (seconds or an HTTP date, as servers send it)."""
         with self._lock:
-            self._rules.append([route_substring, times, status])
+            self._rules.append([route_substring, times, (status, retry_after)])
 
-    def _take_rule(self, request_line: str) -> str | int | None:
+    def clear_faults(self) -> None:
+        """Forget injected faults that no request has consumed."""
+        with self._lock:
+            self._rules.clear()
+
+    def _take_rule(self, request_line: str) -> str | tuple[int, str | None] | None:
         with self._lock:
             for rule in self._rules:
                 if rule[1] > 0 and rule[0] in request_line:
                     rule[1] -= 1
-                    action: str | int = rule[2]
+                    action: str | tuple[int, str | None] = rule[2]
                     return action
         return None
 
@@ -465,8 +473,13 @@ class _Handler(BaseHTTPRequestHandler):
         if rule == "drop":  # cut before the server did anything
             return self._drop(path)
         try:
-            if isinstance(rule, int):
-                raise HubError(rule, f"Injected failure (HTTP {rule})")
+            if isinstance(rule, tuple):
+                code, retry_after = rule
+                raise HubError(
+                    code,
+                    f"Injected failure (HTTP {code})",
+                    extra={"_headers": {"Retry-After": retry_after}} if retry_after else None,
+                )
             if route is None:
                 raise HubError(404, f"Not found: {self.command} {path}")
             (_, _, name, write, public), match = route

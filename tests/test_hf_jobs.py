@@ -78,18 +78,24 @@ def test_a_job_runs_remotely_and_its_progress_comes_back_through_the_log(jobs_st
     assert body["dockerImage"].startswith("ghcr.io/astral-sh/uv")
 
 
-def test_the_token_stays_out_of_debug_logs_even_with_hf_debug(monkeypatch, caplog, tmp_path):
-    import logging
-
+@pytest.mark.parametrize("how", ["environment", "constants"])
+def test_hf_debug_is_refused_while_a_token_is_in_use(jobs_standin, monkeypatch, tmp_path, how):
     import huggingface_hub.constants as constants
 
-    monkeypatch.setattr(constants, "HF_DEBUG", True)  # what HF_DEBUG=1 turns on: curl dumps of every request
-    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
-    backend = _backend()
-    handle = backend.submit(_request(tmp_path, "print('hi')\n", name="debug-run"))
-    assert any("Send:" in r.getMessage() for r in caplog.records)  # the dumps are on...
-    assert all(TOKEN not in r.getMessage() for r in caplog.records)  # ...but never with the token
-    assert monitor_job(backend, handle, Guard(max_usd=1, price_per_hour_usd=0.6), poll_s=0.2).state == "completed"
+    from tasks.hub import DebugSwitchRefused, publish_to_hub
+
+    if how == "environment":
+        monkeypatch.setenv("HF_DEBUG", "1")  # curl dumps of every request, headers and body
+    else:
+        monkeypatch.setattr(constants, "HF_DEBUG", True)
+    jobs_standin.reset_counters()
+    with pytest.raises(DebugSwitchRefused, match="HF_DEBUG"):
+        _backend().preflight("cpu-basic")
+    with pytest.raises(DebugSwitchRefused, match="HF_DEBUG"):
+        _backend().submit(_request(tmp_path, "print('hi')\n", name="debug-run"))
+    with pytest.raises(DebugSwitchRefused, match="HF_DEBUG"):
+        publish_to_hub(tmp_path, "standin-user/debug", True, TOKEN, "publish")
+    assert jobs_standin.log == [], "nothing was sent"
 
 
 def test_a_failed_job_reports_its_state_and_the_end_of_its_log(tmp_path):

@@ -27,16 +27,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.hub import is_transient as _is_transient
-from tasks.hub import make_api, resolve_token, scrub, status_of, uses_xet
+from tasks.atomic import replace_path
+from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
+from tasks.hub import make_api, resolve_token, scrub, uses_xet
 from tasks.models import InputUpload, JobHandle, JobSnapshot
 from tasks.run.backends.base import Account, BackendError, JobRequest, load_handle, save_handle, tail_lines
 
@@ -66,20 +66,6 @@ where = snapshot_download(repo, allow_patterns=PATTERNS, local_dir=tempfile.mkdt
 print(f"inputs from {repo} in {where}", flush=True)
 sys.exit(subprocess.call(["uv", "run", where + "/train.py", "--hub-repo", repo]))
 """.replace("PATTERNS", repr(INPUT_PATTERNS))
-
-
-@contextmanager
-def _no_request_dumps() -> Iterator[None]:
-    """With HF_DEBUG=1 huggingface_hub logs every request as a curl command, body included,
-    and the job's secrets are in the body: switch that off while the job is created."""
-    import huggingface_hub.constants as constants
-
-    saved = constants.HF_DEBUG
-    constants.HF_DEBUG = False
-    try:
-        yield
-    finally:
-        constants.HF_DEBUG = saved
 
 
 def _keep_earlier_log(run_dir: Path) -> None:
@@ -112,7 +98,9 @@ class HfJobsBackend:
     on_this_machine = False
     poll_s = 10.0  # each poll reads the job state and its log over HTTP
 
-    def __init__(self, retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self, retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S, sleep: Callable[[float], None] | None = None
+    ):
         self.retry_delays_s = retry_delays_s
         self.sleep = sleep
         self._namespace: dict[str, str] = {}
@@ -134,7 +122,7 @@ class HfJobsBackend:
     def _endpoint(self) -> str:
         return os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
 
-    def _refusal(self, what: str, e: BaseException, token: str, tries: int) -> BackendError:
+    def _refusal(self, what: str, e: BaseException, token: str) -> BackendError:
         """The message for an error that is not retried: what failed and what to fix."""
         status = status_of(e)
         if status == 401:
@@ -153,11 +141,12 @@ class HfJobsBackend:
                 f"{what}: the namespace cannot pay for Jobs (HTTP 402). Add a payment method or "
                 "credits at https://huggingface.co/settings/billing, or choose backend: local"
             )
-        if type(e).__name__ == "OfflineModeIsEnabled":
+        if is_offline(e):
             return BackendError(
                 f"{what}: HF_HUB_OFFLINE=1 is set, so huggingface_hub makes no network call; unset it to "
                 "train on Hugging Face Jobs"
             )
+        tries = attempts_of(e)
         after = f" after {tries} attempts" if tries > 1 else ""
         return BackendError(f"{what} failed{after} ({self._endpoint()}): {scrub(f'{type(e).__name__}: {e}', token)}")
 
@@ -166,18 +155,13 @@ class HfJobsBackend:
     ) -> T:
         """Run one Hub call; retry network faults and 429/5xx with backoff; turn refusals into
         messages that say what to fix. Never lets the token into a message."""
-        delays = self.retry_delays_s if delays is None else delays
-        attempt = 0
-        while True:
-            try:
-                return fn()
-            except BackendError:
-                raise
-            except Exception as e:
-                if not (retry and _is_transient(e)) or attempt >= len(delays):
-                    raise self._refusal(what, e, token, attempt + 1) from None
-                self.sleep(delays[attempt])
-                attempt += 1
+        delays = (self.retry_delays_s if delays is None else delays) if retry else ()
+        try:
+            return with_retries(fn, delays, self.sleep, on_retry=say_retry(what))
+        except BackendError:
+            raise
+        except Exception as e:
+            raise self._refusal(what, e, token) from None
 
     def _whoami(self, token: str) -> dict[str, Any]:
         """The first call of a run: a short retry schedule, so an endpoint that is down is
@@ -342,32 +326,34 @@ class HfJobsBackend:
         self.upload_inputs(request, staging, token)
         api = self._api(token)
         labels = self._labels(request)
-        attempt = 0
-        while True:
-            try:
-                with _no_request_dumps():
-                    job = api.run_job(
-                        image=UV_IMAGE,
-                        command=self.job_command(staging),
-                        env=self.job_environment(),
-                        secrets={"HF_TOKEN": token},
-                        flavor=request.flavor,
-                        timeout=request.timeout_s,
-                        name=label_value(f"finetune-{request.run_name}"),
-                        labels=labels,
-                        namespace=namespace,
-                    )
-                break
-            except Exception as e:
-                if not _is_transient(e) or attempt >= len(self.retry_delays_s):
-                    raise self._refusal("submitting the job", e, token, attempt + 1) from None
-                # The request may have reached the server before the connection dropped:
-                # look for the job by its key before sending another.
-                self.sleep(self.retry_delays_s[attempt])
-                attempt += 1
-                found = self.find_live(request)
-                if found is not None:
-                    return found
+
+        def create() -> Any:
+            return api.run_job(
+                image=UV_IMAGE,
+                command=self.job_command(staging),
+                env=self.job_environment(),
+                secrets={"HF_TOKEN": token},
+                flavor=request.flavor,
+                timeout=request.timeout_s,
+                name=label_value(f"finetune-{request.run_name}"),
+                labels=labels,
+                namespace=namespace,
+            )
+
+        try:
+            # The request may have reached the server before the connection dropped: before
+            # sending another, look for the job by its key.
+            job = with_retries(
+                create,
+                self.retry_delays_s,
+                self.sleep,
+                on_retry=say_retry("submitting the job"),
+                before_retry=lambda: self.find_live(request),
+            )
+        except Exception as e:
+            raise self._refusal("submitting the job", e, token) from None
+        if isinstance(job, JobHandle):  # found alive after a lost answer
+            return job
         handle = self._handle(job, request, namespace, staging)
         _keep_earlier_log(Path(request.run_dir))
         save_handle(handle)
@@ -433,16 +419,33 @@ class HfJobsBackend:
         )
 
     def fetch(self, handle: JobHandle) -> None:
+        """Download the outputs into an empty folder, then move them into the run folder.
+
+        Into an empty folder because snapshot_download, when the repo cannot be reached,
+        returns a non-empty local_dir as if it were the download; outputs of an earlier job
+        would then pass for this one's. Moved into place only when whole, so a cut download
+        leaves the run folder as it was.
+        """
         token = self._token()
         api = self._api(token)
         staging = handle.staging_repo or ""
-        self._call(
-            f"downloading the outputs from {staging}",
-            lambda: api.snapshot_download(staging, allow_patterns=OUTPUT_PATTERNS, local_dir=handle.run_dir),
-            token,
-        )
-        if not (Path(handle.run_dir) / "train_result.json").exists():
-            raise BackendError(
-                f"job {handle.job_id} completed but {staging} holds no train_result.json: the outputs were not "
-                f"pushed completely; see the job's log in {handle.log_path}"
+        run_dir = Path(handle.run_dir)
+        incoming = run_dir / ".incoming"
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.mkdir(parents=True)
+        try:
+            self._call(
+                f"downloading the outputs from {staging}",
+                lambda: api.snapshot_download(staging, allow_patterns=OUTPUT_PATTERNS, local_dir=incoming),
+                token,
             )
+            if not (incoming / "train_result.json").exists():
+                raise BackendError(
+                    f"job {handle.job_id} completed but {staging} holds no train_result.json: the outputs were not "
+                    f"pushed completely; see the job's log in {handle.log_path}"
+                )
+            for entry in sorted(incoming.iterdir()):
+                if entry.name != ".cache":
+                    replace_path(entry, run_dir / entry.name)
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
