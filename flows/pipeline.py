@@ -14,16 +14,17 @@ from typing import Any
 
 from tasks import artifacts
 from tasks.approval import request_approval
+from tasks.atomic import write_text
+from tasks.cache import cached_result, gguf_key, gguf_problems, publish_key, published_problems, run_cached, smoke_key
 from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.hub import publish_target
 from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
 from tasks.model_source import load_config, resolve_model
-from tasks.models import Approval, CostEstimate, JobStatus, RunPlan, RunSummary, StageOutcome, TrainingScript
+from tasks.models import CostEstimate, RunPlan, RunSummary, StageOutcome, TrainedModel
 from tasks.money import usd
 from tasks.report import plan_markdown, summary_markdown
-from tasks.run.backends import Account, Backend, JobRequest, get_backend
-from tasks.run.monitor import Guard
-from tasks.run.resubmit import safer_training
+from tasks.run.backends import Account, get_backend
+from tasks.run.training import TrainingFailed, trained_problems, training_key
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
 from tasks.spec import RUN_NAME_PATTERN, RunSpec, SpecError
@@ -33,12 +34,10 @@ from tasks.stages import (
     check_rewards_task,
     convert_gguf_task,
     estimate_cost_task,
-    fetch_artifacts_task,
-    monitor_task,
     push_to_hub_task,
     select_hardware_task,
     smoke_test_gguf_task,
-    submit_job_task,
+    train_task,
     validate_dataset_task,
 )
 
@@ -137,7 +136,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         notes=notes,
         trackio={"project": run_name, "run": run_name, "dir": str(run_dir / "trackio")},
     )
-    (run_dir / "plan.json").write_text(plan.model_dump_json(indent=2))
+    write_text(run_dir / "plan.json", plan.model_dump_json(indent=2))
     return plan
 
 
@@ -220,8 +219,8 @@ def finish(plan: RunPlan, stages: list[StageOutcome], fields: dict[str, Any], er
     )
     run_dir = Path(plan.run_dir)
     md = summary_markdown(summary)
-    (run_dir / "report.md").write_text(md)
-    (run_dir / "report.json").write_text(summary.model_dump_json(indent=2))
+    write_text(run_dir / "report.md", md)
+    write_text(run_dir / "report.json", summary.model_dump_json(indent=2))
     artifacts.markdown(artifacts.artifact_key("report", plan.run_name), md, description="run report")
     return summary
 
@@ -282,7 +281,7 @@ def _run_lifecycle(
         return finish(plan, stages, fields, None)
 
     run_dir = Path(plan.run_dir)
-    backend = get_backend(spec.backend)
+    say = stage_logger()
     current = "check_account"
     try:
         if plan.dataset.token_counts == "estimated":
@@ -291,75 +290,107 @@ def _run_lifecycle(
                 + next((w for w in plan.dataset.warnings if "ESTIMATED" in w), "the tokenizer cannot encode")
                 + ". Nothing was submitted; `--dry-run` still shows the estimated plan"
             )
-        account = check_account_task(spec.backend, plan.hardware.flavor)
-        cost = repriced(plan.cost, account.price_per_hour_usd)
-        stages.append(StageOutcome(stage="check_account", status="passed", detail=account_detail(account, cost)))
-        current = "approve"
-        fields["approval"] = request_approval(
-            cost, spec.budget, plan.run_name, run_dir, approval_timeout_s, approve_up_to_usd=approve_up_to_usd
-        )
-        stages.append(StageOutcome(stage="approve", status="passed", detail=fields["approval"].reason))
-        current = "submit_job"
-        script, job, handle = plan.script, None, None
-        attempts: list[str] = []
-        spent = 0.0
-        for attempt in (1, 2):
-            request = job_request(spec, plan, script, cost, attempt)
-            handle = submit_job_task(spec.backend, request)
-            if attempt == 1:
-                stages.append(StageOutcome(stage="submit_job", status="passed", detail=handle.url or handle.job_id))
-            current = "monitor"
-            guard = Guard(
-                max_usd=fields["approval"].max_usd,
-                price_per_hour_usd=cost.price_per_hour_usd,
-                projection_margin=spec.budget.projection_margin,
-                stall_s=spec.budget.stall_minutes * 60,
-                startup_grace_s=cost.startup_s * 2,
-                spent_before_usd=spent,
+        key = training_key(plan, spec.backend)
+        done = cached_result(run_dir, key)
+        if isinstance(done, TrainedModel) and not trained_problems(done):
+            why = f"training with these inputs finished before (job {done.job.job_id}); nothing to submit or pay for"
+            stages += [
+                StageOutcome(stage="check_account", status="skipped", detail=why),
+                StageOutcome(stage="approve", status="skipped", detail=why),
+            ]
+            cost, approval = plan.cost, None
+        else:
+            account = check_account_task(spec.backend, plan.hardware.flavor)
+            cost = repriced(plan.cost, account.price_per_hour_usd)
+            stages.append(StageOutcome(stage="check_account", status="passed", detail=account_detail(account, cost)))
+            current = "approve"
+            approval = request_approval(
+                cost, spec.budget, plan.run_name, run_dir, approval_timeout_s, approve_up_to_usd=approve_up_to_usd
             )
-            job = monitor_task(handle, plan.run_name, guard, poll_s or backend_poll_s(backend))
-            if job.failure != "oom" or attempt == 2:
-                break
-            retry = oom_retry(plan, script, cost, job, fields["approval"])
-            attempts.append(retry[1])
-            if retry[0] is None:
-                break
-            script, spent = retry[0], job.cost_usd
-            current = "submit_job"
-        assert job is not None and handle is not None
-        job = job.model_copy(update={"attempts": attempts}) if attempts else job
-        fields["job"] = job
-        stages.append(
-            StageOutcome(stage="monitor", status="passed" if job.state == "completed" else "failed", detail=job.detail)
-        )
-        current = "fetch_artifacts"
-        fields["result"] = fetch_artifacts_task(handle, job)
-        stages.append(StageOutcome(stage="fetch_artifacts", status="passed", detail=fields["result"].model_dir))
+            fields["approval"] = approval
+            stages.append(StageOutcome(stage="approve", status="passed", detail=approval.reason))
+        current = "submit_job"
+        trained, hit = run_cached(train_task, run_dir, key, trained_problems, say, spec, plan, cost, approval, poll_s)
+        fields["job"], fields["result"] = trained.job, trained.result
+        status = "cached" if hit else "passed"
+        stages += [
+            StageOutcome(stage="submit_job", status=status, detail=trained.submitted),
+            StageOutcome(stage="monitor", status=status, detail=trained.job.detail),
+            StageOutcome(stage="fetch_artifacts", status=status, detail=trained.result.model_dir),
+        ]
         current = "convert_gguf"
-        gguf = convert_gguf_task(fields["result"], spec.outputs, run_dir, plan.run_name)
-        stages.append(gguf.outcome)
+        gguf, hit = run_cached(
+            convert_gguf_task,
+            run_dir,
+            gguf_key(trained.result, spec.outputs),
+            gguf_problems,
+            say,
+            trained.result,
+            spec.outputs,
+            run_dir,
+            plan.run_name,
+        )
+        stages.append(cached_outcome(gguf.outcome, hit))
         current = "smoke_test_gguf"
-        fields["gguf"] = smoke_test_gguf_task(gguf, fields["result"], plan.dataset, plan.run_name, spec.outputs)
-        stages.append(fields["gguf"].outcome)
+        tested, hit = run_cached(
+            smoke_test_gguf_task,
+            run_dir,
+            smoke_key(gguf, trained.result, plan.dataset, spec.outputs),
+            gguf_problems,
+            say,
+            gguf,
+            trained.result,
+            plan.dataset,
+            plan.run_name,
+            spec.outputs,
+        )
+        fields["gguf"] = tested
+        stages.append(cached_outcome(tested.outcome, hit))
         current = "push_to_hub"
-        fields["published"] = push_to_hub_task(spec, plan, job, fields["result"], fields["gguf"])
-        stages.append(fields["published"].outcome)
-    except Exception as e:
+        published, hit = run_cached(
+            push_to_hub_task,
+            run_dir,
+            publish_key(spec, trained.job, trained.result, tested),
+            published_problems,
+            say,
+            spec,
+            plan,
+            trained.job,
+            trained.result,
+            tested,
+        )
+        fields["published"] = published
+        stages.append(cached_outcome(published.outcome, hit))
+    except Exception as raised:
+        e: Exception = raised
+        if isinstance(e, TrainingFailed):
+            current = e.stage
+            if e.job is not None:
+                fields["job"] = e.job
+            if e.submitted:
+                stages.append(StageOutcome(stage="submit_job", status="passed", detail=e.submitted))
+            e = e.__cause__ if isinstance(e.__cause__, Exception) else e
         if not stages or stages[-1].stage != current:
-            stages.append(StageOutcome(stage=current, status="failed", detail=f"{type(e).__name__}: {e}"))
-        done = {s.stage for s in stages}
-        stages += [StageOutcome(stage=s, status="not run") for s in RUN_STAGES if s not in done]
+            detail = fields["job"].detail if current == "monitor" and "job" in fields else f"{type(e).__name__}: {e}"
+            stages.append(StageOutcome(stage=current, status="failed", detail=detail))
+        done_stages = {s.stage for s in stages}
+        stages += [StageOutcome(stage=s, status="not run") for s in RUN_STAGES if s not in done_stages]
         finish(plan, stages, fields, f"{current}: {e}")
-        raise
+        raise e from None
     return finish(plan, stages, fields, None)
 
 
-def backend_poll_s(backend: Backend) -> float:
-    """How often the monitor polls: FINETUNE_POLL_S, else the backend's own default."""
-    import os
+def cached_outcome(outcome: StageOutcome, hit: bool) -> StageOutcome:
+    """A stage taken from the cache says so, with what it found when it ran."""
+    if not hit or outcome.status != "passed":
+        return outcome
+    return outcome.model_copy(update={"status": "cached", "detail": f"{outcome.detail} (from an earlier run)"})
 
-    env = os.environ.get("FINETUNE_POLL_S")
-    return float(env) if env else backend.poll_s
+
+def stage_logger() -> Any:
+    from tasks.stages import _log
+
+    return _log
 
 
 def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:
@@ -384,50 +415,6 @@ def account_detail(account: Account, cost: CostEstimate) -> str:
         f"namespace {account.namespace}; {cost.flavor} at {usd(cost.price_per_hour_usd)}/h from "
         f"{account.price_source}; estimate {usd(cost.usd)} (up to {usd(cost.usd_high)})"
     )
-
-
-def job_timeout_s(cost: CostEstimate, max_hours: float) -> int:
-    """The high end of the estimate plus a quarter and ten minutes, never past budget.max_hours."""
-    return int(min(max_hours * 3600, cost.hours_high * 3600 * 1.25 + 600))
-
-
-def job_request(spec: RunSpec, plan: RunPlan, script: TrainingScript, cost: CostEstimate, attempt: int) -> JobRequest:
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    return JobRequest(
-        run_name=plan.run_name,
-        run_dir=plan.run_dir,
-        script=script,
-        model_path=plan.model_path,
-        flavor=plan.hardware.flavor,
-        timeout_s=job_timeout_s(cost, spec.budget.max_hours),
-        push_model_to=script.config.get("push_model_to"),
-        private=spec.outputs.private,
-        attempt=attempt,
-        flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
-    )
-
-
-def oom_retry(
-    plan: RunPlan, script: TrainingScript, cost: CostEstimate, job: JobStatus, approval: Approval
-) -> tuple[TrainingScript | None, str]:
-    """A safer script for one more attempt after an out-of-memory failure, when one exists and
-    the approved budget still covers a whole new run; else None and why not."""
-    changed = safer_training(script.config["training"])
-    first = f"attempt 1 ran out of memory after {job.steps} steps ({usd(job.cost_usd)})"
-    if changed is None:
-        return None, f"{first}; nothing safer to try (micro-batch 1 with gradient checkpointing already)"
-    training, what = changed
-    if job.cost_usd + cost.usd_high > approval.max_usd:
-        return None, (
-            f"{first}; not resubmitted: {usd(job.cost_usd)} spent + up to {usd(cost.usd_high)} for another attempt "
-            f"would pass max_usd {usd(approval.max_usd)}"
-        )
-    run_dir = Path(plan.run_dir)
-    Path(script.path).replace(run_dir / "train.attempt1.py")  # kept for the record
-    new_script = build_script_task.fn(method_definition(plan.method), {**script.config, "training": training}, run_dir)
-    return new_script, f"{first}; resubmitted once with {what}, resuming from its last pushed checkpoint"
 
 
 def plan_json(plan: RunPlan) -> str:

@@ -19,7 +19,7 @@ class UserFacingError(Exception):
 class _DropTracebackOfRefusals(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UserFacingError):
+        if isinstance(exc, UserFacingError) or isinstance(getattr(exc, "__cause__", None), UserFacingError):
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -32,8 +32,10 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from tasks.atomic import write_text
 from tasks.errors import UserFacingError
 from tasks.gguf_converter import CHKTXT_PREFIX, ConverterUnavailable, find_converter
+from tasks.manifest import sha256_file
 from tasks.models import GgufFile, GgufFiles, JobResult, StageOutcome
 from tasks.spec import Outputs
 
@@ -343,7 +345,7 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
                 quant=quant,
                 path=str(path),
                 size_mb=round(path.stat().st_size / 1e6, 3),
-                sha256="",
+                sha256=sha256_file(path),  # checked by every later stage before it trusts the file
                 fallback_tensors=count,
                 total_tensors=total,
                 fallbacks=kinds,
@@ -353,7 +355,7 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
         base.unlink()
     preferred = next((f for f in files if f.quant == "q4_k_m"), files[0])
     mf = out_dir / "Modelfile"
-    mf.write_text(modelfile(Path(preferred.path).name, model_dir))
+    write_text(mf, modelfile(Path(preferred.path).name, model_dir))
     detail = f"{len(files)} file(s): " + ", ".join(
         f"{f.quant} {f.size_mb:.1f} MB" + (f" ({fallback_text(f)})" if f.fallback_tensors else "") for f in files
     )

@@ -7,7 +7,6 @@ its quantization type should allow, and it generates through its embedded chat t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks.manifest import sha256_file
 from tasks.models import GgufFile
 
 # Minimum top-1 agreement with the transformers model, by quantization type. Lossless types
@@ -58,14 +58,6 @@ def _disable_extra_buffer_types() -> None:
 
     params._finetune_flow = True  # type: ignore[attr-defined]
     ll.llama_model_default_params = params
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _log_softmax_nll(logits: Any, targets: list[int]) -> tuple[float, int]:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from tasks.dataset_io import HUB_ID
 from tasks.errors import UserFacingError
 from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
-from tasks.gguf_smoke import sha256_file
+from tasks.manifest import record, sha256_file
 from tasks.models import GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
 from tasks.spec import RunSpec
 
@@ -305,6 +305,7 @@ def _publish(
             outcome=StageOutcome(stage="push_to_hub", status="passed", detail=detail),
             repo=target,
             url=Path(target).as_uri(),
+            files=record(Path(target), [Path(target)]),
         )
     token = resolve_token()
     url = publish_to_hub(release, target, outputs.private, token, f"finetune-flow run {plan.run_name}")

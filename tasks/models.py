@@ -14,7 +14,7 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-StageStatus = Literal["passed", "skipped", "failed", "not run"]
+StageStatus = Literal["passed", "cached", "skipped", "failed", "not run"]
 
 
 class StageOutcome(Frozen):
@@ -198,12 +198,21 @@ class JobStatus(Frozen):
     cost_usd: float
 
 
+class FileRecord(Frozen):
+    """A file a stage wrote: checked (size, then sha256) before anything trusts it again."""
+
+    path: str = Field(description="relative to the folder the record belongs to")
+    size: int
+    sha256: str
+
+
 class JobResult(Frozen):
     model_dir: str
     adapter_dir: str | None
     files: list[str]
     size_mb: float
     train_metrics: dict[str, float]
+    manifest: list[FileRecord] = Field(default_factory=list, description="model and adapter files, from the run folder")
 
 
 class GgufFile(Frozen):
@@ -240,6 +249,18 @@ class PublishedModel(Frozen):
     outcome: StageOutcome
     repo: str | None = None
     url: str | None = None
+    files: list[FileRecord] = Field(default_factory=list, description="what a folder target holds, as published")
+
+
+class TrainedModel(Frozen):
+    """What the training stage leaves: the job that ran, where it ran, and the model it made.
+    Persisted under its training key, so a re-run with the same inputs does not train again."""
+
+    training_key: str
+    handle: JobHandle
+    job: JobStatus
+    result: JobResult
+    submitted: str = Field("", description="the first job's URL or id")
 
 
 class RunPlan(Frozen):

@@ -9,12 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.errors import UserFacingError
+from tasks.atomic import write_text
 from tasks.spec import RunSpec
-
-
-class RunFolderConflict(UserFacingError, ValueError):
-    """A run of that name exists with a different spec."""
 
 
 def runs_root() -> Path:
@@ -32,15 +28,15 @@ def spec_yaml(spec: RunSpec) -> str:
 
 
 def prepare_run_dir(spec: RunSpec, run_name: str, root: Path | None = None) -> Path:
-    """Create the folder and record the spec. Re-using a name is allowed only with the same
-    spec (then the run resumes from its checkpoints); anything else would mix two runs."""
+    """Create the folder and record the spec. Re-using a name continues that run: with the
+    same spec it resumes (or reports, when it finished); with a changed spec the earlier one
+    is kept as spec.previous.yaml and the stages whose inputs changed run again (a changed
+    training sets the earlier model and checkpoints aside in superseded/)."""
     run_dir = (root or runs_root()) / run_name
     text = spec_yaml(spec)
     spec_file = run_dir / "spec.yaml"
-    if spec_file.exists() and spec_file.read_text() != text:
-        raise RunFolderConflict(
-            f"{run_dir} already holds a run with a different spec; choose another `name` or remove that folder"
-        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_file.write_text(text)
+    if spec_file.exists() and spec_file.read_text() != text:
+        write_text(run_dir / "spec.previous.yaml", spec_file.read_text())
+    write_text(spec_file, text)
     return run_dir

@@ -14,13 +14,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import artifacts
+from tasks.cache import BY_KEY
 from tasks.cost import estimate_cost
+from tasks.errors import UserFacingError
 from tasks.gguf import convert_gguf, fallback_text
 from tasks.gguf_smoke import smoke_test_all
 from tasks.hardware import select_hardware
 from tasks.hub import push_to_hub
 from tasks.methods import MethodDefinition
 from tasks.models import (
+    Approval,
     CostEstimate,
     DatasetReport,
     GgufFiles,
@@ -32,6 +35,7 @@ from tasks.models import (
     PublishedModel,
     RunPlan,
     StageOutcome,
+    TrainedModel,
     TrainingScript,
 )
 from tasks.money import usd
@@ -42,6 +46,24 @@ from tasks.run.monitor import Guard, Progress, monitor_job
 from tasks.script import build_script
 from tasks.spec import Outputs, RunSpec
 from tasks.validate import validate_dataset
+
+
+class OutputsChanged(UserFacingError, RuntimeError):
+    """A file an earlier stage wrote is not as it was recorded."""
+
+
+def trust_outputs(result: JobResult, gguf: GgufFiles | None) -> None:
+    """Refuse to test or publish files that differ from what the stage that wrote them recorded."""
+    from tasks.cache import gguf_problems
+    from tasks.manifest import problems
+
+    run_dir = Path(result.model_dir).parent
+    bad = problems(run_dir, result.manifest) + (gguf_problems(gguf) if gguf is not None else [])
+    if bad:
+        raise OutputsChanged(
+            f"{'; '.join(bad[:5])}: these outputs changed after they were written and are not used. "
+            "Run the flow again: the stages that made them run again."
+        )
 
 
 def _log(message: str) -> None:
@@ -271,21 +293,44 @@ def fetch_artifacts_task(handle: JobHandle, status: JobStatus) -> JobResult:
     return result
 
 
-@task(name="convert_gguf", cache_policy=NO_CACHE)
-def convert_gguf_task(result: JobResult, outputs: Outputs, run_dir: Path, run_name: str) -> GgufFiles:
+@task(name="train", cache_policy=BY_KEY)
+def train_task(
+    spec: RunSpec,
+    plan: RunPlan,
+    cost: CostEstimate,
+    approval: Approval | None,
+    poll_s: float | None = None,
+    cache_key: str = "",
+) -> TrainedModel:
+    """Submit, follow, fetch (tasks/run/training.py); persisted under its training key."""
+    from tasks.run.training import train
+
+    return train(spec, plan, cost, approval, poll_s, cache_key, say=_log)
+
+
+@task(name="convert_gguf", cache_policy=BY_KEY)
+def convert_gguf_task(
+    result: JobResult, outputs: Outputs, run_dir: Path, run_name: str, cache_key: str | None = None
+) -> GgufFiles:
     gguf = convert_gguf(result, outputs, run_dir, run_name)
     _log(f"convert_gguf {gguf.outcome.status}: {gguf.outcome.detail}")
     return gguf
 
 
-@task(name="smoke_test_gguf", cache_policy=NO_CACHE)
+@task(name="smoke_test_gguf", cache_policy=BY_KEY)
 def smoke_test_gguf_task(
-    gguf: GgufFiles, result: JobResult, report: DatasetReport, run_name: str, outputs: Outputs | None = None
+    gguf: GgufFiles,
+    result: JobResult,
+    report: DatasetReport,
+    run_name: str,
+    outputs: Outputs | None = None,
+    cache_key: str | None = None,
 ) -> GgufFiles:
     if not gguf.files:
         return gguf.model_copy(
             update={"outcome": StageOutcome(stage="smoke_test_gguf", status="skipped", detail="no GGUF files")}
         )
+    trust_outputs(result, gguf)
     tested = smoke_test_all(
         gguf, Path(result.model_dir), Path(report.heldout_path), Path(report.prepared_path), outputs
     )
@@ -311,10 +356,16 @@ def smoke_test_gguf_task(
     return tested
 
 
-@task(name="push_to_hub", cache_policy=NO_CACHE)  # transient HTTP errors are retried inside, with backoff
+@task(name="push_to_hub", cache_policy=BY_KEY)  # transient HTTP errors are retried inside, with backoff
 def push_to_hub_task(
-    spec: RunSpec, plan: RunPlan, status: JobStatus, result: JobResult, gguf: GgufFiles | None
+    spec: RunSpec,
+    plan: RunPlan,
+    status: JobStatus,
+    result: JobResult,
+    gguf: GgufFiles | None,
+    cache_key: str | None = None,
 ) -> PublishedModel:
+    trust_outputs(result, gguf)
     published = push_to_hub(spec, plan, status, result, gguf)
     _log(f"push_to_hub {published.outcome.status}: {published.outcome.detail}")
     return published

@@ -108,6 +108,7 @@ def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     monkeypatch.setenv("FINETUNE_POLL_S", "0.5")
     jobs_standin.can_pay = True
     jobs_standin.fail_next_jobs.clear()
+    jobs_standin.kill_next_jobs_at.clear()
     jobs_standin.reset_counters()
     jobs_standin.clear_faults()
     yield jobs_standin

@@ -101,6 +101,7 @@ class JobsStandin(HubStandin):
         self.jobs: dict[str, Job] = {}
         self.received_bodies: list[bytes] = []  # every create-job request body, as sent
         self.fail_next_jobs: list[str] = []  # the next jobs print this and exit 1 instead of running
+        self.kill_next_jobs_at: list[str] = []  # the next jobs are killed (SIGKILL) when a log line holds this
         self._bin = Path(tempfile.mkdtemp(prefix="jobs-standin-bin-"))
         shim = self._bin / "uv"
         shim.write_text(UV_SHIM)
@@ -227,6 +228,7 @@ class JobsStandin(HubStandin):
         command = [*job.spec["command"], *job.spec.get("arguments", [])]
         with self._lock:
             failure = self.fail_next_jobs.pop(0) if self.fail_next_jobs else None
+            kill_at = self.kill_next_jobs_at.pop(0) if self.kill_next_jobs_at and failure is None else None
         if failure is not None:  # e.g. the GPU ran out of memory
             command = [sys.executable, "-c", f"import sys; print({failure!r}); sys.exit(1)"]
         try:
@@ -250,6 +252,9 @@ class JobsStandin(HubStandin):
             for line in raw.decode("utf-8", "replace").replace("\r", "\n").splitlines():
                 if line.strip():
                     self._log(job, line)
+                if kill_at is not None and kill_at in line and job.proc.poll() is None:
+                    os.killpg(job.proc.pid, signal.SIGKILL)  # the machine went away mid-run
+                    kill_at = None
         code = job.proc.wait()
         if job.cancel_requested:
             self._end(job, "CANCELED", None)

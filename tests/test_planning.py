@@ -324,10 +324,11 @@ def test_training_options_are_checked_against_the_trl_config():
         plan_run(_spec(training={"hub_token": "abc"}))
 
 
-def test_reusing_a_run_name_with_another_spec_is_refused():
-    from tasks.rundir import RunFolderConflict
-
-    plan_run(_spec(name="same", training={"max_length": 128}))
-    plan_run(_spec(name="same", training={"max_length": 128}))  # identical spec: allowed (it resumes)
-    with pytest.raises(RunFolderConflict, match="different spec"):
-        plan_run(_spec(name="same", seed=7, training={"max_length": 128}))
+def test_reusing_a_run_name_with_another_spec_keeps_the_earlier_spec():
+    first = plan_run(_spec(name="same", training={"max_length": 128}))
+    plan_run(_spec(name="same", training={"max_length": 128}))  # identical spec: it resumes
+    run_dir = Path(first.run_dir)
+    assert not (run_dir / "spec.previous.yaml").exists()
+    plan_run(_spec(name="same", seed=7, training={"max_length": 128}))  # changed: what depends on it runs again
+    assert "seed: 7" in (run_dir / "spec.yaml").read_text()
+    assert "seed: 7" not in (run_dir / "spec.previous.yaml").read_text()

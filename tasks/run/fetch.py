@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from tasks.errors import UserFacingError
+from tasks.manifest import record
 from tasks.models import JobHandle, JobResult, JobStatus
 from tasks.run.backends.base import Backend
 
@@ -50,4 +51,5 @@ def fetch_artifacts(backend: Backend, handle: JobHandle, status: JobStatus) -> J
         files=files,
         size_mb=round(size / 1e6, 3),
         train_metrics=metrics,
+        manifest=record(run_dir, [d for d in (model_dir, adapter_dir) if d is not None]),
     )

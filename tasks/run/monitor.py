@@ -17,6 +17,7 @@ The guard cancels the job, keeping its last checkpoint, when
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.models import JobHandle, JobSnapshot, JobStatus, LossPoint
 from tasks.money import usd
 from tasks.run.backends.base import Backend, BackendError
-from tasks.run.progress_line import ProgressLine, parse_progress_line
+from tasks.run.progress_line import PREFIX, ProgressLine, parse_progress_line
 
 OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -96,6 +97,26 @@ def steps_per_s(records: list[ProgressLine]) -> float | None:
     return (logged[-1].step - logged[0].step) / (logged[-1].elapsed_s - logged[0].elapsed_s)
 
 
+_NOISE = re.compile(r"^\s*(\{'|\d+%\||[\w .]+:\s+\d+%\|)")  # trainer dicts, progress bars
+
+
+def readable_tail(text: str, keep: int = 12) -> str:
+    """The end of a log as a person reads it: progress records, trainer metric dicts and
+    progress bars left out (the curve is in the report), each line at most 300 characters."""
+    lines = []
+    for line in text.replace("\r", "\n").splitlines():
+        if not line.strip() or PREFIX in line or _NOISE.match(line):
+            continue
+        lines.append(line if len(line) <= 300 else line[:297] + "...")
+    return "\n".join(lines[-keep:])
+
+
+def curve(records: list[ProgressLine]) -> list[LossPoint]:
+    """The loss per optimizer step, each step once (a step logged twice keeps its last value)."""
+    by_step = {r.step: r.loss for r in records if r.loss is not None}
+    return [LossPoint(step=step, loss=loss) for step, loss in sorted(by_step.items())]
+
+
 def summarise(records: list[ProgressLine], snap: JobSnapshot, guard: Guard, elapsed_s: float) -> Progress:
     training = [r for r in records if r.loss is not None]
     last = records[-1] if records else None
@@ -117,7 +138,7 @@ def summarise(records: list[ProgressLine], snap: JobSnapshot, guard: Guard, elap
         projected_usd=projected,
         eta_s=eta,
         tokens_per_s=tokens,
-        losses=[LossPoint(step=r.step, loss=r.loss) for r in training if r.loss is not None],
+        losses=curve(training),
         first_metrics=training[0].metrics if training else {},
         last_metrics=training[-1].metrics if training else {},
     )
@@ -232,7 +253,7 @@ def monitor_job(
         else:
             failure = "error"
         why = f" ({snap.message})" if snap.message else ""
-        detail = f"the training job failed{why}; last lines of its log:\n{tail}"
+        detail = f"the training job failed{why}; last lines of its log:\n{readable_tail(tail)}"
     return JobStatus(
         state=state,  # type: ignore[arg-type]
         detail=detail,

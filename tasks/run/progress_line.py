@@ -25,7 +25,7 @@ _LINE = re.compile(re.escape(PREFIX) + r"(\{.*\})\s*$")
 class ProgressLine(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    event: Literal["start", "log", "end"] = "log"
+    event: Literal["start", "log", "replay", "end"] = "log"  # replay: a resumed run's curve so far
     step: int = Field(ge=0)
     total: int | None = None
     epoch: float | None = None

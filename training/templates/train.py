@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 CONFIG: dict = {}  # @@CONFIG@@
 
@@ -171,6 +172,12 @@ def main() -> int:
         def on_train_begin(self, args, state, control, **kwargs):
             self._tokens, self._at = state.num_input_tokens_seen, time.time()
             print_progress("start", state)
+            # Resumed from a checkpoint: its log history is the curve so far, replayed so that
+            # the monitor's curve continues from step 1 instead of restarting at the checkpoint.
+            for entry in state.log_history if state.global_step else []:
+                if "loss" in entry and "step" in entry:
+                    at = SimpleNamespace(global_step=entry["step"], max_steps=state.max_steps, epoch=entry.get("epoch"))
+                    print_progress("replay", at, {k: v for k, v in entry.items() if k not in ("step", "epoch")})
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             now, seen = time.time(), state.num_input_tokens_seen

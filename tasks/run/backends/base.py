@@ -36,6 +36,7 @@ class JobRequest(BaseModel):
     private: bool = True
     attempt: int = 1
     flow_run_id: str | None = None
+    training_key: str | None = None  # checkpoints made from other inputs are never resumed
 
 
 class Account(BaseModel):

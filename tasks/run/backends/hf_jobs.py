@@ -280,12 +280,14 @@ class HfJobsBackend:
             lambda: api.create_repo(staging, repo_type="model", private=True, exist_ok=True),
             token,
         )
+        if request.training_key:
+            self._set_aside_other_checkpoints(api, staging, request.training_key, token)
         self._call(
             f"uploading the script and data to {staging}",
             lambda: api.upload_folder(
                 repo_id=staging,
                 folder_path=str(run_dir),
-                allow_patterns=["train.py", "data/train.jsonl"],
+                allow_patterns=["train.py", "data/train.jsonl", "training_key"],
                 commit_message=f"inputs of run {request.run_name}",
             ),
             token,
@@ -302,6 +304,34 @@ class HfJobsBackend:
                 ),
                 token,
             )
+
+    def _set_aside_other_checkpoints(self, api: Any, staging: str, key: str, token: str) -> None:
+        """Checkpoints that an earlier job made from other inputs (a changed spec, data or
+        script) must not be resumed: they are deleted from the staging repo in one commit,
+        and stay recoverable from the repo's history."""
+        files = self._call(f"listing {staging}", lambda: api.list_repo_files(staging), token)
+        if not any(f.startswith("checkpoints/") for f in files):
+            return
+        earlier = None
+        if "training_key" in files:
+            path = self._call(
+                f"reading the training key of {staging}",
+                lambda: api.hf_hub_download(staging, "training_key", local_dir=None),
+                token,
+            )
+            earlier = Path(path).read_text().strip()
+        if earlier == key:
+            return
+        self._call(
+            f"setting aside the checkpoints in {staging}",
+            lambda: api.delete_folder(
+                "checkpoints",
+                repo_id=staging,
+                commit_message=f"checkpoints of other inputs ({earlier or 'unkeyed'}), superseded by {key}; "
+                "recoverable from this repo's history",
+            ),
+            token,
+        )
 
     def job_command(self, staging: str) -> list[str]:
         hub = version("huggingface_hub")

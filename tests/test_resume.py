@@ -1,0 +1,111 @@
+"""A job killed mid-run (the out-of-memory killer, a preempted machine) is reported with how
+it died, and the next run of the flow resumes it from its last checkpoint on every backend:
+the step counter and the loss curve continue, no optimizer step repeated or lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from flows.sft import sft
+from tasks.run.backends import load_handle
+from tasks.spec import load_spec
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE, LOG = 24, 4, 2
+
+
+def _spec(tmp_path: Path, example: str, name: str) -> object:
+    return load_spec(
+        EXAMPLES / example,
+        {
+            "name": name,
+            "training": {"max_steps": STEPS, "save_steps": SAVE, "logging_steps": LOG},
+            "outputs": {"hub_repo": str(tmp_path / "published" / name), "gguf": []},
+        },
+    )
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+class _Killed(list):
+    real_update: object
+
+
+def _kill_local_training_at(monkeypatch: pytest.MonkeyPatch, run_dir: Path, step: int) -> _Killed:
+    """SIGKILL the training process (not its shell wrapper), as the OOM killer would, once
+    the monitor has seen `step`."""
+    from tasks.stages import ProgressBarFor
+
+    real_update = ProgressBarFor.update
+    killed = _Killed()
+    killed.real_update = real_update
+
+    def update(self: ProgressBarFor, p: object) -> None:
+        real_update(self, p)  # type: ignore[arg-type]
+        if p.step >= step and not killed:  # type: ignore[attr-defined]
+            handle = load_handle(run_dir)
+            assert handle is not None and handle.pid
+            for child in _children(handle.pid):
+                os.kill(child, signal.SIGKILL)
+            killed.append(p.step)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(ProgressBarFor, "update", update)
+    return killed
+
+
+def _check_resumed(first_losses: list[dict], summary: object, run_dir: Path) -> None:
+    job = summary.job  # type: ignore[attr-defined]
+    assert summary.error is None and job.state == "completed"  # type: ignore[attr-defined]
+    assert job.steps == job.max_steps == STEPS
+    assert [p.step for p in job.losses] == list(range(LOG, STEPS + 1, LOG)), "each step once, none lost"
+    log = (run_dir / "logs" / "train.log").read_text()
+    resumed_at = int(log.split("resuming from ")[-1].split("checkpoint-")[1].split()[0])
+    assert resumed_at >= SAVE and resumed_at % SAVE == 0
+    before = {p["step"]: p["loss"] for p in first_losses if p["step"] <= resumed_at}
+    after = {p.step: p.loss for p in job.losses if p.step <= resumed_at}
+    assert after == pytest.approx(before), "the curve up to the checkpoint is the first job's"
+
+
+def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_it(
+    prefect_server, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FINETUNE_POLL_S", "0.2")
+    spec = _spec(tmp_path, "sft-tiny.yaml", "killed-local")
+    run_dir = tmp_path / "runs" / "killed-local"
+    killed = _kill_local_training_at(monkeypatch, run_dir, step=SAVE + LOG)
+    with pytest.raises(Exception, match="signal 9|SIGKILL"):
+        sft(spec=spec)
+    assert killed
+    report = json.loads((run_dir / "report.json").read_text())
+    monitor = next(s for s in report["stages"] if s["stage"] == "monitor")
+    assert monitor["status"] == "failed" and ("SIGKILL" in monitor["detail"] or "signal 9" in monitor["detail"])
+    first_losses = report["job"]["losses"]
+
+    from tasks.stages import ProgressBarFor
+
+    monkeypatch.setattr(ProgressBarFor, "update", killed.real_update)  # type: ignore[attr-defined]
+    _check_resumed(first_losses, sft(spec=spec), run_dir)
+
+
+def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushed(
+    prefect_server, jobs_env, tmp_path
+):
+    jobs_env.kill_next_jobs_at.append(f"pushed checkpoints at step {SAVE * 2}")
+    spec = _spec(tmp_path, "sft-tiny-hf-jobs.yaml", "killed-hf")
+    run_dir = tmp_path / "runs" / "killed-hf"
+    with pytest.raises(Exception, match="signal 9"):
+        sft(spec=spec)
+    report = json.loads((run_dir / "report.json").read_text())
+    first_losses = report["job"]["losses"]
+    _check_resumed(first_losses, sft(spec=spec), run_dir)
+    assert jobs_env.counts["create_job"] == 2
