@@ -97,9 +97,7 @@ def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_i
     _check_resumed(first_losses, sft(spec=spec), run_dir)
 
 
-def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushed(
-    prefect_server, jobs_env, tmp_path
-):
+def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushed(prefect_server, jobs_env, tmp_path):
     jobs_env.kill_next_jobs_at.append(f"pushed checkpoints at step {SAVE * 2}")
     spec = _spec(tmp_path, "sft-tiny-hf-jobs.yaml", "killed-hf")
     run_dir = tmp_path / "runs" / "killed-hf"
