@@ -173,3 +173,14 @@ def test_a_second_flow_on_a_run_that_is_being_driven_is_refused_at_once(prefect_
     spec = parse_spec({"dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"), "name": "twice"})
     with run_lock("twice"), pytest.raises(RunLocked, match="run 'twice' is in use by another flow"):
         sft(spec=spec)
+
+
+def test_a_job_that_finished_while_no_flow_followed_it_is_taken_not_run_again(tmp_path):
+    run_dir = tmp_path / "run"
+    script = _script(run_dir, "open('train_result.json', 'w').write('{}')\n")
+    backend = LocalBackend()
+    handle = backend.submit(script)
+    backend._procs[handle.job_id].wait(timeout=30)
+    assert LocalBackend().find_live(script) == handle  # e.g. the flow's process was killed meanwhile
+    changed = script.model_copy(update={"script": script.script.model_copy(update={"sha256": "1"})})
+    assert LocalBackend().find_live(changed) is None  # another script's result is not taken

@@ -107,3 +107,43 @@ def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushe
     first_losses = report["job"]["losses"]
     _check_resumed(first_losses, sft(spec=spec), run_dir)
     assert jobs_env.counts["create_job"] == 2
+
+
+def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_over(prefect_server, tmp_path):
+    """The orchestrator dies, the training does not: the next run of the same name follows
+    that training to its end instead of starting a second one."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import REPO
+
+    spec = _spec(tmp_path, "sft-tiny.yaml", "killed-flow")
+    spec_file = tmp_path / "killed-flow.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))  # type: ignore[attr-defined]
+    run_dir = tmp_path / "runs" / "killed-flow"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    flow = subprocess.Popen(
+        [sys.executable, "-m", "flows.sft", "--spec", str(spec_file)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = run_dir / "logs" / "train.log"
+    deadline = time.monotonic() + 240
+    while not (log.exists() and '"event": "log"' in log.read_text()) and time.monotonic() < deadline:
+        assert flow.poll() is None, "the flow ended before its training got going"
+        time.sleep(0.2)
+    flow.kill()  # SIGKILL: no clean-up of any kind
+    flow.wait(timeout=30)
+    handle = load_handle(run_dir)
+    assert handle is not None
+
+    summary = sft(spec=spec)
+    assert summary.error is None and summary.job.job_id == handle.job_id  # type: ignore[attr-defined]
+    assert log.read_text().count("training finished:") == 1, "one training, never two"
+    assert [p.step for p in summary.job.losses] == list(range(LOG, STEPS + 1, LOG))  # type: ignore[attr-defined]

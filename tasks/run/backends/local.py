@@ -85,7 +85,14 @@ class LocalBackend:
         handle = load_handle(Path(request.run_dir))
         if handle is None or handle.backend != self.name or handle.attempt != request.attempt:
             return None
-        return handle if self.status(handle).state == "running" else None
+        state = self.status(handle).state
+        if state == "running":  # never a second process beside it, whatever it runs
+            return handle
+        # Finished while no flow followed it (the flow's process was killed): the same
+        # script's result is taken as it is instead of being paid for again.
+        same = handle.labels.get("finetune-script") == request.script.sha256
+        done = (Path(request.run_dir) / "train_result.json").exists()
+        return handle if state == "completed" and same and done else None
 
     def submit(self, request: JobRequest) -> JobHandle:
         run_dir = Path(request.run_dir)
@@ -121,7 +128,7 @@ class LocalBackend:
             flavor=request.flavor,
             attempt=request.attempt,
             flow_run_id=request.flow_run_id,
-            labels={"finetune-run": request.run_name},
+            labels={"finetune-run": request.run_name, "finetune-script": request.script.sha256},
             log_start=log_start,
         )
         save_handle(handle)
