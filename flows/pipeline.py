@@ -94,6 +94,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         spec.split,
         dict(spec.columns),
         args.get("chat_template_path"),
+        spec.conversion,
     )
     rewards = stage(check_rewards_task)(spec.rewards, report) if spec.method == "grpo" else []
     hardware = stage(select_hardware_task)(spec, model_path, args, report)

@@ -38,10 +38,15 @@ class DatasetReport(Frozen):
     rows: int
     columns: list[str]
     column_mapping: dict[str, str]
+    conversion: str | None = Field(None, description="the named conversion applied before validation")
     tokens: TokenStats
     total_tokens: int
     max_length: int
     rows_over_max_length: int
+    tokens_truncated: int = Field(0, description="tokens that truncation at max_length cuts, over the measured rows")
+    length_histogram: list[tuple[int, int, int]] = Field(
+        default_factory=list, description="token-length bins (from, to, rows), over the measured rows"
+    )
     duplicates: int
     empty_turns: int
     warnings: list[str]

@@ -16,6 +16,18 @@ def _duration(hours: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{hours:.1f} h"
 
 
+def length_table(bins: list[tuple[int, int, int]], max_length: int) -> list[str]:
+    """Token lengths as a markdown table with a bar per bin (rows past max_length are marked)."""
+    if not bins:
+        return []
+    most = max(n for _, _, n in bins) or 1
+    rows = ["", "| tokens | rows | |", "|---|---|---|"]
+    for lo, hi, n in bins:
+        mark = " (truncated)" if lo >= max_length else ""
+        rows.append(f"| {lo + 1}-{hi}{mark} | {n} | {'#' * round(20 * n / most)} |")
+    return [*rows, ""]
+
+
 def plan_markdown(plan: RunPlan) -> str:
     d, h, c = plan.dataset, plan.hardware, plan.cost
     lines = [
@@ -26,7 +38,10 @@ def plan_markdown(plan: RunPlan) -> str:
         *(f"> **Note:** {n}\n" for n in plan.notes),
         "## Dataset",
         f"- rows: {d.rows}; tokens per row: min {d.tokens.min}, mean {d.tokens.mean}, p95 {d.tokens.p95}, max {d.tokens.max}",
-        f"- rows over max_length {d.max_length}: {d.rows_over_max_length}; duplicates: {d.duplicates}; empty turns: {d.empty_turns}",
+        f"- rows over max_length {d.max_length}: {d.rows_over_max_length} (truncation cuts {d.tokens_truncated} tokens); "
+        f"duplicates: {d.duplicates}; empty turns: {d.empty_turns}"
+        + (f"; converted with `{d.conversion}`" if d.conversion else ""),
+        *length_table(d.length_histogram, d.max_length),
         *(f"- warning: {w}" for w in d.warnings),
         "",
         "## Hardware",

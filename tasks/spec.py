@@ -89,6 +89,11 @@ class RunSpec(_Frozen):
     columns: dict[str, str] = Field(
         default_factory=dict, description="mapping canonical column -> your column, e.g. {messages: conversation}"
     )
+    conversion: str | None = Field(
+        None,
+        description="a named conversion into the method's columns (sharegpt, alpaca, hh_rlhf, ultrafeedback); "
+        "`python -m flows.inspect DATASET` says which one a dataset needs",
+    )
     hardware: str = "auto"
     backend: Backend = "local"
     lora: LoraSettings = Field(default_factory=LoraSettings)

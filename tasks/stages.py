@@ -85,9 +85,10 @@ def validate_dataset_task(
     split: str,
     columns: dict[str, str],
     chat_template_path: str | None = None,
+    conversion: str | None = None,
 ) -> DatasetReport:
     tokenizer = planning_tokenizer(model_path, chat_template_path)
-    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns)
+    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns, conversion)
     what = "ESTIMATED" if report.token_counts == "estimated" else "measured"
     _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row ({what})")
     return report

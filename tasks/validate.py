@@ -19,6 +19,7 @@ import pandera.pandas as pa
 
 from tasks.dataset_io import load_frame
 from tasks.errors import UserFacingError
+from tasks.formats import SAMPLE_ROWS, Conversion, conversion_for, convert_rows, recognise
 from tasks.methods import MethodDefinition
 from tasks.models import DatasetReport, TokenStats
 
@@ -246,8 +247,14 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
 # --- format detection and column mapping ----------------------------------------------
 
 
-def apply_mapping(df: pd.DataFrame, mapping: dict[str, str], method: MethodDefinition) -> pd.DataFrame:
+def apply_mapping(
+    df: pd.DataFrame, mapping: dict[str, str], method: MethodDefinition, conversion: Conversion | None = None
+) -> pd.DataFrame:
     canonical = {c for cols in method.formats.values() for c in cols}
+    if conversion is not None:
+        canonical |= {*conversion.reads, *conversion.optional}
+    if method.keep_extra_columns:  # the columns reward functions read
+        canonical |= {"answer", "tests"}
     for target, source in mapping.items():
         if target not in canonical:
             raise DatasetValidationError(
@@ -265,15 +272,35 @@ def detect_format(df: pd.DataFrame, method: MethodDefinition) -> str:
     for fmt, needed in method.formats.items():
         if all(c in df.columns for c in needed):
             return fmt
+    verdict = recognise(df.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records"), method.name)
     wanted = " | ".join("+".join(cols) for cols in method.formats.values())
     raise DatasetValidationError(
-        f"no {method.name} format recognised: the dataset has columns [{', '.join(map(str, df.columns))}], "
-        f"{method.name} needs one of: {wanted}. Rename them, or map yours in the spec, "
-        "e.g. `columns: {messages: conversation}`"
+        f"the dataset is not in a {method.name} format yet (columns [{', '.join(map(str, df.columns))}]; "
+        f"{method.name} trains on {wanted}).\n{verdict.text()}"
+        + ("\n`python -m flows.inspect DATASET` shows every method's verdict." if verdict.verdict != "READY" else "")
     )
 
 
-def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str, columns: list[str]) -> str:
+def _offending(group: pd.DataFrame, frame: pd.DataFrame, check: str) -> str:
+    """The first bad row's value, shortened, and for a role rule the role found."""
+    first = group.dropna(subset=["index"]).iloc[0] if group["index"].notna().any() else None
+    if first is None:
+        return ""
+    value = first["failure_case"]
+    if "role" in str(check) and isinstance(value, list):
+        roles = [t.get("role") for t in value if isinstance(t, dict)]
+        odd = [r for r in roles if r not in ROLES]
+        if odd:
+            return f" (row {int(first['index'])} has role {odd[0]!r}; roles in order: {roles[:8]})"
+    if str(first.get("schema_context")) == "DataFrameSchema" and int(first["index"]) in frame.index:
+        value = frame.loc[int(first["index"])].to_dict()
+    text = json.dumps(value, ensure_ascii=False, default=str) if not isinstance(value, str) else repr(value)
+    return f" (row {int(first['index'])}: {text if len(text) <= 160 else text[:157] + '...'})"
+
+
+def _format_failures(
+    err: pa.errors.SchemaErrors, source: str, fmt: str, columns: list[str], frame: pd.DataFrame | None = None
+) -> str:
     cases = err.failure_cases.copy()
     # A check across columns is reported once per column by pandera; report it once per row.
     row_wide = cases["schema_context"] == "DataFrameSchema"
@@ -288,12 +315,27 @@ def _format_failures(err: pa.errors.SchemaErrors, source: str, fmt: str, columns
         reason = "must not be missing (null)" if check == "not_nullable" else str(check)
         shown = ", ".join(map(str, rows[:MAX_ROWS_SHOWN]))
         more = f" and {len(rows) - MAX_ROWS_SHOWN} more" if len(rows) > MAX_ROWS_SHOWN else ""
-        found.append((rows[0] if rows else 0, f"{where}, rows {shown}{more}: {reason}"))
+        value = _offending(group, frame, check) if frame is not None else ""
+        found.append((rows[0] if rows else 0, f"{where}, rows {shown}{more}: {reason}{value}"))
     lines = [text for _, text in sorted(found)]  # in file order, so the first bad row comes first
     return (
         f"{source}: {len(set(cases['index'].dropna()))} bad row(s) for format '{fmt}' "
         "(rows are numbered from 1; for JSONL, the line number):\n  - " + "\n  - ".join(lines)
     )
+
+
+def histogram(lengths: list[int], max_length: int, bins: int = 10) -> list[tuple[int, int, int]]:
+    """Rows per token-length bin (from, to]: equal bins over the lengths seen, split at max_length
+    when it falls inside, so the rows that truncation cuts have bins of their own."""
+    if not lengths:
+        return []
+    low, top = min(lengths), max(lengths)
+    width = max(1, -(-(top - low + 1) // bins))
+    start = max(0, low - 1 - (low - 1) % width)
+    edges = list(range(start, top + width, width))
+    if edges[0] < max_length < edges[-1] and max_length not in edges:
+        edges = sorted([*edges, max_length])
+    return [(lo, hi, sum(1 for x in lengths if lo < x <= hi)) for lo, hi in zip(edges, edges[1:], strict=False)]
 
 
 def heldout_count(rows: int) -> int:
@@ -426,12 +468,18 @@ def validate_dataset(
     out_dir: Path,
     split: str = "train",
     columns: dict[str, str] | None = None,
+    conversion: str | None = None,
 ) -> DatasetReport:
-    """Check the data, measure it, and write the canonical rows to ``out_dir/train.jsonl``."""
+    """Check the data, measure it, and write the canonical rows to ``out_dir/train.jsonl``
+    (converted first when the spec names a conversion: the job trains on what was checked)."""
     df = load_frame(source, split)
     if df.empty:
         raise DatasetValidationError(f"{source}: the dataset has no rows")
-    df = apply_mapping(df, columns or {}, method)
+    convert = conversion_for(conversion, method.name) if conversion else None
+    df = apply_mapping(df, columns or {}, method, convert)
+    if convert is not None:
+        converted = convert_rows(df.map(_plain).to_dict(orient="records"), convert, source, method.name)
+        df = pd.DataFrame.from_records(converted, index=df.index)
     fmt = detect_format(df, method)
     needed = list(method.formats[fmt])
     dropped = [] if method.keep_extra_columns else [str(c) for c in df.columns if c not in needed]
@@ -440,7 +488,7 @@ def validate_dataset(
     try:
         schema_for(fmt).validate(df, lazy=True)
     except pa.errors.SchemaErrors as e:
-        raise DatasetValidationError(_format_failures(e, source, fmt, needed)) from None
+        raise DatasetValidationError(_format_failures(e, source, fmt, needed, df)) from None
 
     records = df.to_dict(orient="records")
     if fmt in ("preference", "implicit_preference"):
@@ -471,6 +519,7 @@ def validate_dataset(
     duplicates = len(canonical) - len(set(canonical))
     empty_turns = sum(_empty_turns(r, fmt) for r in records)
     over = sum(1 for n in lengths if n > max_length)
+    cut = sum(n - max_length for n in lengths if n > max_length)
 
     warnings = []
     if isinstance(tokenizer, CharEstimateTokenizer):
@@ -504,6 +553,7 @@ def validate_dataset(
         rows=len(records),
         columns=needed,
         column_mapping=dict(columns or {}),
+        conversion=conversion,
         tokens=TokenStats(
             min=ordered[0],
             max=ordered[-1],
@@ -514,6 +564,8 @@ def validate_dataset(
         total_tokens=int(round(statistics.fmean(ordered) * len(records))),
         max_length=max_length,
         rows_over_max_length=over,
+        tokens_truncated=cut,
+        length_histogram=histogram(ordered, max_length),
         duplicates=duplicates,
         empty_turns=empty_turns,
         warnings=warnings,

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -278,4 +279,8 @@ class JobsStandin(HubStandin):
         for job in list(self.jobs.values()):
             if job.proc is not None and job.proc.poll() is None:
                 os.killpg(job.proc.pid, signal.SIGKILL)
+                job.proc.wait(timeout=30)
+            if job.workdir:  # each job's machine goes away with it, as on the real service
+                shutil.rmtree(job.workdir, ignore_errors=True)
+        shutil.rmtree(self._bin, ignore_errors=True)
         super().stop()

@@ -94,6 +94,54 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
+def format_sample_rows(seed: int = SEED + 4, n: int = 60) -> dict[str, list[dict]]:
+    """The same arithmetic task in the formats users bring (shipped under examples/data/formats/
+    to test recognition and conversion; none is downloaded)."""
+    rng = random.Random(seed)
+    pairs = _operands(rng, n)
+    wrong = [(a, b, a + b + rng.choice((-3, -2, -1, 1, 2, 3))) for a, b in pairs]
+    return {
+        "sharegpt.jsonl": [
+            {
+                "conversations": [
+                    {"from": "system", "value": "You add numbers."},
+                    {"from": "human", "value": f"What is {a} + {b}?"},
+                    {"from": "gpt", "value": f"{a} + {b} = {a + b}"},
+                ]
+            }
+            for a, b in pairs
+        ],
+        "alpaca.jsonl": [
+            {"instruction": "Add the two numbers.", "input": f"{a} and {b}", "output": f"{a} + {b} = {a + b}"}
+            for a, b in pairs
+        ],
+        "question_answer.jsonl": [{"question": f"What is {a} + {b}?", "answer": f"{a + b}"} for a, b in pairs],
+        "hh_rlhf.jsonl": [
+            {
+                "chosen": f"\n\nHuman: What is {a} + {b}?\n\nAssistant: {a} + {b} = {a + b}",
+                "rejected": f"\n\nHuman: What is {a} + {b}?\n\nAssistant: I think it is {w}.",
+            }
+            for a, b, w in wrong
+        ],
+        "ultrafeedback.jsonl": [
+            {
+                "instruction": f"What is {a} + {b}?",
+                "completions": [
+                    {"model": "good", "response": f"{a} + {b} = {a + b}", "overall_score": 9.0},
+                    {"model": "bad", "response": f"It is {w}.", "overall_score": 2.5},
+                    {"model": "vague", "response": "A number.", "overall_score": 4.0},
+                ],
+            }
+            for a, b, w in wrong
+        ],
+        "kto.jsonl": [
+            {"prompt": f"What is {a} + {b}?", "completion": f"{a + b}" if i % 2 else f"{w}", "label": bool(i % 2)}
+            for i, (a, b, w) in enumerate(wrong)
+        ],
+        "math_solutions.jsonl": [{"problem": f"What is {a} + {b}?", "solution": f"{a + b}"} for a, b in pairs],
+    }
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -108,6 +156,7 @@ def write_examples(out_dir: Path = EXAMPLES_DIR) -> list[Path]:
         "dpo_pairs.jsonl": dpo_pair_rows(),
         "grpo_prompts.jsonl": grpo_prompt_rows(),
     }
+    files.update({f"formats/{name}": rows for name, rows in format_sample_rows().items()})
     written = []
     for name, rows in files.items():
         write_jsonl(rows, out_dir / name)

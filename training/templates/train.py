@@ -110,7 +110,8 @@ def main() -> int:
     if not data.startswith(("hf://",)) and not Path(data).is_absolute():
         data = str((here / data).resolve())
     if Path(data).exists():
-        dataset = load_dataset("json", data_files=data, split="train")
+        # its Arrow cache stays in the run folder, not in the user's ~/.cache (one per run otherwise)
+        dataset = load_dataset("json", data_files=data, split="train", cache_dir=str(out / ".cache" / "datasets"))
     else:  # a Hub dataset id
         dataset = load_dataset(data.removeprefix("hf://"), split=CONFIG.get("split", "train"))
 

@@ -1,0 +1,53 @@
+"""`python -m flows.inspect DATASET [--method M] [--split S] [--json]`: what a dataset is and
+what each method needs to train on it (READY / NEEDS MAPPING with the spec lines to paste /
+INCOMPATIBLE), read without a model, a plan or a Prefect server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tasks.dataset_io import load_frame
+from tasks.errors import UserFacingError
+from tasks.formats import SAMPLE_ROWS, recognise
+from tasks.methods import METHODS
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.inspect", description=__doc__)
+    parser.add_argument("dataset", help="a .jsonl/.json/.csv/.parquet file, a dataset folder or a Hub id")
+    parser.add_argument("--method", choices=sorted(METHODS), help="only this method's verdict")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--json", action="store_true", help="machine-readable, for agents")
+    args = parser.parse_args(argv)
+    try:
+        frame = load_frame(args.dataset, args.split)
+    except UserFacingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from tasks.validate import _plain
+
+    rows = frame.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records")
+    methods = [args.method] if args.method else list(METHODS)
+    verdicts = [recognise(rows, m) for m in methods]
+    if args.json:
+        payload = {
+            "dataset": args.dataset,
+            "rows": len(frame),
+            "columns": [str(c) for c in frame.columns],
+            "verdicts": [
+                {**v.model_dump(), "spec_lines": [c.spec_lines() for c in v.candidates if c.verdict != "READY"]}
+                for v in verdicts
+            ],
+        }
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{args.dataset}: {len(frame)} rows, columns {', '.join(map(str, frame.columns))}")
+    for v in verdicts:
+        print(v.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

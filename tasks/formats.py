@@ -1,0 +1,512 @@
+"""Datasets as users have them: recognise a dataset's format by its content, say per method
+whether it is READY, NEEDS MAPPING (with the exact spec lines) or INCOMPATIBLE, and convert
+the common formats into the canonical columns the methods train on.
+
+Conversions are declared in the spec (`conversion: sharegpt`, with `columns:` renaming the
+user's columns to the names the conversion reads) and applied row by row in validation; the
+validated rows are what the job trains on, so what was checked is what trains. No library
+maps these community formats onto TRL's columns for validation, hence this module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import UserFacingError
+
+Verdict = Literal["READY", "NEEDS MAPPING", "INCOMPATIBLE"]
+SAMPLE_ROWS = 50
+
+# ShareGPT speaker names and their chat roles (the variants seen in public datasets)
+SPEAKERS = {
+    "human": "user",
+    "user": "user",
+    "prompter": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "function_response": "tool",
+    "observation": "tool",
+    "ipython": "tool",
+}
+
+
+class ConversionError(UserFacingError, ValueError):
+    """A row the named conversion cannot read; says which row, which column and why."""
+
+
+class FormatCandidate(BaseModel):
+    """One way to read the dataset for a method."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format: str = Field(description="what the data is, e.g. 'ShareGPT conversations'")
+    verdict: Verdict
+    trains_as: str | None = Field(None, description="the canonical format it becomes")
+    conversion: str | None = None
+    columns: dict[str, str] = Field(default_factory=dict, description="spec `columns:`, your column per expected one")
+    note: str = ""
+
+    def spec_lines(self) -> list[str]:
+        lines = [f"conversion: {self.conversion}"] if self.conversion else []
+        if self.columns:
+            lines.append("columns: {" + ", ".join(f"{k}: {v}" for k, v in self.columns.items()) + "}")
+        return lines
+
+
+class MethodVerdict(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    method: str
+    verdict: Verdict
+    candidates: list[FormatCandidate]
+    why: str = ""
+
+    def text(self) -> str:
+        head = f"{self.method}: {self.verdict}"
+        if self.verdict == "READY":
+            ready = next(c for c in self.candidates if c.verdict == "READY")
+            return f"{head} ({ready.format})"
+        if self.verdict == "INCOMPATIBLE":
+            return f"{head}: {self.why}"
+        options = [c for c in self.candidates if c.verdict == "NEEDS MAPPING"]
+        if len(options) == 1:
+            c = options[0]
+            return f"{head}: {c.format}; add to the spec:\n    " + "\n    ".join(c.spec_lines())
+        alternatives = "\n".join(
+            f"  - {c.format}: " + "; ".join(c.spec_lines()) + (f" ({c.note})" if c.note else "") for c in options
+        )
+        return f"{head}: more than one reading fits; choose one and add its lines to the spec:\n{alternatives}"
+
+
+# --- conversions ---------------------------------------------------------------------------
+
+
+def _sharegpt(row: dict[str, Any], method: str) -> dict[str, Any]:
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"conversations must be a non-empty list of {{from, value}} turns, got {_short(turns)}")
+    messages = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise ValueError(f"turn {i + 1} must be {{from, value}}, got {_short(t)}")
+        role = SPEAKERS.get(str(t["from"]).strip().lower())
+        if role is None:
+            raise ValueError(
+                f"turn {i + 1} has from={_short(t['from'])}, not a known speaker ({', '.join(sorted(SPEAKERS))})"
+            )
+        messages.append({"role": role, "content": t["value"]})
+    return {"messages": messages, **_rest(row, "conversations")}
+
+
+def _alpaca(row: dict[str, Any], method: str) -> dict[str, Any]:
+    instruction, output = row["instruction"], row["output"]
+    extra = row.get("input")
+    prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+    turns = [{"role": "user", "content": prompt}]
+    if isinstance(row.get("system"), str) and row["system"].strip():
+        turns.insert(0, {"role": "system", "content": row["system"]})
+    rest = _rest(row, "instruction", "input", "output", "system")
+    if method == "grpo":  # the output becomes the reference answer the rewards read
+        return {"prompt": turns, "answer": output, **rest}
+    return {"messages": [*turns, {"role": "assistant", "content": output}], **rest}
+
+
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _hh_turns(text: str) -> list[dict[str, str]]:
+    parts = _HH_MARKER.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return turns
+
+
+def _hh_rlhf(row: dict[str, Any], method: str) -> dict[str, Any]:
+    chosen, rejected = _hh_turns(row["chosen"]), _hh_turns(row["rejected"])
+    if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
+        raise ValueError(
+            "chosen and rejected must be 'Human: ... Assistant: ...' dialogues ending with an Assistant turn, "
+            f"got chosen={_short(row['chosen'])}"
+        )
+    if chosen[:-1] != rejected[:-1]:
+        raise ValueError("chosen and rejected must share every turn but the last Assistant answer")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], **_rest(row, "chosen", "rejected")}
+
+
+SCORE_KEYS = ("overall_score", "score", "rating", "fine-grained_score")
+
+
+def _score(completion: dict[str, Any]) -> float | None:
+    for key in SCORE_KEYS:
+        value = completion.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _ultrafeedback(row: dict[str, Any], method: str) -> dict[str, Any]:
+    completions = row["completions"]
+    if not isinstance(completions, list) or len(completions) < 2:
+        raise ValueError(f"completions must list at least two rated responses, got {_short(completions)}")
+    scored = [(s, c.get("response")) for c in completions if isinstance(c, dict) and (s := _score(c)) is not None]
+    scored = [(s, r) for s, r in scored if isinstance(r, str) and r.strip()]
+    if len(scored) < 2:
+        raise ValueError(f"fewer than two completions have a response and a score ({'/'.join(SCORE_KEYS)})")
+    best, worst = max(scored, key=lambda x: x[0]), min(scored, key=lambda x: x[0])
+    if best[0] == worst[0]:
+        raise ValueError(f"every completion has the same score ({best[0]:g}): no preference to learn")
+    return {
+        "prompt": row["instruction"],
+        "chosen": best[1],
+        "rejected": worst[1],
+        **_rest(row, "instruction", "completions"),
+    }
+
+
+class Conversion(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    reads: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+    makes: str
+    methods: tuple[str, ...]
+    describe: str
+    fn: Callable[[dict[str, Any], str], dict[str, Any]]
+
+
+CONVERSIONS: dict[str, Conversion] = {
+    c.name: c
+    for c in (
+        Conversion(
+            name="sharegpt",
+            reads=("conversations",),
+            makes="messages",
+            methods=("sft",),
+            describe="ShareGPT turns {from, value} (human/gpt/system/tool and variants) -> messages {role, content}",
+            fn=_sharegpt,
+        ),
+        Conversion(
+            name="alpaca",
+            reads=("instruction", "output"),
+            optional=("input", "system"),
+            makes="messages (sft), prompt + answer (grpo)",
+            methods=("sft", "grpo"),
+            describe="Alpaca instruction [+ input] -> user turn, output -> assistant turn (the answer for grpo)",
+            fn=_alpaca,
+        ),
+        Conversion(
+            name="hh_rlhf",
+            reads=("chosen", "rejected"),
+            makes="preference",
+            methods=("dpo",),
+            describe="'Human:/Assistant:' dialogues -> the shared turns as prompt, the last answers as chosen/rejected",
+            fn=_hh_rlhf,
+        ),
+        Conversion(
+            name="ultrafeedback",
+            reads=("instruction", "completions"),
+            makes="preference",
+            methods=("dpo",),
+            describe="rated completions -> the highest-rated as chosen, the lowest-rated as rejected",
+            fn=_ultrafeedback,
+        ),
+    )
+}
+
+
+def _rest(row: dict[str, Any], *used: str) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k not in used}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def conversion_for(name: str, method: str) -> Conversion:
+    conversion = CONVERSIONS.get(name)
+    if conversion is None:
+        raise ConversionError(f"conversion: '{name}' is not a known conversion; use one of {', '.join(CONVERSIONS)}")
+    if method not in conversion.methods:
+        raise ConversionError(
+            f"conversion: '{name}' makes {conversion.makes} data, for {'/'.join(conversion.methods)}, not {method}"
+        )
+    return conversion
+
+
+def convert_rows(rows: list[dict[str, Any]], conversion: Conversion, source: str, method: str) -> list[dict[str, Any]]:
+    """Apply a conversion to every row; every row it cannot read is reported, with its value."""
+    missing = [c for c in conversion.reads if rows and c not in rows[0]]
+    if missing:
+        raise ConversionError(
+            f"{source}: conversion '{conversion.name}' reads column(s) {', '.join(conversion.reads)}; the data "
+            f"lacks {', '.join(missing)} (its columns are {', '.join(rows[0]) if rows else 'none'}). "
+            "Rename yours in the spec, e.g. `columns: {" + f"{missing[0]}: your_column" + "}`"
+        )
+    out, bad = [], []
+    for i, row in enumerate(rows, start=1):
+        try:
+            out.append(conversion.fn(row, method))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            bad.append(f"row {i}: {e}")
+    if bad:
+        shown = "\n  - ".join(bad[:10])
+        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise ConversionError(
+            f"{source}: {len(bad)} row(s) cannot be read by conversion '{conversion.name}' "
+            f"({conversion.describe}):\n  - {shown}{more}"
+        )
+    return out
+
+
+# --- recognition by content ------------------------------------------------------------------
+
+PROMPT_NAMES = ("prompt", "question", "query", "instruction", "input", "problem")
+ANSWER_NAMES = ("completion", "response", "answer", "output", "solution")
+CHOSEN_NAMES = ("chosen", "response_j", "chosen_response", "response_chosen", "preferred", "better")
+REJECTED_NAMES = ("rejected", "response_k", "rejected_response", "response_rejected", "dispreferred", "worse")
+TEXT_NAMES = ("text", "content", "document", "body")
+CHAT_NAMES = ("messages", "conversations", "conversation", "dialog", "dialogue", "chat", "turns")
+REFERENCE_NAMES = ("answer", "solution", "ground_truth", "reference", "target", "tests", "test_cases")
+
+
+def _values(rows: list[dict[str, Any]], column: str) -> list[Any]:
+    return [r.get(column) for r in rows if r.get(column) is not None]
+
+
+def _all(rows: list[dict[str, Any]], column: str, test: Callable[[Any], bool]) -> bool:
+    values = _values(rows, column)
+    return bool(values) and all(test(v) for v in values)
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _turns_with(keys: tuple[str, str]) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, list) and bool(v) and all(isinstance(t, dict) and set(keys) <= set(t) for t in v)
+
+
+_role_turns = _turns_with(("role", "content"))
+_sharegpt_turns = _turns_with(("from", "value"))
+
+
+def _text_or_turns(v: Any) -> bool:
+    return isinstance(v, str) or _role_turns(v)
+
+
+def _hh_text(v: Any) -> bool:
+    return isinstance(v, str) and "Human:" in v and "Assistant:" in v
+
+
+def _rated(v: Any) -> bool:
+    return isinstance(v, list) and len(v) >= 2 and all(isinstance(c, dict) and "response" in c for c in v)
+
+
+def _first(rows: list[dict[str, Any]], names: tuple[str, ...], test: Callable[[Any], bool]) -> str | None:
+    columns = list(rows[0]) if rows else []
+    return next((n for n in names if n in columns and _all(rows, n, test)), None)
+
+
+def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    found = []
+    for col in CHAT_NAMES:
+        if col in (rows[0] if rows else {}):
+            if _all(rows, col, _role_turns):
+                ready = col == "messages"
+                found.append(
+                    FormatCandidate(
+                        format=f"chat turns {{role, content}} in '{col}'",
+                        verdict="READY" if ready else "NEEDS MAPPING",
+                        trains_as="messages",
+                        columns={} if ready else {"messages": col},
+                    )
+                )
+            elif _all(rows, col, _sharegpt_turns):
+                found.append(
+                    FormatCandidate(
+                        format=f"ShareGPT conversations {{from, value}} in '{col}'",
+                        verdict="NEEDS MAPPING",
+                        trains_as="messages",
+                        conversion="sharegpt",
+                        columns={} if col == "conversations" else {"conversations": col},
+                    )
+                )
+    if _first(rows, ("instruction",), _is_text) and _first(rows, ("output",), _is_text):
+        found.append(
+            FormatCandidate(
+                format="Alpaca instruction/input/output",
+                verdict="NEEDS MAPPING",
+                trains_as="messages",
+                conversion="alpaca",
+            )
+        )
+    prompt = _first(rows, PROMPT_NAMES, _text_or_turns)
+    answer = _first(rows, ANSWER_NAMES, _text_or_turns)
+    chosen = _first(rows, CHOSEN_NAMES, _text_or_turns)
+    if prompt and chosen and not answer:
+        found.append(
+            FormatCandidate(
+                format=f"preference pairs: train on the chosen answers ('{prompt}', '{chosen}')",
+                verdict="NEEDS MAPPING",
+                trains_as="prompt_completion",
+                columns={"completion": chosen} if prompt == "prompt" else {"prompt": prompt, "completion": chosen},
+                note="the rejected answers are left out",
+            )
+        )
+    if prompt and answer and not any(c.conversion == "alpaca" for c in found):
+        ready = (prompt, answer) == ("prompt", "completion")
+        found.append(
+            FormatCandidate(
+                format=f"prompt/response pairs ('{prompt}', '{answer}')",
+                verdict="READY" if ready else "NEEDS MAPPING",
+                trains_as="prompt_completion",
+                columns={} if ready else {"prompt": prompt, "completion": answer},
+            )
+        )
+    text = _first(rows, TEXT_NAMES, _is_text)
+    if text:
+        found.append(
+            FormatCandidate(
+                format=f"plain text in '{text}'",
+                verdict="READY" if text == "text" else "NEEDS MAPPING",
+                trains_as="text",
+                columns={} if text == "text" else {"text": text},
+                note="trains on the whole text (continued pre-training), not on answers",
+            )
+        )
+    return found
+
+
+def _dpo(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    found = []
+    chosen = _first(rows, CHOSEN_NAMES, _text_or_turns)
+    rejected = _first(rows, REJECTED_NAMES, _text_or_turns)
+    prompt = _first(rows, PROMPT_NAMES, _text_or_turns)
+    if chosen and rejected and _all(rows, chosen, _hh_text) and not prompt:
+        found.append(
+            FormatCandidate(
+                format="HH-RLHF dialogues ('Human:'/'Assistant:' in chosen and rejected)",
+                verdict="NEEDS MAPPING",
+                trains_as="preference",
+                conversion="hh_rlhf",
+                columns={k: v for k, v in (("chosen", chosen), ("rejected", rejected)) if k != v},
+            )
+        )
+    elif chosen and rejected and prompt:
+        mapping = {k: v for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if k != v}
+        found.append(
+            FormatCandidate(
+                format=f"preference pairs ('{prompt}', '{chosen}', '{rejected}')",
+                verdict="NEEDS MAPPING" if mapping else "READY",
+                trains_as="preference",
+                columns=mapping,
+            )
+        )
+    elif chosen and rejected and _all(rows, chosen, _role_turns):
+        mapping = {k: v for k, v in (("chosen", chosen), ("rejected", rejected)) if k != v}
+        found.append(
+            FormatCandidate(
+                format="conversations with the prompt as their shared first turns",
+                verdict="NEEDS MAPPING" if mapping else "READY",
+                trains_as="implicit_preference",
+                columns=mapping,
+            )
+        )
+    completions = _first(rows, ("completions",), _rated)
+    if completions:
+        source = _first(rows, ("instruction", "prompt", "question"), _is_text)
+        if source:
+            found.append(
+                FormatCandidate(
+                    format="UltraFeedback-style rated completions",
+                    verdict="NEEDS MAPPING",
+                    trains_as="preference",
+                    conversion="ultrafeedback",
+                    columns={} if source == "instruction" else {"instruction": source},
+                )
+            )
+    return found
+
+
+def _kto(rows: list[dict[str, Any]]) -> bool:
+    return bool(
+        _first(rows, PROMPT_NAMES, _text_or_turns)
+        and _first(rows, ANSWER_NAMES, _text_or_turns)
+        and _first(rows, ("label",), lambda v: isinstance(v, bool))
+    )
+
+
+def _grpo(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    if _first(rows, ("instruction",), _is_text) and _first(rows, ("output",), _is_text):
+        return [
+            FormatCandidate(
+                format="Alpaca instruction/input/output",
+                verdict="NEEDS MAPPING",
+                trains_as="prompt_only",
+                conversion="alpaca",
+                note="instruction + input become the prompt, output the reference answer (`answer`)",
+            )
+        ]
+    prompt = _first(rows, PROMPT_NAMES, _text_or_turns)
+    if not prompt:
+        return []
+    references = [n for n in REFERENCE_NAMES if n in rows[0] and n != prompt]
+    mapping = {} if prompt == "prompt" else {"prompt": prompt}
+    for wanted, names in (("answer", ("solution", "ground_truth", "reference", "target")), ("tests", ("test_cases",))):
+        have = next((n for n in names if n in references), None)
+        if wanted not in references and have:
+            mapping[wanted] = have  # the shipped rewards read `answer` and `tests`
+    note = f"reference columns for the rewards: {', '.join(references)}" if references else "no reference answers"
+    return [
+        FormatCandidate(
+            format=f"prompts in '{prompt}'",
+            verdict="NEEDS MAPPING" if mapping else "READY",
+            trains_as="prompt_only",
+            columns=mapping,
+            note=note,
+        )
+    ]
+
+
+def recognise(rows: list[dict[str, Any]], method: str) -> MethodVerdict:
+    """What the rows are for `method`, judged on the first SAMPLE_ROWS rows."""
+    sample = rows[:SAMPLE_ROWS]
+    if method == "sft" and _kto(sample):
+        return MethodVerdict(
+            method=method,
+            verdict="INCOMPATIBLE",
+            candidates=[],
+            why="this is KTO-style data (prompt, completion, label): the rows labelled false are answers not to "
+            "learn, and SFT would learn them; keep only the rows labelled true (and drop `label`) to train on them",
+        )
+    candidates = {"sft": _sft, "dpo": _dpo, "grpo": _grpo}[method](sample)
+    if any(c.verdict == "READY" for c in candidates):
+        return MethodVerdict(method=method, verdict="READY", candidates=candidates)
+    if candidates:
+        return MethodVerdict(method=method, verdict="NEEDS MAPPING", candidates=candidates)
+    columns = ", ".join(sample[0]) if sample else "none"
+    why = {
+        "sft": "no conversation, prompt/response pair or text column",
+        "dpo": "no pairs of a chosen and a rejected answer (DPO learns from pairs)",
+        "grpo": "no prompt column (GRPO generates from prompts)",
+    }[method]
+    if method == "dpo" and _kto(sample):
+        why = (
+            "this is KTO-style unpaired data (prompt, completion, label): each answer is judged alone, and DPO "
+            "needs a chosen and a rejected answer to the same prompt; pairing them would invent preferences"
+        )
+    return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=f"{why}; columns: {columns}")
