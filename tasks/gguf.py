@@ -232,7 +232,7 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, log_path: Path
     """Run the converter through our driver; returns the seconds it took."""
     converter = find_converter()
     registrations = hash_registrations(model_dir, converter)
-    partial = outfile.with_name(outfile.name + ".partial")
+    partial = outfile.with_name(f"{outfile.name}.{os.getpid()}.partial")  # one writer each, a killed flow too
     cmd = [
         sys.executable,
         "-m",
@@ -268,7 +268,7 @@ def quantize(base: Path, outfile: Path, quant: str, strict: bool = False) -> tup
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[quant])
     params.nthread = max(1, len(os.sched_getaffinity(0)))
-    partial = outfile.with_name(outfile.name + ".partial")
+    partial = outfile.with_name(f"{outfile.name}.{os.getpid()}.partial")  # one writer each, a killed flow too
     # llama.cpp reports fallbacks only in its log: route its log callback (which llama-cpp-python
     # otherwise prints, and Prefect turns into log lines) and its raw stderr into our hands.
     import llama_cpp._logger as llama_logger
@@ -315,6 +315,24 @@ def fallback_text(f: GgufFile) -> str:
     return f"{f.fallback_tensors}{of} tensors fell back: {kinds}"
 
 
+def _remove_orphaned_partials(out_dir: Path) -> None:
+    """Half-written files of a flow that was killed (their writer's pid is gone)."""
+    for partial in out_dir.glob("*.partial"):
+        pid = partial.name.split(".")[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: str) -> GgufFiles:
     """Convert, then quantize to every requested type; the files are smoke-tested next."""
     from tasks.model_card import modelfile
@@ -326,6 +344,7 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
     check_quant_types(weight_row_sizes(model_dir), types, strict=outputs.gguf_strict)
     out_dir = run_dir / "gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_orphaned_partials(out_dir)
     base_type = "bf16" if "bf16" in types and "f16" not in types else "f16"
     base = out_dir / f"{run_name}-{base_type}.gguf"
     convert_s = convert_to_gguf(model_dir, base, base_type, out_dir / "convert.log")

@@ -4,6 +4,7 @@ the smoke test, on the tiny model with llama.cpp's real converter."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,16 @@ def test_a_fallback_in_llama_cpp_is_recorded_per_file_and_refused_when_strict(ti
     assert all(k.startswith(("q4_K ->", "q6_K ->")) for k in kinds), kinds
     _, (count, _, _) = quantize(base, tmp_path / "odd-q8_0.gguf", "q8_0")  # 320 is a multiple of 32: fine
     assert count == 0 and (tmp_path / "odd-q8_0.gguf").stat().st_size > 0
+
+
+def test_half_written_files_of_a_killed_flow_are_cleared_and_never_shared(tmp_path):
+    from tasks.gguf import _remove_orphaned_partials
+
+    out = tmp_path / "gguf"
+    out.mkdir()
+    dead = out / "run-q8_0.gguf.999999999.partial"  # a writer that no longer exists
+    live = out / f"run-q8_0.gguf.{os.getpid()}.partial"  # a writer still at work
+    dead.write_bytes(b"half")
+    live.write_bytes(b"half")
+    _remove_orphaned_partials(out)
+    assert not dead.exists() and live.exists()
