@@ -56,20 +56,10 @@ HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
 
 
 def _load_refusal(source: str, split: str, local: bool, e: Exception) -> DatasetLoadError:
-    from tasks.faults import attempts_of, is_offline, kind_of, offline_mode, status_of
+    from tasks.faults import hub_read_failure
 
     where = "local folder" if local else "Hub dataset"
-    status = status_of(e)
-    if is_offline(e) or offline_mode():
-        why = "HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1) is set and the dataset is not in the local cache"
-    elif status in (401, 403):
-        why = f"the Hub refused access (HTTP {status}): the dataset is gated or private; set HF_TOKEN to a token with access"
-    elif status == 404:
-        why = "the Hub has no such dataset (HTTP 404); check the id"
-    elif kind_of(e) == "transient":
-        why = f"the Hub did not answer after {attempts_of(e)} attempt(s): {type(e).__name__}: {e}"
-    else:
-        why = f"{type(e).__name__}: {e}"
+    why = hub_read_failure(e, "dataset", "HF_DATASETS_OFFLINE", "set HF_TOKEN to a token with access")
     return DatasetLoadError(
         f"could not load {where} '{source}' (split '{split}'): {why}. "
         "If you are offline, point 'dataset' at a local .jsonl/.json/.csv/.parquet file."

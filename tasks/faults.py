@@ -155,6 +155,20 @@ def attempts_of(err: BaseException) -> int:
     return 1
 
 
+def hub_read_failure(err: BaseException, kind: str, offline_switch: str, gated_fix: str) -> str:
+    """Why reading a `kind` (model, dataset) from the Hub failed, by the kind of fault."""
+    status = status_of(err)
+    if is_offline(err) or offline_mode():
+        return f"HF_HUB_OFFLINE=1 (or {offline_switch}=1) is set and the {kind} is not in the local cache"
+    if status in (401, 403):
+        return f"the Hub refused access (HTTP {status}): the {kind} is gated or private; {gated_fix}"
+    if status == 404:
+        return f"the Hub has no such {kind} (HTTP 404); check the id"
+    if kind_of(err) == "transient":
+        return f"the Hub did not answer after {attempts_of(err)} attempt(s): {type(err).__name__}: {err}"
+    return f"{type(err).__name__}: {err}"
+
+
 def say_retry(what: str) -> Callable[[BaseException, float], None]:
     """A log line per retry, so a run that waits on the network says so (and why)."""
 

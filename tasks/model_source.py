@@ -41,22 +41,14 @@ HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
 
 def _offline_hint(model: str, what: str, err: Exception) -> ModelSourceError:
     """Why the model could not be read, by the kind of fault, and what to do."""
-    from tasks.faults import attempts_of, is_offline, kind_of, offline_mode, status_of
+    from tasks.faults import hub_read_failure
 
-    status = status_of(err)
-    if is_offline(err) or offline_mode():
-        why = "HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set and the model is not in the local cache"
-    elif status in (401, 403):
-        why = (
-            f"the Hub refused access (HTTP {status}): the model is gated or private; accept its terms on its "
-            "Hub page and set HF_TOKEN to a token of an account that has access"
-        )
-    elif status == 404:
-        why = "the Hub has no such model (HTTP 404); check the id, or give a local folder"
-    elif kind_of(err) == "transient":
-        why = f"the Hub did not answer after {attempts_of(err)} attempt(s): {type(err).__name__}: {err}"
-    else:
-        why = f"{type(err).__name__}: {err}"
+    why = hub_read_failure(
+        err,
+        "model",
+        "TRANSFORMERS_OFFLINE",
+        "accept its terms on its Hub page and set HF_TOKEN to a token of an account that has access",
+    )
     return ModelSourceError(
         f"could not read the {what} of '{model}': {why}. "
         "If this machine is offline, download the model to a folder and set `model:` to that folder, "
