@@ -39,6 +39,10 @@ class DatasetReport(Frozen):
     columns: list[str]
     column_mapping: dict[str, str]
     conversion: str | None = Field(None, description="the named conversion applied before validation")
+    verdicts: dict[str, str] = Field(
+        default_factory=dict,
+        description="per method, what the data as given needs (READY / NEEDS MAPPING with spec lines / INCOMPATIBLE)",
+    )
     tokens: TokenStats
     total_tokens: int
     max_length: int

@@ -475,6 +475,8 @@ def validate_dataset(
     df = load_frame(source, split)
     if df.empty:
         raise DatasetValidationError(f"{source}: the dataset has no rows")
+    given = df.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records")
+    verdicts = {m: recognise(given, m).text() for m in ("sft", "dpo", "grpo")}
     convert = conversion_for(conversion, method.name) if conversion else None
     df = apply_mapping(df, columns or {}, method, convert)
     if convert is not None:
@@ -554,6 +556,7 @@ def validate_dataset(
         columns=needed,
         column_mapping=dict(columns or {}),
         conversion=conversion,
+        verdicts=verdicts,
         tokens=TokenStats(
             min=ordered[0],
             max=ordered[-1],

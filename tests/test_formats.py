@@ -83,6 +83,7 @@ def test_sharegpt_round_trips_through_messages(tiny_tokenizer, tmp_path):
     report = validate_dataset(
         str(FORMATS / "sharegpt.jsonl"), method_definition("sft"), tiny_tokenizer, 512, tmp_path, conversion="sharegpt"
     )
+    assert report.verdicts["sft"].startswith("sft: NEEDS MAPPING") and "conversion: sharegpt" in report.verdicts["sft"]
     converted = [json.loads(line) for line in Path(report.prepared_path).read_text().splitlines()]
     converted += [json.loads(line) for line in Path(report.heldout_path).read_text().splitlines()]
     speaker = {"user": "human", "assistant": "gpt", "system": "system"}
