@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tasks.gguf import fallback_text
 from tasks.models import GgufFile, RunPlan, RunSummary
 from tasks.money import usd
@@ -26,6 +28,29 @@ def length_table(bins: list[tuple[int, int, int]], max_length: int) -> list[str]
         mark = " (truncated)" if lo >= max_length else ""
         rows.append(f"| {lo + 1}-{hi}{mark} | {n} | {'#' * round(20 * n / most)} |")
     return [*rows, ""]
+
+
+def length_histogram_png(bins: list[tuple[int, int, int]], max_length: int, path: Path, title: str) -> Path | None:
+    """The token-length spread as a bar chart, max_length marked; None when there is nothing to plot."""
+    if not bins:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.bar([lo for lo, _, _ in bins], [n for _, _, n in bins], width=[hi - lo for lo, hi, _ in bins], align="edge")
+    if max_length <= bins[-1][1]:
+        ax.axvline(max_length, color="crimson", linestyle="--", label=f"max_length {max_length}")
+        ax.legend()
+    ax.set_xlabel("tokens per row")
+    ax.set_ylabel("rows")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
 
 
 def plan_markdown(plan: RunPlan) -> str:

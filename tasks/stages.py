@@ -89,6 +89,20 @@ def validate_dataset_task(
 ) -> DatasetReport:
     tokenizer = planning_tokenizer(model_path, chat_template_path)
     report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns, conversion)
+    from tasks.report import length_histogram_png
+
+    png = length_histogram_png(
+        report.length_histogram, max_length, out_dir / "token_lengths.png", "token lengths of the training rows"
+    )
+    artifacts.table(
+        artifacts.artifact_key("dataset", Path(out_dir).parent.name),
+        [
+            {"tokens": f"{lo + 1}-{hi}", "rows": n, "truncated": lo >= max_length}
+            for lo, hi, n in report.length_histogram
+        ],
+        description=f"token lengths per row ({report.rows} rows, max_length {max_length})"
+        + (f"; chart: {png}" if png else ""),
+    )
     what = "ESTIMATED" if report.token_counts == "estimated" else "measured"
     _log(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row ({what})")
     return report

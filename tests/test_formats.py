@@ -167,3 +167,13 @@ def test_the_report_shows_the_length_spread_and_what_truncation_cuts(tiny_tokeni
     )
     assert sum(n for _, _, n in report.length_histogram) == report.rows
     assert report.rows_over_max_length > 0 and report.tokens_truncated >= report.rows_over_max_length
+
+
+def test_the_validation_stage_draws_the_length_chart(tiny_model_path, tmp_path):
+    from tasks.stages import validate_dataset_task
+
+    out = tmp_path / "run" / "data"
+    report = validate_dataset_task.fn(
+        str(FORMATS / "alpaca.jsonl"), method_definition("sft"), tiny_model_path, 64, out, "train", {}, None, "alpaca"
+    )
+    assert report.conversion == "alpaca" and (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
