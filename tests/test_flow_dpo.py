@@ -21,7 +21,7 @@ def test_dpo_raises_the_preference_margin_and_accuracy(prefect_server, tmp_path)
         EXAMPLES / "dpo-tiny.yaml", {"name": "dpo-test", "outputs": {"hub_repo": str(tmp_path / "published")}}
     )
     summary = dpo(spec=spec)
-    assert time.monotonic() - start < 180
+    assert time.monotonic() - start < 600  # a hang guard; about a minute on an idle 2-core machine
     assert summary.error is None, summary.stages
     assert all(s.status == "passed" for s in summary.stages), summary.stages
     first, last = summary.job.first_metrics, summary.job.last_metrics

@@ -26,7 +26,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "flow-test", "outputs": {"hub_repo": f"file://{published}"}})
     summary = sft(spec=spec)
     elapsed = time.monotonic() - start
-    assert elapsed < 120
+    assert elapsed < 600  # a hang guard; about a minute on an idle 2-core machine (benchmarks time it)
 
     assert summary.error is None
     status = {s.stage: s.status for s in summary.stages}
