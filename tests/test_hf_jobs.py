@@ -239,3 +239,19 @@ def test_the_registry_is_the_only_place_that_knows_backends():
     assert get_backend("hf-jobs").model_reference("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
     pipeline = (Path(__file__).parent.parent / "flows" / "pipeline.py").read_text()
     assert "backend ==" not in pipeline and '"hf-jobs"' not in pipeline and '"local"' not in pipeline
+
+
+def test_checkpoints_of_other_inputs_are_set_aside_in_the_staging_repo_history(jobs_standin):
+    from tasks.hub import make_api
+
+    api, repo = make_api(TOKEN), "standin-user/finetune-changed-inputs"
+    api.create_repo(repo, private=True, exist_ok=True)
+    api.upload_file(path_or_fileobj=b"key-a\n", path_in_repo="training_key", repo_id=repo)
+    api.upload_file(path_or_fileobj=b"ckpt", path_in_repo="checkpoints/checkpoint-4/model.safetensors", repo_id=repo)
+    backend = _backend()
+    backend._set_aside_other_checkpoints(api, repo, "key-a", TOKEN)  # same inputs: resumed from
+    assert "checkpoints/checkpoint-4/model.safetensors" in api.list_repo_files(repo)
+    backend._set_aside_other_checkpoints(api, repo, "key-b", TOKEN)  # other inputs: never resumed
+    assert not [f for f in api.list_repo_files(repo) if f.startswith("checkpoints/")]
+    earlier = [files for _, files in jobs_standin.repos[f"models/{repo}"].commits[:-1]]
+    assert any("checkpoints/checkpoint-4/model.safetensors" in f for f in earlier)  # kept in the history
