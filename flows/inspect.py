@@ -10,7 +10,7 @@ import sys
 
 from tasks.dataset_io import load_frame
 from tasks.errors import UserFacingError
-from tasks.formats import SAMPLE_ROWS, recognise
+from tasks.formats import recognise
 from tasks.methods import METHODS
 
 
@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserFacingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from tasks.validate import _plain
+    from tasks.validate import sample_records
 
-    rows = frame.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records")
+    rows = sample_records(frame)
     methods = [args.method] if args.method else list(METHODS)
     verdicts = [recognise(rows, m) for m in methods]
     if args.json:

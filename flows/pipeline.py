@@ -15,12 +15,21 @@ from typing import Any
 from tasks import artifacts
 from tasks.approval import request_approval
 from tasks.atomic import write_text
-from tasks.cache import cached_result, gguf_key, gguf_problems, publish_key, published_problems, run_cached, smoke_key
+from tasks.cache import (
+    call_cached,
+    gguf_key,
+    gguf_problems,
+    publish_key,
+    published_problems,
+    run_cached,
+    smoke_key,
+    trusted_result,
+)
 from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.hub import publish_target
 from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
 from tasks.model_source import load_config, resolve_model
-from tasks.models import CostEstimate, RunPlan, RunSummary, StageOutcome, TrainedModel
+from tasks.models import CostEstimate, RunPlan, RunSummary, StageOutcome
 from tasks.money import usd
 from tasks.report import plan_markdown, summary_markdown
 from tasks.run.backends import Account, get_backend
@@ -28,6 +37,7 @@ from tasks.run.training import TrainingFailed, trained_problems, training_key
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
 from tasks.spec import RUN_NAME_PATTERN, RunSpec, SpecError
+from tasks.stages import _log as log_stage
 from tasks.stages import (
     build_script_task,
     check_account_task,
@@ -282,7 +292,7 @@ def _run_lifecycle(
         return finish(plan, stages, fields, None)
 
     run_dir = Path(plan.run_dir)
-    say = stage_logger()
+    say = log_stage
     current = "check_account"
     try:
         if plan.dataset.token_counts == "estimated":
@@ -292,8 +302,9 @@ def _run_lifecycle(
                 + ". Nothing was submitted; `--dry-run` still shows the estimated plan"
             )
         key = training_key(plan, spec.backend)
-        done = cached_result(run_dir, key)
-        if isinstance(done, TrainedModel) and not trained_problems(done):
+        # looked up (and its files hashed) once: the answer decides approval and the call
+        done, refresh = trusted_result(run_dir, key, trained_problems, say, "train")
+        if done is not None:
             why = f"training with these inputs finished before (job {done.job.job_id}); nothing to submit or pay for"
             stages += [
                 StageOutcome(stage="check_account", status="skipped", detail=why),
@@ -311,7 +322,7 @@ def _run_lifecycle(
             fields["approval"] = approval
             stages.append(StageOutcome(stage="approve", status="passed", detail=approval.reason))
         current = "submit_job"
-        trained, hit = run_cached(train_task, run_dir, key, trained_problems, say, spec, plan, cost, approval, poll_s)
+        trained, hit = call_cached(train_task, run_dir, key, refresh, spec, plan, cost, approval, poll_s)
         fields["job"], fields["result"] = trained.job, trained.result
         status = "cached" if hit else "passed"
         stages += [
@@ -386,12 +397,6 @@ def cached_outcome(outcome: StageOutcome, hit: bool) -> StageOutcome:
     if not hit or outcome.status != "passed":
         return outcome
     return outcome.model_copy(update={"status": "cached", "detail": f"{outcome.detail} (from an earlier run)"})
-
-
-def stage_logger() -> Any:
-    from tasks.stages import _log
-
-    return _log
 
 
 def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:

@@ -70,6 +70,31 @@ def cached_result(run_dir: Path, key: str) -> Any | None:
         return None
 
 
+def trusted_result(
+    run_dir: Path, key: str, check: Callable[[Any], list[str]], say: Callable[[str], None], stage: str
+) -> tuple[Any | None, bool]:
+    """(the cached result when its files still match their record, whether a record exists
+    that must be replaced). A record that no longer matches is not trusted: `check` says why."""
+    hit = cached_result(run_dir, key)
+    if hit is None:
+        return None, False
+    bad = check(hit)
+    if bad:
+        say(f"{stage}: the cached result does not match its files ({'; '.join(bad[:3])}); running it again")
+        return None, True
+    return hit, False
+
+
+def call_cached(task: Any, run_dir: Path, key: str, refresh: bool, *args: Any, **kwargs: Any) -> tuple[Any, bool]:
+    """Call `task` through Prefect's cache under `key`; (result, whether it came from the cache).
+    `refresh` runs it even when a record exists (one found untrustworthy)."""
+    options: dict[str, Any] = {"result_storage": results_dir(run_dir), "persist_result": True}
+    if refresh:
+        options["refresh_cache"] = True
+    state = task.with_options(**options)(*args, cache_key=key, return_state=True, **kwargs)
+    return state.result(), state.name == "Cached"
+
+
 def run_cached(
     task: Any,
     run_dir: Path,
@@ -79,20 +104,9 @@ def run_cached(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[Any, bool]:
-    """Call `task` through Prefect's cache under `key`; (result, whether it came from the cache).
-
-    A cached result whose files no longer match their record (`check` lists why) is not
-    trusted: the task runs again and its new result replaces the record.
-    """
-    options: dict[str, Any] = {"result_storage": results_dir(run_dir), "persist_result": True}
-    hit = cached_result(run_dir, key)
-    if hit is not None:
-        bad = check(hit)
-        if bad:
-            say(f"{task.name}: the cached result does not match its files ({'; '.join(bad[:3])}); running it again")
-            options["refresh_cache"] = True
-    state = task.with_options(**options)(*args, cache_key=key, return_state=True, **kwargs)
-    return state.result(), state.name == "Cached"
+    """`call_cached`, after checking whatever record exists against its files."""
+    _, refresh = trusted_result(run_dir, key, check, say, task.name)
+    return call_cached(task, run_dir, key, refresh, *args, **kwargs)
 
 
 def _model_record(result: Any) -> list[tuple[str, str]]:

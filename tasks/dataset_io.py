@@ -52,9 +52,6 @@ def _one_based(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
-
-
 def _load_refusal(source: str, split: str, local: bool, e: Exception) -> DatasetLoadError:
     from tasks.faults import hub_read_failure
 
@@ -96,14 +93,13 @@ def load_frame(source: str, split: str = "train") -> pd.DataFrame:
     if path.is_dir() or (not looks_local and HUB_ID.match(source)):
         from datasets import load_dataset
 
-        from tasks.faults import say_retry, with_retries
+        from tasks.faults import read_with_retries
 
-        delays = () if path.is_dir() else HUB_READ_DELAYS_S
         try:
-            ds = with_retries(
+            ds = read_with_retries(
                 lambda: load_dataset(str(path) if path.is_dir() else source, split=split),
-                delays,
-                on_retry=say_retry(f"loading dataset {source}"),
+                f"dataset {source}",
+                local=path.is_dir(),
             )
         except Exception as e:  # datasets raises many types; the kind and message matter
             raise _load_refusal(source, split, path.is_dir(), e) from None

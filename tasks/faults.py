@@ -83,10 +83,6 @@ def _network_kind(err: BaseException) -> Kind:
     return "permanent"
 
 
-def is_transient(err: BaseException) -> bool:
-    return kind_of(err) == "transient"
-
-
 def retry_after_s(err: BaseException, now: datetime | None = None) -> float | None:
     """The wait a 429/503 answer asked for (seconds or an HTTP date), at most RETRY_AFTER_CAP_S."""
     for e in causes(err):
@@ -167,6 +163,14 @@ def hub_read_failure(err: BaseException, kind: str, offline_switch: str, gated_f
     if kind_of(err) == "transient":
         return f"the Hub did not answer after {attempts_of(err)} attempt(s): {type(err).__name__}: {err}"
     return f"{type(err).__name__}: {err}"
+
+
+HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
+
+
+def read_with_retries(fn: Callable[[], T], what: str, local: bool) -> T:
+    """A read of a model or dataset: once from a local folder, with retries from the Hub."""
+    return with_retries(fn, () if local else HUB_READ_DELAYS_S, on_retry=say_retry(f"reading {what}"))
 
 
 def say_retry(what: str) -> Callable[[BaseException, float], None]:

@@ -36,9 +36,6 @@ def resolve_model(model: str) -> str:
     return model
 
 
-HUB_READ_DELAYS_S = (1.0, 3.0, 10.0)
-
-
 def _offline_hint(model: str, what: str, err: Exception) -> ModelSourceError:
     """Why the model could not be read, by the kind of fault, and what to do."""
     from tasks.faults import hub_read_failure
@@ -58,11 +55,10 @@ def _offline_hint(model: str, what: str, err: Exception) -> ModelSourceError:
 
 def _read(what: str, model_path: str, fn: Callable[[], Any]) -> Any:
     """Read from a folder once, or from the Hub with retries on transient faults."""
-    from tasks.faults import say_retry, with_retries
+    from tasks.faults import read_with_retries
 
-    delays = () if Path(model_path).is_dir() else HUB_READ_DELAYS_S
     try:
-        return with_retries(fn, delays, on_retry=say_retry(f"reading the {what} of {model_path}"))
+        return read_with_retries(fn, f"the {what} of {model_path}", local=Path(model_path).is_dir())
     except Exception as e:  # transformers/hub raise many types; the kind and message matter
         raise _offline_hint(model_path, what, e) from None
 

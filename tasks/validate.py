@@ -43,6 +43,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def sample_records(df: pd.DataFrame) -> list[dict]:
+    """The first rows as plain records: what format recognition judges."""
+    return df.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records")
+
+
 # --- element checks: each returns True for a good value --------------------------------
 
 
@@ -271,7 +276,7 @@ def detect_format(df: pd.DataFrame, method: MethodDefinition) -> str:
     for fmt, needed in method.formats.items():
         if all(c in df.columns for c in needed):
             return fmt
-    verdict = recognise(df.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records"), method.name)
+    verdict = recognise(sample_records(df), method.name)
     wanted = " | ".join("+".join(cols) for cols in method.formats.values())
     raise DatasetValidationError(
         f"the dataset is not in a {method.name} format yet (columns [{', '.join(map(str, df.columns))}]; "
@@ -491,7 +496,7 @@ def validate_dataset(
     df = load_frame(source, split)
     if df.empty:
         raise DatasetValidationError(f"{source}: the dataset has no rows")
-    given = df.head(SAMPLE_ROWS).map(_plain).to_dict(orient="records")
+    given = sample_records(df)
     verdicts = {m: recognise(given, m).text() for m in ("sft", "dpo", "grpo")}
     convert = conversion_for(conversion, method.name) if conversion else None
     df = apply_mapping(df, columns or {}, method, convert)
