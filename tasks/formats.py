@@ -247,8 +247,11 @@ def conversion_for(name: str, method: str) -> Conversion:
     return conversion
 
 
-def convert_rows(rows: list[dict[str, Any]], conversion: Conversion, source: str, method: str) -> list[dict[str, Any]]:
-    """Apply a conversion to every row; every row it cannot read is reported, with its value."""
+def convert_chunk(
+    rows: list[dict[str, Any]], numbers: list[int], conversion: Conversion, source: str, method: str
+) -> tuple[list[dict[str, Any]], list[int], list[str]]:
+    """Apply a conversion to one chunk: the converted rows, their row numbers, and a line per
+    row it cannot read (with the row number and the value at fault), for the caller to gather."""
     missing = [c for c in conversion.reads if rows and c not in rows[0]]
     if missing:
         raise ConversionError(
@@ -256,19 +259,23 @@ def convert_rows(rows: list[dict[str, Any]], conversion: Conversion, source: str
             f"lacks {', '.join(missing)} (its columns are {', '.join(rows[0]) if rows else 'none'}). "
             "Rename yours in the spec, e.g. `columns: {" + f"{missing[0]}: your_column" + "}`"
         )
-    out, bad = [], []
-    for i, row in enumerate(rows, start=1):
+    out, kept, bad = [], [], []
+    for number, row in zip(numbers, rows, strict=True):
         try:
             out.append(conversion.fn(row, method))
+            kept.append(number)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            bad.append(f"row {i}: {e}")
+            bad.append(f"row {number}: {e} (conversion '{conversion.name}': {conversion.describe})")
+    return out, kept, bad
+
+
+def convert_rows(rows: list[dict[str, Any]], conversion: Conversion, source: str, method: str) -> list[dict[str, Any]]:
+    """Apply a conversion to every row; every row it cannot read is reported, with its value."""
+    out, _, bad = convert_chunk(rows, list(range(1, len(rows) + 1)), conversion, source, method)
     if bad:
         shown = "\n  - ".join(bad[:10])
         more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise ConversionError(
-            f"{source}: {len(bad)} row(s) cannot be read by conversion '{conversion.name}' "
-            f"({conversion.describe}):\n  - {shown}{more}"
-        )
+        raise ConversionError(f"{source}: {len(bad)} row(s) cannot be read by the conversion:\n  - {shown}{more}")
     return out
 
 

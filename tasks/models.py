@@ -51,8 +51,12 @@ class DatasetReport(Frozen):
     length_histogram: list[tuple[int, int, int]] = Field(
         default_factory=list, description="token-length bins (from, to, rows), over the measured rows"
     )
+    token_rows_measured: int = Field(0, description="rows tokenized: all of them, or a seeded uniform sample")
     duplicates: int
     empty_turns: int
+    role_anomalies: dict[str, int] = Field(
+        default_factory=dict, description="legal but worth a look, e.g. conversations ending with a user turn"
+    )
     warnings: list[str]
     token_counts: Literal["measured", "estimated"] = Field(
         "measured", description="estimated when the model's tokenizer cannot encode: a real run refuses such a plan"

@@ -113,7 +113,7 @@ def planning_tokenizer(model_path: str, chat_template_path: str | None = None) -
     (the plan, its JSON and the report say so, and a real run refuses it). A chat template
     named by training.chat_template_path is applied as TRL will apply it."""
     from tasks.model_source import ModelSourceError, load_config, load_tokenizer
-    from tasks.validate import CharEstimateTokenizer, tokenizer_problem
+    from tasks.token_stats import CharEstimateTokenizer, tokenizer_problem
 
     try:
         model_type = getattr(load_config(model_path), "model_type", None)

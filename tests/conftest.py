@@ -107,6 +107,12 @@ def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         constants, "HUGGINGFACE_CO_URL_TEMPLATE", jobs_standin.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     )
     monkeypatch.setenv("HF_ENDPOINT", jobs_standin.endpoint)
+    import datasets.config  # it too reads the endpoint once, at import
+
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", jobs_standin.endpoint)
+    monkeypatch.setattr(
+        datasets.config, "HUB_DATASETS_URL", jobs_standin.endpoint + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    )
     monkeypatch.setenv("HF_TOKEN", STANDIN_TOKEN)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("FINETUNE_POLL_S", "0.5")

@@ -13,7 +13,8 @@ from flows.pipeline import plan_run
 from tasks.methods import SFT
 from tasks.spec import SpecError, parse_spec
 from tasks.stages import planning_tokenizer
-from tasks.validate import CharEstimateTokenizer, DatasetValidationError, validate_dataset
+from tasks.token_stats import CharEstimateTokenizer
+from tasks.validate import DatasetValidationError, validate_dataset
 from tests.conftest import EXAMPLES, REPO
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")

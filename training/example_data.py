@@ -142,6 +142,43 @@ def format_sample_rows(seed: int = SEED + 4, n: int = 60) -> dict[str, list[dict
     }
 
 
+SENTENCES = [line for line in GENERAL_TEXT.splitlines() if line]
+
+
+def chat_rows_at_scale(n: int, seed: int = SEED + 5, spread: str = "short"):
+    """n chat rows, yielded one at a time (millions fit in no memory): arithmetic questions with
+    1-3 exchanges and sometimes a system turn. `spread="short"` keeps answers to a sentence or
+    two, like instruction data; `"realistic"` mixes in long answers (a log-normal number of
+    sentences, most short, a tail of hundreds of tokens) as real chat datasets do."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        turns = [{"role": "system", "content": SENTENCES[4]}] if rng.random() < 0.3 else []
+        for _ in range(rng.choice((1, 1, 2, 3))):
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            sentences = 1 + (int(rng.lognormvariate(1.0, 1.1)) if spread == "realistic" else rng.randint(0, 2))
+            prose = " ".join(rng.choice(SENTENCES) for _ in range(sentences - 1))
+            turns.append({"role": "user", "content": f"What is {a} + {b}?"})
+            turns.append({"role": "assistant", "content": f"{prose} {a} + {b} = {a + b}.".strip()})
+        yield {"messages": turns}
+
+
+def write_jsonl_stream(rows, path: Path) -> int:
+    """Write rows from an iterator, in blocks; returns the number written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, count, block = path.with_suffix(path.suffix + ".tmp"), 0, []
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            block.append(json.dumps(row, ensure_ascii=False))
+            count += 1
+            if len(block) == 10_000:
+                f.write("\n".join(block) + "\n")
+                block = []
+        if block:
+            f.write("\n".join(block) + "\n")
+    tmp.replace(path)
+    return count
+
+
 def write_jsonl(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
