@@ -52,6 +52,8 @@ class DatasetReport(Frozen):
         default_factory=list, description="token-length bins (from, to, rows), over the measured rows"
     )
     token_rows_measured: int = Field(0, description="rows tokenized: all of them, or a seeded uniform sample")
+    check_seconds: float = Field(0.0, description="time to read and schema-check every row (tokenizing excluded)")
+    check_processes: int = Field(1, description="processes that checked the rows: this one, or its workers")
     duplicates: int
     empty_turns: int
     role_anomalies: dict[str, int] = Field(

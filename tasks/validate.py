@@ -15,6 +15,7 @@ import logging
 import os
 import statistics
 import sys
+import time
 import types
 from collections import deque
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ from tasks.token_stats import CharEstimateTokenizer, Reservoir, histogram, promp
 MAX_ROWS_SHOWN = 10
 MAX_TOKENIZED_ROWS = 10_000  # a seeded uniform sample: the mean to well under 1%, and ~8 s of the tiny tokenizer
 HELDOUT_MAX = 16
+WORKERS_FROM_BLOCKS = 4  # blocks a dataset has before workers check them
 ROWS_NOTE = "rows are numbered from 1; for JSONL, the line number"
 
 
@@ -374,6 +376,7 @@ class _Pass:
         self.anomalies: dict[str, int] = {}
         self.sample = Reservoir(MAX_TOKENIZED_ROWS, seed=0)
         self.writer = SplitWriter(out_dir)
+        self.check_seconds, self.check_processes = 0.0, 1
 
     def ok(self) -> bool:
         return not (self.failures or self.conversion_bad_count or self.too_long or self.unreadable.count)
@@ -511,9 +514,11 @@ def validate_dataset(
         if any(isinstance(v, list) for v in prepared[needed].head(1).map(plain).iloc[0].tolist()):
             raise _chat_template_refusal(source, method)
     state = _Pass(out_dir, source)
-    second = next(blocks, None)  # a second block: the data is large enough for workers
-    workers = _workers() if second is not None else 0
-    blocks = itertools.chain([first_block], [second] if second is not None else [], blocks)
+    ahead = list(itertools.islice(blocks, WORKERS_FROM_BLOCKS - 1))
+    # starting workers costs about a second: worth it from a few blocks on (some 50k short rows)
+    workers = _workers() if len(ahead) == WORKERS_FROM_BLOCKS - 1 else 0
+    blocks = itertools.chain([first_block], ahead, blocks)
+    started = time.perf_counter()
     pool = _start_pool(workers) if workers else None
     try:
         for result in _checked_blocks(blocks, job, pool):
@@ -521,6 +526,7 @@ def validate_dataset(
         if not state.ok():
             raise _refusal(state, source, fmt, max_length)
         held = state.writer.finish()
+        state.check_seconds, state.check_processes = time.perf_counter() - started, max(1, workers)
         report = _report(
             state,
             source,
@@ -637,6 +643,8 @@ def _report(
         tokens_truncated=cut,
         length_histogram=[(lo, hi, round(n * scale)) for lo, hi, n in histogram(lengths, max_length)],
         token_rows_measured=len(lengths),
+        check_seconds=round(state.check_seconds, 2),
+        check_processes=state.check_processes,
         duplicates=duplicates,
         empty_turns=state.empty_turns,
         role_anomalies=dict(state.anomalies),
