@@ -7,11 +7,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from tasks.dataset_io import load_frame
+from tasks.dataset_io import LineBlock, UnreadableLines, iter_blocks, parse_block
 from tasks.errors import UserFacingError
 from tasks.formats import recognise
 from tasks.methods import METHODS
+
+
+def _read(source: str, split: str) -> tuple[list[dict], int, list[str]]:
+    """The first rows (what recognition judges), the row count and the columns, streaming:
+    only the first block is parsed, the rest of a JSONL file is counted by its lines."""
+    from tasks.validate import sample_records
+
+    unreadable = UnreadableLines(Path(source))
+    sample: list[dict] = []
+    columns: list[str] = []
+    count = 0
+    for block in iter_blocks(source, split):
+        if isinstance(block, LineBlock):
+            if sample:
+                count += sum(1 for line in block.data.split(b"\n") if line.strip())
+                continue
+            block = parse_block(block, unreadable)
+        if not sample:
+            sample, columns = sample_records(block), [str(c) for c in block.columns]
+        count += len(block)
+    unreadable.raise_if_any()
+    return sample, count, columns
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,20 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable, for agents")
     args = parser.parse_args(argv)
     try:
-        frame = load_frame(args.dataset, args.split)
+        rows, count, columns = _read(args.dataset, args.split)
     except UserFacingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from tasks.validate import sample_records
-
-    rows = sample_records(frame)
     methods = [args.method] if args.method else list(METHODS)
     verdicts = [recognise(rows, m) for m in methods]
     if args.json:
         payload = {
             "dataset": args.dataset,
-            "rows": len(frame),
-            "columns": [str(c) for c in frame.columns],
+            "rows": count,
+            "columns": columns,
             "verdicts": [
                 {**v.model_dump(), "spec_lines": [c.spec_lines() for c in v.candidates if c.verdict != "READY"]}
                 for v in verdicts
@@ -43,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(payload, indent=2, ensure_ascii=False))
         return 0
-    print(f"{args.dataset}: {len(frame)} rows, columns {', '.join(map(str, frame.columns))}")
+    print(f"{args.dataset}: {count} rows, columns {', '.join(columns)}")
     for v in verdicts:
         print(v.text())
     return 0

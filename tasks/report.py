@@ -62,7 +62,10 @@ def plan_markdown(plan: RunPlan) -> str:
         "",
         *(f"> **Note:** {n}\n" for n in plan.notes),
         "## Dataset",
-        f"- rows: {d.rows}; tokens per row: min {d.tokens.min}, mean {d.tokens.mean}, p95 {d.tokens.p95}, max {d.tokens.max}",
+        f"- rows: {d.rows}, every one checked in {d.check_seconds:.1f} s ({d.check_processes} process"
+        f"{'es' if d.check_processes > 1 else ''}); tokens per row: min {d.tokens.min}, mean {d.tokens.mean}, "
+        f"p95 {d.tokens.p95}, max {d.tokens.max}"
+        + (f" (measured on a uniform sample of {d.token_rows_measured})" if d.token_rows_measured < d.rows else ""),
         f"- rows over max_length {d.max_length}: {d.rows_over_max_length} (truncation cuts {d.tokens_truncated} tokens); "
         f"duplicates: {d.duplicates}; empty turns: {d.empty_turns}"
         + (f"; converted with `{d.conversion}`" if d.conversion else ""),
