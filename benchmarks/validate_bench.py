@@ -87,6 +87,70 @@ def measure(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, float]:
     }
 
 
+def readers(data: Path, rows: int = 100_000) -> list[dict]:
+    """Rows/s of reading and checking the first `rows` rows in this one process, by reader: the
+    per-line orjson reader validation uses, and Arrow's JSON reader feeding the same pandera
+    checks (polars too when installed); and whether each locates a row whose content has
+    another type (`"content": 42`) by its line."""
+    import io
+
+    import pandas as pd
+    import pyarrow.json as pj
+
+    from tasks.dataset_io import LineBlock
+    from tasks.methods import SFT
+    from tasks.schemas import plain, schema_for, with_turn_codes
+    from tasks.validate import BlockJob, check_block
+
+    text = b"".join(line for _, line in zip(range(rows), data.open("rb"), strict=False))
+    job = BlockJob(str(data), SFT, {}, None, "messages", ["messages"], ["messages"])
+    blocks = [LineBlock(1 + i, b"\n".join(text.split(b"\n")[i : i + 10_000])) for i in range(0, rows, 10_000)]
+
+    def ours() -> None:
+        for b in blocks:
+            check_block(b, job)
+
+    def arrow() -> None:
+        for b in blocks:
+            df = pj.read_json(io.BytesIO(b.data)).to_pandas().map(plain)
+            schema_for("messages").validate(with_turn_codes(df), lazy=True)
+
+    variants = {"orjson per line + pandera (validation)": ours, "Arrow JSON reader + the same pandera checks": arrow}
+    try:
+        import polars as pl
+
+        def polars() -> None:
+            for b in blocks:
+                df = pl.read_ndjson(io.BytesIO(b.data)).to_pandas().map(plain)
+                schema_for("messages").validate(with_turn_codes(df), lazy=True)
+
+        variants["polars read_ndjson + the same pandera checks"] = polars
+    except ImportError:
+        pass
+    odd = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}\n' * 3
+    odd += b'{"messages": [{"role": "user", "content": 42}, {"role": "assistant", "content": "a"}]}\n'
+    out = []
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+        if name.startswith("orjson"):
+            result = check_block(LineBlock(1, odd), job)
+            rows_found = [r for e in result.failures.rules.values() for r in e["rows"]]
+            located = f"located: line {', '.join(map(str, rows_found))}, the rest checked"
+        else:
+            try:
+                reader = pj.read_json if name.startswith("Arrow") else pl.read_ndjson  # noqa: F821
+                reader(io.BytesIO(odd))
+                located = "not refused: the value was read"
+            except Exception as e:  # each reader fails in its own way; what it says is the point
+                located = f"refused the whole block: {str(e)[:90]}"
+        out.append({"reader": name, "rows": rows, "rows_per_s": round(rows / seconds), "mixed_types": located})
+        print(json.dumps(out[-1]), flush=True)
+    del pd
+    return out
+
+
 def write_spec(folder: Path, data: Path, name: str) -> Path:
     spec = (REPO / "examples" / "sft-tiny.yaml").read_text()
     spec = spec.replace("dataset: data/sft_chat.jsonl", f"dataset: {data}").replace(
@@ -103,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="200000,1000000,5000000")
     parser.add_argument("--baseline-max", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--readers-only", action="store_true", help="only the reader comparison (one process)")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.rows.split(",")]
 
@@ -124,12 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("FINETUNE_VALIDATE_WORKERS", None)
     (work / "validate_only.py").write_text(VALIDATE_ONLY)
     python = sys.executable
-    results = []
+    results: list[dict] = []
+    reader_results: list[dict] = []
     try:
         for n in sizes:
             data = work / f"chat_{n}.jsonl"
             write_jsonl_stream(chat_rows_at_scale(n), data)
             size_mb = data.stat().st_size / 2**20
+            if not reader_results:
+                reader_results = readers(data, min(n, 100_000))
+                if args.readers_only:
+                    break
             runs = {
                 "dry-run": (
                     [python, "-m", "flows.sft", "--spec", str(write_spec(work, data, f"b{n}")), "--dry-run", "--json"],
@@ -165,18 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=REPO, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    write_results(results, args.out)
+    write_results(results, reader_results, args.out)
     return 0
 
 
-def write_results(results: list[dict], out: Path) -> None:
+def write_results(results: list[dict], reader_results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     machine = (
         f"{psutil.cpu_count()} CPU cores ({platform.machine()}), "
         f"{psutil.virtual_memory().total / 2**30:.1f} GB of memory, Python {platform.python_version()}"
     )
-    (out / "validate.json").write_text(json.dumps({"measured": when, "machine": machine, "results": results}, indent=2))
+    (out / "validate.json").write_text(
+        json.dumps({"measured": when, "machine": machine, "results": results, "readers": reader_results}, indent=2)
+    )
     lines = [
         "# Dataset validation at scale: streaming against the whole-file validator",
         "",
@@ -214,6 +286,23 @@ def write_results(results: list[dict], out: Path) -> None:
             )
     if ratios:
         lines += ["", "Ratios, measured side by side in this run:", "", *ratios]
+    if reader_results:
+        base = reader_results[0]["rows_per_s"]
+        lines += [
+            "",
+            f"Readers, one process, the first {reader_results[0]['rows']:,} rows, side by side in this run "
+            "(reading and the same checks; a row whose `content` is 42 among strings decides whether a reader can "
+            "locate bad rows):",
+            "",
+            "| reader | rows/s | ratio | a mixed-type row |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['reader']} | {r['rows_per_s']:,} | {r['rows_per_s'] / base:.2f}x | {r['mixed_types']} |"
+                for r in reader_results
+            ),
+        ]
+        if not any(r["reader"].startswith("polars") for r in reader_results):
+            lines.append("\npolars is not installed here (it is not a dependency): `pip install polars` adds its row.")
     (out / "validate.md").write_text("\n".join(lines) + "\n")
 
 
