@@ -12,7 +12,7 @@ peak memory of the process itself (RSS) and of its whole tree, the validation wo
 - `dry-run`: `python -m flows.sft --spec S --dry-run`, as a user runs it (imports, Prefect, the
   tiny model's tokenizer, validation, planning, the script); `backend: hf-jobs`, so the plan of
   millions of rows is priced rather than refused for this CPU's 24-hour limit. No network.
-- `validate`: `tasks.validate.validate_dataset` alone, with the workers (every core) and with
+- `validate`: `tasks.data.validate.validate_dataset` alone, with the workers (every core) and with
   `FINETUNE_VALIDATE_WORKERS=0` (this process only).
 - `baseline dry-run`: the same dry-run on the code of BASELINE_REV (the whole file read into one
   DataFrame, pandera element-wise checks), checked out with `git worktree` beside this one; run
@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 from tasks.methods import SFT
 from tasks.model_source import load_tokenizer
-from tasks.validate import validate_dataset
+from tasks.data.validate import validate_dataset
 from training.tiny_model import ensure_tiny_model
 
 if __name__ == "__main__":
@@ -97,10 +97,10 @@ def readers(data: Path, rows: int = 100_000) -> list[dict]:
     import pandas as pd
     import pyarrow.json as pj
 
-    from tasks.dataset_io import LineBlock
+    from tasks.data.reading import LineBlock
+    from tasks.data.schemas import plain, schema_for, with_turn_codes
+    from tasks.data.validate import BlockJob, check_block
     from tasks.methods import SFT
-    from tasks.schemas import plain, schema_for, with_turn_codes
-    from tasks.validate import BlockJob, check_block
 
     text = b"".join(line for _, line in zip(range(rows), data.open("rb"), strict=False))
     job = BlockJob(str(data), SFT, {}, None, "messages", ["messages"], ["messages"])

@@ -9,16 +9,16 @@ import json
 import sys
 from pathlib import Path
 
-from tasks.dataset_io import LineBlock, UnreadableLines, iter_blocks, parse_block
+from tasks.data.formats import recognise
+from tasks.data.reading import LineBlock, UnreadableLines, iter_blocks, parse_block
 from tasks.errors import UserFacingError
-from tasks.formats import recognise
 from tasks.methods import METHODS
 
 
 def _read(source: str, split: str) -> tuple[list[dict], int, list[str]]:
     """The first rows (what recognition judges), the row count and the columns, streaming:
     only the first block is parsed, the rest of a JSONL file is counted by its lines."""
-    from tasks.validate import sample_records
+    from tasks.data.validate import sample_records
 
     unreadable = UnreadableLines(Path(source))
     sample: list[dict] = []

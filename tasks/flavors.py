@@ -1,4 +1,4 @@
-"""The hardware flavor catalogue: shipped data (tasks/data/flavors.yaml) plus user overrides.
+"""The hardware flavor catalogue: shipped data (tasks/flavors.yaml) plus user overrides.
 
 Overrides come from a YAML file named by FINETUNE_FLAVORS_FILE (same shape as the shipped
 one) and from the spec's `flavors:` mapping, in that order. An override of a known flavor
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.errors import UserFacingError
 from tasks.money import usd
 
-CATALOGUE_FILE = Path(__file__).resolve().parent / "data" / "flavors.yaml"
+CATALOGUE_FILE = Path(__file__).resolve().parent / "flavors.yaml"
 
 
 class CatalogueError(UserFacingError, ValueError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from tasks.dataset_io import HUB_ID
+from tasks.data.reading import HUB_ID
 from tasks.errors import UserFacingError
 from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
 from tasks.manifest import record, sha256_file

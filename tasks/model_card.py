@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from tasks.dataset_io import HUB_ID
+from tasks.data.reading import HUB_ID
 from tasks.gguf import fallback_text
 from tasks.models import GgufFiles, JobResult, JobStatus, RunPlan
 from tasks.money import usd

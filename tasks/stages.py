@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import artifacts
 from tasks.cache import BY_KEY
 from tasks.cost import estimate_cost
+from tasks.data.validate import validate_dataset
 from tasks.errors import UserFacingError
 from tasks.gguf import convert_gguf, fallback_text
 from tasks.gguf_smoke import smoke_test_all
@@ -45,7 +46,6 @@ from tasks.run.fetch import fetch_artifacts
 from tasks.run.monitor import Guard, Progress, monitor_job
 from tasks.script import build_script
 from tasks.spec import Outputs, RunSpec
-from tasks.validate import validate_dataset
 
 
 class OutputsChanged(UserFacingError, RuntimeError):
@@ -112,8 +112,8 @@ def planning_tokenizer(model_path: str, chat_template_path: str | None = None) -
     """The model's tokenizer when it can encode, else a stated characters-per-token estimate
     (the plan, its JSON and the report say so, and a real run refuses it). A chat template
     named by training.chat_template_path is applied as TRL will apply it."""
+    from tasks.data.token_stats import CharEstimateTokenizer, tokenizer_problem
     from tasks.model_source import ModelSourceError, load_config, load_tokenizer
-    from tasks.token_stats import CharEstimateTokenizer, tokenizer_problem
 
     try:
         model_type = getattr(load_config(model_path), "model_type", None)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tasks import faults
-from tasks.dataset_io import DatasetLoadError, load_frame
+from tasks.data.reading import DatasetLoadError, load_frame
 from tasks.faults import kind_of, retry_after_s
 from tasks.hub import PublishError, make_api, publish_to_hub
 from tasks.model_source import ModelSourceError, load_config

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from flows.grpo import grpo
+from tasks.data.validate import DatasetValidationError, validate_dataset
 from tasks.methods import GRPO
 from tasks.rewards import RewardError
 from tasks.rundir import runs_root
 from tasks.spec import load_spec
-from tasks.validate import DatasetValidationError, validate_dataset
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dataset_io import load_frame
-from tasks.formats import SPEAKERS, ConversionError, recognise
+from tasks.data.formats import SPEAKERS, ConversionError, recognise
+from tasks.data.reading import load_frame
+from tasks.data.schemas import plain as _plain
+from tasks.data.validate import DatasetValidationError, validate_dataset
 from tasks.methods import method_definition
-from tasks.schemas import plain as _plain
-from tasks.validate import DatasetValidationError, validate_dataset
 from tests.conftest import EXAMPLES, REPO
 
 FORMATS = EXAMPLES / "data" / "formats"
@@ -160,7 +160,7 @@ def test_inspect_answers_people_and_agents():
 
 
 def test_the_report_shows_the_length_spread_and_what_truncation_cuts(tiny_tokenizer, tmp_path):
-    from tasks.token_stats import histogram
+    from tasks.data.token_stats import histogram
 
     assert histogram([5, 10, 12, 40, 90, 100, 130, 300], 128)[4:6] == [(120, 128, 0), (128, 150, 1)]
     report = validate_dataset(

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import plan_run
+from tasks.data.token_stats import CharEstimateTokenizer
+from tasks.data.validate import DatasetValidationError, validate_dataset
 from tasks.methods import SFT
 from tasks.spec import SpecError, parse_spec
 from tasks.stages import planning_tokenizer
-from tasks.token_stats import CharEstimateTokenizer
-from tasks.validate import DatasetValidationError, validate_dataset
 from tests.conftest import EXAMPLES, REPO
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")

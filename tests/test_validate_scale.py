@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.dataset_io as dataset_io
-import tasks.validate as validate
-from tasks.dataset_io import DatasetLoadError, LineBlock, iter_blocks
+import tasks.data.reading as reading
+import tasks.data.validate as validate
+from tasks.data.reading import DatasetLoadError, LineBlock, iter_blocks
+from tasks.data.token_stats import Reservoir
+from tasks.data.validate import DatasetValidationError, validate_dataset
 from tasks.methods import SFT
-from tasks.token_stats import Reservoir
-from tasks.validate import DatasetValidationError, validate_dataset
 from training.example_data import chat_rows_at_scale, write_jsonl_stream
 
 
@@ -28,7 +28,7 @@ def _chat(i: int) -> dict:
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 4 KB (about 40 rows), so a few hundred rows make many blocks."""
-    monkeypatch.setattr(dataset_io, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(reading, "CHUNK_BYTES", 4096)
 
 
 def test_jsonl_blocks_hold_whole_lines_numbered_as_in_the_file(small_blocks, tmp_path):
@@ -54,7 +54,7 @@ def test_many_blocks_give_the_same_report_and_files_as_one(
     monkeypatch.setenv("FINETUNE_VALIDATE_WORKERS", workers)
     report = validate_dataset(str(path), SFT, tiny_tokenizer, 64, tmp_path / "out")
 
-    monkeypatch.setattr(dataset_io, "CHUNK_BYTES", 1 << 30)  # the whole file in one block
+    monkeypatch.setattr(reading, "CHUNK_BYTES", 1 << 30)  # the whole file in one block
     whole = validate_dataset(str(path), SFT, tiny_tokenizer, 64, tmp_path / "whole")
     assert report.rows == whole.rows == 602 and report.duplicates == whole.duplicates == 2
     assert report.tokens == whole.tokens and report.length_histogram == whole.length_histogram
@@ -141,7 +141,7 @@ def test_conversations_that_end_with_a_user_turn_or_use_tools_are_reported(tiny_
 
 
 def test_parquet_and_csv_are_read_in_blocks_of_rows(tiny_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_io, "CHUNK_ROWS", 50)
+    monkeypatch.setattr(reading, "CHUNK_ROWS", 50)
     rows = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}"} for i in range(200)]
     rows[120]["completion"] = " "
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet", row_group_size=30)
@@ -165,7 +165,7 @@ def _hub_dataset(repo: str, name: str, data: bytes) -> None:
 
 
 def test_a_hub_dataset_is_streamed_and_checked_row_by_row(jobs_env, tiny_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(dataset_io, "CHUNK_ROWS", 100)
+    monkeypatch.setattr(reading, "CHUNK_ROWS", 100)
     rows = [_chat(i) for i in range(500)]
     rows[333]["messages"][0]["role"] = "human"
     _hub_dataset("standin-user/stream-jsonl", "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.schemas import shared_prefix
+from tasks.data.schemas import shared_prefix
 
 
 def histogram(lengths: list[int], max_length: int, bins: int = 10) -> list[tuple[int, int, int]]:

@@ -1,11 +1,11 @@
 """Stage 1: validate the dataset against the method's schema before anything is spent.
 
-The data streams through in chunks (`dataset_io.iter_chunks`), so a file larger than memory is
-checked with bounded memory: pandera checks each chunk lazily (`tasks.schemas`), the failures
+The data streams through in blocks (`reading.iter_blocks`), so a file larger than memory is
+checked with bounded memory: pandera checks each chunk lazily (`tasks.data.schemas`), the failures
 of every chunk are gathered into one error that names each rule's first rows with the value
 found, and the good rows are written to the prepared JSONL the job trains on as they pass.
 Duplicates are counted by 64-bit hashes, and token statistics are measured with the model's
-tokenizer on a seeded uniform sample (`tasks.token_stats`).
+tokenizer on a seeded uniform sample (`tasks.data.token_stats`).
 """
 
 from __future__ import annotations
@@ -32,12 +32,9 @@ import orjson
 import pandas as pd
 import pandera.pandas as pa
 
-from tasks.dataset_io import DatasetLoadError, LineBlock, UnreadableLines, iter_blocks, parse_block
-from tasks.errors import UserFacingError
-from tasks.formats import SAMPLE_ROWS, Conversion, ConversionError, conversion_for, convert_chunk, recognise
-from tasks.methods import MethodDefinition
-from tasks.models import DatasetReport, TokenStats
-from tasks.schemas import (
+from tasks.data.formats import SAMPLE_ROWS, Conversion, ConversionError, conversion_for, convert_chunk, recognise
+from tasks.data.reading import DatasetLoadError, LineBlock, UnreadableLines, iter_blocks, parse_block
+from tasks.data.schemas import (
     CODE_COLUMNS,
     EMPTY_OTHER_SHIFT,
     ENDS_WITH_USER,
@@ -47,7 +44,10 @@ from tasks.schemas import (
     schema_for,
     with_turn_codes,
 )
-from tasks.token_stats import CharEstimateTokenizer, Reservoir, histogram, prompt_lengths, token_lengths
+from tasks.data.token_stats import CharEstimateTokenizer, Reservoir, histogram, prompt_lengths, token_lengths
+from tasks.errors import UserFacingError
+from tasks.methods import MethodDefinition
+from tasks.models import DatasetReport, TokenStats
 
 MAX_ROWS_SHOWN = 10
 MAX_TOKENIZED_ROWS = 10_000  # a seeded uniform sample: the mean to well under 1%, and ~8 s of the tiny tokenizer
