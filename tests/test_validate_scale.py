@@ -199,3 +199,32 @@ def test_a_transient_hub_failure_mid_stream_is_retried(jobs_env, tiny_tokenizer,
     jobs_env.fail_next("GET /datasets/standin-user/stream-flaky/resolve/", status=503, times=1)
     report = validate_dataset("standin-user/stream-flaky", SFT, tiny_tokenizer, 64, tmp_path / "out")
     assert report.rows == 50 and slept  # huggingface_hub's backoff waited, then the read went through
+
+
+class _DiesWhenUnpickled(str):
+    """A dataset path that kills the worker process it is sent to (unpickling it exits), as an
+    out-of-memory kill would; in this process it is an ordinary path."""
+
+    def __reduce__(self):
+        import os
+
+        return (os._exit, (1,))
+
+
+def test_blocks_of_a_killed_worker_are_checked_here_and_nothing_is_lost(
+    small_blocks, tiny_tokenizer, tmp_path, monkeypatch, caplog
+):
+    path = tmp_path / "chat.jsonl"
+    write_jsonl_stream(chat_rows_at_scale(400, seed=9), path)
+    monkeypatch.setenv("FINETUNE_VALIDATE_WORKERS", "2")
+    report = validate_dataset(_DiesWhenUnpickled(path), SFT, tiny_tokenizer, 64, tmp_path / "out")
+    assert report.rows == 400 and "validation workers stopped" in caplog.text
+    monkeypatch.setenv("FINETUNE_VALIDATE_WORKERS", "0")
+    validate_dataset(str(path), SFT, tiny_tokenizer, 64, tmp_path / "inline")
+    assert (tmp_path / "out" / "train.jsonl").read_bytes() == (tmp_path / "inline" / "train.jsonl").read_bytes()
+
+
+def test_a_byte_order_mark_at_the_start_of_a_jsonl_file_is_not_a_bad_line(tiny_tokenizer, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(_chat(i)) + "\r\n" for i in range(5)).encode())
+    assert validate_dataset(str(path), SFT, tiny_tokenizer, 64, tmp_path / "out").rows == 5

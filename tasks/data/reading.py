@@ -84,6 +84,8 @@ def _jsonl_blocks(path: Path, block_bytes: int) -> Iterator[LineBlock]:
     """Blocks of about `block_bytes` of whole lines: memory bounded by bytes, however long the rows."""
     first, rest = 1, b""
     with path.open("rb") as f:
+        if f.read(3) != b"\xef\xbb\xbf":  # a byte-order mark, as some Windows tools write, is not JSON
+            f.seek(0)
         while data := f.read(block_bytes):
             data = rest + data
             cut = data.rfind(b"\n")
