@@ -114,7 +114,9 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     )
     cost = stage(estimate_cost_task)(spec, model_path, hardware, report, args)
     on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
-    args = device_arguments(args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16")
+    args = device_arguments(
+        args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16", checkpointing=hardware.gradient_checkpointing
+    )
     if args.get("use_vllm") and not on_gpu:
         raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
     backend = get_backend(spec.backend)

@@ -155,7 +155,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
 
     flavor = local_flavor() if runs_on_this_machine(spec.backend) else load_catalogue(spec.flavors).get(plan.flavor)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
-    w = workload_for(spec, flavor, plan.mode, args, report)
+    w = workload_for(spec, flavor, plan.mode, {**args, "gradient_checkpointing": plan.gradient_checkpointing}, report)
     cost = estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend, training_steps(report, args))
     if report.token_counts == "estimated":
         cost = cost.model_copy(

@@ -102,6 +102,33 @@ def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any]
 def _option(
     spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
 ) -> tuple[FlavorOption, CostEstimate]:
+    """One placement, with gradient checkpointing only when the memory model says the run needs
+    it: recomputing activations costs a third more compute (measured on an H200 with Qwen2.5-0.5B,
+    TRL's default of always recomputing was part of a 2.7x slower step; benchmarks/results)."""
+    if "gradient_checkpointing" in args:
+        on = bool(args["gradient_checkpointing"])
+        option, cost = _option_with(spec, flavor, mode, arch, args, report)
+        return option.model_copy(
+            update={"gradient_checkpointing": on, "checkpointing_reason": f"{'on' if on else 'off'}: set in the spec"}
+        ), cost
+    if not flavor.is_gpu:
+        option, cost = _option_with(spec, flavor, mode, arch, {**args, "gradient_checkpointing": False}, report)
+        return option.model_copy(
+            update={"checkpointing_reason": "off: on a CPU memory is plentiful and recomputing only slows"}
+        ), cost
+    option, cost = _option_with(spec, flavor, mode, arch, {**args, "gradient_checkpointing": False}, report)
+    if option.peak_memory_gb <= option.usable_memory_gb:
+        why = f"off: the run fits without it ({option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable)"
+        return option.model_copy(update={"checkpointing_reason": why}), cost
+    needed = option.peak_memory_gb
+    option, cost = _option_with(spec, flavor, mode, arch, {**args, "gradient_checkpointing": True}, report)
+    why = f"on: without it the run needs {needed:.1f} GB of {option.usable_memory_gb:.1f} GB usable"
+    return option.model_copy(update={"gradient_checkpointing": True, "checkpointing_reason": why}), cost
+
+
+def _option_with(
+    spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
+) -> tuple[FlavorOption, CostEstimate]:
     w = workload_for(spec, flavor, mode, args, report)
     memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
     peak = sum(memory.values())
@@ -208,7 +235,7 @@ def _plan(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> HardwarePlan:
-    w = workload_for(spec, flavor, best.mode, args, report)
+    w = workload_for(spec, flavor, best.mode, {**args, "gradient_checkpointing": best.gradient_checkpointing}, report)
     dtype = "bfloat16" if w.dtype_bytes == 2 else "float32"
     alternatives = sorted((o for o in considered if o.fits and o.mode == best.mode), key=lambda o: o.usd)[:5]
     return HardwarePlan(
@@ -233,6 +260,7 @@ def _plan(
         lora_reason=reason,
         seq_len=w.seq_len,
         gradient_checkpointing=w.checkpointing,
+        checkpointing_reason=best.checkpointing_reason,
         memory_breakdown_gb=best.memory_breakdown_gb,
         estimated_peak_memory_gb=best.peak_memory_gb,
         available_memory_gb=best.usable_memory_gb,

@@ -109,13 +109,13 @@ def base_arguments(method: MethodDefinition, overrides: dict[str, Any]) -> dict[
     return {**method.training_defaults, **overrides}
 
 
-def device_arguments(args: dict[str, Any], on_gpu: bool, bf16: bool) -> dict[str, Any]:
-    """Precision and memory settings for where the run was placed; the spec still wins."""
+def device_arguments(args: dict[str, Any], on_gpu: bool, bf16: bool, checkpointing: bool) -> dict[str, Any]:
+    """Precision and memory settings for where the run was placed; the spec still wins.
+    `checkpointing` is the hardware stage's call (only when the memory model says it is needed)."""
     chosen = {
         "bf16": on_gpu and bf16,
         "fp16": on_gpu and not bf16,  # GPUs without bf16 (T4): float32 weights, float16 autocast
-        # Recomputing activations only pays when memory is short; on the CPU it just slows.
-        "gradient_checkpointing": on_gpu,
+        "gradient_checkpointing": checkpointing,
         "use_cpu": not on_gpu,
     }
     return {**chosen, **args}

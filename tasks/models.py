@@ -80,6 +80,8 @@ class FlavorOption(Frozen):
     fits: bool
     why_not: str = ""
     memory_breakdown_gb: dict[str, float]
+    gradient_checkpointing: bool = False
+    checkpointing_reason: str = ""
 
 
 class HardwarePlan(Frozen):
@@ -104,6 +106,7 @@ class HardwarePlan(Frozen):
     lora_reason: str
     seq_len: int
     gradient_checkpointing: bool
+    checkpointing_reason: str = Field("", description="why activations are (not) recomputed: the memory model's call")
     memory_breakdown_gb: dict[str, float]
     estimated_peak_memory_gb: float
     available_memory_gb: float

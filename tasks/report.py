@@ -76,6 +76,7 @@ def plan_markdown(plan: RunPlan) -> str:
         f"- {h.description} (`{h.flavor}`, {h.backend} backend, {h.dtype})",
         f"- parameters: {h.parameters:,}; trained: {h.trainable_parameters:,}; LoRA: {'yes' if h.use_lora else 'no'} ({h.lora_reason})",
         f"- estimated peak memory: {_gb(h.estimated_peak_memory_gb)} of {_gb(h.available_memory_gb)} usable",
+        *([f"- gradient checkpointing: {h.checkpointing_reason}"] if h.checkpointing_reason else []),
         "  (" + ", ".join(f"{k} {_gb(v)}" for k, v in h.memory_breakdown_gb.items()) + ")",
         "",
         "## Cost",

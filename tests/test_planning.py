@@ -65,6 +65,29 @@ def _args(**over):
 # --- the architecture, from config.json --------------------------------------------------
 
 
+def test_gradient_checkpointing_is_chosen_only_when_the_memory_model_needs_it():
+    qwen = _load("qwen2.5-0.5b")
+    roomy, _ = select_hardware(_spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(), _report())
+    assert not roomy.gradient_checkpointing and roomy.checkpointing_reason.startswith("off: the run fits without it")
+    # full fine-tuning, 8 rows of 4096 tokens a micro-step on one 80 GB GPU: the activations fit only if recomputed
+    tight, _ = select_hardware(
+        _spec(backend="hf-jobs", hardware="a100-large", lora={"enabled": False}),
+        qwen,
+        _args(max_length=4096, per_device_train_batch_size=8),
+        _report(mean=3000, longest=4096),
+    )
+    assert tight.gradient_checkpointing and tight.checkpointing_reason.startswith("on: without it the run needs")
+    assert tight.estimated_peak_memory_gb <= tight.available_memory_gb
+    forced, forced_cost = select_hardware(
+        _spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(gradient_checkpointing=True), _report()
+    )
+    assert forced.gradient_checkpointing and forced.checkpointing_reason == "on: set in the spec"
+    unforced, unforced_cost = select_hardware(_spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(), _report())
+    assert forced_cost.hours > unforced_cost.hours  # the estimate pays for the recomputed forward
+    local, _ = select_hardware(_spec(), _load("smollm2-135m"), _args(), _report(rows=50, mean=64, longest=128))
+    assert not local.gradient_checkpointing and "CPU" in local.checkpointing_reason
+
+
 def test_parameter_counts_match_the_published_sizes():
     # hand-computed: embeddings + layers x (q, k, v, o with Qwen's q/k/v biases, gated MLP, 2 norms) + final norm
     qwen = 151936 * 896 + 24 * (896 * 896 + 896 + 2 * (896 * 128 + 128) + 896 * 896 + 3 * 896 * 4864 + 2 * 896) + 896
@@ -305,7 +328,9 @@ def test_cloud_plans_work_in_a_dry_run_from_a_config_only_model_folder(tmp_path)
     assert plan.hardware.accelerator and plan.hardware.mode == "lora" and plan.cost.usd > 0
     assert any("ESTIMATED at 4.0 characters per token (llama family)" in w for w in plan.dataset.warnings)
     source = Path(plan.script.path).read_text()
-    assert "'bf16': True" in source and "'gradient_checkpointing': True" in source
+    recompute = plan.hardware.gradient_checkpointing
+    assert "'bf16': True" in source and f"'gradient_checkpointing': {recompute}" in source
+    assert plan.hardware.checkpointing_reason.startswith("on: " if recompute else "off: ")
 
 
 def test_qlora_plans_write_a_4bit_script(tmp_path):
