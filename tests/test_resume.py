@@ -14,7 +14,7 @@ import pytest
 from flows.sft import sft
 from tasks.run.backends import load_handle
 from tasks.spec import load_spec
-from tests.conftest import EXAMPLES
+from tests.conftest import EXAMPLES, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -119,8 +119,6 @@ def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_ove
     import yaml
     from prefect.settings import PREFECT_API_URL
 
-    from tests.conftest import REPO
-
     spec = _spec(tmp_path, "sft-tiny.yaml", "killed-flow")
     spec_file = tmp_path / "killed-flow.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))  # type: ignore[attr-defined]
@@ -147,3 +145,21 @@ def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_ove
     assert summary.error is None and summary.job.job_id == handle.job_id  # type: ignore[attr-defined]
     assert log.read_text().count("training finished:") == 1, "one training, never two"
     assert [p.step for p in summary.job.losses] == list(range(LOG, STEPS + 1, LOG))  # type: ignore[attr-defined]
+
+
+def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path):
+    """The Trainer writes trainer_state.json last; a job killed before that leaves a folder the
+    script must not resume from (transformers refuses it: "Can't find a valid checkpoint")."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_template", REPO / "training" / "templates" / "train.py")
+    template = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(template)  # type: ignore[union-attr]
+    done, cut, torn = tmp_path / "checkpoint-4", tmp_path / "checkpoint-8", tmp_path / "checkpoint-12"
+    for folder in (done, cut, torn):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+    (done / "trainer_state.json").write_text('{"global_step": 4}')
+    (torn / "trainer_state.json").write_text('{"global_st')
+    assert template.checkpoint_complete(done)
+    assert not template.checkpoint_complete(cut) and not template.checkpoint_complete(torn)

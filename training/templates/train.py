@@ -25,6 +25,7 @@ HF_TOKEN environment variable (a job secret), never from this file.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,15 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
+
+
+def checkpoint_complete(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def main() -> int:
@@ -218,6 +228,11 @@ def main() -> int:
         callbacks=callbacks,
     )
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    while checkpoints and not checkpoint_complete(checkpoints[-1]):
+        # A job killed while saving leaves a checkpoint without its trainer state (the Trainer
+        # writes it last): nothing in it can be resumed, so it goes and the one before is used.
+        print(f"removing the incomplete {checkpoints[-1].name} (the job was stopped while saving it)", flush=True)
+        shutil.rmtree(checkpoints.pop())
     resume = str(checkpoints[-1]) if checkpoints else None
     if resume:
         print(f"resuming from {resume}", flush=True)
@@ -242,8 +257,6 @@ def main() -> int:
         tmp, dst = out / f"{name}.tmp", out / name
         if tmp.exists():
             if dst.exists():
-                import shutil
-
                 shutil.rmtree(dst)
             tmp.rename(dst)
 
