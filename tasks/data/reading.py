@@ -41,11 +41,19 @@ class UnreadableLines:
         if len(self.shown) < 20:
             self.shown.append(text)
 
+    def merge(self, other: UnreadableLines) -> None:
+        """Fold in a later block's lines (blocks are merged in file order)."""
+        self.shown += other.shown[: 20 - len(self.shown)]
+        self.count += other.count
+
+    def error(self) -> DatasetLoadError:
+        more = f"\n  ... and {self.count - 20} more" if self.count > 20 else ""
+        shown = "\n  - ".join(self.shown)
+        return DatasetLoadError(f"{self.path}: {self.count} unreadable line(s):\n  - {shown}{more}")
+
     def raise_if_any(self) -> None:
         if self.count:
-            more = f"\n  ... and {self.count - 20} more" if self.count > 20 else ""
-            shown = "\n  - ".join(self.shown)
-            raise DatasetLoadError(f"{self.path}: {self.count} unreadable line(s):\n  - {shown}{more}")
+            raise self.error()
 
 
 class LineBlock(NamedTuple):
@@ -196,7 +204,7 @@ def _datasets_chunks(source: str, split: str, rows: int, local: bool) -> Iterato
 
 
 def load_frame(source: str, split: str = "train") -> pd.DataFrame:
-    """The whole dataset in one DataFrame (small datasets, inspection); `iter_chunks` for validation."""
+    """The whole dataset in one DataFrame, for small datasets; validation streams `iter_blocks`."""
     frames = list(iter_chunks(source, split))
     if not frames:
         return pd.DataFrame(index=pd.Index([], name="row"))

@@ -28,42 +28,12 @@ def plain(value: Any) -> Any:
     return value
 
 
-# --- element checks: each returns True for a good value --------------------------------
-
-
-def _is_turn_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(isinstance(t, dict) and "role" in t and "content" in t for t in v)
-
-
-def _roles_known(v: Any) -> bool:
-    return not _is_turn_list(v) or all(t["role"] in ROLES for t in v)
-
-
-def _turn_text_present(v: Any) -> bool:
-    if not _is_turn_list(v):
-        return True
-    return all(
-        isinstance(t["content"], str) and t["content"].strip() != "" for t in v if t["role"] in ("user", "assistant")
-    )
-
-
-def _role_order(v: Any) -> bool:
-    if not _is_turn_list(v) or not _roles_known(v):
-        return True
-    roles = [t["role"] for t in v]
-    if "system" in roles[1:]:
-        return False
-    convo = [r for r in roles if r in ("user", "assistant")]
-    if not convo or convo[0] != "user" or "assistant" not in convo:
-        return False
-    return all(a != b for a, b in zip(convo, convo[1:], strict=False))
-
-
 # A conversation column is judged in one pass per row (`turn_code`), into a bit per rule; the
 # schema's checks then test those bits vectorised. Four element-wise checks each walking every
 # conversation cost four times as much, which at millions of rows is most of the validation.
 NOT_TURNS, ROLE_UNKNOWN, EMPTY_TEXT, BAD_ORDER = 1, 2, 4, 8
 ENDS_WITH_USER, HAS_TOOL = 16, 32  # legal; counted for the report
+ANOMALIES = {ENDS_WITH_USER: "ends with a user turn (it is not trained on)", HAS_TOOL: "has tool turns"}
 EMPTY_OTHER_SHIFT = 8  # empty system/tool turns, counted in the bits from here up
 TURN_RULES = {
     NOT_TURNS: "must be a non-empty list of turns, each {role, content}",
@@ -111,6 +81,25 @@ def turn_code(v: Any) -> int:
     if role == "user":
         code |= ENDS_WITH_USER
     return code | empty_other << EMPTY_OTHER_SHIFT
+
+
+# --- element checks: each returns True for a good value; the rules are turn_code's --------
+
+
+def _is_turn_list(v: Any) -> bool:
+    return isinstance(v, list) and not turn_code(v) & NOT_TURNS
+
+
+def _roles_known(v: Any) -> bool:
+    return not turn_code(v) & ROLE_UNKNOWN
+
+
+def _turn_text_present(v: Any) -> bool:
+    return not turn_code(v) & EMPTY_TEXT
+
+
+def _role_order(v: Any) -> bool:
+    return not turn_code(v) & BAD_ORDER
 
 
 def with_turn_codes(df: pd.DataFrame) -> pd.DataFrame:

@@ -33,15 +33,15 @@ import pandas as pd
 import pandera.pandas as pa
 
 from tasks.data.formats import SAMPLE_ROWS, Conversion, ConversionError, conversion_for, convert_chunk, recognise
-from tasks.data.reading import DatasetLoadError, LineBlock, UnreadableLines, iter_blocks, parse_block
+from tasks.data.reading import LineBlock, UnreadableLines, iter_blocks, parse_block
 from tasks.data.schemas import (
+    ANOMALIES,
     CODE_COLUMNS,
     EMPTY_OTHER_SHIFT,
-    ENDS_WITH_USER,
-    HAS_TOOL,
     ROLES,
     plain,
     schema_for,
+    turn_code,
     with_turn_codes,
 )
 from tasks.data.token_stats import CharEstimateTokenizer, Reservoir, histogram, prompt_lengths, token_lengths
@@ -244,15 +244,11 @@ def _role_anomalies(row: dict, counts: dict[str, int]) -> None:
     """Legal but worth a look: what a person reading the report should know about the turns."""
     for col in ("messages", "completion", "chosen", "rejected"):
         turns = row.get(col)
-        if not isinstance(turns, list) or not turns:
-            continue
-        roles = [t.get("role") for t in turns]
-        if roles[-1] == "user":
-            key = f"{col} ends with a user turn (it is not trained on)"
-            counts[key] = counts.get(key, 0) + 1
-        if "tool" in roles:
-            key = f"{col} has tool turns"
-            counts[key] = counts.get(key, 0) + 1
+        if isinstance(turns, list) and turns:
+            code = turn_code(turns)
+            for bit, what in ANOMALIES.items():
+                if code & bit:
+                    counts[f"{col} {what}"] = counts.get(f"{col} {what}", 0) + 1
 
 
 def _needs_plain(df: pd.DataFrame) -> bool:
@@ -280,28 +276,22 @@ class BlockJob:
 class BlockResult:
     """One block checked: its good rows as prepared JSONL lines, and what was found."""
 
-    rows_read: int = 0
     lines: list[bytes] = field(default_factory=list)
     numbers: list[int] = field(default_factory=list)
     failures: Failures = field(default_factory=Failures)
     conversion_bad: list[str] = field(default_factory=list)
     conversion_bad_count: int = 0
-    unreadable: list[str] = field(default_factory=list)
-    unreadable_count: int = 0
+    unreadable: UnreadableLines = field(default_factory=lambda: UnreadableLines(Path()))
     empty_turns: int = 0
     anomalies: dict[str, int] = field(default_factory=dict)
     hashes: bytes = b""
 
 
-def _frame(
-    block: LineBlock | pd.DataFrame, result: BlockResult, source: str, raw: list[bytes] | None = None
-) -> pd.DataFrame:
+def _frame(block: LineBlock | pd.DataFrame, result: BlockResult, raw: list[bytes] | None = None) -> pd.DataFrame:
+    """The block as a DataFrame of plain values; unreadable JSONL lines go to `result`."""
     if not isinstance(block, LineBlock):
         return block.map(plain) if _needs_plain(block) else block
-    unreadable = UnreadableLines(Path(source))
-    df = parse_block(block, unreadable, raw)
-    result.unreadable, result.unreadable_count = unreadable.shown, unreadable.count
-    return df
+    return parse_block(block, result.unreadable, raw)
 
 
 def _prepare(df: pd.DataFrame, job: BlockJob, result: BlockResult) -> pd.DataFrame:
@@ -322,8 +312,7 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
     lines the job will train on. Runs in a worker process for large datasets."""
     result = BlockResult()
     raw: list[bytes] = []
-    df = _frame(block, result, job.source, raw)
-    result.rows_read = len(df) + result.unreadable_count
+    df = _frame(block, result, raw)
     if df.empty:
         return result
     # Rows that need no change are written as they are in the file: serialising them again
@@ -341,12 +330,9 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
     if job.fmt == "messages":
         codes = checked["_turns"].to_numpy()
         result.empty_turns = int((codes >> EMPTY_OTHER_SHIFT).sum())
-        for bit, what in (
-            (ENDS_WITH_USER, "messages ends with a user turn (it is not trained on)"),
-            (HAS_TOOL, "messages has tool turns"),
-        ):
+        for bit, what in ANOMALIES.items():
             if n := int(((codes & bit) != 0).sum()):
-                result.anomalies[what] = n
+                result.anomalies[f"messages {what}"] = n
     columns = [df[c].tolist() for c in job.kept]
     option = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
     for number, *values in zip(df.index, *columns, strict=True):
@@ -385,9 +371,7 @@ class _Pass:
         self.failures.merge(result.failures)
         self.conversion_bad += result.conversion_bad[: MAX_ROWS_SHOWN - len(self.conversion_bad)]
         self.conversion_bad_count += result.conversion_bad_count
-        for line in result.unreadable:
-            self.unreadable.add(line)
-        self.unreadable.count += result.unreadable_count - len(result.unreadable)
+        self.unreadable.merge(result.unreadable)
         if fmt in ("preference", "implicit_preference") and result.lines and not self.too_long:
             lengths = prompt_lengths(tokenizer, [orjson.loads(line) for line in result.lines])
             self.too_long += [r for r, n in zip(result.numbers, lengths, strict=True) if n >= max_length]
@@ -441,7 +425,7 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _checked_blocks(
-    blocks: Iterator[LineBlock | pd.DataFrame], job: BlockJob, pool: ProcessPoolExecutor | None
+    blocks: Iterator[LineBlock | pd.DataFrame], job: BlockJob, pool: ProcessPoolExecutor | None, workers: int
 ) -> Iterator[BlockResult]:
     """Block results in file order; with a pool, at most two blocks per worker in flight, so
     memory stays bounded however large the file. A pool that breaks (a worker killed) leaves
@@ -461,7 +445,7 @@ def _checked_blocks(
 
     for block in blocks:
         window.append((block, pool.submit(check_block, block, job) if pool is not None else None))
-        while window and (pool is None or len(window) >= 2 * _workers_of(pool)):
+        while window and (pool is None or len(window) >= 2 * workers):
             yield next_result()
     while window:
         yield next_result()
@@ -479,10 +463,6 @@ def _head(block: LineBlock | pd.DataFrame, rows: int) -> LineBlock | pd.DataFram
     return LineBlock(block.first, block.data[:cut])
 
 
-def _workers_of(pool: ProcessPoolExecutor) -> int:
-    return pool._max_workers  # not public; the count it was built with
-
-
 def validate_dataset(
     source: str,
     method: MethodDefinition,
@@ -497,7 +477,7 @@ def validate_dataset(
     (converted first when the spec names a conversion: the job trains on what was checked)."""
     blocks = iter_blocks(source, split)
     first_block = next(blocks, None)
-    probe = _frame(_head(first_block, SAMPLE_ROWS), BlockResult(), source) if first_block is not None else None
+    probe = _frame(_head(first_block, SAMPLE_ROWS), BlockResult()) if first_block is not None else None
     if probe is None or probe.empty:
         raise DatasetValidationError(f"{source}: the dataset has no rows")
     given = sample_records(probe)
@@ -521,7 +501,7 @@ def validate_dataset(
     started = time.perf_counter()
     pool = _start_pool(workers) if workers else None
     try:
-        for result in _checked_blocks(blocks, job, pool):
+        for result in _checked_blocks(blocks, job, pool, workers):
             state.merge(result, fmt, tokenizer, max_length)
         if not state.ok():
             raise _refusal(state, source, fmt, max_length)
@@ -553,12 +533,9 @@ def validate_dataset(
 def _refusal(state: _Pass, source: str, fmt: str, max_length: int) -> UserFacingError:
     parts = []
     if state.unreadable.count:
-        try:
-            state.unreadable.raise_if_any()
-        except DatasetLoadError as e:
-            if not (state.conversion_bad_count or state.failures or state.too_long):
-                return e
-            parts.append(str(e))
+        if not (state.conversion_bad_count or state.failures or state.too_long):
+            return state.unreadable.error()
+        parts.append(str(state.unreadable.error()))
     if state.conversion_bad_count:
         shown = "\n  - ".join(state.conversion_bad)
         more = state.conversion_bad_count - len(state.conversion_bad)
