@@ -27,8 +27,8 @@ from tasks.cache import (
 )
 from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.hub import publish_target
-from tasks.methods import base_arguments, device_arguments, method_definition, unknown_training_keys
-from tasks.model_source import load_config, resolve_model
+from tasks.methods import base_arguments, cut_length, method_definition, planned_arguments, unknown_training_keys
+from tasks.model_source import context_length, load_config, resolve_model
 from tasks.models import CostEstimate, RunPlan, RunSummary, StageOutcome
 from tasks.money import usd
 from tasks.report import plan_markdown, summary_markdown
@@ -99,7 +99,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         spec.dataset,
         method,
         model_path,
-        int(args.get("max_length", 1024)),
+        cut_length(args, context_length(load_config(model_path))),
         run_dir / "data",
         spec.split,
         dict(spec.columns),
@@ -114,9 +114,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     )
     cost = stage(estimate_cost_task)(spec, model_path, hardware, report, args)
     on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
-    args = device_arguments(
-        args, on_gpu=on_gpu, bf16=hardware.dtype == "bfloat16", checkpointing=hardware.gradient_checkpointing
-    )
+    args = planned_arguments(args, hardware)
     if args.get("use_vllm") and not on_gpu:
         raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
     backend = get_backend(spec.backend)

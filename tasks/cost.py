@@ -19,8 +19,10 @@ import time
 from functools import lru_cache
 from typing import Any
 
+from tasks.calibration import load_table
 from tasks.flavors import Flavor
 from tasks.memory import Architecture, Workload, flops_per_token
+from tasks.methods import cut_length
 from tasks.models import CostEstimate, DatasetReport
 from tasks.money import usd
 from tasks.run.backends import runs_on_this_machine
@@ -79,7 +81,7 @@ def measured_gpu_flops(size: int = 8192, repeats: int = 20) -> float:
 
 def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
     """Tokens the trainer will process (each row padded to no more than max_length)."""
-    per_row = min(report.tokens.mean, float(args.get("max_length", report.max_length)))
+    per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
     max_steps = int(args.get("max_steps", -1) or -1)
     if max_steps > 0:
         rows = (
@@ -102,8 +104,19 @@ def training_steps(report: DatasetReport, args: dict[str, Any]) -> int:
 
 
 def estimate_for(
-    arch: Architecture, w: Workload, tokens: int, flavor: Flavor, backend: str, steps: int = 0
+    arch: Architecture,
+    w: Workload,
+    tokens: int,
+    flavor: Flavor,
+    backend: str,
+    steps: int = 0,
+    padding: float = 1.0,
+    accumulation: int = 1,
 ) -> CostEstimate:
+    """`tokens` are real tokens; `padding` is the tokens computed per real token (the batching's);
+    `steps` are micro-steps. Measured runs of the same flavor, family and mode scale the time."""
+    correction = load_table().find(flavor.name, arch.model_type, w.mode)
+    factor = correction.time_factor if correction else 1.0
     utilisation = UTILISATION["gpu" if flavor.is_gpu else "cpu"][w.mode]
     peak = flavor.peak_tflops * 1e12
     if w.method == "grpo":
@@ -115,8 +128,9 @@ def estimate_for(
         gen_s = gen_tokens * 2 * arch.matmul_params / (peak * gen_util)
     else:
         train_tokens, gen_s = tokens, 0.0
-    flops = train_tokens * flops_per_token(arch, w)
+    flops = train_tokens * padding * flops_per_token(arch, w)
     compute_s = flops / (peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S["gpu" if flavor.is_gpu else "cpu"]
+    compute_s *= factor
     if runs_on_this_machine(backend):
         startup_s = LOCAL_STARTUP_S
     else:
@@ -125,10 +139,13 @@ def estimate_for(
     hours = (compute_s + startup_s) / 3600
     price = flavor.price_per_hour
     basis = (
-        f"{int(train_tokens):,} training tokens x {flops_per_token(arch, w):.3g} FLOPs/token = {flops:.3g} FLOPs"
+        f"{int(train_tokens):,} training tokens"
+        + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
+        + f" x {flops_per_token(arch, w):.3g} FLOPs/token = {flops:.3g} FLOPs"
         + (f", plus {int(gen_tokens):,} generated tokens ({gen_s / 60:.1f} min)" if w.method == "grpo" else "")
         + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s at {utilisation:.0%} utilisation"
         + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
+        + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
         + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
     )
     return CostEstimate(
@@ -138,6 +155,15 @@ def estimate_for(
         estimated_flops=flops,
         utilisation=utilisation,
         startup_s=startup_s,
+        compute_s=compute_s,
+        optimizer_steps=max(1, steps // max(1, accumulation)),
+        time_factor=factor,
+        calibration=(
+            f"time x{factor:.2f}: measured / estimated on {correction.runs} earlier {flavor.name} "
+            f"{arch.model_type} {w.mode} run(s)"
+            if correction
+            else ""
+        ),
         hours=hours,
         hours_low=hours * RANGE_LOW,
         hours_high=hours * RANGE_HIGH,
@@ -148,6 +174,15 @@ def estimate_for(
     )
 
 
+def planned_batch(plan: Any) -> dict[str, Any]:
+    """The training arguments the hardware stage decided from its memory model."""
+    return {
+        "per_device_train_batch_size": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_checkpointing": plan.gradient_checkpointing,
+    }
+
+
 def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args: dict[str, Any]) -> CostEstimate:
     """The estimate for the placement the hardware stage chose."""
     from tasks.flavors import load_catalogue
@@ -155,8 +190,18 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
 
     flavor = local_flavor() if runs_on_this_machine(spec.backend) else load_catalogue(spec.flavors).get(plan.flavor)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
-    w = workload_for(spec, flavor, plan.mode, {**args, "gradient_checkpointing": plan.gradient_checkpointing}, report)
-    cost = estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend, training_steps(report, args))
+    args = {**args, **planned_batch(plan)}
+    w = workload_for(spec, flavor, plan.mode, args, report)
+    cost = estimate_for(
+        arch,
+        w,
+        training_tokens(report, args),
+        flavor,
+        spec.backend,
+        training_steps(report, args),
+        plan.padding_overhead,
+        plan.accumulation,
+    )
     if report.token_counts == "estimated":
         cost = cost.model_copy(
             update={"basis": "TOKENS ESTIMATED (the tokenizer cannot encode; see the dataset warnings); " + cost.basis}

@@ -19,14 +19,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tasks.cost import estimate_for, training_steps, training_tokens
+from tasks.calibration import load_table
+from tasks.cost import estimate_for, planned_batch, training_steps, training_tokens
 from tasks.errors import UserFacingError
 from tasks.flavors import Catalogue, Flavor, load_catalogue
 from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
+from tasks.methods import cut_length
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
 from tasks.money import usd
 from tasks.run.backends import runs_on_this_machine
 from tasks.spec import RunSpec
+from tasks.speed import SpeedPlan, choose_speed, padding_overhead
 
 GB = 1024**3
 LORA_AUTO_THRESHOLD = 3_000_000_000
@@ -75,11 +78,11 @@ def local_flavor() -> Flavor:
 
 def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any], report: DatasetReport) -> Workload:
     on_gpu = flavor.is_gpu
-    seq_len = min(int(args.get("max_length", 1024)), report.tokens.max)
+    seq_len = min(cut_length(args, report.max_length), report.tokens.max)
     extra: dict[str, Any] = {}
     if spec.method == "grpo":
         completion = int(args.get("max_completion_length", 256))
-        seq_len = min(report.tokens.max, int(args.get("max_length", 1024))) + completion
+        seq_len = min(report.tokens.max, cut_length(args, report.max_length)) + completion
         extra = {
             "num_generations": int(args.get("num_generations", 8)),
             "completion_len": completion,
@@ -99,41 +102,148 @@ def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any]
     )
 
 
+def _global_batch(spec: RunSpec, args: dict[str, Any]) -> tuple[int, list[int]]:
+    """The rows each optimizer step sees (what is learnt), and the micro-batches the planner may
+    split it into, largest first: all its divisors, unless the spec fixed the split by setting
+    gradient_accumulation_steps itself."""
+    micro = int(args.get("per_device_train_batch_size", 1))
+    total = micro * int(args.get("gradient_accumulation_steps", 1))
+    if "gradient_accumulation_steps" in spec.training:
+        return total, [micro]
+    return total, [m for m in range(total, 0, -1) if total % m == 0]
+
+
 def _option(
-    spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
+    spec: RunSpec,
+    flavor: Flavor,
+    mode: Mode,
+    arch: Architecture,
+    args: dict[str, Any],
+    report: DatasetReport,
 ) -> tuple[FlavorOption, CostEstimate]:
-    """One placement, with gradient checkpointing only when the memory model says the run needs
-    it: recomputing activations costs a third more compute (measured on an H200 with Qwen2.5-0.5B,
-    TRL's default of always recomputing was part of a 2.7x slower step; benchmarks/results)."""
-    if "gradient_checkpointing" in args:
-        on = bool(args["gradient_checkpointing"])
-        option, cost = _option_with(spec, flavor, mode, arch, args, report)
-        return option.model_copy(
-            update={"gradient_checkpointing": on, "checkpointing_reason": f"{'on' if on else 'off'}: set in the spec"}
-        ), cost
-    if not flavor.is_gpu:
-        option, cost = _option_with(spec, flavor, mode, arch, {**args, "gradient_checkpointing": False}, report)
-        return option.model_copy(
-            update={"checkpointing_reason": "off: on a CPU memory is plentiful and recomputing only slows"}
-        ), cost
-    option, cost = _option_with(spec, flavor, mode, arch, {**args, "gradient_checkpointing": False}, report)
-    if option.peak_memory_gb <= option.usable_memory_gb:
-        why = f"off: the run fits without it ({option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable)"
-        return option.model_copy(update={"checkpointing_reason": why}), cost
-    needed = option.peak_memory_gb
-    option, cost = _option_with(spec, flavor, mode, arch, {**args, "gradient_checkpointing": True}, report)
-    why = f"on: without it the run needs {needed:.1f} GB of {option.usable_memory_gb:.1f} GB usable"
-    return option.model_copy(update={"gradient_checkpointing": True, "checkpointing_reason": why}), cost
+    """One placement, with the largest micro-batch that fits with margin, and gradient
+    checkpointing only when not even a micro-batch of 1 fits without it: recomputing activations
+    costs a third more compute (on an H200 with Qwen2.5-0.5B, TRL's default of always recomputing
+    and a micro-batch of 8 made steps 2.7x slower; benchmarks/results)."""
+    total, micros = _global_batch(spec, args)
+    max_steps = int(args.get("max_steps", -1) or -1)
+    speed = choose_speed(
+        spec.method,
+        spec.training,
+        flavor,
+        arch.model_type,
+        runs_on_this_machine(spec.backend),
+        report.rows_over_max_length,
+        every_row_measured=report.token_rows_measured >= report.rows,
+        whole_epochs=max_steps <= 0 or max_steps * total >= report.train_rows,
+    )
+    if "gradient_checkpointing" in spec.training:
+        recompute = [bool(spec.training["gradient_checkpointing"])]
+    else:
+        recompute = [False, True] if flavor.is_gpu else [False]
+
+    def attempt(micro: int, on: bool) -> tuple[FlavorOption, CostEstimate]:
+        split = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": total // micro}
+        return _option_with(spec, flavor, mode, arch, {**args, **split, "gradient_checkpointing": on}, report, speed)
+
+    tried: list[tuple[int, bool, FlavorOption, CostEstimate]] = []
+    fastest = ""
+    if not flavor.is_gpu and spec.method == "sft" and len(micros) > 1:
+        # On a CPU a bigger micro-batch buys no parallelism, only padding: the split the time
+        # model (padding simulated on the measured lengths, a fixed cost per forward pass) says
+        # is fastest. Measured on 2 cores, realistic chat rows: micro-batch 1 ran 3.2x TRL's
+        # defaults, 2 2.7x, 4 1.8x (benchmarks/results/throughput-tiny-full-cpu.md).
+        timed = [(m, *attempt(m, False)) for m in micros]
+        fitting = [t for t in timed if t[1].peak_memory_gb <= t[1].usable_memory_gb] or timed
+        best = min(fitting, key=lambda t: (t[2].hours, -t[0]))
+        tried.append((best[0], False, best[1], best[2]))
+        others = ", ".join(f"{m}: {c.compute_s:.0f} s" for m, _, c in sorted(timed, key=lambda t: t[0])[:6])
+        fastest = f"the fastest split on a CPU by the time model (training time by micro-batch: {others})"
+    else:
+        for on in recompute:
+            for micro in micros:
+                option, cost = attempt(micro, on)
+                tried.append((micro, on, option, cost))
+                if option.peak_memory_gb <= option.usable_memory_gb:
+                    break
+            else:
+                continue
+            break
+    micro, on, option, cost = tried[-1]
+    fitted = option.peak_memory_gb <= option.usable_memory_gb
+    memory = f"{option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable"
+    if len(micros) == 1:
+        batch_reason = f"set in the spec: micro-batch {micro} x {total // micro} accumulation steps"
+    elif fastest:
+        batch_reason = f"micro-batch {micro} x {total // micro} accumulation steps = global batch {total}: {fastest}"
+    elif micro == total:
+        batch_reason = f"the whole global batch of {total} in one micro-batch fits ({memory})"
+    elif fitted:
+        batch_reason = (
+            f"micro-batch {micro} x {total // micro} accumulation steps = global batch {total}: "
+            f"the largest micro-batch that fits ({memory})"
+        )
+    else:
+        batch_reason = f"micro-batch {micro}: even the smallest split of the global batch {total} does not fit"
+    if "gradient_checkpointing" in spec.training:
+        why = f"{'on' if on else 'off'}: set in the spec"
+    elif not flavor.is_gpu:
+        why = "off: on a CPU memory is plentiful and recomputing only slows"
+    elif not on:
+        why = f"off: the run fits without it at micro-batch {micro} ({memory})"
+    else:
+        smallest, without = [(m, o) for m, c, o, _ in tried if not c][-1]
+        why = (
+            f"on: without it even micro-batch {smallest} needs {without.peak_memory_gb:.1f} GB "
+            f"of {option.usable_memory_gb:.1f} GB usable"
+        )
+    return option.model_copy(
+        update={
+            "gradient_checkpointing": on,
+            "checkpointing_reason": why,
+            "micro_batch": micro,
+            "accumulation": total // micro,
+            "batch_reason": batch_reason,
+        }
+    ), cost
 
 
 def _option_with(
-    spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
+    spec: RunSpec,
+    flavor: Flavor,
+    mode: Mode,
+    arch: Architecture,
+    args: dict[str, Any],
+    report: DatasetReport,
+    speed: SpeedPlan,
 ) -> tuple[FlavorOption, CostEstimate]:
     w = workload_for(spec, flavor, mode, args, report)
     memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
+    correction = load_table().find(flavor.name, arch.model_type, mode)
+    memory_factor = correction.memory_factor if correction else 1.0
+    if memory_factor != 1.0:  # what earlier runs like this one measured beyond (or below) the model
+        memory["calibration"] = round(sum(memory.values()) * (memory_factor - 1), 4)
     peak = sum(memory.values())
     usable = flavor.memory_gb * SAFETY_MARGIN
-    cost = estimate_for(arch, w, training_tokens(report, args), flavor, spec.backend, training_steps(report, args))
+    micro = int(args.get("per_device_train_batch_size", 1))
+    overhead = padding_overhead(
+        report.length_percentiles,
+        report.train_rows,
+        cut_length(args, report.max_length),
+        micro,
+        micro * int(args.get("gradient_accumulation_steps", 1)),
+        speed.batching,
+    )
+    cost = estimate_for(
+        arch,
+        w,
+        training_tokens(report, args),
+        flavor,
+        spec.backend,
+        training_steps(report, args),
+        overhead,
+        int(args.get("gradient_accumulation_steps", 1)),
+    )
     problems = []
     if peak > usable:
         problems.append(f"needs {peak:.1f} GB, has {usable:.1f} GB usable")
@@ -152,6 +262,9 @@ def _option_with(
             fits=not problems,
             why_not="; ".join(problems),
             memory_breakdown_gb=memory,
+            speed=speed,
+            padding_overhead=round(overhead, 3),
+            memory_factor=memory_factor,
         ),
         cost,
     )
@@ -235,7 +348,7 @@ def _plan(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> HardwarePlan:
-    w = workload_for(spec, flavor, best.mode, {**args, "gradient_checkpointing": best.gradient_checkpointing}, report)
+    w = workload_for(spec, flavor, best.mode, {**args, **planned_batch(best)}, report)
     dtype = "bfloat16" if w.dtype_bytes == 2 else "float32"
     alternatives = sorted((o for o in considered if o.fits and o.mode == best.mode), key=lambda o: o.usd)[:5]
     return HardwarePlan(
@@ -261,6 +374,13 @@ def _plan(
         seq_len=w.seq_len,
         gradient_checkpointing=w.checkpointing,
         checkpointing_reason=best.checkpointing_reason,
+        micro_batch=best.micro_batch,
+        accumulation=best.accumulation,
+        batch_reason=best.batch_reason,
+        speed=best.speed,
+        padding_overhead=best.padding_overhead,
+        model_type=arch.model_type,
+        memory_factor=best.memory_factor,
         memory_breakdown_gb=best.memory_breakdown_gb,
         estimated_peak_memory_gb=best.peak_memory_gb,
         available_memory_gb=best.usable_memory_gb,
@@ -302,7 +422,7 @@ def _nothing_fits(
         f"{smallest.flavor}: {smallest.why_not}). What would help:"
     ]
     modes = [m for m, _ in _modes(spec, arch)]
-    seq = int(args.get("max_length", 1024))
+    seq = cut_length(args, report.max_length)
     for shorter in (seq // 2, seq // 4):
         if shorter < 64:
             break

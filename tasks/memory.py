@@ -51,6 +51,7 @@ class Architecture:
     lora_targets: tuple[str, ...] | str = "all-linear"  # what PEFT gets as target_modules
     expert_params: int = 0  # MoE experts' weights (all of them are held; top-k of them compute)
     tower_params: int = 0  # vision/audio towers and projectors of a multimodal model
+    model_type: str = ""  # the config's, e.g. qwen2: which fused kernels apply
 
     @classmethod
     def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "auto") -> Architecture:
@@ -106,6 +107,7 @@ class Architecture:
             lora_targets=targets,
             expert_params=expert,
             tower_params=tower,
+            model_type=str(getattr(config, "model_type", "")),
         )
 
 

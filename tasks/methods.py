@@ -6,11 +6,14 @@ config class its script uses, the script template, and training defaults.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.spec import Method
+
+if TYPE_CHECKING:
+    from tasks.models import HardwarePlan
 
 
 class MethodDefinition(BaseModel):
@@ -43,7 +46,6 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "save_total_limit": 2,
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0,
-    "dataloader_num_workers": 0,
 }
 
 SFT = MethodDefinition(
@@ -104,21 +106,25 @@ def method_definition(method: str) -> MethodDefinition:
         raise NotImplementedError(f"method '{method}' has no pipeline yet; available: {', '.join(METHODS)}") from None
 
 
+def cut_length(args: dict[str, Any], unset: int) -> int:
+    """Where rows are cut: max_length (1024 when not given, TRL's default), or `unset` when it is
+    None (padding-free rows are kept whole: the model's context length, or the longest row)."""
+    value = args.get("max_length", 1024)
+    return unset if value is None else int(value)
+
+
 def base_arguments(method: MethodDefinition, overrides: dict[str, Any]) -> dict[str, Any]:
     """Method defaults, then the spec's `training`; device-dependent keys come later."""
     return {**method.training_defaults, **overrides}
 
 
-def device_arguments(args: dict[str, Any], on_gpu: bool, bf16: bool, checkpointing: bool) -> dict[str, Any]:
-    """Precision and memory settings for where the run was placed; the spec still wins.
-    `checkpointing` is the hardware stage's call (only when the memory model says it is needed)."""
-    chosen = {
-        "bf16": on_gpu and bf16,
-        "fp16": on_gpu and not bf16,  # GPUs without bf16 (T4): float32 weights, float16 autocast
-        "gradient_checkpointing": checkpointing,
-        "use_cpu": not on_gpu,
-    }
-    return {**chosen, **args}
+def planned_arguments(args: dict[str, Any], plan: HardwarePlan) -> dict[str, Any]:
+    """What the script trains with: the method defaults and the spec, then the hardware stage's
+    calls (the split of the global batch, checkpointing, the fast path). The plan already kept
+    every key the spec set, so the spec still wins."""
+    from tasks.cost import planned_batch
+
+    return {**args, **planned_batch(plan), **plan.speed.arguments}
 
 
 def unknown_training_keys(method: MethodDefinition, keys: list[str]) -> dict[str, list[str]]:

@@ -75,3 +75,9 @@ def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
     return _read("tokenizer", model_path, lambda: AutoTokenizer.from_pretrained(model_path))
+
+
+def context_length(config: Any) -> int:
+    """The longest sequence the model was built for (where rows kept whole must stop)."""
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "max_position_embeddings", None) or 131072)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.spec import Method
+from tasks.speed import SpeedPlan
 
 
 class Frozen(BaseModel):
@@ -48,6 +49,9 @@ class DatasetReport(Frozen):
     max_length: int
     rows_over_max_length: int
     tokens_truncated: int = Field(0, description="tokens that truncation at max_length cuts, over the measured rows")
+    length_percentiles: list[int] = Field(
+        default_factory=list, description="token length at percentiles 0, 1, ..., 100 of the measured rows"
+    )
     length_histogram: list[tuple[int, int, int]] = Field(
         default_factory=list, description="token-length bins (from, to, rows), over the measured rows"
     )
@@ -82,6 +86,12 @@ class FlavorOption(Frozen):
     memory_breakdown_gb: dict[str, float]
     gradient_checkpointing: bool = False
     checkpointing_reason: str = ""
+    micro_batch: int = 1
+    accumulation: int = 1
+    batch_reason: str = ""
+    speed: SpeedPlan | None = None
+    padding_overhead: float = 1.0
+    memory_factor: float = 1.0
 
 
 class HardwarePlan(Frozen):
@@ -107,6 +117,18 @@ class HardwarePlan(Frozen):
     seq_len: int
     gradient_checkpointing: bool
     checkpointing_reason: str = Field("", description="why activations are (not) recomputed: the memory model's call")
+    micro_batch: int = Field(1, description="rows per forward pass (per_device_train_batch_size)")
+    accumulation: int = Field(1, description="micro-batches per optimizer step (gradient_accumulation_steps)")
+    batch_reason: str = Field("", description="why this split of the global batch: the memory model's call")
+    speed: SpeedPlan = Field(
+        description="batching, attention, precision, optimizer, kernels, data loading; each with why"
+    )
+    padding_overhead: float = Field(
+        1.0,
+        description="tokens computed per real token with this batching (padding), simulated on the measured lengths",
+    )
+    model_type: str = Field("", description="the model family (config model_type): calibration is kept per family")
+    memory_factor: float = Field(1.0, description="measured / modelled peak memory of earlier runs like this one")
     memory_breakdown_gb: dict[str, float]
     estimated_peak_memory_gb: float
     available_memory_gb: float
@@ -125,6 +147,10 @@ class CostEstimate(Frozen):
     hours_low: float
     hours_high: float
     upload_s: float = Field(0.0, description="uploading inputs before the job starts; wall time, not billed")
+    compute_s: float = Field(0.0, description="the training itself (start-up excluded), calibration applied")
+    optimizer_steps: int = 0
+    time_factor: float = Field(1.0, description="measured / modelled time of earlier runs like this one (calibration)")
+    calibration: str = Field("", description="which measured runs corrected the estimate, if any")
     usd: float
     usd_low: float
     usd_high: float
@@ -224,6 +250,24 @@ class FileRecord(Frozen):
     sha256: str
 
 
+class TrainingMeasurement(Frozen):
+    """What the training itself took, measured by the script (start-up and saving excluded)."""
+
+    train_s: float
+    optimizer_steps: int
+    tokens: int = Field(description="real (non-padding) tokens; 0 where the trainer does not count them")
+    peak_memory_gb: float = Field(description="CUDA's peak allocation on a GPU; the process's peak RSS on a CPU")
+    device: str
+
+    @property
+    def step_s(self) -> float | None:
+        return self.train_s / self.optimizer_steps if self.optimizer_steps else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.tokens / self.train_s if self.tokens and self.train_s > 0 else None
+
+
 class JobResult(Frozen):
     model_dir: str
     adapter_dir: str | None
@@ -231,6 +275,7 @@ class JobResult(Frozen):
     size_mb: float
     train_metrics: dict[str, float]
     manifest: list[FileRecord] = Field(default_factory=list, description="model and adapter files, from the run folder")
+    measured: TrainingMeasurement | None = None
 
 
 class GgufFile(Frozen):

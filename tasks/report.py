@@ -79,6 +79,17 @@ def plan_markdown(plan: RunPlan) -> str:
         "  (" + ", ".join(f"{k} {_gb(v)}" for k, v in h.memory_breakdown_gb.items()) + ")",
         *([f"- gradient checkpointing: {h.checkpointing_reason}"] if h.checkpointing_reason else []),
         "",
+        "## Speed",
+        "Each choice yields to the same key in the spec's `training`.",
+        "",
+        "| setting | choice | why |",
+        "|---|---|---|",
+        f"| batch | {h.micro_batch} x {h.accumulation} | {h.batch_reason} |",
+        *(f"| {c.setting} | {c.value} | {c.reason} |" for c in h.speed.choices),
+        "",
+        f"Padding: {h.padding_overhead:.2f} tokens computed per real token with this batching "
+        "(simulated on the measured lengths).",
+        "",
         "## Cost",
         f"- time: {_duration(c.hours)} (range {_duration(c.hours_low)} - {_duration(c.hours_high)})",
         f"- cost: {usd(c.usd)} (range {usd(c.usd_low)} - {usd(c.usd_high)}) at {usd(c.price_per_hour_usd)}/h",
@@ -145,6 +156,7 @@ def summary_markdown(s: RunSummary) -> str:
         lines.append(
             f"- approval: {'approved' if s.approval.approved else 'declined'} by {s.approval.by} ({s.approval.reason})"
         )
+    lines += estimate_lines(s)
     lines += ["", "## Stages", "| stage | status | detail |", "|---|---|---|"]
     for st in s.stages:
         detail = st.detail.replace("\n", " ").replace("|", "\\|")
@@ -165,6 +177,48 @@ def summary_markdown(s: RunSummary) -> str:
         ]
     lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
     return "\n".join(lines)
+
+
+def estimate_lines(s: RunSummary) -> list[str]:
+    """The plan's estimates next to what the training measured: how far to trust the next plan,
+    and what `python -m flows.calibrate` learns from."""
+    m = s.result.measured if s.result else None
+    if m is None:
+        return []
+    c, h = s.plan.cost, s.plan.hardware
+    share = min(1.0, m.optimizer_steps / c.optimizer_steps) if c.optimizer_steps else 1.0
+    rows: list[tuple[str, float | None, float | None, str]] = [
+        ("training time (s)", c.compute_s * share if c.compute_s else None, m.train_s, "{:.1f}"),
+        (
+            "time per optimizer step (s)",
+            c.compute_s / c.optimizer_steps if c.optimizer_steps else None,
+            m.step_s,
+            "{:.3f}",
+        ),
+        (
+            "real tokens per second",
+            c.tokens / c.compute_s if c.compute_s and c.tokens else None,
+            m.tokens_per_s,
+            "{:,.0f}",
+        ),
+        ("peak memory (GB)", h.estimated_peak_memory_gb, m.peak_memory_gb, "{:.2f}"),
+    ]
+    lines = [
+        "",
+        "## Estimate vs measured",
+        f"Measured on {m.device}: {m.optimizer_steps} optimizer steps"
+        + (f" (this job's share of the planned {c.optimizer_steps})" if share < 1 else "")
+        + ". `python -m flows.calibrate` turns such runs into corrections the planner applies.",
+        "",
+        "| quantity | estimated | measured | measured / estimated |",
+        "|---|---|---|---|",
+    ]
+    for name, est, got, fmt in rows:
+        ratio = f"{got / est:.2f}" if est and got else "-"
+        lines.append(f"| {name} | {fmt.format(est) if est else '-'} | {fmt.format(got) if got else '-'} | {ratio} |")
+    if c.calibration:
+        lines.append(f"\nThe estimate was already corrected: {c.calibration}.")
+    return lines
 
 
 def gguf_cells(f: GgufFile) -> tuple[str, str, str]:

@@ -24,9 +24,20 @@ DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
 SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio", "huggingface_hub")
 
 
-def pinned_dependencies(qlora: bool = False) -> list[str]:
+def optional_packages(config: dict[str, Any]) -> tuple[str, ...]:
+    """Packages the plan's choices need beyond the usual ones: 4-bit weights, fused kernels."""
+    training = config.get("training", {})
+    attention = (training.get("model_init_kwargs") or {}).get("attn_implementation")
+    return (
+        *(("bitsandbytes",) if config.get("quantization") == "4bit" else ()),
+        *(("liger-kernel",) if training.get("use_liger_kernel") else ()),
+        *(("flash-attn",) if attention == "flash_attention_2" else ()),
+    )
+
+
+def pinned_dependencies(extra: tuple[str, ...] = ()) -> list[str]:
     pins = []
-    for name in (*SCRIPT_PACKAGES, *(("bitsandbytes",) if qlora else ())):
+    for name in (*SCRIPT_PACKAGES, *extra):
         try:
             v = version(name).split("+")[0]  # drop local tags such as +cpu
             pins.append(f"{name}=={v}")
@@ -73,8 +84,8 @@ def render_script(method: MethodDefinition, config: dict[str, Any]) -> str:
     template = (TEMPLATES / method.template).read_text(encoding="utf-8")
     if CONFIG_MARKER not in template or DEPENDENCIES_MARKER not in template:
         raise RuntimeError(f"template {method.template} lacks its CONFIG or dependencies marker")
-    qlora = config.get("quantization") == "4bit"
-    deps = "# dependencies = [\n" + "".join(f'#   "{d}",\n' for d in pinned_dependencies(qlora)) + "# ]"
+    pins = pinned_dependencies(optional_packages(config))
+    deps = "# dependencies = [\n" + "".join(f'#   "{d}",\n' for d in pins) + "# ]"
     body = "CONFIG: dict = " + pprint.pformat(config, sort_dicts=False, width=100)
     return template.replace(DEPENDENCIES_MARKER, deps).replace(CONFIG_MARKER, body)
 

@@ -53,6 +53,7 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def isolated(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tiny_cache))
     monkeypatch.setenv("FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("FINETUNE_CALIBRATION_FILE", str(tmp_path / "calibration.json"))  # each test starts uncorrected
     monkeypatch.delenv("HF_DEBUG", raising=False)
     return tmp_path
 

@@ -70,6 +70,10 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     assert list((run_dir / "checkpoints").glob("checkpoint-*"))
     report = (run_dir / "report.md").read_text()
     assert "| smoke_test_gguf | passed |" in report and "loss:" in report
+    # what the training took, measured by the script, next to the plan's estimates
+    measured = summary.result.measured
+    assert measured.optimizer_steps == 48 and measured.tokens > 0 and measured.peak_memory_gb > 0.1
+    assert "## Estimate vs measured" in report and "| real tokens per second |" in report
 
     # every GGUF file loads in llama.cpp, tokenizes as the HF tokenizer does and agrees with the HF model
     assert [f.quant for f in summary.gguf.files] == ["f16", "q8_0", "q5_k_m", "q4_k_m"]

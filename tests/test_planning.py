@@ -69,17 +69,40 @@ def test_gradient_checkpointing_is_chosen_only_when_the_memory_model_needs_it():
     qwen = _load("qwen2.5-0.5b")
     roomy, _ = select_hardware(_spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(), _report())
     assert not roomy.gradient_checkpointing and roomy.checkpointing_reason.startswith("off: the run fits without it")
-    # full fine-tuning, 8 rows of 4096 tokens a micro-step on one 80 GB GPU: the activations fit only if recomputed
-    tight, _ = select_hardware(
+    assert (roomy.micro_batch, roomy.accumulation) == (4, 1)
+    # full fine-tuning, 8 rows of 4096 tokens a step on one 80 GB GPU: a smaller micro-batch with
+    # accumulation keeps the global batch and fits without recomputing
+    long_rows = _args(max_length=4096, per_device_train_batch_size=8)
+    split, _ = select_hardware(
         _spec(backend="hf-jobs", hardware="a100-large", lora={"enabled": False}),
         qwen,
-        _args(max_length=4096, per_device_train_batch_size=8),
+        long_rows,
         _report(mean=3000, longest=4096),
     )
-    assert tight.gradient_checkpointing and tight.checkpointing_reason.startswith("on: without it the run needs")
+    assert not split.gradient_checkpointing
+    assert split.micro_batch < 8 and split.micro_batch * split.accumulation == 8
+    assert "the largest micro-batch that fits" in split.batch_reason
+    assert split.estimated_peak_memory_gb <= split.available_memory_gb
+    # the spec fixes the split (it sets gradient_accumulation_steps): only recomputing makes it fit
+    tight, _ = select_hardware(
+        _spec(
+            backend="hf-jobs",
+            hardware="a100-large",
+            lora={"enabled": False},
+            training={"gradient_accumulation_steps": 1},
+        ),
+        qwen,
+        {**long_rows, "gradient_accumulation_steps": 1},
+        _report(mean=3000, longest=4096),
+    )
+    assert (tight.micro_batch, tight.accumulation) == (8, 1) and tight.batch_reason.startswith("set in the spec")
+    assert tight.gradient_checkpointing and tight.checkpointing_reason.startswith("on: without it even micro-batch 8")
     assert tight.estimated_peak_memory_gb <= tight.available_memory_gb
     forced, forced_cost = select_hardware(
-        _spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(gradient_checkpointing=True), _report()
+        _spec(backend="hf-jobs", hardware="a100-large", training={"gradient_checkpointing": True}),
+        qwen,
+        _args(gradient_checkpointing=True),
+        _report(),
     )
     assert forced.gradient_checkpointing and forced.checkpointing_reason == "on: set in the spec"
     unforced, unforced_cost = select_hardware(_spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(), _report())

@@ -619,6 +619,7 @@ def _report(
         max_length=max_length,
         rows_over_max_length=over,
         tokens_truncated=cut,
+        length_percentiles=[lengths[min(len(lengths) - 1, len(lengths) * q // 100)] for q in range(101)],
         length_histogram=[(lo, hi, round(n * scale)) for lo, hi, n in histogram(lengths, max_length)],
         token_rows_measured=len(lengths),
         check_seconds=round(state.check_seconds, 2),

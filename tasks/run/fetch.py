@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tasks.errors import UserFacingError
 from tasks.manifest import record
-from tasks.models import JobHandle, JobResult, JobStatus
+from tasks.models import JobHandle, JobResult, JobStatus, TrainingMeasurement
 from tasks.run.backends.base import Backend
 
 
@@ -52,4 +52,5 @@ def fetch_artifacts(backend: Backend, handle: JobHandle, status: JobStatus) -> J
         size_mb=round(size / 1e6, 3),
         train_metrics=metrics,
         manifest=record(run_dir, [d for d in (model_dir, adapter_dir) if d is not None]),
+        measured=TrainingMeasurement.model_validate(result["measured"]) if result.get("measured") else None,
     )

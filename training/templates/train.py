@@ -148,7 +148,12 @@ def main() -> int:
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, quantization_config=quantization)
+    # what from_pretrained gets beyond dtype, e.g. the planned attention kernel (TRL's own key;
+    # applied here because this script instantiates the model itself)
+    init_kwargs = dict(CONFIG["training"].get("model_init_kwargs") or {})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_source, dtype=dtype, quantization_config=quantization, **init_kwargs
+    )
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -166,7 +171,7 @@ def main() -> int:
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **CONFIG["lora"])
 
-    training = dict(CONFIG["training"])
+    training = {k: v for k, v in CONFIG["training"].items() if k != "model_init_kwargs"}
     if args.max_steps is not None:
         training["max_steps"] = args.max_steps
     trainer_config = TrainerConfig(
@@ -207,8 +212,34 @@ def main() -> int:
             push_folder(hub_repo, out / "checkpoints", "checkpoints", f"checkpoint at step {state.global_step}")
             print(f"pushed checkpoints at step {state.global_step} to {hub_repo}", flush=True)
 
+    class Measure(TrainerCallback):
+        """What this session of training took, for the report's estimate-vs-measured table and
+        the planner's calibration: seconds, optimizer steps and real tokens since training began
+        (a resumed run counts only its own part), and the peak memory."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.at, self.step, self.tokens = time.time(), state.global_step, state.num_input_tokens_seen
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                peak, device = torch.cuda.max_memory_allocated(), torch.cuda.get_device_name(0)
+            else:
+                import resource
+
+                peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu"
+            self.result = {
+                "train_s": round(time.time() - self.at, 3),
+                "optimizer_steps": state.global_step - self.step,
+                "tokens": state.num_input_tokens_seen - self.tokens,
+                "peak_memory_gb": round(peak / 1024**3, 3),
+                "device": device,
+            }
+
     hub_repo = args.hub_repo
-    callbacks = [ProgressLines()] + ([PushCheckpoints()] if hub_repo else [])
+    measure = Measure()
+    callbacks = [ProgressLines(), measure] + ([PushCheckpoints()] if hub_repo else [])
     extra = {}
     if CONFIG.get("rewards"):  # GRPO: the reward functions' source travels inside this script
         reward_funcs = []
@@ -270,6 +301,7 @@ def main() -> int:
             "lora": bool(peft_config),
             "model_dir": "model",
             "adapter_dir": "adapter" if peft_config else None,
+            "measured": getattr(measure, "result", None),
         },
     )
     print(f"training finished: {trainer.state.global_step} steps, model in {out / 'model'}", flush=True)

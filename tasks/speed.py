@@ -1,0 +1,262 @@
+"""How each training step runs fastest where the run was placed.
+
+Every choice carries its reason and yields to the spec: a TRL key the spec's `training` sets
+is kept as given and reported as "set in the spec". The choices (micro-batch and gradient
+checkpointing are the memory model's, in tasks/hardware.py):
+- batching: rows of similar length share a batch (`train_sampling_strategy: group_by_length`),
+  or padding-free batches (`padding_free`) where a varlen attention kernel makes them cheap;
+  measured side by side in benchmarks/results/throughput-*.md (`python -m benchmarks.throughput`);
+- attention: FlashAttention-2 where it is installed on an Ampere-or-newer GPU, else PyTorch's SDPA;
+- precision: bf16 where the GPU has it, fp16 with loss scaling on a T4, float32 on a CPU;
+- optimizer: the fused AdamW on GPUs (one kernel for all parameters);
+- Liger kernels where liger-kernel is installed, on a GPU, for an architecture it patches;
+- data loading: worker processes and pinned memory on GPUs; none on a CPU.
+The padding a batching leaves is simulated on the dataset's measured lengths with the
+sampler transformers itself uses, so the time estimate follows the choice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.flavors import Flavor
+from tasks.spec import SpecError
+
+Batching = Literal["padded", "grouped", "padding_free", "packed"]
+SIMULATED_ROWS = 20_000  # rows drawn from the measured length distribution to simulate batching
+
+
+class SpeedChoice(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    setting: str
+    value: str
+    reason: str
+
+
+class SpeedPlan(BaseModel):
+    """The fast-path choices for one placement and the TRL arguments they set."""
+
+    model_config = ConfigDict(frozen=True)
+
+    batching: Batching
+    attention: str
+    liger: bool
+    choices: list[SpeedChoice]
+    arguments: dict[str, Any] = Field(description="TRL config keys these choices set (the spec's own keys win)")
+
+    def reason(self, setting: str) -> str:
+        return next(c.reason for c in self.choices if c.setting == setting)
+
+
+def flash_attention_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def liger_model_types() -> frozenset[str]:
+    """Architectures liger-kernel patches, read from the installed package (empty when absent)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return frozenset()
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except Exception:  # installed without triton (a CPU machine): it cannot run here anyway
+        return frozenset()
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def _spec_sets(training: dict[str, Any], *keys: str) -> bool:
+    return any(k in training for k in keys)
+
+
+def choose_speed(
+    method: str,
+    training: dict[str, Any],
+    flavor: Flavor,
+    model_type: str,
+    on_this_machine: bool,
+    rows_over_max_length: int,
+    every_row_measured: bool = True,
+    whole_epochs: bool = True,
+) -> SpeedPlan:
+    """`training` is the spec's own `training` mapping (not the method defaults): what it sets wins.
+    `whole_epochs`: the run ends at an epoch's end (no max_steps that stops within the first)."""
+    choices: list[SpeedChoice] = []
+    arguments: dict[str, Any] = {}
+    given = "set in the spec"
+    gpu = flavor.is_gpu
+    where = "here" if on_this_machine else "in the job's dependencies"
+
+    # attention kernel
+    init_kwargs = training.get("model_init_kwargs") or {}
+    if "attn_implementation" in init_kwargs:
+        attention, why = str(init_kwargs["attn_implementation"]), f"{given} (model_init_kwargs.attn_implementation)"
+    elif gpu and flavor.bf16 and on_this_machine and flash_attention_installed():
+        attention, why = "flash_attention_2", "flash-attn is installed and the GPU is Ampere or newer: varlen kernels"
+    elif gpu:
+        kernel = "its FlashAttention kernel" if flavor.bf16 else "its memory-efficient kernel (T4: no FlashAttention)"
+        attention, why = "sdpa", f"PyTorch's scaled-dot-product attention, with {kernel}; flash-attn is not {where}"
+    else:
+        attention, why = "sdpa", "PyTorch's fused CPU attention"
+    choices.append(SpeedChoice(setting="attention", value=attention, reason=why))
+    if "attn_implementation" not in init_kwargs:
+        arguments["model_init_kwargs"] = {**init_kwargs, "attn_implementation": attention}
+
+    # batching
+    batching: Batching
+    if _spec_sets(training, "packing", "padding_free", "train_sampling_strategy"):
+        if training.get("packing"):
+            batching = "packed"
+        elif training.get("padding_free"):
+            batching = "padding_free"
+        elif training.get("train_sampling_strategy") == "group_by_length":
+            batching = "grouped"
+        else:
+            batching = "padded"
+        why = given
+        if batching == "padding_free" and training.get("max_length") is not None:
+            raise SpecError(
+                f"training: padding_free without packing cannot cut rows at max_length {training['max_length']} "
+                "(TRL refuses it). Set max_length: null (rows are kept whole), or packing: true "
+                "(rows packed into max_length sequences), or drop padding_free."
+            )
+        if batching == "padding_free" and "max_length" not in training:
+            arguments["max_length"] = None  # TRL refuses padding-free at a max_length without packing
+            why += "; padding-free without packing cannot truncate, so max_length is unset"
+            if rows_over_max_length:
+                why += f": {rows_over_max_length:,} rows over max_length are not cut"
+    elif method == "dpo":
+        batching, why = "padded", "TRL's DPOTrainer pads its pairs (its padding_free is unavailable in TRL 1.16)"
+    elif method == "grpo":
+        batching, why = "padded", "GRPO batches prompts and pads the completions it generates"
+    elif not gpu:
+        batching = "padded"
+        why = (
+            "padded batches in random order, the batch split chosen by the time model (micro-batch 1 has no "
+            "padding at all): on this CPU micro-batch 1 ran 3.2x TRL's defaults with the same held-out loss; "
+            "grouping rows by length ran 2.7x and reorders the rows, which changed what short runs learnt"
+        )
+    else:
+        # padding-free batches cannot cut rows (TRL): only when no row reaches max_length, known
+        # for every row (a sample could miss one long row)
+        uncut = rows_over_max_length == 0 and every_row_measured
+        if attention == "flash_attention_2" and uncut:
+            batching = "padding_free"
+            why = "padding-free: rows are concatenated and FlashAttention's varlen kernel keeps them apart, no padding"
+        elif whole_epochs:
+            batching = "grouped"
+            why = (
+                "rows of similar length share a batch (group_by_length), so little compute goes to padding; "
+                "measured faster than padding-free batching with SDPA, whose block-diagonal mask spans the "
+                "whole batch (benchmarks/results/throughput-*.md)"
+            )
+            if attention == "flash_attention_2":
+                why += f"; not padding-free: {rows_over_max_length:,} rows exceed max_length and it would not cut them"
+        elif uncut:
+            batching = "padding_free"
+            why = (
+                "padding-free (no compute on padding, rows in their random order): max_steps ends the run within "
+                "the first epoch, and grouped batches run longest to shortest within each mega-batch, so a run "
+                "stopped early would end on the shortest rows (measured: a 12-step SFT warm-up grouped this way "
+                "left GRPO unable to learn)"
+            )
+        else:
+            batching = "padded"
+            why = (
+                "padded batches in random order: max_steps ends the run within the first epoch (grouped "
+                "batches would end on the shortest rows), and padding-free batches would not cut the rows "
+                "over max_length"
+            )
+        if batching == "padding_free":
+            # nothing reaches max_length, so unsetting it (TRL requires that) cuts nothing
+            arguments |= {"padding_free": True, "max_length": None}
+        elif batching == "grouped":
+            arguments["train_sampling_strategy"] = "group_by_length"
+    choices.append(SpeedChoice(setting="batching", value=batching, reason=why))
+
+    # precision
+    if _spec_sets(training, "bf16", "fp16"):
+        precision, why = ("bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "float32"), given
+    elif gpu and flavor.bf16:
+        precision, why = "bf16", "bf16 mixed precision: the GPU has bf16 tensor cores"
+    elif gpu:
+        precision, why = "fp16", "fp16 with loss scaling: this GPU has no bf16 (float32 weights, fp16 compute)"
+    else:
+        precision, why = "float32", "bf16 matmuls on a CPU are many times slower (TRL defaults to bf16)"
+    choices.append(SpeedChoice(setting="precision", value=precision, reason=why))
+    arguments |= {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not gpu}
+
+    # optimizer
+    if "optim" in training:
+        optim, why = str(training["optim"]), given
+    elif gpu:
+        optim, why = "adamw_torch_fused", "AdamW as one fused kernel over all parameters"
+    else:
+        optim, why = "adamw_torch", "AdamW's multi-tensor (foreach) implementation"
+    choices.append(SpeedChoice(setting="optimizer", value=optim, reason=why))
+    arguments["optim"] = optim
+
+    # Liger kernels
+    if "use_liger_kernel" in training:
+        liger, why = bool(training["use_liger_kernel"]), given
+    elif not gpu:
+        liger, why = False, "Liger's kernels are Triton GPU kernels"
+    elif model_type in (supported := liger_model_types()):
+        liger = True
+        why = "fused RMSNorm, RoPE, SwiGLU and a linear cross-entropy that never holds the whole logits"
+    elif not supported:
+        liger, why = False, "liger-kernel is not installed here (pip install liger-kernel lets the planner use it)"
+    else:
+        liger, why = False, f"liger-kernel does not patch the {model_type} architecture"
+    choices.append(SpeedChoice(setting="liger", value="on" if liger else "off", reason=why))
+    if liger:
+        arguments["use_liger_kernel"] = True
+
+    # data loading
+    if _spec_sets(training, "dataloader_num_workers", "dataloader_pin_memory"):
+        workers = int(training.get("dataloader_num_workers", 0))
+        pin = bool(training.get("dataloader_pin_memory", gpu))
+        why = given
+    elif gpu:
+        workers, pin = min(4, max(1, flavor.vcpus // 4)), True
+        why = "batches are collated in worker processes while the GPU computes; pinned memory copies faster"
+    else:
+        workers, pin = 0, False
+        why = "no workers: on a CPU they would take cores from the training itself"
+    choices.append(SpeedChoice(setting="data loading", value=f"{workers} workers, pin {pin}", reason=why))
+    arguments |= {"dataloader_num_workers": workers, "dataloader_pin_memory": pin}
+
+    planned_padding_free = batching == "padding_free" and "padding_free" not in training
+    arguments = {
+        k: v for k, v in arguments.items() if k not in training or (k == "max_length" and planned_padding_free)
+    }
+    return SpeedPlan(batching=batching, attention=attention, liger=liger, choices=choices, arguments=arguments)
+
+
+def padding_overhead(
+    percentiles: list[int], rows: int, max_length: int, micro_batch: int, global_batch: int, batching: Batching
+) -> float:
+    """Tokens computed per real token: 1.0 without padding; for padded batches simulated on
+    as many rows as the dataset has (up to SIMULATED_ROWS: grouping is weaker on few rows),
+    drawn from the measured length distribution and batched as transformers' samplers do."""
+    n = min(rows, SIMULATED_ROWS)
+    if batching in ("padding_free", "packed") or micro_batch <= 1 or len(percentiles) < 2 or n < micro_batch:
+        return 1.0
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    generator = torch.Generator().manual_seed(0)
+    # inverse-CDF sampling from the percentiles, linear between them
+    u = torch.rand(n, generator=generator) * (len(percentiles) - 1)
+    points = torch.tensor(percentiles, dtype=torch.float64)
+    low = u.floor().long().clamp(max=len(percentiles) - 2)
+    lengths = (points[low] + (u - low) * (points[low + 1] - points[low])).round().clamp(1, max_length).long()
+    if batching == "grouped":
+        order = torch.tensor(get_length_grouped_indices(lengths.tolist(), global_batch, generator=generator))
+    else:
+        order = torch.randperm(n, generator=generator)
+    usable = n - n % micro_batch
+    batches = lengths[order[:usable]].view(-1, micro_batch)
+    return float(batches.max(dim=1).values.sum() * micro_batch / batches.sum())
