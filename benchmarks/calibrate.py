@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flows.pipeline import plan_run
-from tasks.memory import GB
+from tasks.plan.memory import GB
 from tasks.spec import parse_spec
 from training.tiny_model import ensure_tiny_model
 
@@ -138,8 +138,9 @@ def run_case(model_dir: Path, mode: str, batch: int, seq: int, steps: int, data:
 
 
 def to_markdown(rows: list[dict], steps: int) -> str:
-    from tasks.cost import STEP_OVERHEAD_S, UTILISATION, measured_cpu_flops
-    from tasks.memory import LOGIT_BYTES_PER_ENTRY, RUNTIME_GB
+    from tasks.plan.cost import STEP_OVERHEAD_S, UTILISATION
+    from tasks.plan.flavors import measured_cpu_flops
+    from tasks.plan.memory import LOGIT_BYTES_PER_ENTRY, RUNTIME_GB
 
     lines = [
         "# Planner calibration: predicted vs measured",
@@ -165,7 +166,7 @@ def to_markdown(rows: list[dict], steps: int) -> str:
         "",
         f"Memory ratio range {min(mem):.2f}-{max(mem):.2f}; time ratio range {min(tim):.2f}-{max(tim):.2f}.",
         "",
-        "No GPU was available to this run: GPU utilisation (tasks/cost.py) remains an assumption.",
+        "No GPU was available to this run: GPU utilisation (tasks/plan/cost.py) remains an assumption.",
     ]
     return "\n".join(lines)
 

@@ -25,7 +25,7 @@ Variants (the training arguments are printed in the results):
 
 Measured per variant, after `--warmup` optimizer steps: real (non-padding) tokens per second,
 time per optimizer step, peak memory (CUDA's peak allocation on a GPU, the process's peak RSS
-on a CPU), MFU (training FLOPs per token from the planner's model, `tasks.memory`, over the
+on a CPU), MFU (training FLOPs per token from the planner's model, `tasks.plan.memory`, over the
 device's peak: the spec sheet's dense bf16 figure for a known GPU, a measured float32 matmul on
 a CPU), and the loss on held-out rows after the epoch, one row at a time (what was learnt,
 whatever the batching). Ratios are printed against `defaults`.
@@ -203,7 +203,7 @@ def child(args: argparse.Namespace) -> None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from tasks.memory import Architecture, Workload, flops_per_token
+    from tasks.plan.memory import Architecture, Workload, flops_per_token
 
     on_gpu = torch.cuda.is_available()
     training = variant_args(args.child, on_gpu, args.global_batch, json.loads(args.planned))
@@ -258,7 +258,7 @@ def child(args: argparse.Namespace) -> None:
         peak_flops = peak * 1e12 if peak else None
         memory_gb = torch.cuda.max_memory_allocated() / 2**30
     else:
-        from tasks.cost import measured_cpu_flops
+        from tasks.plan.flavors import measured_cpu_flops
 
         name, peak_flops = f"CPU ({os.cpu_count()} cores)", measured_cpu_flops()
         memory_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.calibration import refresh, table_path
+from tasks.plan.calibration import refresh, table_path
 from tasks.rundir import runs_root
 
 

@@ -25,6 +25,8 @@ from tasks.cache import (
     smoke_key,
     trusted_result,
 )
+from tasks.data.validate import HeldOut
+from tasks.evaluate.verdict import blocks_publish
 from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.hub import publish_target
 from tasks.methods import base_arguments, cut_length, method_definition, planned_arguments, unknown_training_keys
@@ -37,19 +39,21 @@ from tasks.run.training import TrainingFailed, trained_problems, training_key
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
 from tasks.spec import RUN_NAME_PATTERN, RunSpec, SpecError
-from tasks.stages import _log as log_stage
 from tasks.stages import (
+    PublishStopped,
     build_script_task,
     check_account_task,
     check_rewards_task,
     convert_gguf_task,
     estimate_cost_task,
+    evaluate_task,
     push_to_hub_task,
     select_hardware_task,
     smoke_test_gguf_task,
     train_task,
     validate_dataset_task,
 )
+from tasks.stages import _log as log_stage
 
 SECRET_LIKE = ("token", "password", "secret", "api_key")
 PLAN_STAGES = ("validate_dataset", "select_hardware", "estimate_cost", "build_script")
@@ -59,6 +63,7 @@ RUN_STAGES = (
     "submit_job",
     "monitor",
     "fetch_artifacts",
+    "evaluate",
     "convert_gguf",
     "smoke_test_gguf",
     "push_to_hub",
@@ -80,6 +85,45 @@ def _check_training_keys(spec: RunSpec) -> None:
             for k, near in unknown.items()
         ]
         raise SpecError(f"training: unknown {method.config_class} option(s): {', '.join(parts)}")
+
+
+def separate_evaluation(spec: RunSpec) -> bool:
+    return bool(spec.evaluation.dataset or spec.evaluation.split)
+
+
+def evaluation_rows(spec: RunSpec, method: Any, model_path: str, report: Any, args: dict[str, Any]) -> Any:
+    """The evaluation rows from the spec's evaluation dataset or split, checked like the training
+    rows (same format, columns and conversion) and sampled with the spec's seed."""
+    import random
+
+    from tasks.data.validate import validate_dataset
+    from tasks.stages import planning_tokenizer
+
+    source = spec.evaluation.dataset or spec.dataset
+    split = spec.evaluation.split or "train"
+    out = Path(report.prepared_path).parent
+    checked = validate_dataset(
+        source,
+        method,
+        planning_tokenizer(model_path, args.get("chat_template_path")),
+        report.max_length,
+        out / "evaluation",
+        split,
+        dict(spec.columns),
+        spec.conversion,
+        HeldOut(share=0),
+    )
+    lines = Path(checked.prepared_path).read_text(encoding="utf-8").splitlines()
+    keep = sorted(random.Random(spec.seed).sample(range(len(lines)), min(len(lines), spec.evaluation.held_out_max)))
+    write_text(Path(report.heldout_path), "".join(lines[i] + "\n" for i in keep))
+    where = f"{source} (split {split})"
+    return report.model_copy(
+        update={
+            "heldout_rows": len(keep),
+            "heldout_source": f"{len(keep)} of the {len(lines)} rows of {where}, chosen with seed {spec.seed}",
+            "warnings": [*report.warnings, f"evaluation rows: {len(keep)} of {len(lines)} from {where}"],
+        }
+    )
 
 
 def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool = False) -> RunPlan:
@@ -105,7 +149,14 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         dict(spec.columns),
         args.get("chat_template_path"),
         spec.conversion,
+        HeldOut(
+            share=0 if separate_evaluation(spec) else spec.evaluation.held_out,
+            maximum=spec.evaluation.held_out_max,
+            seed=spec.seed,
+        ),
     )
+    if separate_evaluation(spec):
+        report = evaluation_rows(spec, method, model_path, report, args)
     rewards = stage(check_rewards_task)(spec.rewards, report) if spec.method == "grpo" else []
     hardware = stage(select_hardware_task)(spec, model_path, args, report)
     notes += check_converter_knows(load_config(model_path), list(spec.outputs.gguf))
@@ -330,6 +381,16 @@ def _run_lifecycle(
             StageOutcome(stage="monitor", status=status, detail=trained.job.detail),
             StageOutcome(stage="fetch_artifacts", status=status, detail=trained.result.model_dir),
         ]
+        current = "evaluate"
+        evaluation = evaluate_task(run_dir, spec.method, spec.evaluation.noise_sigmas, plan.run_name)
+        fields["evaluation"] = evaluation
+        if evaluation is None:
+            stages.append(StageOutcome(stage="evaluate", status="skipped", detail="no held-out rows"))
+        else:
+            stopped = blocks_publish(evaluation, spec.evaluation.max_regression)
+            if stopped:
+                raise PublishStopped(stopped)
+            stages.append(StageOutcome(stage="evaluate", status="passed", detail=evaluation.sentence()))
         current = "convert_gguf"
         gguf, hit = run_cached(
             convert_gguf_task,
@@ -370,6 +431,7 @@ def _run_lifecycle(
             trained.job,
             trained.result,
             tested,
+            evaluation,
         )
         fields["published"] = published
         stages.append(cached_outcome(published.outcome, hit))

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from tasks.data.reading import HUB_ID
 from tasks.errors import UserFacingError
+from tasks.evaluate.verdict import EvaluationResult
 from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
 from tasks.manifest import record, sha256_file
 from tasks.models import GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
@@ -255,7 +256,12 @@ def publish_refusal(repo_id: str, e: BaseException, token: str | None) -> Publis
 
 
 def push_to_hub(
-    spec: RunSpec, plan: RunPlan, status: JobStatus, result: JobResult, gguf: GgufFiles | None
+    spec: RunSpec,
+    plan: RunPlan,
+    status: JobStatus,
+    result: JobResult,
+    gguf: GgufFiles | None,
+    evaluation: EvaluationResult | None = None,
 ) -> PublishedModel:
 
     outputs = spec.outputs
@@ -271,7 +277,7 @@ def push_to_hub(
     from tasks.run.locks import publish_lock
 
     with publish_lock(target):
-        return _publish(spec, plan, status, result, gguf, kind, target)
+        return _publish(spec, plan, status, result, gguf, kind, target, evaluation)
 
 
 def _publish(
@@ -282,6 +288,7 @@ def _publish(
     gguf: GgufFiles | None,
     kind: Literal["folder", "hub"],
     target: str,
+    evaluation: EvaluationResult | None = None,
 ) -> PublishedModel:
     from tasks.model_card import loss_curve_png, model_card
 
@@ -295,7 +302,16 @@ def _publish(
     png = loss_curve_png(status, run_dir / "loss.png", f"{plan.run_name}: training loss")
     repo_name = target if kind == "hub" else Path(target).name
     card = model_card(
-        spec, plan, status, result, gguf, repo_name, "loss.png" if png else None, status.cost_usd, outputs.license
+        spec,
+        plan,
+        status,
+        result,
+        gguf,
+        repo_name,
+        "loss.png" if png else None,
+        status.cost_usd,
+        outputs.license,
+        evaluation,
     )
     release = stage_release(run_dir, result, gguf, card, png)
     if kind == "folder":

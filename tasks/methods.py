@@ -122,7 +122,7 @@ def planned_arguments(args: dict[str, Any], plan: HardwarePlan) -> dict[str, Any
     """What the script trains with: the method defaults and the spec, then the hardware stage's
     calls (the split of the global batch, checkpointing, the fast path). The plan already kept
     every key the spec set, so the spec still wins."""
-    from tasks.cost import planned_batch
+    from tasks.plan.cost import planned_batch
 
     return {**args, **planned_batch(plan), **plan.speed.arguments}
 

@@ -13,10 +13,11 @@ from typing import Any
 import yaml
 
 from tasks.data.reading import HUB_ID
+from tasks.evaluate.verdict import EvaluationResult
 from tasks.gguf import fallback_text
 from tasks.models import GgufFiles, JobResult, JobStatus, RunPlan
 from tasks.money import usd
-from tasks.report import gguf_cells
+from tasks.report import evaluation_lines, gguf_cells
 from tasks.spec import RunSpec
 
 # Ollama's defaults for a ChatML model; the stop tokens come from the tokenizer itself.
@@ -146,6 +147,7 @@ def model_card(
     loss_png: str | None,
     cost_usd: float,
     license_id: str = "apache-2.0",
+    evaluation: EvaluationResult | None = None,
 ) -> str:
     meta = card_metadata(spec, plan, gguf, license_id)
     name = repo_id.rstrip("/").split("/")[-1]
@@ -167,6 +169,8 @@ def model_card(
             lines.append(f"- {key}: {result.train_metrics[key]:.4g}")
     if loss_png:
         lines += ["", f"![training loss]({loss_png})"]
+    if evaluation is not None:
+        lines += ["", "## Evaluation against the base model", "", *evaluation_lines(evaluation)]
     lines += [
         "",
         "## Cost",

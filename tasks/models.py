@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.evaluate.verdict import EvaluationResult
+from tasks.plan.speed import SpeedPlan
 from tasks.spec import Method
-from tasks.speed import SpeedPlan
 
 
 class Frozen(BaseModel):
@@ -49,6 +50,8 @@ class DatasetReport(Frozen):
     max_length: int
     rows_over_max_length: int
     tokens_truncated: int = Field(0, description="tokens that truncation at max_length cuts, over the measured rows")
+    heldout_rows: int = Field(0, description="rows the before/after evaluation and the GGUF smoke test use")
+    heldout_source: str = Field("", description="where they come from: held out of the training rows, or a split")
     length_percentiles: list[int] = Field(
         default_factory=list, description="token length at percentiles 0, 1, ..., 100 of the measured rows"
     )
@@ -148,6 +151,7 @@ class CostEstimate(Frozen):
     hours_high: float
     upload_s: float = Field(0.0, description="uploading inputs before the job starts; wall time, not billed")
     compute_s: float = Field(0.0, description="the training itself (start-up excluded), calibration applied")
+    evaluation_s: float = Field(0.0, description="the before/after evaluation on the held-out rows")
     optimizer_steps: int = 0
     time_factor: float = Field(1.0, description="measured / modelled time of earlier runs like this one (calibration)")
     calibration: str = Field("", description="which measured runs corrected the estimate, if any")
@@ -352,6 +356,7 @@ class RunSummary(Frozen):
     approval: Approval | None = None
     job: JobStatus | None = None
     result: JobResult | None = None
+    evaluation: EvaluationResult | None = None
     gguf: GgufFiles | None = None
     published: PublishedModel | None = None
     stages: list[StageOutcome]

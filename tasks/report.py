@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.evaluate.verdict import EvaluationResult
 from tasks.gguf import fallback_text
 from tasks.models import GgufFile, RunPlan, RunSummary
 from tasks.money import usd
@@ -69,6 +70,7 @@ def plan_markdown(plan: RunPlan) -> str:
         f"- rows over max_length {d.max_length}: {d.rows_over_max_length} (truncation cuts {d.tokens_truncated} tokens); "
         f"duplicates: {d.duplicates}; empty turns: {d.empty_turns}"
         + (f"; converted with `{d.conversion}`" if d.conversion else ""),
+        *([f"- evaluation rows (before/after, GGUF smoke test): {d.heldout_source}"] if d.heldout_source else []),
         *length_table(d.length_histogram, d.max_length),
         *(f"- warning: {w}" for w in d.warnings),
         "",
@@ -156,6 +158,8 @@ def summary_markdown(s: RunSummary) -> str:
         lines.append(
             f"- approval: {'approved' if s.approval.approved else 'declined'} by {s.approval.by} ({s.approval.reason})"
         )
+    if s.evaluation is not None:
+        lines += ["", "## Did it help?", "", *evaluation_lines(s.evaluation)]
     lines += estimate_lines(s)
     lines += ["", "## Stages", "| stage | status | detail |", "|---|---|---|"]
     for st in s.stages:
@@ -177,6 +181,29 @@ def summary_markdown(s: RunSummary) -> str:
         ]
     lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
     return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def evaluation_lines(e: EvaluationResult) -> list[str]:
+    """The verdict, the numbers behind it, and a few answers of both models side by side."""
+    lines = [
+        f"**Verdict: {e.verdict}.** {e.primary}: base {e.base_score:.4g}, trained {e.trained_score:.4g}; mean "
+        f"paired change {e.change:+.4g} ({e.relative_change:+.1%}), noise band +-{e.noise_band:.2g} "
+        f"({e.rows} held-out rows, the same tokenizer and template for both models; evaluated in {e.seconds:.0f} s).",
+        "",
+        "| metric | base | trained | better |",
+        "|---|---|---|---|",
+        *(f"| {m.name} | {_cell(m.base)} | {_cell(m.trained)} | {m.better} |" for m in e.metrics),
+    ]
+    if e.generations:
+        lines += ["", "| prompt | base model | trained model |", "|---|---|---|"]
+        for g in e.generations:
+            cells = [" ".join(x.split())[-160:].replace("|", "\\|") for x in (g.prompt, g.base, g.trained)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def estimate_lines(s: RunSummary) -> list[str]:

@@ -13,9 +13,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tasks.memory import TOWER_MARKERS
 from tasks.methods import MethodDefinition
 from tasks.models import HardwarePlan, TrainingScript
+from tasks.plan.memory import TOWER_MARKERS
 from tasks.spec import RunSpec
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "training" / "templates"
@@ -66,7 +66,10 @@ def script_config(
         "trainer": method.trainer,
         "config_class": method.config_class,
         "model": model_path,
+        "method": spec.method,
         "data": "data/train.jsonl",
+        "heldout": "data/heldout.jsonl",  # evaluated before and after training
+        "evaluation": {"generations": spec.evaluation.generations},
         "split": spec.split,
         "seed": spec.seed,
         "dtype": plan.dtype,

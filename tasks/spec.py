@@ -79,6 +79,31 @@ class Outputs(_Frozen):
     )
 
 
+class Evaluation(_Frozen):
+    """Before/after evaluation on held-out rows: is the trained model better than its base?"""
+
+    held_out: float = Field(
+        0.05, ge=0, description="rows kept out of training: a share (below 1) or a count; chosen with the spec's seed"
+    )
+    held_out_max: int = Field(64, ge=0, description="at most this many rows are held out for a share")
+    dataset: str | None = Field(
+        None, description="evaluate on this dataset (same format as the training data) instead of held-out rows"
+    )
+    split: str | None = Field(
+        None, description="evaluate on this split (of `evaluation.dataset`, else of `dataset`): e.g. test"
+    )
+    generations: int = Field(3, ge=0, le=20, description="held-out prompts answered by both models, side by side")
+    noise_sigmas: float = Field(
+        2.0, gt=0, description="the noise band: this many standard errors of the mean paired change"
+    )
+    max_regression: float | None = Field(
+        0.0,
+        ge=0,
+        description="the publish stops when the trained model is worse than the base beyond the noise band by more "
+        "than this share of the base's score (0.05 = 5%); null publishes whatever the verdict",
+    )
+
+
 class RunSpec(_Frozen):
     """One fine-tuning run. Same fields as YAML and as flow parameters."""
 
@@ -100,6 +125,7 @@ class RunSpec(_Frozen):
     training: dict[str, Any] = Field(default_factory=dict, description="passed through to the TRL config")
     budget: Budget = Field(default_factory=Budget)
     outputs: Outputs = Field(default_factory=Outputs)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
     rewards: list[str] = Field(default_factory=list)
     flavors: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="hardware catalogue overrides, e.g. {a100-large: {price_per_hour: 2.2}}"
@@ -208,6 +234,11 @@ def load_spec(
             candidate = (base / ds).resolve()
             if candidate.exists():
                 data["dataset"] = str(candidate)
+        evaluation = data.get("evaluation")
+        if isinstance(evaluation, dict) and isinstance(evaluation.get("dataset"), str):
+            eval_ds = evaluation["dataset"]
+            if not Path(eval_ds).is_absolute() and not Path(eval_ds).exists() and (base / eval_ds).exists():
+                data["evaluation"] = {**evaluation, "dataset": str((base / eval_ds).resolve())}
         model = data.get("model")
         if isinstance(model, str) and _spec_relative(model, base):
             data["model"] = str((base / model).resolve())

@@ -6,6 +6,7 @@ each can be called and tested without Prefect (`stage.fn(...)` also skips Prefec
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +16,11 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import artifacts
 from tasks.cache import BY_KEY
-from tasks.cost import estimate_cost
-from tasks.data.validate import validate_dataset
+from tasks.data.validate import HeldOut, validate_dataset
 from tasks.errors import UserFacingError
+from tasks.evaluate.verdict import EvaluationResult, judge
 from tasks.gguf import convert_gguf, fallback_text
 from tasks.gguf_smoke import smoke_test_all
-from tasks.hardware import select_hardware
 from tasks.hub import push_to_hub
 from tasks.methods import MethodDefinition
 from tasks.models import (
@@ -40,6 +40,8 @@ from tasks.models import (
     TrainingScript,
 )
 from tasks.money import usd
+from tasks.plan.cost import estimate_cost
+from tasks.plan.hardware import select_hardware
 from tasks.rewards import RewardSource
 from tasks.run.backends import Account, JobRequest, get_backend
 from tasks.run.fetch import fetch_artifacts
@@ -86,9 +88,10 @@ def validate_dataset_task(
     columns: dict[str, str],
     chat_template_path: str | None = None,
     conversion: str | None = None,
+    held_out: HeldOut | None = None,
 ) -> DatasetReport:
     tokenizer = planning_tokenizer(model_path, chat_template_path)
-    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns, conversion)
+    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns, conversion, held_out)
     from tasks.report import length_histogram_png
 
     png = length_histogram_png(
@@ -308,6 +311,40 @@ def fetch_artifacts_task(handle: JobHandle, status: JobStatus) -> JobResult:
     return result
 
 
+class PublishStopped(UserFacingError, RuntimeError):
+    """The trained model is worse than its base beyond the spec's threshold: nothing is published."""
+
+
+def evaluate(run_dir: Path, method: str, sigmas: float) -> EvaluationResult | None:
+    """The before/after verdict from what the job measured, or None when no row was held out."""
+    result = json.loads((run_dir / "train_result.json").read_text())
+    record = result.get("evaluation")
+    return judge(method, record, sigmas) if record else None
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)  # reads one file the job wrote: nothing to retry or cache
+def evaluate_task(run_dir: Path, method: str, sigmas: float, run_name: str) -> EvaluationResult | None:
+    found = evaluate(run_dir, method, sigmas)
+    if found is None:
+        _log("evaluate: no held-out rows (under 40 rows and no evaluation.held_out count): skipped")
+        return None
+    artifacts.table(
+        artifacts.artifact_key("evaluation", run_name),
+        [
+            {
+                "metric": m.name,
+                "base": None if m.base is None else round(m.base, 4),
+                "trained": None if m.trained is None else round(m.trained, 4),
+                "better": m.better,
+            }
+            for m in found.metrics
+        ],
+        description=f"did it help? {found.sentence()}",
+    )
+    _log(f"evaluate: {found.sentence()}")
+    return found
+
+
 @task(name="train", cache_policy=BY_KEY)
 def train_task(
     spec: RunSpec,
@@ -378,9 +415,10 @@ def push_to_hub_task(
     status: JobStatus,
     result: JobResult,
     gguf: GgufFiles | None,
+    evaluation: EvaluationResult | None = None,
     cache_key: str | None = None,
 ) -> PublishedModel:
     trust_outputs(result, gguf)
-    published = push_to_hub(spec, plan, status, result, gguf)
+    published = push_to_hub(spec, plan, status, result, gguf, evaluation)
     _log(f"push_to_hub {published.outcome.status}: {published.outcome.detail}")
     return published

@@ -11,7 +11,7 @@ import pytest
 
 from flows.pipeline import plan_run
 from tasks.gguf import converter_architectures
-from tasks.memory import Architecture
+from tasks.plan.memory import Architecture
 from tasks.spec import parse_spec
 from tests.conftest import EXAMPLES, REPO
 

@@ -40,6 +40,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
         "submit_job",
         "monitor",
         "fetch_artifacts",
+        "evaluate",
         "convert_gguf",
         "smoke_test_gguf",
         "push_to_hub",
@@ -47,7 +48,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     assert all(v == "passed" for v in status.values()), summary.stages
 
     job = summary.job
-    assert job.state == "completed" and job.steps == job.max_steps == 48  # 384 training rows / batch 8
+    assert job.state == "completed" and job.steps == job.max_steps == 48  # 380 training rows / batch 8
     first, last = job.losses[0].loss, job.losses[-1].loss
     assert last < first * 0.3, (first, last)  # the loss fell clearly
 
@@ -74,6 +75,12 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     measured = summary.result.measured
     assert measured.optimizer_steps == 48 and measured.tokens > 0 and measured.peak_memory_gb > 0.1
     assert "## Estimate vs measured" in report and "| real tokens per second |" in report
+    # did it help? the trained model against the base, on the 20 held-out rows
+    evaluation = summary.evaluation
+    assert evaluation.verdict == "improved" and evaluation.rows == 20, evaluation
+    assert evaluation.metrics[0].trained < evaluation.metrics[0].base  # completion loss fell
+    assert len(evaluation.generations) == 3 and "## Did it help?" in report and "**Verdict: improved.**" in report
+    assert json.loads((run_dir / "report.json").read_text())["evaluation"]["verdict"] == "improved"
 
     # every GGUF file loads in llama.cpp, tokenizes as the HF tokenizer does and agrees with the HF model
     assert [f.quant for f in summary.gguf.files] == ["f16", "q8_0", "q5_k_m", "q4_k_m"]
@@ -96,6 +103,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     card = (published / "README.md").read_text()
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "ollama create" in card
     assert "| `flow-test-q8_0.gguf` | q8_0 |" in card
+    assert "## Evaluation against the base model" in card and "**Verdict: improved.**" in card
     secret = os.environ["HF_TOKEN"]
     for path in [*run_dir.rglob("*"), *published.rglob("*")]:
         if path.is_file() and path.stat().st_size < 50_000_000:

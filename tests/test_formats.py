@@ -92,7 +92,7 @@ def test_sharegpt_round_trips_through_messages(tiny_tokenizer, tmp_path):
         {"conversations": [{"from": speaker[t["role"]], "value": t["content"]} for t in r["messages"]]}
         for r in converted
     ]
-    assert back == _rows("sharegpt")
+    assert sorted(map(json.dumps, back)) == sorted(map(json.dumps, _rows("sharegpt")))  # held-out rows are random
     assert {"human", "gpt", "system"} <= set(SPEAKERS)
 
 

@@ -13,12 +13,12 @@ import pytest
 
 from flows.pipeline import plan_run
 from tasks.approval import ApprovalInput, BudgetExceeded, NotApproved, auto_decision, decision_from_input
-from tasks.cost import RANGE_HIGH, RANGE_LOW, training_tokens
-from tasks.flavors import CatalogueError, load_catalogue
-from tasks.hardware import LORA_AUTO_THRESHOLD, HardwareError, select_hardware
-from tasks.memory import GB, LOGIT_BYTES_PER_ENTRY, RUNTIME_GB, Architecture, Workload, memory_breakdown_gb
 from tasks.methods import SFT, base_arguments
 from tasks.models import CostEstimate, DatasetReport, TokenStats
+from tasks.plan.cost import RANGE_HIGH, RANGE_LOW, training_tokens
+from tasks.plan.flavors import CatalogueError, load_catalogue
+from tasks.plan.hardware import LORA_AUTO_THRESHOLD, HardwareError, select_hardware
+from tasks.plan.memory import GB, LOGIT_BYTES_PER_ENTRY, RUNTIME_GB, Architecture, Workload, memory_breakdown_gb
 from tasks.spec import Budget, SpecError, parse_spec
 from tests.conftest import EXAMPLES, REPO
 

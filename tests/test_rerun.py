@@ -64,7 +64,7 @@ def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports
     again = sft(spec=_spec(tmp_path, "rerun"))
     assert again.error is None
     assert {k: v for k, v in _statuses(again).items() if k not in ("check_account", "approve")} == {
-        **{s: "passed" for s in ("validate_dataset", "select_hardware", "estimate_cost", "build_script")},
+        **{s: "passed" for s in ("validate_dataset", "select_hardware", "estimate_cost", "build_script", "evaluate")},
         **{s: "cached" for s in ("submit_job", "monitor", "fetch_artifacts", "convert_gguf")},
         **{s: "cached" for s in ("smoke_test_gguf", "push_to_hub")},
     }

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import plan_run
-from tasks import speed
-from tasks.flavors import load_catalogue
+from tasks.plan import speed
+from tasks.plan.flavors import load_catalogue
+from tasks.plan.speed import choose_speed, padding_overhead
 from tasks.report import plan_markdown
 from tasks.spec import SpecError, load_spec
-from tasks.speed import choose_speed, padding_overhead
 from tests.conftest import EXAMPLES
 
 CATALOGUE = load_catalogue()

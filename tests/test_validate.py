@@ -33,8 +33,8 @@ def test_the_shipped_chat_data_passes_with_a_full_report(tiny_tokenizer, tmp_pat
     assert report.duplicates == 0 and report.empty_turns == 0 and report.rows_over_max_length == 0
     assert 10 < report.tokens.min <= report.tokens.mean <= report.tokens.max < 128
     prepared = Path(report.prepared_path).read_text().splitlines()
-    assert len(prepared) == report.train_rows == 384 and json.loads(prepared[0]).keys() == {"messages"}
-    assert len(Path(report.heldout_path).read_text().splitlines()) == 16
+    assert len(prepared) == report.train_rows == 380 and json.loads(prepared[0]).keys() == {"messages"}
+    assert len(Path(report.heldout_path).read_text().splitlines()) == report.heldout_rows == 20  # 5%, at random
 
 
 def test_prompt_completion_and_text_formats_are_detected(tiny_tokenizer, tmp_path):

@@ -61,7 +61,7 @@ def test_many_blocks_give_the_same_report_and_files_as_one(
     assert report.role_anomalies == whole.role_anomalies and report.empty_turns == whole.empty_turns
     for name in ("train.jsonl", "heldout.jsonl"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
-    assert report.train_rows == 602 - 16 and len((tmp_path / "out" / "heldout.jsonl").read_text().splitlines()) == 16
+    assert report.train_rows == 602 - 30 and len((tmp_path / "out" / "heldout.jsonl").read_text().splitlines()) == 30
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])

@@ -51,7 +51,7 @@ from tasks.models import DatasetReport, TokenStats
 
 MAX_ROWS_SHOWN = 10
 MAX_TOKENIZED_ROWS = 10_000  # a seeded uniform sample: the mean to well under 1%, and ~8 s of the tiny tokenizer
-HELDOUT_MAX = 16
+HELDOUT_MAX = 64
 WORKERS_FROM_BLOCKS = 4  # blocks a dataset has before workers check them
 ROWS_NOTE = "rows are numbered from 1; for JSONL, the line number"
 
@@ -187,42 +187,59 @@ def _offending(group: pd.DataFrame, frame: pd.DataFrame, check: str) -> str:
     return f" (row {row}: {_shorten(value)})"
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """Rows kept out of training to evaluate the trained model and its exports: a fraction
+    (below 1) or a count, at most `maximum`, chosen at random with `seed`; none under 40 rows
+    unless a count is given."""
+
+    share: float = 0.05
+    maximum: int = HELDOUT_MAX
+    seed: int = 0
+
+    def count(self, rows: int) -> int:
+        if self.share >= 1:
+            return min(int(self.share), rows // 2)
+        return 0 if rows < 40 else min(self.maximum, int(rows * self.share))
+
+
 def heldout_count(rows: int) -> int:
-    """Rows kept out of training to evaluate exports: 5%, at most HELDOUT_MAX, none under 40 rows."""
-    return 0 if rows < 40 else min(HELDOUT_MAX, rows // 20)
+    return HeldOut().count(rows)
 
 
 class SplitWriter:
-    """Writes the prepared rows as they pass, holding back the last HELDOUT_MAX lines: how many
-    of them are held out depends on the row count, known only at the end. Both files appear
-    (atomically) only when the whole dataset passed; a failed check leaves nothing half-written."""
+    """Writes the prepared rows as they pass into one file; at the end, a seeded random choice of
+    them (how many depends on the row count, known only then) goes to heldout.jsonl and the rest,
+    in their order, to train.jsonl. Both files appear (atomically) only when the whole dataset
+    passed; a failed check leaves nothing half-written."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, held_out: HeldOut | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.train, self.heldout = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
-        self._tmp = self.train.with_suffix(".jsonl.tmp")
+        self.held_out = held_out or HeldOut()
+        self._tmp = out_dir / "rows.jsonl.tmp"
         self._f = self._tmp.open("wb")
-        self._tail: list[bytes] = []
         self.rows = 0
 
     def write(self, lines: list[bytes]) -> None:
         self.rows += len(lines)
-        tail = self._tail + lines
-        if len(tail) > HELDOUT_MAX:
-            self._f.write(b"\n".join(tail[:-HELDOUT_MAX]) + b"\n")
-            tail = tail[-HELDOUT_MAX:]
-        self._tail = tail
+        if lines:
+            self._f.write(b"\n".join(lines) + b"\n")
 
     def finish(self) -> int:
-        """Close both files; returns the rows held out."""
-        held = heldout_count(self.rows)
-        tail = self._tail
-        self._f.write(b"".join(line + b"\n" for line in tail[: len(tail) - held]))
+        """Split and close both files; returns the rows held out."""
+        import random
+
         self._f.close()
-        tmp = self.heldout.with_suffix(".jsonl.tmp")
-        tmp.write_bytes(b"".join(line + b"\n" for line in tail[len(tail) - held :]))
-        tmp.replace(self.heldout)
-        self._tmp.replace(self.train)
+        held = self.held_out.count(self.rows)
+        chosen = set(random.Random(self.held_out.seed).sample(range(self.rows), held))
+        train_tmp, held_tmp = self.train.with_suffix(".jsonl.tmp"), self.heldout.with_suffix(".jsonl.tmp")
+        with self._tmp.open("rb") as rows, train_tmp.open("wb") as train, held_tmp.open("wb") as heldout:
+            for i, line in enumerate(rows):
+                (heldout if i in chosen else train).write(line)
+        held_tmp.replace(self.heldout)
+        train_tmp.replace(self.train)
+        self._tmp.unlink()
         return held
 
     def abort(self) -> None:
@@ -351,7 +368,7 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
 class _Pass:
     """What one pass over the data gathers, merged block by block in file order."""
 
-    def __init__(self, out_dir: Path, source: str) -> None:
+    def __init__(self, out_dir: Path, source: str, held_out: HeldOut | None = None) -> None:
         self.failures = Failures()
         self.conversion_bad: list[str] = []
         self.conversion_bad_count = 0
@@ -361,7 +378,7 @@ class _Pass:
         self.empty_turns = 0
         self.anomalies: dict[str, int] = {}
         self.sample = Reservoir(MAX_TOKENIZED_ROWS, seed=0)
-        self.writer = SplitWriter(out_dir)
+        self.writer = SplitWriter(out_dir, held_out)
         self.check_seconds, self.check_processes = 0.0, 1
 
     def ok(self) -> bool:
@@ -472,6 +489,7 @@ def validate_dataset(
     split: str = "train",
     columns: dict[str, str] | None = None,
     conversion: str | None = None,
+    held_out: HeldOut | None = None,
 ) -> DatasetReport:
     """Check every row, measure the data, and write the canonical rows to ``out_dir/train.jsonl``
     (converted first when the spec names a conversion: the job trains on what was checked)."""
@@ -493,7 +511,7 @@ def validate_dataset(
     if fmt != "text" and not getattr(tokenizer, "chat_template", None):
         if any(isinstance(v, list) for v in prepared[needed].head(1).map(plain).iloc[0].tolist()):
             raise _chat_template_refusal(source, method)
-    state = _Pass(out_dir, source)
+    state = _Pass(out_dir, source, held_out)
     ahead = list(itertools.islice(blocks, WORKERS_FROM_BLOCKS - 1))
     # starting workers costs about a second: worth it from a few blocks on (some 50k short rows)
     workers = _workers() if len(ahead) == WORKERS_FROM_BLOCKS - 1 else 0
@@ -598,7 +616,11 @@ def _report(
             "(counts over max_length scaled to all rows)"
         )
     if held:
-        warnings.append(f"the last {held} row(s) are held out of training to evaluate the exported model")
+        seed = state.writer.held_out.seed
+        warnings.append(
+            f"{held} row(s), chosen at random (seed {seed}), are held out of training to evaluate the trained "
+            "model against the base model and its GGUF files"
+        )
     return DatasetReport(
         source=source,
         split=split,
@@ -631,5 +653,7 @@ def _report(
         token_counts="estimated" if isinstance(tokenizer, CharEstimateTokenizer) else "measured",
         prepared_path=str(state.writer.train),
         train_rows=rows - held,
+        heldout_rows=held,
+        heldout_source=f"{held} training rows chosen at random (seed {state.writer.held_out.seed})" if held else "",
         heldout_path=str(state.writer.heldout),
     )

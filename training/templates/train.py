@@ -90,6 +90,107 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
+def _prompt_and_completions(row: dict, tokenizer, names: tuple) -> tuple:
+    """The prompt text (generation prompt included) and each named completion's text after it,
+    rendered by the model's own chat template when the row is conversational."""
+    if "text" in row:  # plain text: every token after the first is predicted
+        return "", [row["text"]]
+    if "prompt" not in row and "messages" in row:  # SFT conversations: the last turn is the answer
+        row = {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+    if "prompt" not in row:  # implicit preference pairs: the shared turns are the prompt
+        shared = 0
+        limit = min(len(row["chosen"]), len(row["rejected"])) - 1
+        while shared < limit and row["chosen"][shared] == row["rejected"][shared]:
+            shared += 1
+        row = {**row, "prompt": row["chosen"][:shared], "chosen": row["chosen"][shared:],
+               "rejected": row["rejected"][shared:]}  # fmt: skip
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full = [tokenizer.apply_chat_template(prompt + row[n], tokenize=False) for n in names]
+        return text, [f[len(text):] if f.startswith(text) else f for f in full]
+    return prompt, [row[n] for n in names]
+
+
+def completion_logprob(model, tokenizer, prompt: str, completion: str) -> tuple:
+    """Summed log-probability of the completion's tokens after the prompt, and their count."""
+    import torch
+
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    start = max(len(prompt_ids), 1)  # the first token of a plain text has nothing to predict it
+    if len(ids) <= start:
+        return 0.0, 0
+    tensor = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        logits = model(input_ids=tensor, use_cache=False).logits[0, start - 1 : -1].float()
+    picked = torch.log_softmax(logits, dim=-1).gather(1, tensor[0, start:, None])
+    return float(picked.sum()), len(ids) - start
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, temperature: float = 1.0) -> str:
+    import torch
+
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list, settings: dict) -> dict:
+    """Per held-out row, the numbers the before/after comparison is made of, with the same
+    tokenizer and template for both models: SFT, the completion's mean token loss; DPO, the
+    log-probability margin of chosen over rejected (no reference model: each model judged by
+    itself); GRPO, each reward function's score for a greedy and a sampled completion. Plus
+    greedy generations for the first few prompts, to read side by side."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out: dict = {"per_row": [], "generations": []}
+    torch.manual_seed(settings.get("seed", 0))
+    for i, row in enumerate(rows):
+        if method == "sft":
+            prompt, (completion,) = _prompt_and_completions(row, tokenizer, ("completion",))
+            logp, n = completion_logprob(model, tokenizer, prompt, completion)
+            out["per_row"].append({"loss": -logp / n if n else None, "tokens": n})
+        elif method == "dpo":
+            prompt, (chosen, rejected) = _prompt_and_completions(row, tokenizer, ("chosen", "rejected"))
+            lc, _ = completion_logprob(model, tokenizer, prompt, chosen)
+            lr, _ = completion_logprob(model, tokenizer, prompt, rejected)
+            out["per_row"].append({"margin": lc - lr})
+        else:
+            prompt = row["prompt"]
+            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if isinstance(
+                prompt, list) else prompt  # fmt: skip
+            extra = {k: [v] for k, v in row.items() if k != "prompt"}
+            scores = {}
+            for mode in ("greedy", "sampled"):
+                made = generate(model, tokenizer, text, settings["max_new_tokens"], mode == "sampled",
+                                settings.get("temperature", 1.0))  # fmt: skip
+                completion = [{"role": "assistant", "content": made}] if isinstance(prompt, list) else made
+                for func in reward_funcs:
+                    value = func(prompts=[prompt], completions=[completion], **extra)[0]
+                    scores[f"{func.__name__}/{mode}"] = None if value is None else float(value)
+            out["per_row"].append(scores)
+        if i < settings.get("generations", 3):
+            prompt_text = _prompt_and_completions(row, tokenizer, ())[0] if method != "grpo" else text
+            prompt_text = prompt_text or row.get("text", "")[:40]  # plain text: its opening, continued
+            out["generations"].append(
+                {"prompt": prompt_text, "text": generate(model, tokenizer, prompt_text, settings["max_new_tokens"], False)}
+            )
+    model.train(was_training)
+    return out
+
+
 def checkpoint_complete(folder: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off."""
     try:
@@ -265,9 +366,29 @@ def main() -> int:
         print(f"removing the incomplete {checkpoints[-1].name} (the job was stopped while saving it)", flush=True)
         shutil.rmtree(checkpoints.pop())
     resume = str(checkpoints[-1]) if checkpoints else None
+    heldout = here / CONFIG["heldout"] if CONFIG.get("heldout") else None
+    evaluation = None
+    if heldout is not None and heldout.exists() and heldout.stat().st_size:
+        held_rows = [json.loads(line) for line in heldout.read_text(encoding="utf-8").splitlines() if line.strip()]
+        settings = {
+            "max_new_tokens": int(CONFIG["training"].get("max_completion_length", 48)),
+            "temperature": float(CONFIG["training"].get("temperature", 1.0)),
+            "seed": CONFIG["seed"],
+            **CONFIG.get("evaluation", {}),
+        }
+        funcs = extra.get("reward_funcs", [])
+        began = time.time()  # before training (also when resuming: the weights are still the base's)
+        before = evaluate_model(trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings)
+        evaluation = {"rows": len(held_rows), "before": before, "seconds": time.time() - began}
+        print(f"evaluated the base model on {len(held_rows)} held-out rows", flush=True)
     if resume:
         print(f"resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
+    if evaluation is not None:
+        began = time.time()
+        evaluation["after"] = evaluate_model(trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings)
+        evaluation["seconds"] = round(evaluation["seconds"] + time.time() - began, 3)
+        print(f"evaluated the trained model on {len(held_rows)} held-out rows", flush=True)
 
     # Save into temporary folders and rename, so a crash never leaves a half-written model.
     if peft_config is not None:
@@ -302,6 +423,7 @@ def main() -> int:
             "model_dir": "model",
             "adapter_dir": "adapter" if peft_config else None,
             "measured": getattr(measure, "result", None),
+            "evaluation": evaluation,
         },
     )
     print(f"training finished: {trainer.state.global_step} steps, model in {out / 'model'}", flush=True)

@@ -180,8 +180,12 @@ class HfJobsBackend:
         return "inputs/model" if Path(model_path).is_dir() else model_path
 
     def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
-        files = [p for p in (run_dir / "train.py", run_dir / "data" / "train.jsonl") if p.exists()]
-        items = ["train.py", "data/train.jsonl"]
+        files = [
+            p
+            for p in (run_dir / "train.py", run_dir / "data" / "train.jsonl", run_dir / "data" / "heldout.jsonl")
+            if p.exists()
+        ]
+        items = ["train.py", "data/train.jsonl", "data/heldout.jsonl"]
         if Path(model_path).is_dir():
             model_files = _files_of(Path(model_path))
             files += model_files
@@ -287,7 +291,7 @@ class HfJobsBackend:
             lambda: api.upload_folder(
                 repo_id=staging,
                 folder_path=str(run_dir),
-                allow_patterns=["train.py", "data/train.jsonl", "training_key"],
+                allow_patterns=["train.py", "data/train.jsonl", "data/heldout.jsonl", "training_key"],
                 commit_message=f"inputs of run {request.run_name}",
             ),
             token,

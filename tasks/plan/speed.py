@@ -2,7 +2,7 @@
 
 Every choice carries its reason and yields to the spec: a TRL key the spec's `training` sets
 is kept as given and reported as "set in the spec". The choices (micro-batch and gradient
-checkpointing are the memory model's, in tasks/hardware.py):
+checkpointing are the memory model's, in tasks/plan/hardware.py):
 - batching: rows of similar length share a batch (`train_sampling_strategy: group_by_length`),
   or padding-free batches (`padding_free`) where a varlen attention kernel makes them cheap;
   measured side by side in benchmarks/results/throughput-*.md (`python -m benchmarks.throughput`);
@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.flavors import Flavor
+from tasks.plan.flavors import Flavor
 from tasks.spec import SpecError
 
 Batching = Literal["padded", "grouped", "padding_free", "packed"]

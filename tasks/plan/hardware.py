@@ -16,20 +16,19 @@ The rule, for `hardware: auto`:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from tasks.calibration import load_table
-from tasks.cost import estimate_for, planned_batch, training_steps, training_tokens
 from tasks.errors import UserFacingError
-from tasks.flavors import Catalogue, Flavor, load_catalogue
-from tasks.memory import Architecture, Mode, Workload, memory_breakdown_gb
 from tasks.methods import cut_length
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
 from tasks.money import usd
+from tasks.plan.calibration import load_table
+from tasks.plan.cost import estimate_for, evaluation_work, planned_batch, training_steps, training_tokens
+from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
+from tasks.plan.memory import Architecture, Mode, memory_breakdown_gb, workload_for
+from tasks.plan.speed import SpeedPlan, choose_speed, padding_overhead
 from tasks.run.backends import runs_on_this_machine
 from tasks.spec import RunSpec
-from tasks.speed import SpeedPlan, choose_speed, padding_overhead
 
 GB = 1024**3
 LORA_AUTO_THRESHOLD = 3_000_000_000
@@ -38,68 +37,6 @@ SAFETY_MARGIN = 0.9
 
 class HardwareError(UserFacingError, ValueError):
     """No placement fits; the message says what would."""
-
-
-def local_flavor() -> Flavor:
-    """This machine as a flavor: its GPU if torch sees one, else its CPU, at no cost."""
-    import torch
-
-    from tasks.cost import measured_cpu_flops
-
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        from tasks.cost import measured_gpu_flops
-
-        return Flavor(
-            name="local-cuda",
-            accelerator=props.name,
-            count=1,
-            memory_gb=props.total_memory / GB,
-            ram_gb=ram_gb,
-            vcpus=cpus,
-            bf16=torch.cuda.is_bf16_supported(),
-            peak_tflops=measured_gpu_flops() / 1e12,
-            price_per_hour=0,
-        )
-    return Flavor(
-        name="local-cpu",
-        accelerator=None,
-        count=0,
-        memory_gb=ram_gb,
-        ram_gb=ram_gb,
-        vcpus=cpus,
-        bf16=False,
-        peak_tflops=measured_cpu_flops() / 1e12,
-        price_per_hour=0,
-    )
-
-
-def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any], report: DatasetReport) -> Workload:
-    on_gpu = flavor.is_gpu
-    seq_len = min(cut_length(args, report.max_length), report.tokens.max)
-    extra: dict[str, Any] = {}
-    if spec.method == "grpo":
-        completion = int(args.get("max_completion_length", 256))
-        seq_len = min(report.tokens.max, cut_length(args, report.max_length)) + completion
-        extra = {
-            "num_generations": int(args.get("num_generations", 8)),
-            "completion_len": completion,
-            "reference_model": float(args.get("beta", 0.0)) > 0,
-            "vllm_gpu_fraction": float(args.get("vllm_gpu_memory_utilization", 0.3)) if args.get("use_vllm") else 0.0,
-        }
-    return Workload(
-        method=spec.method,
-        mode=mode,
-        dtype_bytes=2 if (on_gpu and flavor.bf16) else 4,
-        micro_batch=int(args.get("per_device_train_batch_size", 1)),
-        seq_len=max(seq_len, 1),
-        checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
-        fused_attention=on_gpu,
-        lora_dropout=spec.lora.dropout > 0,
-        **extra,
-    )
 
 
 def _global_batch(spec: RunSpec, args: dict[str, Any]) -> tuple[int, list[int]]:
@@ -243,6 +180,7 @@ def _option_with(
         training_steps(report, args),
         overhead,
         int(args.get("gradient_accumulation_steps", 1)),
+        evaluation_work(spec.method, report, args, spec.evaluation.generations),
     )
     problems = []
     if peak > usable:

@@ -4,7 +4,7 @@ hours = start-up + (training tokens x FLOPs per token) / (peak FLOP/s x utilisat
         [+ for GRPO, generating the completions, at a lower utilisation]
 
 - training tokens come from the dataset report (rows x mean tokens x epochs, or max_steps
-  x batch), FLOPs per token from the memory model's architecture (tasks/memory.py);
+  x batch), FLOPs per token from the memory model's architecture (tasks/plan/memory.py);
 - the peak is the flavor's dense bf16 peak from the catalogue, or, on this machine, a
   matrix multiply measured on the spot;
 - utilisation: UTILISATION, by device and by what is trained (assumed on GPUs,
@@ -15,16 +15,15 @@ The range is RANGE_LOW..RANGE_HIGH times the estimate; USD is hours x the hourly
 
 from __future__ import annotations
 
-import time
-from functools import lru_cache
+import math
 from typing import Any
 
-from tasks.calibration import load_table
-from tasks.flavors import Flavor
-from tasks.memory import Architecture, Workload, flops_per_token
 from tasks.methods import cut_length
 from tasks.models import CostEstimate, DatasetReport
 from tasks.money import usd
+from tasks.plan.calibration import load_table
+from tasks.plan.flavors import Flavor, load_catalogue, local_flavor
+from tasks.plan.memory import Architecture, Workload, flops_per_token, workload_for
 from tasks.run.backends import runs_on_this_machine
 
 # Share of the peak a training step achieves, by what is trained. On GPUs an assumption
@@ -46,39 +45,6 @@ DOWNLOAD_BYTES_PER_S = 100e6
 CHECKPOINT_BYTES_PER_PARAM = 2
 
 
-@lru_cache(maxsize=1)
-def measured_cpu_flops(size: int = 1024, trials: int = 3, seconds: float = 0.15) -> float:
-    """Achieved float32 FLOP/s of this machine's CPU on a square matmul: the best of a few
-    short trials, so a busy moment does not halve the estimate."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)  # warm-up
-    best = 0.0
-    for _ in range(trials):
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            torch.mm(a, b)
-            n += 1
-        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
-    return best
-
-
-@lru_cache(maxsize=1)
-def measured_gpu_flops(size: int = 8192, repeats: int = 20) -> float:
-    """Achieved bf16 FLOP/s of this machine's first GPU on a square matmul."""
-    import torch
-
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    a @ a
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
-    torch.cuda.synchronize()
-    return repeats * 2 * size**3 / (time.perf_counter() - start)
-
-
 def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
     """Tokens the trainer will process (each row padded to no more than max_length)."""
     per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
@@ -94,13 +60,26 @@ def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
     return int(rows * per_row)
 
 
+def evaluation_work(method: str, report: DatasetReport, args: dict[str, Any], generations: int) -> tuple[int, int]:
+    """Tokens the before/after evaluation scores and generates, both models together: every
+    held-out row once per model (DPO: chosen and rejected), plus the side-by-side answers (GRPO:
+    a greedy and a sampled completion per row)."""
+    held = report.heldout_rows
+    per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
+    if method == "grpo":
+        return 0, 2 * held * 2 * int(args.get("max_completion_length", 256))
+    answers = min(generations, held) * int(args.get("max_completion_length", 48))
+    return int(2 * held * per_row * (2 if method == "dpo" else 1)), 2 * answers
+
+
 def training_steps(report: DatasetReport, args: dict[str, Any]) -> int:
-    """Optimizer micro-steps: max_steps x accumulation, or rows x epochs / micro-batch."""
+    """Micro-steps: max_steps x accumulation, or rows x epochs / micro-batch (the last batch of an
+    epoch may be short, as the Trainer's is)."""
     batch = int(args.get("per_device_train_batch_size", 1))
     max_steps = int(args.get("max_steps", -1) or -1)
     if max_steps > 0:
         return max_steps * int(args.get("gradient_accumulation_steps", 1))
-    return max(1, int(report.train_rows * float(args.get("num_train_epochs", 1)) / batch))
+    return max(1, math.ceil(report.train_rows * float(args.get("num_train_epochs", 1)) / batch))
 
 
 def estimate_for(
@@ -112,9 +91,12 @@ def estimate_for(
     steps: int = 0,
     padding: float = 1.0,
     accumulation: int = 1,
+    evaluation: tuple[int, int] = (0, 0),
 ) -> CostEstimate:
     """`tokens` are real tokens; `padding` is the tokens computed per real token (the batching's);
-    `steps` are micro-steps. Measured runs of the same flavor, family and mode scale the time."""
+    `steps` are micro-steps; `evaluation` is (tokens scored, tokens generated) by the before/after
+    evaluation, both models together. Measured runs of the same flavor, family and mode scale
+    the training time."""
     correction = load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
     utilisation = UTILISATION["gpu" if flavor.is_gpu else "cpu"][w.mode]
@@ -131,12 +113,16 @@ def estimate_for(
     flops = train_tokens * padding * flops_per_token(arch, w)
     compute_s = flops / (peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S["gpu" if flavor.is_gpu else "cpu"]
     compute_s *= factor
+    scored, generated = evaluation
+    evaluation_s = scored * 2 * arch.matmul_params / (peak * utilisation) + generated * 2 * arch.matmul_params / (
+        peak * GENERATION_UTILISATION["hf"]
+    )
     if runs_on_this_machine(backend):
         startup_s = LOCAL_STARTUP_S
     else:
         # the job downloads the checkpoint (16-bit on the Hub, whatever it trains in) and writes one back
         startup_s = CLOUD_STARTUP_S + 2 * arch.params * CHECKPOINT_BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
-    hours = (compute_s + startup_s) / 3600
+    hours = (compute_s + evaluation_s + startup_s) / 3600
     price = flavor.price_per_hour
     basis = (
         f"{int(train_tokens):,} training tokens"
@@ -146,6 +132,11 @@ def estimate_for(
         + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s at {utilisation:.0%} utilisation"
         + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
         + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
+        + (
+            f"; evaluation before and after: {scored:,} tokens scored, {generated:,} generated ({evaluation_s:.0f} s)"
+            if scored or generated
+            else ""
+        )
         + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
     )
     return CostEstimate(
@@ -156,7 +147,8 @@ def estimate_for(
         utilisation=utilisation,
         startup_s=startup_s,
         compute_s=compute_s,
-        optimizer_steps=max(1, steps // max(1, accumulation)),
+        evaluation_s=evaluation_s,
+        optimizer_steps=max(1, math.ceil(steps / max(1, accumulation))),
         time_factor=factor,
         calibration=(
             f"time x{factor:.2f}: measured / estimated on {correction.runs} earlier {flavor.name} "
@@ -185,9 +177,6 @@ def planned_batch(plan: Any) -> dict[str, Any]:
 
 def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args: dict[str, Any]) -> CostEstimate:
     """The estimate for the placement the hardware stage chose."""
-    from tasks.flavors import load_catalogue
-    from tasks.hardware import local_flavor, workload_for
-
     flavor = local_flavor() if runs_on_this_machine(spec.backend) else load_catalogue(spec.flavors).get(plan.flavor)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     args = {**args, **planned_batch(plan)}
@@ -201,6 +190,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
         training_steps(report, args),
         plan.padding_overhead,
         plan.accumulation,
+        evaluation_work(spec.method, report, args, spec.evaluation.generations),
     )
     if report.token_counts == "estimated":
         cost = cost.model_copy(

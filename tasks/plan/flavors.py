@@ -1,4 +1,4 @@
-"""The hardware flavor catalogue: shipped data (tasks/flavors.yaml) plus user overrides.
+"""The hardware flavor catalogue: shipped data (tasks/plan/flavors.yaml) plus user overrides.
 
 Overrides come from a YAML file named by FINETUNE_FLAVORS_FILE (same shape as the shipped
 one) and from the spec's `flavors:` mapping, in that order. An override of a known flavor
@@ -8,6 +8,8 @@ may change any field (typically `price_per_hour`); a new flavor must give every 
 from __future__ import annotations
 
 import os
+import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tasks.errors import UserFacingError
 from tasks.money import usd
 
+GB = 1024**3
 CATALOGUE_FILE = Path(__file__).resolve().parent / "flavors.yaml"
 
 
@@ -92,3 +95,68 @@ def load_catalogue(spec_overrides: dict[str, Any] | None = None) -> Catalogue:
             problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             raise CatalogueError(f"flavor '{name}' is incomplete or invalid: {problems}") from None
     return Catalogue(source=source, prices_read=str(data["prices_read"]), flavors=built)
+
+
+@lru_cache(maxsize=1)
+def measured_cpu_flops(size: int = 1024, trials: int = 3, seconds: float = 0.15) -> float:
+    """Achieved float32 FLOP/s of this machine's CPU on a square matmul: the best of a few
+    short trials, so a busy moment does not halve the estimate."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    best = 0.0
+    for _ in range(trials):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
+
+
+@lru_cache(maxsize=1)
+def measured_gpu_flops(size: int = 8192, repeats: int = 20) -> float:
+    """Achieved bf16 FLOP/s of this machine's first GPU on a square matmul."""
+    import torch
+
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    torch.cuda.synchronize()
+    return repeats * 2 * size**3 / (time.perf_counter() - start)
+
+
+def local_flavor() -> Flavor:
+    """This machine as a flavor: its GPU if torch sees one, else its CPU, at no cost."""
+    import torch
+
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return Flavor(
+            name="local-cuda",
+            accelerator=props.name,
+            count=1,
+            memory_gb=props.total_memory / GB,
+            ram_gb=ram_gb,
+            vcpus=cpus,
+            bf16=torch.cuda.is_bf16_supported(),
+            peak_tflops=measured_gpu_flops() / 1e12,
+            price_per_hour=0,
+        )
+    return Flavor(
+        name="local-cpu",
+        accelerator=None,
+        count=0,
+        memory_gb=ram_gb,
+        ram_gb=ram_gb,
+        vcpus=cpus,
+        bf16=False,
+        peak_tflops=measured_cpu_flops() / 1e12,
+        price_per_hour=0,
+    )

@@ -26,6 +26,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.methods import cut_length
+from tasks.models import DatasetReport
+from tasks.plan.flavors import Flavor
+from tasks.spec import RunSpec
+
 GB = 1024**3
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantized absmax per 64-value block
 LOGIT_BYTES_PER_ENTRY = 12  # calibrated: float32 logits, their gradient, the loss's softmax
@@ -262,3 +267,29 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     if w.method == "dpo" or (w.method == "grpo" and w.reference_model):
         total += forward  # the reference forward (with LoRA: the same model, adapter switched off)
     return float(total)
+
+
+def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any], report: DatasetReport) -> Workload:
+    on_gpu = flavor.is_gpu
+    seq_len = min(cut_length(args, report.max_length), report.tokens.max)
+    extra: dict[str, Any] = {}
+    if spec.method == "grpo":
+        completion = int(args.get("max_completion_length", 256))
+        seq_len = min(report.tokens.max, cut_length(args, report.max_length)) + completion
+        extra = {
+            "num_generations": int(args.get("num_generations", 8)),
+            "completion_len": completion,
+            "reference_model": float(args.get("beta", 0.0)) > 0,
+            "vllm_gpu_fraction": float(args.get("vllm_gpu_memory_utilization", 0.3)) if args.get("use_vllm") else 0.0,
+        }
+    return Workload(
+        method=spec.method,
+        mode=mode,
+        dtype_bytes=2 if (on_gpu and flavor.bf16) else 4,
+        micro_batch=int(args.get("per_device_train_batch_size", 1)),
+        seq_len=max(seq_len, 1),
+        checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
+        fused_attention=on_gpu,
+        lora_dropout=spec.lora.dropout > 0,
+        **extra,
+    )

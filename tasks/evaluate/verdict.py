@@ -1,0 +1,175 @@
+"""The before/after comparison and its verdict, from the per-row numbers the training script
+measured on the held-out rows (the same rows, tokenizer and template for both models).
+
+Each method has one primary score per row, oriented so that higher is better:
+- SFT: minus the completion's mean token loss (perplexity is its exponential);
+- DPO: the log-probability margin of the chosen answer over the rejected one;
+- GRPO: the sum of the reward functions' scores for a greedy completion.
+The change is the mean over rows of (trained - base); its noise band is `sigmas` standard
+errors of that mean (rows paired, so what varies from row to row cancels). Beyond the band
+the verdict is improved or worse; within it, no change.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Verdict = Literal["improved", "no change", "worse"]
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class MetricComparison(Frozen):
+    name: str
+    base: float | None
+    trained: float | None
+    better: Literal["lower", "higher"]
+
+
+class GenerationPair(Frozen):
+    prompt: str
+    base: str
+    trained: str
+
+
+class EvaluationResult(Frozen):
+    method: str
+    rows: int = Field(description="held-out rows both models were scored on")
+    seconds: float = Field(description="evaluation time inside the job, both models")
+    primary: str = Field(description="the score the verdict is on")
+    base_score: float
+    trained_score: float
+    change: float = Field(description="mean paired change of the primary score, positive = better")
+    noise_band: float = Field(description="+- this much is within noise")
+    relative_change: float = Field(description="change / |base score|")
+    verdict: Verdict
+    metrics: list[MetricComparison]
+    generations: list[GenerationPair] = Field(default_factory=list)
+
+    def sentence(self) -> str:
+        sign = "+" if self.change >= 0 else ""
+        return (
+            f"{self.verdict}: {self.primary} {self.base_score:.4g} -> {self.trained_score:.4g} "
+            f"(change {sign}{self.change:.4g}, noise band +-{self.noise_band:.2g}, {self.rows} held-out rows)"
+        )
+
+
+class EvaluationError(ValueError):
+    """The script's evaluation record cannot be read."""
+
+
+def _primary(method: str, row: dict[str, Any]) -> float | None:
+    if method == "sft":
+        return None if row.get("loss") is None else -float(row["loss"])
+    if method == "dpo":
+        return float(row["margin"])
+    greedy = [v for k, v in row.items() if k.endswith("/greedy")]
+    return None if not greedy or any(v is None for v in greedy) else float(sum(greedy))
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _metrics(method: str, before: list[dict], after: list[dict]) -> tuple[str, list[MetricComparison]]:
+    if method == "sft":
+
+        def weighted(rows: list[dict]) -> float | None:
+            counted = [(r["loss"], r["tokens"]) for r in rows if r.get("loss") is not None and r.get("tokens")]
+            total = sum(n for _, n in counted)
+            return sum(loss * n for loss, n in counted) / total if total else None
+
+        b, a = weighted(before), weighted(after)
+        return "completion log-likelihood per token", [
+            MetricComparison(name="completion loss (per token)", base=b, trained=a, better="lower"),
+            MetricComparison(
+                name="perplexity",
+                base=math.exp(b) if b is not None else None,
+                trained=math.exp(a) if a is not None else None,
+                better="lower",
+            ),
+        ]
+    if method == "dpo":
+        return "chosen-over-rejected log-probability margin", [
+            MetricComparison(
+                name="preference accuracy",
+                base=_mean([float(r["margin"] > 0) for r in before]),
+                trained=_mean([float(r["margin"] > 0) for r in after]),
+                better="higher",
+            ),
+            MetricComparison(
+                name="mean margin (log-prob)",
+                base=_mean([r["margin"] for r in before]),
+                trained=_mean([r["margin"] for r in after]),
+                better="higher",
+            ),
+        ]
+    names = sorted({k for r in before + after for k in r})
+    return "sum of greedy rewards", [
+        MetricComparison(
+            name=f"{name} (mean)",
+            base=_mean([r[name] for r in before if r.get(name) is not None]),
+            trained=_mean([r[name] for r in after if r.get(name) is not None]),
+            better="higher",
+        )
+        for name in names
+    ]
+
+
+def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> EvaluationResult:
+    """The comparison from train_result.json's `evaluation` record."""
+    try:
+        before, after = record["before"]["per_row"], record["after"]["per_row"]
+    except (KeyError, TypeError) as e:
+        raise EvaluationError(f"the evaluation record lacks {e}: the job did not evaluate both models") from None
+    if len(before) != len(after):
+        raise EvaluationError(f"{len(before)} base rows but {len(after)} trained rows: not the same held-out rows")
+    pairs = [
+        (b, a)
+        for b, a in ((_primary(method, rb), _primary(method, ra)) for rb, ra in zip(before, after, strict=True))
+        if b is not None and a is not None
+    ]
+    if not pairs:
+        raise EvaluationError("no held-out row could be scored by both models")
+    changes = [a - b for b, a in pairs]
+    change = statistics.fmean(changes)
+    band = sigmas * statistics.stdev(changes) / math.sqrt(len(changes)) if len(changes) > 1 else 0.0
+    verdict: Verdict = "improved" if change > band else "worse" if change < -band else "no change"
+    base_score = statistics.fmean(b for b, _ in pairs)
+    primary, metrics = _metrics(method, before, after)
+    generations = [
+        GenerationPair(prompt=g["prompt"], base=g["text"], trained=t["text"])
+        for g, t in zip(record["before"].get("generations", []), record["after"].get("generations", []), strict=False)
+    ]
+    return EvaluationResult(
+        method=method,
+        rows=len(pairs),
+        seconds=round(float(record.get("seconds", 0.0)), 2),
+        primary=primary,
+        base_score=base_score,
+        trained_score=statistics.fmean(a for _, a in pairs),
+        change=change,
+        noise_band=band,
+        # relative to the base's score; a base of (nearly) 0 makes any change large, as it should
+        relative_change=max(-1e6, min(1e6, change / max(abs(base_score), 1e-6))),
+        verdict=verdict,
+        metrics=metrics,
+        generations=generations,
+    )
+
+
+def blocks_publish(result: EvaluationResult, max_regression: float | None) -> str | None:
+    """Why the publish must stop (a regression beyond the spec's threshold), or None."""
+    if max_regression is None or result.verdict != "worse" or -result.relative_change <= max_regression:
+        return None
+    return (
+        f"the trained model is worse than its base: {result.sentence()}; that is {-result.relative_change:.1%} "
+        f"worse, beyond evaluation.max_regression {max_regression:.1%}. Nothing was published. Check the data and "
+        "the learning rate; to publish anyway set evaluation.max_regression: null (or a larger share)"
+    )

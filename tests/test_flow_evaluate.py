@@ -1,0 +1,76 @@
+"""The before/after verdict on real training runs of the tiny model: a learning rate of 0 is
+no change, and a run that harms a competent model is worse and publishes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import plan_run
+from flows.sft import sft
+from tasks.spec import load_spec, parse_spec
+from tasks.stages import PublishStopped, evaluate
+from tests.conftest import EXAMPLES
+
+CHAT = EXAMPLES / "data" / "sft_chat.jsonl"
+
+
+def _train_by_hand(spec, out: Path, max_steps: int | None = None) -> Path:
+    plan = plan_run(spec)
+    command = [sys.executable, plan.script.path, "--output-dir", str(out)]
+    command += ["--max-steps", str(max_steps)] if max_steps else []
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_a_learning_rate_of_zero_is_no_change(tmp_path):
+    spec = load_spec(
+        EXAMPLES / "sft-tiny.yaml",
+        {"name": "lr0", "training": {"learning_rate": 0.0}, "outputs": {"hub_repo": None, "gguf": []}},
+    )
+    out = _train_by_hand(spec, tmp_path / "lr0", max_steps=4)
+    result = evaluate(out, "sft", 2.0)
+    assert result.verdict == "no change" and result.change == 0 and result.rows == 20
+    assert [g.base for g in result.generations] == [g.trained for g in result.generations]
+
+
+def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefect_server, tmp_path):
+    # a competent base: the demo's training on the clean rows
+    base = _train_by_hand(
+        load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "clean-base", "outputs": {"hub_repo": None, "gguf": []}}),
+        tmp_path / "base",
+    )
+    # the harmful data: every question answered with the same useless words (answers shuffled
+    # between rows keep the "a + b = c" form and moved the held-out loss within noise: measured)
+    rows = [json.loads(line) for line in CHAT.read_text().splitlines()]
+    useless = {"role": "assistant", "content": "no idea, sorry"}
+    shuffled = tmp_path / "useless.jsonl"
+    shuffled.write_text("".join(json.dumps({"messages": r["messages"][:-1] + [useless]}) + "\n" for r in rows))
+    published = tmp_path / "published"
+    spec = parse_spec(
+        {
+            "name": "harmful",
+            "model": str(base / "model"),
+            "dataset": str(shuffled),
+            "lora": False,
+            "evaluation": {"dataset": str(CHAT)},  # judged on the clean rows
+            "training": {"learning_rate": 3e-3, "max_steps": 30, "per_device_train_batch_size": 8, "max_length": 128},
+            "budget": {"max_usd": 5, "auto_approve_usd": 1},
+            "outputs": {"hub_repo": str(published), "gguf": ["q8_0"]},
+        }
+    )
+    with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published"):
+        sft(spec=spec)
+    from tasks.rundir import runs_root
+
+    report = json.loads((runs_root() / "harmful" / "report.json").read_text())
+    assert report["evaluation"]["verdict"] == "worse" and report["evaluation"]["rows"] == 64
+    stages = {s["stage"]: s["status"] for s in report["stages"]}
+    assert stages["evaluate"] == "failed" and stages["convert_gguf"] == stages["push_to_hub"] == "not run"
+    assert not published.exists()
+    assert "**Verdict: worse.**" in (runs_root() / "harmful" / "report.md").read_text()
