@@ -291,6 +291,8 @@ def summary_text(s: RunSummary) -> str:
             first, last = s.job.losses[0], s.job.losses[-1]
             out.append(f"  loss: {first.loss:.4f} (step {first.step}) -> {last.loss:.4f} (step {last.step})")
         out += [f"  {line}" for line in signal_lines(s)]
+    if s.evaluation is not None:
+        out.append(f"  did it help? {s.evaluation.sentence()}")
     out.append("  stages:")
     for st in s.stages:
         detail = st.detail.splitlines()[0] if st.detail else ""

@@ -88,7 +88,7 @@ def _option(
     if not flavor.is_gpu and spec.method == "sft" and len(micros) > 1:
         # On a CPU a bigger micro-batch buys no parallelism, only padding: the split the time
         # model (padding simulated on the measured lengths, a fixed cost per forward pass) says
-        # is fastest. Measured on 2 cores, realistic chat rows: micro-batch 1 ran 3.2x TRL's
+        # is fastest. Measured on 2 cores, realistic chat rows: micro-batch 1 ran 2.9-3.2x TRL's
         # defaults, 2 2.7x, 4 1.8x (benchmarks/results/throughput-tiny-full-cpu.md).
         timed = [(m, *attempt(m, False)) for m in micros]
         fitting = [t for t in timed if t[1].peak_memory_gb <= t[1].usable_memory_gb] or timed
