@@ -68,7 +68,9 @@ def test_the_grpo_example_runs_alone_and_chains_its_sft_warm_up(prefect_server, 
     assert len(rewards) >= 10 and "train/rewards/exact_answer/mean" in logged[-1]
     start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert end > start + 0.2, rewards
-    assert summary.evaluation.verdict == "improved" and summary.evaluation.rows == 20, summary.evaluation  # measured here: 0.11 -> 1.03 (a learning-rate-0 control stays at 0.04-0.08)
+    assert summary.evaluation.verdict == "improved" and summary.evaluation.rows == 20, (
+        summary.evaluation
+    )  # measured here: 0.11 -> 1.03 (a learning-rate-0 control stays at 0.04-0.08)
 
 
 def test_a_chained_spec_plans_before_its_model_exists_and_a_missing_folder_is_explained(tmp_path):

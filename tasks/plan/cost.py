@@ -166,6 +166,30 @@ def estimate_for(
     )
 
 
+def estimate_run(
+    spec: Any,
+    arch: Architecture,
+    w: Workload,
+    flavor: Flavor,
+    report: DatasetReport,
+    args: dict[str, Any],
+    padding: float,
+) -> CostEstimate:
+    """The estimate for one placement, with the run's tokens, micro-steps and evaluation work
+    read from its training arguments (the batch split in them)."""
+    return estimate_for(
+        arch,
+        w,
+        training_tokens(report, args),
+        flavor,
+        spec.backend,
+        training_steps(report, args),
+        padding,
+        int(args.get("gradient_accumulation_steps", 1)),
+        evaluation_work(spec.method, report, args, spec.evaluation.generations),
+    )
+
+
 def planned_batch(plan: Any) -> dict[str, Any]:
     """The training arguments the hardware stage decided from its memory model."""
     return {
@@ -181,17 +205,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     args = {**args, **planned_batch(plan)}
     w = workload_for(spec, flavor, plan.mode, args, report)
-    cost = estimate_for(
-        arch,
-        w,
-        training_tokens(report, args),
-        flavor,
-        spec.backend,
-        training_steps(report, args),
-        plan.padding_overhead,
-        plan.accumulation,
-        evaluation_work(spec.method, report, args, spec.evaluation.generations),
-    )
+    cost = estimate_run(spec, arch, w, flavor, report, args, plan.padding_overhead)
     if report.token_counts == "estimated":
         cost = cost.model_copy(
             update={"basis": "TOKENS ESTIMATED (the tokenizer cannot encode; see the dataset warnings); " + cost.basis}

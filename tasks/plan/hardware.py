@@ -23,7 +23,7 @@ from tasks.methods import cut_length
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
 from tasks.money import usd
 from tasks.plan.calibration import load_table
-from tasks.plan.cost import estimate_for, evaluation_work, planned_batch, training_steps, training_tokens
+from tasks.plan.cost import estimate_run, planned_batch
 from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
 from tasks.plan.memory import Architecture, Mode, memory_breakdown_gb, workload_for
 from tasks.plan.speed import SpeedPlan, choose_speed, padding_overhead
@@ -171,17 +171,7 @@ def _option_with(
         micro * int(args.get("gradient_accumulation_steps", 1)),
         speed.batching,
     )
-    cost = estimate_for(
-        arch,
-        w,
-        training_tokens(report, args),
-        flavor,
-        spec.backend,
-        training_steps(report, args),
-        overhead,
-        int(args.get("gradient_accumulation_steps", 1)),
-        evaluation_work(spec.method, report, args, spec.evaluation.generations),
-    )
+    cost = estimate_run(spec, arch, w, flavor, report, args, overhead)
     problems = []
     if peak > usable:
         problems.append(f"needs {peak:.1f} GB, has {usable:.1f} GB usable")

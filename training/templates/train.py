@@ -102,13 +102,13 @@ def _prompt_and_completions(row: dict, tokenizer, names: tuple) -> tuple:
         limit = min(len(row["chosen"]), len(row["rejected"])) - 1
         while shared < limit and row["chosen"][shared] == row["rejected"][shared]:
             shared += 1
-        row = {**row, "prompt": row["chosen"][:shared], "chosen": row["chosen"][shared:],
-               "rejected": row["rejected"][shared:]}  # fmt: skip
+        row = {**row, "prompt": row["chosen"][:shared], "chosen": row["chosen"][shared:]}
+        row["rejected"] = row["rejected"][shared:]
     prompt = row["prompt"]
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         full = [tokenizer.apply_chat_template(prompt + row[n], tokenize=False) for n in names]
-        return text, [f[len(text):] if f.startswith(text) else f for f in full]
+        return text, [f[len(text) :] if f.startswith(text) else f for f in full]
     return prompt, [row[n] for n in names]
 
 
@@ -169,13 +169,14 @@ def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list
             out["per_row"].append({"margin": lc - lr})
         else:
             prompt = row["prompt"]
-            text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) if isinstance(
-                prompt, list) else prompt  # fmt: skip
+            text = prompt
+            if isinstance(prompt, list):
+                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             extra = {k: [v] for k, v in row.items() if k != "prompt"}
             scores = {}
             for mode in ("greedy", "sampled"):
-                made = generate(model, tokenizer, text, settings["max_new_tokens"], mode == "sampled",
-                                settings.get("temperature", 1.0))  # fmt: skip
+                sample, temperature = mode == "sampled", settings.get("temperature", 1.0)
+                made = generate(model, tokenizer, text, settings["max_new_tokens"], sample, temperature)
                 completion = [{"role": "assistant", "content": made}] if isinstance(prompt, list) else made
                 for func in reward_funcs:
                     value = func(prompts=[prompt], completions=[completion], **extra)[0]
@@ -185,7 +186,10 @@ def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list
             prompt_text = _prompt_and_completions(row, tokenizer, ())[0] if method != "grpo" else text
             prompt_text = prompt_text or row.get("text", "")[:40]  # plain text: its opening, continued
             out["generations"].append(
-                {"prompt": prompt_text, "text": generate(model, tokenizer, prompt_text, settings["max_new_tokens"], False)}
+                {
+                    "prompt": prompt_text,
+                    "text": generate(model, tokenizer, prompt_text, settings["max_new_tokens"], False),
+                }
             )
     model.train(was_training)
     return out
