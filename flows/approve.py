@@ -1,4 +1,8 @@
-"""Approve or decline a run paused for approval: `python -m flows.approve RUN [--reject]`.
+"""Answer a paused run: `python -m flows.approve RUN [--reject]`.
+
+A run pauses for two decisions: a spend above the auto-approval threshold (approve or
+decline), and a trained model that came out worse than its base (publish anyway, with
+`--publish` or plain approval, or stop with `--reject`). The run's approval.json says which.
 
 RUN is the run's name (its folder under runs/) or the Prefect flow run id. The answer goes
 through Prefect's `resume_flow_run` with the same typed input the UI form sends, so it
@@ -19,26 +23,33 @@ import uuid
 from tasks.rundir import runs_root
 
 
-def flow_run_id_for(run: str) -> str:
+def paused_run(run: str) -> tuple[str, str]:
+    """The flow run id and what it waits for ("spend" or "publish")."""
     try:
-        return str(uuid.UUID(run))
+        return str(uuid.UUID(run)), "spend"
     except ValueError:
         pass
     record = runs_root() / run / "approval.json"
     if not record.exists():
         raise SystemExit(
             f"no paused run named '{run}': {record} does not exist (the flow writes it when it pauses "
-            "for approval). Give the flow run id instead, or check the run name."
+            "for a decision). Give the flow run id instead, or check the run name."
         )
-    return json.loads(record.read_text())["flow_run_id"]
+    found = json.loads(record.read_text())
+    return found["flow_run_id"], found.get("kind", "spend")
+
+
+def flow_run_id_for(run: str) -> str:
+    return paused_run(run)[0]
 
 
 def approve(run: str, approve: bool, reason: str = "", max_usd: float | None = None) -> str:
     from prefect.flow_runs import resume_flow_run
 
-    flow_run_id = flow_run_id_for(run)
-    run_input = {"approve": approve, "reason": reason}
-    if max_usd is not None:
+    flow_run_id, kind = paused_run(run)
+    run_input: dict = {"publish": approve, "reason": reason} if kind == "publish" else {"approve": approve}
+    run_input["reason"] = reason
+    if max_usd is not None and kind == "spend":
         run_input["max_usd"] = max_usd
     resume_flow_run(uuid.UUID(flow_run_id), run_input=run_input)
     return flow_run_id
@@ -49,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m flows.approve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("run", help="run name (runs/<name>) or Prefect flow run id")
-    p.add_argument("--reject", action="store_true", help="decline the run instead of approving it")
+    p.add_argument("--reject", action="store_true", help="decline the spend, or stop the publish of a worse model")
+    p.add_argument("--publish", action="store_true", help="publish a model that came out worse (the default answer)")
     p.add_argument("--reason", default="", help="why; recorded in the run's report")
     p.add_argument("--max-usd", type=float, default=None, help="a new spending cap for this run")
     args = p.parse_args(argv)
+    if args.reject and args.publish:
+        p.error("--publish and --reject contradict each other; give one")
     try:
         flow_run_id = approve(args.run, not args.reject, args.reason, args.max_usd)
     except SystemExit:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import artifacts
-from tasks.approval import request_approval
+from tasks.approval import request_approval, request_publish_decision
 from tasks.atomic import write_text
 from tasks.cache import (
     call_cached,
@@ -39,8 +39,8 @@ from tasks.run.training import TrainingFailed, trained_problems, training_key
 from tasks.rundir import default_run_name, prepare_run_dir
 from tasks.script import script_config
 from tasks.spec import RUN_NAME_PATTERN, RunSpec, SpecError
+from tasks.stages import _log as log_stage
 from tasks.stages import (
-    PublishStopped,
     build_script_task,
     check_account_task,
     check_rewards_task,
@@ -53,7 +53,6 @@ from tasks.stages import (
     train_task,
     validate_dataset_task,
 )
-from tasks.stages import _log as log_stage
 
 SECRET_LIKE = ("token", "password", "secret", "api_key")
 PLAN_STAGES = ("validate_dataset", "select_hardware", "estimate_cost", "build_script")
@@ -126,6 +125,15 @@ def evaluation_rows(spec: RunSpec, method: Any, model_path: str, report: Any, ar
     )
 
 
+def baseline_path(spec: RunSpec, model_path: str, heldout_rows: int) -> str | None:
+    """The model the trained one is also compared with (a recipe's base), when it is not the
+    model this run starts from and there are rows to compare on."""
+    if spec.evaluation.baseline is None or heldout_rows == 0:
+        return None
+    path = resolve_model(spec.evaluation.baseline)
+    return None if path == model_path else path
+
+
 def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool = False) -> RunPlan:
     """Validate, size, price and script the run; nothing is submitted."""
 
@@ -136,8 +144,8 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     _check_training_keys(spec)
     run_name = spec.name or default_run_name(spec)
     run_dir = prepare_run_dir(spec, run_name, runs_root)
-    planning_model, notes = model_for_planning(spec)
-    model_path = resolve_model(planning_model)
+    notes: list[str] = []
+    model_path = resolve_model(spec.model)
     args = base_arguments(method, spec.training)
     report = stage(validate_dataset_task)(
         spec.dataset,
@@ -175,8 +183,11 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         config["private"] = spec.outputs.private
     if rewards:
         config["rewards"] = [r.model_dump() for r in rewards]
+    baseline = baseline_path(spec, model_path, report.heldout_rows)
+    if baseline is not None:
+        config["evaluation"]["baseline"] = backend.model_reference(baseline, slot="baseline")
     script = stage(build_script_task)(method, config, run_dir)
-    inputs = backend.planned_inputs(run_dir, model_path)
+    inputs = backend.planned_inputs(run_dir, model_path, baseline)
     if inputs is not None:
         cost = cost.model_copy(
             update={
@@ -190,6 +201,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         method=spec.method,
         model=spec.model,
         model_path=model_path,
+        baseline_path=baseline,
         dataset=report,
         hardware=hardware,
         cost=cost,
@@ -200,48 +212,6 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     )
     write_text(run_dir / "plan.json", plan.model_dump_json(indent=2))
     return plan
-
-
-def _missing_folder(model: str) -> bool:
-    return Path(model).is_absolute() and not Path(model).exists()
-
-
-def model_for_planning(spec: RunSpec) -> tuple[str, list[str]]:
-    """The model to size and price with. A chained spec whose model folder does not exist yet
-    is planned with the base model of the spec that produces it (same architecture)."""
-    if not (spec.requires and _missing_folder(spec.model)):
-        return spec.model, []
-    from tasks.spec import load_spec
-
-    first = load_spec(spec.requires[0])
-    base, notes = model_for_planning(first)
-    names = ", ".join(Path(r).name for r in spec.requires)
-    note = (
-        f"model {spec.model} does not exist yet: {names} produce(s) it and run(s) first in a real run; "
-        f"planned with its base model {first.model}"
-    )
-    return base, [*notes, note]
-
-
-def run_prerequisites(spec: RunSpec, **options: Any) -> list[RunSummary]:
-    """Run the specs in `requires` (each a whole lifecycle) when this run's model is missing."""
-    if not (spec.requires and _missing_folder(spec.model)):
-        return []
-    from tasks.spec import load_spec
-
-    done = []
-    for i, path in enumerate(spec.requires):
-        required = load_spec(path)
-        if required.name is None:  # its own name, never this run's (each run holds its own lock)
-            required = required.model_copy(update={"name": f"{default_run_name(required)}-pre{i}"})
-        print(f"model {spec.model} does not exist yet: running {Path(path).name} first ({required.method})")
-        done.append(run_lifecycle(required, **options))
-    if _missing_folder(spec.model):
-        raise SpecError(
-            f"{', '.join(Path(r).name for r in spec.requires)} ran but did not produce {spec.model}: its "
-            "outputs.hub_repo must be that folder"
-        )
-    return done
 
 
 def _outputs(plan: RunPlan, summary_fields: dict[str, Any]) -> dict[str, str]:
@@ -330,10 +300,6 @@ def _run_lifecycle(
     approve_up_to_usd: float | None,
     poll_s: float | None,
 ) -> RunSummary:
-    if not dry_run:
-        run_prerequisites(
-            spec, approval_timeout_s=approval_timeout_s, approve_up_to_usd=approve_up_to_usd, poll_s=poll_s
-        )
     plan = plan_run(spec, under_prefect=True)
     stages = plan_outcomes(plan)
     artifacts.markdown(artifacts.artifact_key("plan", plan.run_name), plan_markdown(plan), description="the plan")
@@ -382,15 +348,18 @@ def _run_lifecycle(
             StageOutcome(stage="fetch_artifacts", status=status, detail=trained.result.model_dir),
         ]
         current = "evaluate"
-        evaluation = evaluate_task(run_dir, spec.method, spec.evaluation.noise_sigmas, plan.run_name)
+        evaluation = evaluate_task(
+            run_dir, spec.method, spec.evaluation.noise_sigmas, plan.run_name, spec.evaluation.baseline
+        )
         fields["evaluation"] = evaluation
         if evaluation is None:
             stages.append(StageOutcome(stage="evaluate", status="skipped", detail="no held-out rows"))
         else:
+            detail = evaluation.sentence()
             stopped = blocks_publish(evaluation, spec.evaluation.max_regression)
-            if stopped:
-                raise PublishStopped(stopped)
-            stages.append(StageOutcome(stage="evaluate", status="passed", detail=evaluation.sentence()))
+            if stopped:  # a person decides where one can answer; otherwise nothing is published
+                detail += "; " + request_publish_decision(stopped, plan.run_name, run_dir, approval_timeout_s)
+            stages.append(StageOutcome(stage="evaluate", status="passed", detail=detail))
         current = "convert_gguf"
         gguf, hit = run_cached(
             convert_gguf_task,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefect.input import RunInput
+from pydantic import Field
 
 from tasks.errors import UserFacingError
 from tasks.models import Approval, CostEstimate
@@ -27,6 +28,17 @@ class BudgetExceeded(UserFacingError, RuntimeError):
 
 class NotApproved(UserFacingError, RuntimeError):
     """A person declined the run, or nobody answered before the timeout."""
+
+
+class PublishStopped(UserFacingError, RuntimeError):
+    """The trained model is worse than its base beyond the spec's threshold: nothing is published."""
+
+
+class PublishDecision(RunInput):
+    """The form shown when a trained model came out worse than its base: publish it anyway?"""
+
+    publish: bool = Field(False, description="publish the worse model anyway (GGUF files, model card, push)")
+    reason: str = Field("", description="why; recorded in the run's report")
 
 
 class ApprovalInput(RunInput):
@@ -143,13 +155,10 @@ def request_approval(
             raise NotApproved("declined at the terminal")
         raise NotApproved(how_to_approve(run_name, cost))
 
-    from prefect.context import FlowRunContext
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
-    ctx = FlowRunContext.get()
-    if ctx is not None and ctx.flow_run is not None:  # lets `flows.approve <run-name>` find the pause
-        (run_dir / "approval.json").write_text(json.dumps({"flow_run_id": str(ctx.flow_run.id), "run": run_name}))
+    _record_pause(run_dir, run_name, "spend")
     description = (
         f"Run `{run_name}` is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
         f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd {usd(budget.auto_approve_usd)}. "
@@ -167,3 +176,50 @@ def request_approval(
     except FlowPauseTimeout:
         raise NotApproved(f"no approval within {timeout_s} s; the run was not started") from None
     return decision_from_input(answer, cost, budget)
+
+
+def _record_pause(run_dir: Path, run_name: str, kind: str) -> None:
+    """Lets `flows.approve <run-name>` find the paused flow run and send the right form."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        record = {"flow_run_id": str(ctx.flow_run.id), "run": run_name, "kind": kind}
+        (run_dir / "approval.json").write_text(json.dumps(record))
+
+
+def request_publish_decision(
+    why: str, run_name: str, run_dir: Path, timeout_s: int, poll_s: int = 2, interactive: bool | None = None
+) -> str:
+    """A regression beyond the spec's threshold stops the publish, unless a person says to go
+    on: through a pause with the typed `PublishDecision` form when a Prefect server is there
+    (UI, `flows.approve RUN --publish`, REST), or at an interactive terminal. Returns the
+    decision to record; raises PublishStopped otherwise."""
+    if not has_api_server():
+        if interactive if interactive is not None else sys.stdin.isatty():
+            print(f"\n{why}", file=sys.stderr)
+            if input("Publish this model anyway? [y/N] ").strip().lower() in ("y", "yes"):
+                return "published anyway: decided at the terminal"
+        raise PublishStopped(why)
+    from prefect.exceptions import FlowPauseTimeout
+    from prefect.flow_runs import pause_flow_run
+    from prefect.logging import get_run_logger
+
+    _record_pause(run_dir, run_name, "publish")
+    get_run_logger().warning(
+        f"run '{run_name}' waits up to {timeout_s} s for a decision: {why}. Answer in the Prefect UI (Resume), with "
+        f"`python -m flows.approve {run_name} --publish` (or `--reject`), or over the REST API "
+        '(POST /flow_runs/<id>/resume {"run_input": {"publish": true, "reason": "..."}})'
+    )
+    try:
+        answer = pause_flow_run(
+            wait_for_input=PublishDecision.with_initial_data(description=why, publish=False),
+            timeout=timeout_s,
+            poll_interval=poll_s,
+            key=f"publish-{run_name}",
+        )
+    except FlowPauseTimeout:
+        raise PublishStopped(f"{why} (nobody decided within {timeout_s} s)") from None
+    if not answer.publish:
+        raise PublishStopped(f"{why} (declined{': ' + answer.reason if answer.reason else ''})")
+    return f"published anyway: {answer.reason or 'a person decided to'}"

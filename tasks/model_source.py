@@ -23,7 +23,8 @@ def resolve_model(model: str) -> str:
     if model.startswith(("/", "./", "../", "~")) and not path.exists():
         raise ModelSourceError(
             f"model folder {path} does not exist (paths in a spec are relative to the spec file). Train or "
-            "download it first, list the spec that produces it under `requires:`, or use `model: tiny` or a Hub id"
+            "download it first, train it in an earlier stage of a recipe (python -m flows.recipe), or use `model: tiny` or a "
+            "Hub id"
         )
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -338,6 +338,7 @@ class RunPlan(Frozen):
     method: Method
     model: str
     model_path: str
+    baseline_path: str | None = Field(None, description="a model the evaluation also compares with (a recipe's base)")
     dataset: DatasetReport
     hardware: HardwarePlan
     cost: CostEstimate
@@ -361,4 +362,39 @@ class RunSummary(Frozen):
     published: PublishedModel | None = None
     stages: list[StageOutcome]
     outputs: dict[str, str]
+    error: str | None = None
+
+
+class RecipeStageResult(Frozen):
+    """One stage of a recipe: what it was planned to cost, what it spent, and whether it helped."""
+
+    stage: str
+    method: Method
+    run_name: str
+    started_from: str = Field(description="the model this stage trained from")
+    status: Literal["planned", "passed", "failed", "not run"]
+    estimated_usd: float
+    estimated_usd_high: float
+    spent_usd: float = Field(0.0, description="what this stage's job cost now (0 when its training was reused)")
+    paid_before: bool = Field(False, description="its training was taken from an earlier run with the same inputs")
+    evaluation: EvaluationResult | None = None
+    model_dir: str | None = None
+    report: str | None = None
+    detail: str = ""
+
+
+class RecipeSummary(Frozen):
+    """What the recipe flow returns: the chain, stage by stage, against one budget."""
+
+    recipe_name: str
+    run_dir: str
+    base_model: str
+    max_usd: float
+    auto_approve_usd: float
+    estimated_usd: float
+    estimated_usd_high: float
+    spent_usd: float
+    stages: list[RecipeStageResult]
+    final_model: str | None = None
+    published: str | None = None
     error: str | None = None

@@ -198,6 +198,18 @@ def evaluation_lines(e: EvaluationResult) -> list[str]:
         "|---|---|---|---|",
         *(f"| {m.name} | {_cell(m.base)} | {_cell(m.trained)} | {m.better} |" for m in e.metrics),
     ]
+    b = e.baseline
+    if b is not None:
+        lines += [
+            "",
+            f"**Against the baseline {e.baseline_model or ''}** (where the recipe began), on the same rows: "
+            f"**{b.verdict}**; {b.primary} {b.base_score:.4g} -> {b.trained_score:.4g}, change {b.change:+.4g}, "
+            f"noise band +-{b.noise_band:.2g}.",
+            "",
+            "| metric | baseline | trained |",
+            "|---|---|---|",
+            *(f"| {m.name} | {_cell(m.base)} | {_cell(m.trained)} |" for m in b.metrics),
+        ]
     if e.generations:
         lines += ["", "| prompt | base model | trained model |", "|---|---|---|"]
         for g in e.generations:

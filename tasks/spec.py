@@ -96,6 +96,11 @@ class Evaluation(_Frozen):
     noise_sigmas: float = Field(
         2.0, gt=0, description="the noise band: this many standard errors of the mean paired change"
     )
+    baseline: str | None = Field(
+        None,
+        description="also compare the trained model with this model (a folder or Hub id) on the same rows; a "
+        "recipe sets it to its base model, so that every stage is judged against where the chain began",
+    )
     max_regression: float | None = Field(
         0.0,
         ge=0,
@@ -132,10 +137,6 @@ class RunSpec(_Frozen):
     )
     name: str | None = Field(None, description="run name; the run folder is runs/<name>")
     seed: int = 42
-    requires: list[str] = Field(
-        default_factory=list,
-        description="specs that produce this run's model (a local folder), run first when that folder is missing",
-    )
 
     @field_validator("lora", mode="before")
     @classmethod
@@ -163,6 +164,11 @@ class RunSpec(_Frozen):
 def _describe(err: dict) -> str:
     field = ".".join(str(p) for p in err["loc"]) or "(spec)"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and field == "requires":
+        return (
+            "'requires' was replaced by recipes: write the stages (for example an SFT warm-up, then GRPO) in "
+            "one recipe file, as examples/grpo-tiny.yaml does, and run it with python -m flows.recipe"
+        )
     if err["type"] == "extra_forbidden":
         parent = _model_at(err["loc"][:-1])
         allowed = ", ".join(parent.model_fields) if parent else ""
@@ -215,8 +221,8 @@ def load_spec(
     path: str | Path, overrides: dict[str, Any] | None = None, default_method: Method | None = None
 ) -> RunSpec:
     """Load a YAML spec. Paths in it (dataset, model folder, reward files, a local publish
-    folder, required specs) are resolved against the spec file's folder, so specs work from
-    any working directory."""
+    folder) are resolved against the spec file's folder, so specs work from any working
+    directory."""
     path = Path(path)
     if not path.exists():
         raise SpecError(f"spec file not found: {path}")
@@ -228,34 +234,44 @@ def load_spec(
         data = deep_merge(data, overrides or {})
         if default_method is not None:
             data.setdefault("method", default_method)
-        base = path.parent
-        ds = data.get("dataset")
-        if isinstance(ds, str) and not Path(ds).is_absolute() and not Path(ds).exists():
-            candidate = (base / ds).resolve()
-            if candidate.exists():
-                data["dataset"] = str(candidate)
-        evaluation = data.get("evaluation")
-        if isinstance(evaluation, dict) and isinstance(evaluation.get("dataset"), str):
-            eval_ds = evaluation["dataset"]
-            if not Path(eval_ds).is_absolute() and not Path(eval_ds).exists() and (base / eval_ds).exists():
-                data["evaluation"] = {**evaluation, "dataset": str((base / eval_ds).resolve())}
-        model = data.get("model")
-        if isinstance(model, str) and _spec_relative(model, base):
-            data["model"] = str((base / model).resolve())
-        outputs = data.get("outputs")
-        if isinstance(outputs, dict) and isinstance(outputs.get("hub_repo"), str):
-            if outputs["hub_repo"].startswith(("./", "../")):  # a local publish folder, next to the spec
-                data["outputs"] = {**outputs, "hub_repo": str((base / outputs["hub_repo"]).resolve())}
-        if isinstance(data.get("requires"), list):
-            data["requires"] = [str((base / r).resolve()) if not Path(r).is_absolute() else r for r in data["requires"]]
-        rewards = data.get("rewards")
-        if isinstance(rewards, list):  # reward files, like the dataset, may be relative to the spec
-            resolved = []
-            for r in rewards:
-                file, sep, fn = str(r).rpartition(":")
-                if sep and file.endswith(".py") and not Path(file).is_absolute() and not Path(file).exists():
-                    candidate = (path.parent / file).resolve()
-                    r = f"{candidate}:{fn}" if candidate.exists() else r
-                resolved.append(r)
-            data["rewards"] = resolved
+        if "stages" in data:
+            raise SpecError(f"{path} is a recipe (it lists stages); run it with python -m flows.recipe --spec {path}")
+        data = resolve_spec_paths(data, path.parent)
     return parse_spec(data, source=str(path))
+
+
+def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Paths in a spec mapping (dataset, evaluation dataset, model folder, reward files, a local
+    publish folder) resolved against the folder of the file they were written in."""
+    data = dict(data)
+    ds = data.get("dataset")
+    if isinstance(ds, str) and not Path(ds).is_absolute() and not Path(ds).exists():
+        candidate = (base / ds).resolve()
+        if candidate.exists():
+            data["dataset"] = str(candidate)
+    evaluation = data.get("evaluation")
+    if isinstance(evaluation, dict):
+        for key in ("dataset", "baseline"):
+            value = evaluation.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists():
+                if (base / value).exists():
+                    evaluation = {**evaluation, key: str((base / value).resolve())}
+        data["evaluation"] = evaluation
+    model = data.get("model")
+    if isinstance(model, str) and _spec_relative(model, base):
+        data["model"] = str((base / model).resolve())
+    outputs = data.get("outputs")
+    if isinstance(outputs, dict) and isinstance(outputs.get("hub_repo"), str):
+        if outputs["hub_repo"].startswith(("./", "../")):  # a local publish folder, next to the spec
+            data["outputs"] = {**outputs, "hub_repo": str((base / outputs["hub_repo"]).resolve())}
+    rewards = data.get("rewards")
+    if isinstance(rewards, list):  # reward files, like the dataset, may be relative to the spec
+        resolved = []
+        for r in rewards:
+            file, sep, fn = str(r).rpartition(":")
+            if sep and file.endswith(".py") and not Path(file).is_absolute() and not Path(file).exists():
+                candidate = (base / file).resolve()
+                r = f"{candidate}:{fn}" if candidate.exists() else r
+            resolved.append(r)
+        data["rewards"] = resolved
+    return data

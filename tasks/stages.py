@@ -311,20 +311,25 @@ def fetch_artifacts_task(handle: JobHandle, status: JobStatus) -> JobResult:
     return result
 
 
-class PublishStopped(UserFacingError, RuntimeError):
-    """The trained model is worse than its base beyond the spec's threshold: nothing is published."""
-
-
-def evaluate(run_dir: Path, method: str, sigmas: float) -> EvaluationResult | None:
-    """The before/after verdict from what the job measured, or None when no row was held out."""
+def evaluate(run_dir: Path, method: str, sigmas: float, baseline_model: str | None = None) -> EvaluationResult | None:
+    """The before/after verdict from what the job measured, or None when no row was held out;
+    with the same verdict against the baseline model when the job scored one (a recipe's base)."""
     result = json.loads((run_dir / "train_result.json").read_text())
     record = result.get("evaluation")
-    return judge(method, record, sigmas) if record else None
+    if not record:
+        return None
+    found = judge(method, record, sigmas)
+    if record.get("baseline"):
+        versus = judge(method, {"before": record["baseline"], "after": record["after"]}, sigmas)
+        found = found.model_copy(update={"baseline": versus, "baseline_model": baseline_model})
+    return found
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)  # reads one file the job wrote: nothing to retry or cache
-def evaluate_task(run_dir: Path, method: str, sigmas: float, run_name: str) -> EvaluationResult | None:
-    found = evaluate(run_dir, method, sigmas)
+def evaluate_task(
+    run_dir: Path, method: str, sigmas: float, run_name: str, baseline_model: str | None = None
+) -> EvaluationResult | None:
+    found = evaluate(run_dir, method, sigmas, baseline_model)
     if found is None:
         _log("evaluate: no held-out rows (under 40 rows and no evaluation.held_out count): skipped")
         return None
@@ -342,6 +347,8 @@ def evaluate_task(run_dir: Path, method: str, sigmas: float, run_name: str) -> E
         description=f"did it help? {found.sentence()}",
     )
     _log(f"evaluate: {found.sentence()}")
+    if found.baseline is not None:
+        _log(f"evaluate: against the baseline {baseline_model}: {found.baseline.sentence()}")
     return found
 
 

@@ -12,9 +12,11 @@ import pytest
 
 from flows.pipeline import plan_run
 from flows.sft import sft
+from tasks.approval import PublishStopped
 from tasks.spec import load_spec, parse_spec
-from tasks.stages import PublishStopped, evaluate
+from tasks.stages import evaluate
 from tests.conftest import EXAMPLES
+from tests.test_approval import _when_paused
 
 CHAT = EXAMPLES / "data" / "sft_chat.jsonl"
 
@@ -64,13 +66,37 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
             "outputs": {"hub_repo": str(published), "gguf": ["q8_0"]},
         }
     )
-    with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published"):
+    from flows.approve import main as answer
+
+    # with a server, a person decides: declined, nothing is published
+    answered = []
+    _when_paused(lambda fid: answered.append(answer(["harmful", "--reject", "--reason", "not this one"])))
+    with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published.*declined: not this one"):
         sft(spec=spec)
     from tasks.rundir import runs_root
 
+    assert answered == [0]
     report = json.loads((runs_root() / "harmful" / "report.json").read_text())
     assert report["evaluation"]["verdict"] == "worse" and report["evaluation"]["rows"] == 64
     stages = {s["stage"]: s["status"] for s in report["stages"]}
     assert stages["evaluate"] == "failed" and stages["convert_gguf"] == stages["push_to_hub"] == "not run"
     assert not published.exists()
     assert "**Verdict: worse.**" in (runs_root() / "harmful" / "report.md").read_text()
+
+    # the same run again (its training reused): this time the person publishes it anyway
+    _when_paused(lambda fid: answer(["harmful", "--publish", "--reason", "known trade-off"]))
+    summary = sft(spec=spec)
+    evaluate_stage = next(s for s in summary.stages if s.stage == "evaluate")
+    assert evaluate_stage.status == "passed" and "published anyway: known trade-off" in evaluate_stage.detail
+    assert summary.stages[-1].status == "passed" and (published / "README.md").exists()
+
+
+def test_without_anyone_to_ask_a_regression_stops_the_publish(monkeypatch, tmp_path):
+    import tasks.approval as approval
+
+    monkeypatch.setattr(approval, "has_api_server", lambda: False)
+    with pytest.raises(PublishStopped, match="worse"):
+        approval.request_publish_decision("the trained model is worse", "r", tmp_path, 5, interactive=False)
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    decided = approval.request_publish_decision("the trained model is worse", "r", tmp_path, 5, interactive=True)
+    assert decided == "published anyway: decided at the terminal"

@@ -51,6 +51,10 @@ class EvaluationResult(Frozen):
     verdict: Verdict
     metrics: list[MetricComparison]
     generations: list[GenerationPair] = Field(default_factory=list)
+    baseline_model: str | None = Field(None, description="the other model the trained one was compared with")
+    baseline: EvaluationResult | None = Field(
+        None, description="the same comparison against baseline_model (a recipe's base) instead of this run's start"
+    )
 
     def sentence(self) -> str:
         sign = "+" if self.change >= 0 else ""

@@ -60,16 +60,18 @@ def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
     return int(rows * per_row)
 
 
-def evaluation_work(method: str, report: DatasetReport, args: dict[str, Any], generations: int) -> tuple[int, int]:
-    """Tokens the before/after evaluation scores and generates, both models together: every
-    held-out row once per model (DPO: chosen and rejected), plus the side-by-side answers (GRPO:
-    a greedy and a sampled completion per row)."""
+def evaluation_work(
+    method: str, report: DatasetReport, args: dict[str, Any], generations: int, models: int = 2
+) -> tuple[int, int]:
+    """Tokens the evaluation scores and generates, all `models` together (base and trained, and
+    a recipe's baseline): every held-out row once per model (DPO: chosen and rejected), plus the
+    side-by-side answers (GRPO: a greedy and a sampled completion per row)."""
     held = report.heldout_rows
     per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
     if method == "grpo":
-        return 0, 2 * held * 2 * int(args.get("max_completion_length", 256))
+        return 0, models * held * 2 * int(args.get("max_completion_length", 256))
     answers = min(generations, held) * int(args.get("max_completion_length", 48))
-    return int(2 * held * per_row * (2 if method == "dpo" else 1)), 2 * answers
+    return int(models * held * per_row * (2 if method == "dpo" else 1)), models * answers
 
 
 def training_steps(report: DatasetReport, args: dict[str, Any]) -> int:
@@ -186,7 +188,7 @@ def estimate_run(
         training_steps(report, args),
         padding,
         int(args.get("gradient_accumulation_steps", 1)),
-        evaluation_work(spec.method, report, args, spec.evaluation.generations),
+        evaluation_work(spec.method, report, args, spec.evaluation.generations, 3 if spec.evaluation.baseline else 2),
     )
 
 

@@ -111,6 +111,7 @@ def job_request(
         attempt=attempt,
         flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
         training_key=key,
+        baseline_path=plan.baseline_path,
     )
 
 

@@ -385,6 +385,20 @@ def main() -> int:
         before = evaluate_model(trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings)
         evaluation = {"rows": len(held_rows), "before": before, "seconds": time.time() - began}
         print(f"evaluated the base model on {len(held_rows)} held-out rows", flush=True)
+        baseline_source = settings.get("baseline")
+        if baseline_source:  # a recipe's first model: this stage is also judged against it
+            began = time.time()
+            if not Path(baseline_source).is_absolute() and (here / baseline_source).is_dir():
+                baseline_source = str(here / baseline_source)
+            baseline = AutoModelForCausalLM.from_pretrained(
+                baseline_source, dtype=dtype, quantization_config=quantization, **init_kwargs
+            )
+            if quantization is None:
+                baseline.to(trainer.model.device)
+            evaluation["baseline"] = evaluate_model(baseline, tokenizer, held_rows, CONFIG["method"], funcs, settings)
+            del baseline
+            evaluation["seconds"] += time.time() - began
+            print(f"evaluated the baseline {settings['baseline']} on {len(held_rows)} held-out rows", flush=True)
     if resume:
         print(f"resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -44,10 +44,10 @@ class UnavailableBackend:
             "(`python train.py`). Use backend: local to run it here, or backend: hf-jobs to rent a GPU."
         )
 
-    def model_reference(self, model_path: str) -> str:
+    def model_reference(self, model_path: str, slot: str = "model") -> str:
         return model_path
 
-    def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
+    def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
         return None
 
     def preflight(self, flavor: str) -> Account:

@@ -37,6 +37,7 @@ class JobRequest(BaseModel):
     attempt: int = 1
     flow_run_id: str | None = None
     training_key: str | None = None  # checkpoints made from other inputs are never resumed
+    baseline_path: str | None = None  # a model the evaluation also compares with (a recipe's base)
 
 
 class Account(BaseModel):
@@ -54,11 +55,12 @@ class Backend(Protocol):
     on_this_machine: bool
     poll_s: float  # how often the monitor asks for the job's state and log
 
-    def model_reference(self, model_path: str) -> str:
-        """How the script names the model where it runs (a local folder may be uploaded)."""
+    def model_reference(self, model_path: str, slot: str = "model") -> str:
+        """How the script names a model where it runs (a local folder may be uploaded): the
+        model it trains (slot "model") or the one its evaluation also compares with ("baseline")."""
         ...
 
-    def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
+    def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
         """What must be uploaded before the job can start, with size and time; None if nothing."""
         ...
 

@@ -176,10 +176,10 @@ class HfJobsBackend:
         return self._namespace[key]
 
     # ------------------------------------------------------------------ planning
-    def model_reference(self, model_path: str) -> str:
-        return "inputs/model" if Path(model_path).is_dir() else model_path
+    def model_reference(self, model_path: str, slot: str = "model") -> str:
+        return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
 
-    def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
+    def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
         files = [
             p
             for p in (run_dir / "train.py", run_dir / "data" / "train.jsonl", run_dir / "data" / "heldout.jsonl")
@@ -190,6 +190,10 @@ class HfJobsBackend:
             model_files = _files_of(Path(model_path))
             files += model_files
             items.append(f"model folder {model_path} ({len(model_files)} files)")
+        if baseline_path is not None and Path(baseline_path).is_dir():
+            baseline_files = _files_of(Path(baseline_path))
+            files += baseline_files
+            items.append(f"baseline model folder {baseline_path} ({len(baseline_files)} files)")
         size = sum(p.stat().st_size for p in files)
         return InputUpload(
             destination=f"private Hub repo <your namespace>/finetune-{run_dir.name}",
@@ -296,18 +300,19 @@ class HfJobsBackend:
             ),
             token,
         )
-        if Path(request.model_path).is_dir():
-            self._call(
-                f"uploading the model folder {request.model_path} to {staging}",
-                lambda: api.upload_folder(
-                    repo_id=staging,
-                    folder_path=request.model_path,
-                    path_in_repo="inputs/model",
-                    ignore_patterns=[".cache/*", "*.lock"],
-                    commit_message="the base model",
-                ),
-                token,
-            )
+        for slot, folder in (("model", request.model_path), ("baseline", request.baseline_path)):
+            if folder is not None and Path(folder).is_dir():
+                self._call(
+                    f"uploading the {slot} folder {folder} to {staging}",
+                    lambda folder=folder, slot=slot: api.upload_folder(
+                        repo_id=staging,
+                        folder_path=folder,
+                        path_in_repo=f"inputs/{slot}",
+                        ignore_patterns=[".cache/*", "*.lock"],
+                        commit_message=f"the {slot} model",
+                    ),
+                    token,
+                )
 
     def _set_aside_other_checkpoints(self, api: Any, staging: str, key: str, token: str) -> None:
         """Checkpoints that an earlier job made from other inputs (a changed spec, data or

@@ -72,10 +72,10 @@ class LocalBackend:
         self._procs: dict[str, subprocess.Popen] = {}
         self._line_counts: dict[str, int] = {}
 
-    def model_reference(self, model_path: str) -> str:
+    def model_reference(self, model_path: str, slot: str = "model") -> str:
         return model_path
 
-    def planned_inputs(self, run_dir: Path, model_path: str) -> InputUpload | None:
+    def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
         return None
 
     def preflight(self, flavor: str) -> Account:

@@ -1,0 +1,311 @@
+"""The recipe flow: stages in order, each a child flow run of its method's lifecycle.
+
+    python -m flows.recipe --spec examples/grpo-tiny.yaml [--dry-run] [--json]
+
+Every stage is planned before the first one starts, so a chain whose estimates together pass
+`budget.max_usd` is refused before anything is spent. Each stage then runs as its own flow
+run (own plan, approval, evaluation and report) from the model the stage before made, with
+what is left of the shared budget; the recipe's report shows the chain with every verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks import artifacts
+from tasks.approval import BudgetExceeded
+from tasks.atomic import write_text
+from tasks.errors import UserFacingError
+from tasks.models import RecipeStageResult, RecipeSummary, RunPlan, RunSummary
+from tasks.money import usd
+from tasks.recipe import MAX_RECIPE_NAME, RecipeSpec, chained_stage, default_recipe_name, load_recipe
+from tasks.recipe_report import recipe_markdown, recipe_text
+from tasks.rundir import runs_root
+from tasks.spec import RUN_NAME_PATTERN, SpecError
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def method_flow(method: str) -> Any:
+    if method == "sft":
+        from flows.sft import sft
+
+        return sft
+    if method == "dpo":
+        from flows.dpo import dpo
+
+        return dpo
+    from flows.grpo import grpo
+
+    return grpo
+
+
+def plan_stages(recipe: RecipeSpec, name: str) -> list[RunPlan]:
+    """Every stage's plan, before anything runs. A later stage's starting model does not exist
+    yet: it is planned with the recipe's base, which has the same architecture."""
+    from flows.pipeline import plan_run
+    from tasks.run.locks import run_lock
+
+    plans = []
+    for i in range(len(recipe.stages)):
+        spec = chained_stage(recipe, name, i, recipe.model, 0.0)
+        with run_lock(str(spec.name)):  # a plan rewrites the stage's run folder
+            plan = plan_run(spec)
+        if i > 0:
+            note = (
+                f"starts from the model stage '{recipe.stages[i - 1].name}' trains; planned with the recipe's base "
+                f"{recipe.model} (the same architecture), so sizes and costs hold"
+            )
+            plan = plan.model_copy(update={"notes": [note, *plan.notes]})
+        plans.append(plan)
+    return plans
+
+
+def check_total(recipe: RecipeSpec, plans: list[RunPlan]) -> None:
+    total = sum(p.cost.usd for p in plans)
+    if total > recipe.budget.max_usd:
+        parts = ", ".join(f"{s.name} {usd(p.cost.usd)}" for s, p in zip(recipe.stages, plans, strict=True))
+        raise BudgetExceeded(
+            f"the recipe's stages are estimated at {usd(total)} together ({parts}), above budget.max_usd "
+            f"{usd(recipe.budget.max_usd)}; nothing was started. Raise max_usd, shorten a stage, or pick cheaper hardware"
+        )
+
+
+def planned_stage(recipe: RecipeSpec, name: str, i: int, plan: RunPlan) -> RecipeStageResult:
+    stage = recipe.stages[i]
+    return RecipeStageResult(
+        stage=str(stage.name),
+        method=stage.method,
+        run_name=plan.run_name,
+        started_from=recipe.model if i == 0 else f"stage {recipe.stages[i - 1].name}",
+        status="planned",
+        estimated_usd=plan.cost.usd,
+        estimated_usd_high=plan.cost.usd_high,
+        detail=f"planned on {plan.hardware.description}, ~{plan.cost.hours * 60:.1f} min; plan in "
+        f"{Path(plan.run_dir) / 'plan.json'}",
+    )
+
+
+def finished_stage(planned: RecipeStageResult, summary: RunSummary, started_from: str) -> RecipeStageResult:
+    reused = any(s.stage == "submit_job" and s.status == "cached" for s in summary.stages)
+    return planned.model_copy(
+        update={
+            "status": "passed",
+            "started_from": started_from,
+            "spent_usd": 0.0 if reused or summary.job is None else summary.job.cost_usd,
+            "paid_before": reused,
+            "evaluation": summary.evaluation,
+            "detail": "",
+            "model_dir": summary.result.model_dir if summary.result else None,
+            "report": str(Path(summary.run_dir) / "report.md"),
+        }
+    )
+
+
+def failed_stage(planned: RecipeStageResult, error: Exception, started_from: str) -> RecipeStageResult:
+    """A stage that raised: what it spent and how it ended, from its own report when it wrote one."""
+    report = runs_root() / planned.run_name / "report.json"
+    spent, evaluation = 0.0, None
+    if report.exists():
+        try:
+            summary = RunSummary.model_validate_json(report.read_text(encoding="utf-8"))
+            spent = summary.job.cost_usd if summary.job else 0.0
+            evaluation = summary.evaluation
+        except ValueError:  # an older or damaged report: the error message still says what happened
+            pass
+    return planned.model_copy(
+        update={
+            "status": "failed",
+            "started_from": started_from,
+            "spent_usd": spent,
+            "evaluation": evaluation,
+            "detail": f"{type(error).__name__}: {error}",
+            "report": str(report.with_name("report.md")) if report.exists() else None,
+        }
+    )
+
+
+def write_summary(summary: RecipeSummary) -> RecipeSummary:
+    run_dir = Path(summary.run_dir)
+    md = recipe_markdown(summary)
+    write_text(run_dir / "report.md", md)
+    write_text(run_dir / "report.json", summary.model_dump_json(indent=2))
+    artifacts.markdown(artifacts.artifact_key("recipe", summary.recipe_name), md, description="the recipe's chain")
+    return summary
+
+
+def recipe_name_of(recipe: RecipeSpec) -> str:
+    """The recipe's name, else the name this flow run was given, else a new default one."""
+    if recipe.name:
+        return recipe.name
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    current = ctx.flow_run.name if ctx is not None and ctx.flow_run is not None else None
+    prefix = default_recipe_name(recipe).rsplit("-", 2)[0] + "-"  # the methods part of a default name
+    if current and current.startswith(prefix) and RUN_NAME_PATTERN.match(current) and len(current) <= MAX_RECIPE_NAME:
+        return current
+    return default_recipe_name(recipe)
+
+
+def run_recipe(
+    recipe: RecipeSpec,
+    dry_run: bool = False,
+    approval_timeout_s: int = 3600,
+    approve_up_to_usd: float | None = None,
+) -> RecipeSummary:
+    """Plan every stage, refuse a chain over budget, then run the stages in order as child flow
+    runs; the first failure (or a regression that stops a publish) stops the chain."""
+    from tasks.run.locks import run_lock
+
+    name = recipe_name_of(recipe)
+    run_dir = runs_root() / name
+    with run_lock(name):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        plans = plan_stages(recipe, name)
+        results = [planned_stage(recipe, name, i, p) for i, p in enumerate(plans)]
+
+        def summary(error: str | None = None) -> RecipeSummary:
+            last = results[-1]
+            return write_summary(
+                RecipeSummary(
+                    recipe_name=name,
+                    run_dir=str(run_dir),
+                    base_model=recipe.model,
+                    max_usd=recipe.budget.max_usd,
+                    auto_approve_usd=recipe.budget.auto_approve_usd,
+                    estimated_usd=sum(p.cost.usd for p in plans),
+                    estimated_usd_high=sum(p.cost.usd_high for p in plans),
+                    spent_usd=sum(r.spent_usd for r in results),
+                    stages=results,
+                    final_model=last.model_dir if last.status == "passed" else None,
+                    published=recipe.stages[-1].outputs.hub_repo if last.status == "passed" else None,
+                    error=error,
+                )
+            )
+
+        try:
+            check_total(recipe, plans)
+        except BudgetExceeded as e:
+            summary(str(e))
+            raise
+        if dry_run:
+            return summary()
+        model = recipe.model
+        for i in range(len(recipe.stages)):
+            spent = sum(r.spent_usd for r in results)
+            spec = chained_stage(recipe, name, i, model, spent)
+            started_from = results[i].started_from
+            pre_approved = None if approve_up_to_usd is None else max(0.0, approve_up_to_usd - spent)
+            print(
+                f"recipe {name}: stage {i + 1}/{len(recipe.stages)} '{spec.name}' ({spec.method}) from {model}; "
+                f"{usd(spec.budget.max_usd)} of the budget left"
+            )
+            try:
+                done = method_flow(spec.method)(
+                    spec=spec, approval_timeout_s=approval_timeout_s, approve_up_to_usd=pre_approved
+                )
+            except Exception as e:
+                results[i] = failed_stage(results[i], e, started_from)
+                results[i + 1 :] = [r.model_copy(update={"status": "not run"}) for r in results[i + 1 :]]
+                summary(f"stage {recipe.stages[i].name}: {e}")
+                raise
+            results[i] = finished_stage(results[i], done, started_from)
+            if done.result is None:
+                raise RuntimeError(f"stage {recipe.stages[i].name} finished without a trained model")
+            model = done.result.model_dir
+        return summary()
+
+
+def recipe_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    recipe = flow_run.parameters.get("recipe")
+    try:
+        recipe = recipe if isinstance(recipe, RecipeSpec) else RecipeSpec.model_validate(recipe)
+    except Exception:  # the flow itself reports a bad recipe
+        return f"recipe-{datetime.now():%Y%m%d-%H%M%S}"
+    return recipe.name or default_recipe_name(recipe)
+
+
+def _recipe_flow() -> Any:
+    from prefect import flow
+
+    from tasks.errors import quiet_refusals
+
+    quiet_refusals()
+
+    @flow(
+        name="recipe",
+        flow_run_name=recipe_run_name,
+        log_prints=True,
+        description="Stages in order (e.g. SFT then GRPO), each from the model of the stage before, one budget.",
+    )
+    def recipe(
+        recipe: RecipeSpec,
+        dry_run: bool = False,
+        approval_timeout_s: int = 3600,
+        approve_up_to_usd: float | None = None,
+    ) -> RecipeSummary:
+        """Each stage pauses for approval above what is left of the recipe's auto_approve_usd;
+        approve_up_to_usd pre-approves the whole chain up to that amount."""
+        return run_recipe(recipe, dry_run, approval_timeout_s, approve_up_to_usd)
+
+    return recipe
+
+
+recipe_flow = _recipe_flow()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.cli import _set
+
+    p = argparse.ArgumentParser(prog="python -m flows.recipe", description="Run a recipe: stages chained in order.")
+    p.add_argument("--spec", required=True, help="recipe YAML (a `stages` list; see examples/grpo-tiny.yaml)")
+    p.add_argument("--name", help="recipe name (stage runs are runs/<name>-<stage>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field (budget.max_usd=3) or one stage's (warmup.training.max_steps=10)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="plan every stage and price the chain; run nothing")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for agents)")
+    p.add_argument("--approve-up-to", type=float, default=None, metavar="USD", help="pre-approve the chain up to USD")
+    p.add_argument("--approval-timeout", type=int, default=3600, metavar="S", help="how long a stage waits")
+    args = p.parse_args(argv)
+    try:
+        overrides: dict[str, Any] = {}
+        for item in args.set:
+            _set(overrides, item)
+        if args.name:
+            overrides["name"] = args.name
+        recipe = load_recipe(args.spec, overrides)
+        recipe = recipe.model_copy(update={"name": recipe.name or default_recipe_name(recipe)})
+        if args.dry_run:
+            result = run_recipe(recipe, dry_run=True)
+        else:
+            result = recipe_flow(
+                recipe=recipe, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout
+            )
+    except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
+        if args.json:
+            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.model_dump_json(indent=2) if args.json else recipe_text(result))
+    return 0 if result.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
