@@ -12,6 +12,7 @@ from prefect import serve
 
 from flows.dpo import dpo
 from flows.grpo import grpo
+from flows.recipe import recipe_flow
 from flows.sft import sft
 
 
@@ -21,6 +22,7 @@ def main() -> None:
         sft.to_deployment(name="sft", tags=["finetune", "sft"]),
         dpo.to_deployment(name="dpo", tags=["finetune", "dpo"]),
         grpo.to_deployment(name="grpo", tags=["finetune", "grpo"]),
+        recipe_flow.to_deployment(name="recipe", tags=["finetune", "recipe"]),
     )
 
 

@@ -69,7 +69,8 @@ def script_config(
         "method": spec.method,
         "data": "data/train.jsonl",
         "heldout": "data/heldout.jsonl",  # evaluated before and after training
-        "evaluation": {"generations": spec.evaluation.generations},
+        # rows scored and answered per forward pass: the planned micro-batch (no gradients kept)
+        "evaluation": {"generations": spec.evaluation.generations, "batch_size": plan.micro_batch},
         "split": spec.split,
         "seed": spec.seed,
         "dtype": plan.dtype,

@@ -88,3 +88,29 @@ def test_held_out_rows_are_a_seeded_random_choice(tmp_path):
     assert len(_split(tmp_path / "e", 1000, HeldOut(share=25))[1]) == 25  # a count
     assert _split(tmp_path / "f", 30, HeldOut())[1] == []  # too few rows to spare any
     assert len(_split(tmp_path / "g", 30, HeldOut(share=5))[1]) == 5  # unless a count is asked for
+
+
+def test_rows_scored_and_answered_in_batches_equal_each_row_alone(tiny_model_path):
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import REPO
+
+    loader = importlib.util.spec_from_file_location("script", REPO / "training" / "templates" / "train.py")
+    script = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(script)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    chat = (REPO / "examples" / "data" / "sft_chat.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in chat[:12]] + [{"text": "plain text " * n} for n in (1, 9)]  # spread lengths
+    settings = {"max_new_tokens": 6, "generations": 3}
+    alone = script.evaluate_model(model, tokenizer, rows, "sft", [], {**settings, "batch_size": 1})
+    batched = script.evaluate_model(model, tokenizer, rows, "sft", [], {**settings, "batch_size": 5})
+    for a, b in zip(alone["per_row"], batched["per_row"], strict=True):
+        assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert alone["generations"] == batched["generations"]
+    pairs = [json.loads(line) for line in (REPO / "examples" / "data" / "dpo_pairs.jsonl").read_text().splitlines()[:6]]
+    one = script.evaluate_model(model, tokenizer, pairs, "dpo", [], {**settings, "batch_size": 1, "generations": 0})
+    four = script.evaluate_model(model, tokenizer, pairs, "dpo", [], {**settings, "batch_size": 4, "generations": 0})
+    assert [r["margin"] for r in one["per_row"]] == pytest.approx([r["margin"] for r in four["per_row"]], abs=1e-4)

@@ -112,37 +112,82 @@ def _prompt_and_completions(row: dict, tokenizer, names: tuple) -> tuple:
     return prompt, [row[n] for n in names]
 
 
-def completion_logprob(model, tokenizer, prompt: str, completion: str) -> tuple:
-    """Summed log-probability of the completion's tokens after the prompt, and their count."""
+LOGITS_BYTES = 2 * 1024**3  # a scoring batch holds at most this much of float32 logits
+
+
+def completion_logprobs(model, tokenizer, pairs: list, batch_size: int) -> list:
+    """Per (prompt, completion): the summed log-probability of the completion's tokens after
+    the prompt, and their count. Rows of similar length are scored together, padded on the
+    right with an attention mask, so each row's numbers are those of its own forward pass."""
     import torch
 
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
-    start = max(len(prompt_ids), 1)  # the first token of a plain text has nothing to predict it
-    if len(ids) <= start:
-        return 0.0, 0
-    tensor = torch.tensor([ids], device=model.device)
-    with torch.no_grad():
-        logits = model(input_ids=tensor, use_cache=False).logits[0, start - 1 : -1].float()
-    picked = torch.log_softmax(logits, dim=-1).gather(1, tensor[0, start:, None])
-    return float(picked.sum()), len(ids) - start
+    encoded = []
+    for prompt, completion in pairs:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        encoded.append((ids, max(len(prompt_ids), 1)))  # a plain text's first token has nothing to predict it
+    out = [(0.0, 0)] * len(pairs)
+    todo = sorted((i for i, (ids, start) in enumerate(encoded) if len(ids) > start), key=lambda i: len(encoded[i][0]))
+    vocab = int(getattr(model.config, "vocab_size", None) or len(tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    while todo:
+        width = len(encoded[todo[min(batch_size, len(todo)) - 1]][0])
+        fits = max(1, min(batch_size, LOGITS_BYTES // (4 * width * vocab)))
+        chunk, todo = todo[:fits], todo[fits:]
+        width = max(len(encoded[i][0]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, : len(encoded[i][0])] = torch.tensor(encoded[i][0])
+            mask[row, : len(encoded[i][0])] = 1
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        for row, i in enumerate(chunk):
+            n, start = len(encoded[i][0]), encoded[i][1]
+            out[i] = (float(picked[row, start - 1 : n - 1].sum()), n - start)
+    return out
+
+
+def completion_logprob(model, tokenizer, prompt: str, completion: str) -> tuple:
+    """One row's summed completion log-probability and token count."""
+    return completion_logprobs(model, tokenizer, [(prompt, completion)], 1)[0]
+
+
+def generate_many(
+    model, tokenizer, prompts: list, max_new_tokens: int, sample: bool, temperature: float, batch_size: int
+) -> list:
+    """Completions for the prompts, `batch_size` at a time, padded on the left so every prompt
+    ends where its answer begins."""
+    import torch
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    texts = []
+    try:
+        for at in range(0, len(prompts), batch_size):
+            inputs = tokenizer(
+                prompts[at : at + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sample,
+                    temperature=temperature if sample else None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return texts
 
 
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, temperature: float = 1.0) -> str:
-    import torch
-
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return generate_many(model, tokenizer, [prompt], max_new_tokens, sample, temperature, 1)[0]
 
 
 def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list, settings: dict) -> dict:
@@ -150,47 +195,64 @@ def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list
     tokenizer and template for both models: SFT, the completion's mean token loss; DPO, the
     log-probability margin of chosen over rejected (no reference model: each model judged by
     itself); GRPO, each reward function's score for a greedy and a sampled completion. Plus
-    greedy generations for the first few prompts, to read side by side."""
+    greedy generations for the first few prompts, to read side by side. Rows are scored and
+    answered `settings["batch_size"]` at a time (the plan's micro-batch)."""
     import torch
 
     was_training = model.training
     model.eval()
+    batch = max(1, int(settings.get("batch_size", 1)))
+    new_tokens = settings["max_new_tokens"]
     out: dict = {"per_row": [], "generations": []}
     torch.manual_seed(settings.get("seed", 0))
-    for i, row in enumerate(rows):
-        if method == "sft":
+    if method == "sft":
+        pairs = []
+        for row in rows:
             prompt, (completion,) = _prompt_and_completions(row, tokenizer, ("completion",))
-            logp, n = completion_logprob(model, tokenizer, prompt, completion)
+            pairs.append((prompt, completion))
+        for logp, n in completion_logprobs(model, tokenizer, pairs, batch):
             out["per_row"].append({"loss": -logp / n if n else None, "tokens": n})
-        elif method == "dpo":
+    elif method == "dpo":
+        pairs = []
+        for row in rows:
             prompt, (chosen, rejected) = _prompt_and_completions(row, tokenizer, ("chosen", "rejected"))
-            lc, _ = completion_logprob(model, tokenizer, prompt, chosen)
-            lr, _ = completion_logprob(model, tokenizer, prompt, rejected)
-            out["per_row"].append({"margin": lc - lr})
-        else:
+            pairs += [(prompt, chosen), (prompt, rejected)]
+        scored = completion_logprobs(model, tokenizer, pairs, batch)
+        for at in range(0, len(scored), 2):
+            out["per_row"].append({"margin": scored[at][0] - scored[at + 1][0]})
+    else:
+        prompts = [r["prompt"] for r in rows]
+        texts = [
+            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+            for p in prompts
+        ]
+        made = {
+            mode: generate_many(
+                model, tokenizer, texts, new_tokens, mode == "sampled", settings.get("temperature", 1.0), batch
+            )
+            for mode in ("greedy", "sampled")
+        }
+        for i, row in enumerate(rows):
             prompt = row["prompt"]
-            text = prompt
-            if isinstance(prompt, list):
-                text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
             extra = {k: [v] for k, v in row.items() if k != "prompt"}
             scores = {}
             for mode in ("greedy", "sampled"):
-                sample, temperature = mode == "sampled", settings.get("temperature", 1.0)
-                made = generate(model, tokenizer, text, settings["max_new_tokens"], sample, temperature)
-                completion = [{"role": "assistant", "content": made}] if isinstance(prompt, list) else made
+                answer = made[mode][i]
+                completion = [{"role": "assistant", "content": answer}] if isinstance(prompt, list) else answer
                 for func in reward_funcs:
                     value = func(prompts=[prompt], completions=[completion], **extra)[0]
                     scores[f"{func.__name__}/{mode}"] = None if value is None else float(value)
             out["per_row"].append(scores)
-        if i < settings.get("generations", 3):
-            prompt_text = _prompt_and_completions(row, tokenizer, ())[0] if method != "grpo" else text
-            prompt_text = prompt_text or row.get("text", "")[:40]  # plain text: its opening, continued
-            out["generations"].append(
-                {
-                    "prompt": prompt_text,
-                    "text": generate(model, tokenizer, prompt_text, settings["max_new_tokens"], False),
-                }
-            )
+    shown = rows[: settings.get("generations", 3)]
+    if method == "grpo":
+        prompts = texts[: len(shown)]
+    else:  # plain text: its opening, continued
+        prompts = [_prompt_and_completions(r, tokenizer, ())[0] or r.get("text", "")[:40] for r in shown]
+    if method == "grpo":  # the greedy answers were made above
+        answers = made["greedy"][: len(shown)]
+    else:
+        answers = generate_many(model, tokenizer, prompts, new_tokens, False, 1.0, batch)
+    out["generations"] = [{"prompt": p, "text": t} for p, t in zip(prompts, answers, strict=True)]
     model.train(was_training)
     return out
 
