@@ -81,8 +81,10 @@ def card_metadata(spec: RunSpec, plan: RunPlan, gguf: GgufFiles | None, license_
         "license": license_id,
         "tags": tags,
     }
-    if HUB_ID.match(spec.model) and not Path(spec.model).exists():
-        meta["base_model"] = spec.model
+    # a recipe's later stage starts from a local folder; the Hub model the chain began from is the base
+    root = spec.evaluation.baseline if spec.evaluation.baseline and Path(spec.model).exists() else spec.model
+    if HUB_ID.match(root) and not Path(root).exists():
+        meta["base_model"] = root
     if HUB_ID.match(spec.dataset) and not Path(spec.dataset).exists():
         meta["datasets"] = [spec.dataset]
     return meta
@@ -154,7 +156,8 @@ def model_card(
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     lines.append(
         f"Fine-tuned with {spec.method.upper()} by finetune-flow from "
-        f"`{spec.model}` on `{Path(spec.dataset).name if Path(spec.dataset).exists() else spec.dataset}`."
+        f"`{spec.model}` on `{Path(spec.dataset).name if Path(spec.dataset).exists() else spec.dataset}`"
+        + (f", in a recipe that began from `{spec.evaluation.baseline}`." if spec.evaluation.baseline else ".")
     )
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _settings_rows(spec, plan, status)]
@@ -170,7 +173,7 @@ def model_card(
     if loss_png:
         lines += ["", f"![training loss]({loss_png})"]
     if evaluation is not None:
-        lines += ["", "## Evaluation against the base model", "", *evaluation_lines(evaluation)]
+        lines += ["", "## Evaluation against the model it started from", "", *evaluation_lines(evaluation)]
     lines += [
         "",
         "## Cost",

@@ -103,7 +103,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     card = (published / "README.md").read_text()
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "ollama create" in card
     assert "| `flow-test-q8_0.gguf` | q8_0 |" in card
-    assert "## Evaluation against the base model" in card and "**Verdict: improved.**" in card
+    assert "## Evaluation against the model it started from" in card and "**Verdict: improved.**" in card
     secret = os.environ["HF_TOKEN"]
     for path in [*run_dir.rglob("*"), *published.rglob("*")]:
         if path.is_file() and path.stat().st_size < 50_000_000:

@@ -140,7 +140,8 @@ def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resu
     grpo_plan = json.loads((runs_root() / "rec-grpo" / "plan.json").read_text())
     assert grpo_plan["model_path"] == warmup.model_dir  # the second stage trained from the first's model
     assert grpo_plan["script"]["config"]["model"] == warmup.model_dir
-    assert (examples / "published" / "grpo-tiny" / "README.md").exists()
+    card = (examples / "published" / "grpo-tiny" / "README.md").read_text()
+    assert "in a recipe that began from `tiny`" in card and "**Against the baseline tiny**" in card
     assert summary.final_model == grpo.model_dir and summary.published == str(examples / "published" / "grpo-tiny")
     script = (runs_root() / "rec-grpo" / "train.py").read_text()  # rewards travel inside the script
     assert "'trainer': 'GRPOTrainer'" in script and "def exact_answer(completions, answer" in script
@@ -167,3 +168,21 @@ def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resu
     again = recipe_flow(recipe=load_recipe(examples / "grpo-tiny.yaml", {"name": "rec"}))
     assert [s.paid_before for s in again.stages] == [True, True] and again.spent_usd == 0
     assert again.stages[1].evaluation.verdict == "improved"
+
+
+def test_the_first_failure_stops_the_chain_and_the_report_says_where(monkeypatch):
+    import flows.recipe as module
+
+    def failing(method):
+        def run(spec, **options):
+            raise RuntimeError(f"job of {spec.name} failed: out of memory")
+
+        return run
+
+    monkeypatch.setattr(module, "method_flow", failing)
+    with pytest.raises(RuntimeError, match="chain-first failed"):
+        run_recipe(parse_recipe(_two_sft()))
+    report = json.loads((runs_root() / "chain" / "report.json").read_text())
+    assert [s["status"] for s in report["stages"]] == ["failed", "not run"]
+    assert report["error"] == "stage first: job of chain-first failed: out of memory"
+    assert report["final_model"] is None and "FAILED" in (runs_root() / "chain" / "report.md").read_text()
