@@ -7,6 +7,7 @@ functions.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from datetime import datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from tasks.cache import (
     trusted_result,
 )
 from tasks.data.validate import HeldOut
+from tasks.evaluate.harness import HarnessTask, check_with_harness, prepare_tasks
 from tasks.evaluate.verdict import blocks_publish
 from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.hub import publish_target
@@ -134,6 +136,31 @@ def baseline_path(spec: RunSpec, model_path: str, heldout_rows: int) -> str | No
     return None if path == model_path else path
 
 
+def harness_tasks(spec: RunSpec, run_dir: Path, on_this_machine: bool) -> list[HarnessTask]:
+    """The spec's task evaluations, checked and their data copied into the run folder; the
+    harness renders each task's first row here when it is installed."""
+    if not spec.evaluation.tasks:
+        return []
+    if on_this_machine and importlib.util.find_spec("lm_eval") is None:
+        raise SpecError(
+            "evaluation.tasks run through lm-evaluation-harness, which is not installed here: "
+            "pip install -e '.[eval]' (or pip install lm-eval), or drop evaluation.tasks"
+        )
+    tasks = prepare_tasks(list(spec.evaluation.tasks), run_dir)
+    check_with_harness(tasks, run_dir)
+    return tasks
+
+
+def conversational(report: Any) -> bool:
+    if report.format in ("messages", "implicit_preference"):
+        return True
+    try:
+        first = json.loads(Path(report.prepared_path).read_text(encoding="utf-8").split("\n", 1)[0])
+    except (OSError, ValueError):
+        return False
+    return isinstance(first.get("prompt"), list)
+
+
 def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool = False) -> RunPlan:
     """Validate, size, price and script the run; nothing is submitted."""
 
@@ -186,6 +213,11 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     if baseline is not None:
         config["evaluation"]["baseline"] = backend.model_reference(baseline, slot="baseline")
+    eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)
+    if eval_tasks:
+        config["evaluation"]["tasks"] = [{"name": t.name, "metric": t.metric, "config": t.config} for t in eval_tasks]
+        # chat models are asked in their own template, as they were trained
+        config["evaluation"]["chat_template"] = conversational(report)
     script = stage(build_script_task)(method, config, run_dir)
     inputs = backend.planned_inputs(run_dir, model_path, baseline)
     if inputs is not None:
@@ -202,6 +234,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
         model=spec.model,
         model_path=model_path,
         baseline_path=baseline,
+        eval_tasks=eval_tasks,
         dataset=report,
         hardware=hardware,
         cost=cost,

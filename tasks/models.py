@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.evaluate.harness import HarnessTask
 from tasks.evaluate.verdict import EvaluationResult
 from tasks.plan.speed import SpeedPlan
 from tasks.spec import Method
@@ -339,6 +340,7 @@ class RunPlan(Frozen):
     model: str
     model_path: str
     baseline_path: str | None = Field(None, description="a model the evaluation also compares with (a recipe's base)")
+    eval_tasks: list[HarnessTask] = Field(default_factory=list, description="lm-evaluation-harness tasks, both models")
     dataset: DatasetReport
     hardware: HardwarePlan
     cost: CostEstimate

@@ -25,13 +25,15 @@ SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelera
 
 
 def optional_packages(config: dict[str, Any]) -> tuple[str, ...]:
-    """Packages the plan's choices need beyond the usual ones: 4-bit weights, fused kernels."""
+    """Packages the plan's choices need beyond the usual ones: 4-bit weights, fused kernels,
+    the evaluation harness."""
     training = config.get("training", {})
     attention = (training.get("model_init_kwargs") or {}).get("attn_implementation")
     return (
         *(("bitsandbytes",) if config.get("quantization") == "4bit" else ()),
         *(("liger-kernel",) if training.get("use_liger_kernel") else ()),
         *(("flash-attn",) if attention == "flash_attention_2" else ()),
+        *(("lm-eval",) if (config.get("evaluation") or {}).get("tasks") else ()),
     )
 
 

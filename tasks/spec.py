@@ -92,6 +92,10 @@ class Evaluation(_Frozen):
     split: str | None = Field(
         None, description="evaluate on this split (of `evaluation.dataset`, else of `dataset`): e.g. test"
     )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness task YAMLs on local data files, run on both models inside the job",
+    )
     generations: int = Field(3, ge=0, le=20, description="held-out prompts answered by both models, side by side")
     noise_sigmas: float = Field(
         2.0, gt=0, description="the noise band: this many standard errors of the mean paired change"
@@ -256,6 +260,16 @@ def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             if isinstance(value, str) and not Path(value).is_absolute() and not Path(value).exists():
                 if (base / value).exists():
                     evaluation = {**evaluation, key: str((base / value).resolve())}
+        if isinstance(evaluation.get("tasks"), list):
+            evaluation = {
+                **evaluation,
+                "tasks": [
+                    str((base / t).resolve())
+                    if isinstance(t, str) and not Path(t).is_absolute() and (base / t).exists()
+                    else t
+                    for t in evaluation["tasks"]
+                ],
+            }
         data["evaluation"] = evaluation
     model = data.get("model")
     if isinstance(model, str) and _spec_relative(model, base):

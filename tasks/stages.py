@@ -18,7 +18,7 @@ from tasks import artifacts
 from tasks.cache import BY_KEY
 from tasks.data.validate import HeldOut, validate_dataset
 from tasks.errors import UserFacingError
-from tasks.evaluate.verdict import EvaluationResult, judge
+from tasks.evaluate.verdict import EvaluationResult, judge, judge_record
 from tasks.gguf import convert_gguf, fallback_text
 from tasks.gguf_smoke import smoke_test_all
 from tasks.hub import push_to_hub
@@ -318,7 +318,7 @@ def evaluate(run_dir: Path, method: str, sigmas: float, baseline_model: str | No
     record = result.get("evaluation")
     if not record:
         return None
-    found = judge(method, record, sigmas)
+    found = judge_record(method, record, sigmas)
     if record.get("baseline"):
         versus = judge(method, {"before": record["baseline"], "after": record["after"]}, sigmas)
         found = found.model_copy(update={"baseline": versus, "baseline_model": baseline_model})
@@ -343,6 +343,16 @@ def evaluate_task(
                 "better": m.better,
             }
             for m in found.metrics
+        ]
+        + [
+            {
+                "metric": f"{t.task} {t.metric} (lm-eval, {t.rows} rows)",
+                "base": round(t.base, 4),
+                "trained": round(t.trained, 4),
+                "better": "higher" if t.higher_is_better else "lower",
+            }
+            for t in found.tasks
+            if not any(m.name == f"{t.task} {t.metric}" for m in found.metrics)
         ],
         description=f"did it help? {found.sentence()}",
     )

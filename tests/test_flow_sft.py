@@ -81,6 +81,9 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     assert evaluation.metrics[0].trained < evaluation.metrics[0].base  # completion loss fell
     assert len(evaluation.generations) == 3 and "## Did it help?" in report and "**Verdict: improved.**" in report
     assert json.loads((run_dir / "report.json").read_text())["evaluation"]["verdict"] == "improved"
+    (form,) = evaluation.tasks  # the demo's lm-evaluation-harness task, on its local file
+    assert (form.task, form.metric, form.rows, form.verdict) == ("answer_form", "acc", 40, "improved")
+    assert form.trained > form.base and "| answer_form | acc | 40 |" in report  # measured: 0 -> 1
 
     # every GGUF file loads in llama.cpp, tokenizes as the HF tokenizer does and agrees with the HF model
     assert [f.quant for f in summary.gguf.files] == ["f16", "q8_0", "q5_k_m", "q4_k_m"]

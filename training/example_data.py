@@ -84,6 +84,29 @@ def grpo_prompt_rows(seed: int = SEED + 3) -> list[dict]:
     return [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)} for a, b in pairs]
 
 
+def answer_form_rows(n: int = 40, seed: int = SEED + 6) -> list[dict]:
+    """A multiple-choice task for lm-evaluation-harness (examples/evals/answer_form.yaml): the
+    same correct sum in four wordings, of which one is the form the SFT data teaches
+    ("a + b = c"). It measures whether the model answers in the trained form, not whether it
+    adds correctly (the tiny model learns the form, hardly the sums)."""
+    rng = random.Random(seed)
+    rows = []
+    for i, (a, b) in enumerate(_operands(rng, n)):
+        c = a + b
+        choices = [f"{a} + {b} = {c}", f"I think it is {c}", f"The sum is {c}.", f"{c}, I believe"]
+        order = list(range(4))
+        rng.shuffle(order)
+        rows.append(
+            {
+                "id": i,
+                "question": f"What is {a} + {b}?",
+                "choices": [choices[j] for j in order],
+                "label": order.index(0),
+            }
+        )
+    return rows
+
+
 def tokenizer_corpus() -> list[str]:
     """The text the tiny tokenizer is trained on: the shipped examples plus general prose."""
     lines = GENERAL_TEXT.splitlines()
@@ -192,6 +215,7 @@ def write_examples(out_dir: Path = EXAMPLES_DIR) -> list[Path]:
         "sft_prompt_completion.jsonl": sft_prompt_completion_rows(),
         "dpo_pairs.jsonl": dpo_pair_rows(),
         "grpo_prompts.jsonl": grpo_prompt_rows(),
+        "answer_form.jsonl": answer_form_rows(),
     }
     files.update({f"formats/{name}": rows for name, rows in format_sample_rows().items()})
     written = []

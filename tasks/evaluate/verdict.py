@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks.evaluate.harness import TaskComparison, compare_task
+
 Verdict = Literal["improved", "no change", "worse"]
 
 
@@ -51,6 +53,9 @@ class EvaluationResult(Frozen):
     verdict: Verdict
     metrics: list[MetricComparison]
     generations: list[GenerationPair] = Field(default_factory=list)
+    tasks: list[TaskComparison] = Field(
+        default_factory=list, description="the spec's task evaluations (lm-evaluation-harness), base against trained"
+    )
     baseline_model: str | None = Field(None, description="the other model the trained one was compared with")
     baseline: EvaluationResult | None = Field(
         None, description="the same comparison against baseline_model (a recipe's base) instead of this run's start"
@@ -176,4 +181,62 @@ def blocks_publish(result: EvaluationResult, max_regression: float | None) -> st
         f"the trained model is worse than its base: {result.sentence()}; that is {-result.relative_change:.1%} "
         f"worse, beyond evaluation.max_regression {max_regression:.1%}. Nothing was published. Check the data and "
         "the learning rate; to publish anyway set evaluation.max_regression: null (or a larger share)"
+    )
+
+
+def judge_tasks(record: dict[str, Any], sigmas: float) -> list[TaskComparison]:
+    """Each task evaluation's paired comparison, from the harness's per-row scores."""
+    tasks = record.get("tasks") or {}
+    before, after = tasks.get("before") or {}, tasks.get("after") or {}
+    if set(before) != set(after):
+        raise EvaluationError(
+            f"task evaluations ran on the base ({sorted(before)}) but not the same on the trained model"
+        )
+    return [
+        compare_task(
+            name,
+            {
+                "metric": before[name]["metric"],
+                "before": before[name]["per_row"],
+                "after": after[name]["per_row"],
+                "higher_is_better": before[name].get("higher_is_better", True),
+                "stderr": {"before": before[name].get("stderr"), "after": after[name].get("stderr")},
+            },
+            sigmas,
+        )
+        for name in before
+    ]
+
+
+def judge_record(method: str, record: dict[str, Any], sigmas: float = 2.0) -> EvaluationResult:
+    """The verdict from the job's evaluation record: on the held-out rows when there were any,
+    else on the first task evaluation; the task comparisons are listed either way."""
+    tasks = judge_tasks(record, sigmas)
+    if record.get("before"):
+        return judge(method, record, sigmas).model_copy(update={"tasks": tasks})
+    if not tasks:
+        raise EvaluationError("the evaluation record has neither held-out rows nor task evaluations")
+    first = tasks[0]
+    orient = 1.0 if first.higher_is_better else -1.0
+    return EvaluationResult(
+        method=method,
+        rows=first.rows,
+        seconds=round(float(record.get("seconds", 0.0)), 2),
+        primary=f"{first.task} {first.metric}" + ("" if first.higher_is_better else " (lower is better)"),
+        base_score=orient * first.base,
+        trained_score=orient * first.trained,
+        change=first.change,
+        noise_band=first.noise_band,
+        relative_change=max(-1e6, min(1e6, first.change / max(abs(first.base), 1e-6))),
+        verdict=first.verdict,
+        metrics=[
+            MetricComparison(
+                name=f"{t.task} {t.metric}",
+                base=t.base,
+                trained=t.trained,
+                better="higher" if t.higher_is_better else "lower",
+            )
+            for t in tasks
+        ],
+        tasks=tasks,
     )

@@ -74,6 +74,18 @@ def evaluation_work(
     return int(models * held * per_row * (2 if method == "dpo" else 1)), models * answers
 
 
+def evaluation_total(spec: Any, report: DatasetReport, args: dict[str, Any]) -> tuple[int, int]:
+    """The held-out evaluation (with a recipe's baseline) plus the task evaluations, which run
+    on the base and the trained model."""
+    from tasks.evaluate.harness import task_work
+
+    scored, generated = evaluation_work(
+        spec.method, report, args, spec.evaluation.generations, 3 if spec.evaluation.baseline else 2
+    )
+    task_scored, task_generated = task_work(list(spec.evaluation.tasks))
+    return scored + 2 * task_scored, generated + 2 * task_generated
+
+
 def training_steps(report: DatasetReport, args: dict[str, Any]) -> int:
     """Micro-steps: max_steps x accumulation, or rows x epochs / micro-batch (the last batch of an
     epoch may be short, as the Trainer's is)."""
@@ -135,7 +147,7 @@ def estimate_for(
         + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
         + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
         + (
-            f"; evaluation before and after: {scored:,} tokens scored, {generated:,} generated ({evaluation_s:.0f} s)"
+            f"; evaluation before and after (held-out rows and tasks): {scored:,} tokens scored, {generated:,} generated ({evaluation_s:.0f} s)"
             if scored or generated
             else ""
         )

@@ -257,6 +257,56 @@ def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list
     return out
 
 
+def run_tasks(model, tokenizer, tasks: list, settings: dict, here: Path, out: Path) -> dict:
+    """The spec's task evaluations, run by EleutherAI's lm-evaluation-harness on the model in
+    memory (nothing saved or reloaded), on the data files that travel next to this script.
+    Per task: the verdict metric's score per row (paired before/after), its mean and stderr."""
+    import datasets
+
+    datasets.config.HF_HUB_OFFLINE = True  # local files only: no telemetry call that stalls offline
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    configs = []
+    for task in tasks:
+        config = json.loads(json.dumps(task["config"]))
+        kwargs = config["dataset_kwargs"]
+        kwargs["data_files"] = {k: [str(here / f) for f in v] for k, v in kwargs["data_files"].items()}
+        kwargs["cache_dir"] = str(out / ".cache" / "datasets")
+        configs.append(config)
+    was_training = model.training
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=max(1, int(settings.get("batch_size", 1))))
+    found = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=configs,
+        task_manager=TaskManager(include_defaults=False),
+        log_samples=True,
+        apply_chat_template=bool(settings.get("chat_template")),
+        random_seed=None,  # the harness reseeds every generator by default; training's stay as they are
+        numpy_random_seed=None,
+        torch_random_seed=None,
+    )
+    model.train(was_training)
+    scores = {}
+    for task in tasks:
+        name, metric = task["name"], task["metric"]
+        results = found["results"][name]
+        key = next(k for k in results if k.split(",")[0] == metric)
+        kind = key.split(",", 1)[1] if "," in key else None
+        rows = [r for r in found["samples"][name] if kind is None or r.get("filter", kind) == kind]
+        stderr = results.get(f"{metric}_stderr,{kind}" if kind else f"{metric}_stderr")
+        scores[name] = {
+            "metric": metric,
+            "higher_is_better": task.get("higher_is_better", True),
+            "filter": kind,
+            "per_row": [float(r[metric]) for r in sorted(rows, key=lambda r: r["doc_id"])],
+            "score": float(results[key]),
+            "stderr": float(stderr) if isinstance(stderr, int | float) else None,
+        }
+    return scores
+
+
 def checkpoint_complete(folder: Path) -> bool:
     """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off."""
     try:
@@ -433,23 +483,28 @@ def main() -> int:
         shutil.rmtree(checkpoints.pop())
     resume = str(checkpoints[-1]) if checkpoints else None
     heldout = here / CONFIG["heldout"] if CONFIG.get("heldout") else None
-    evaluation = None
+    settings = {
+        "max_new_tokens": int(CONFIG["training"].get("max_completion_length", 48)),
+        "temperature": float(CONFIG["training"].get("temperature", 1.0)),
+        "seed": CONFIG["seed"],
+        **CONFIG.get("evaluation", {}),
+    }
+    held_rows = []
     if heldout is not None and heldout.exists() and heldout.stat().st_size:
         held_rows = [json.loads(line) for line in heldout.read_text(encoding="utf-8").splitlines() if line.strip()]
-        settings = {
-            "max_new_tokens": int(CONFIG["training"].get("max_completion_length", 48)),
-            "temperature": float(CONFIG["training"].get("temperature", 1.0)),
-            "seed": CONFIG["seed"],
-            **CONFIG.get("evaluation", {}),
-        }
-        funcs = extra.get("reward_funcs", [])
-        began = time.time()  # before training (also when resuming: the weights are still the base's)
-        before = evaluate_model(trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings)
-        evaluation = {"rows": len(held_rows), "before": before, "seconds": time.time() - began}
-        print(f"evaluated the base model on {len(held_rows)} held-out rows", flush=True)
+    tasks = settings.get("tasks") or []
+    funcs = extra.get("reward_funcs", [])
+    evaluation = None
+    if held_rows or tasks:  # before training (also when resuming: the weights are still the base's)
+        began = time.time()
+        evaluation = {"rows": len(held_rows)}
+        if held_rows:
+            evaluation["before"] = evaluate_model(
+                trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings
+            )
+            print(f"evaluated the base model on {len(held_rows)} held-out rows", flush=True)
         baseline_source = settings.get("baseline")
-        if baseline_source:  # a recipe's first model: this stage is also judged against it
-            began = time.time()
+        if held_rows and baseline_source:  # a recipe's first model: this stage is also judged against it
             if not Path(baseline_source).is_absolute() and (here / baseline_source).is_dir():
                 baseline_source = str(here / baseline_source)
             baseline = AutoModelForCausalLM.from_pretrained(
@@ -459,16 +514,23 @@ def main() -> int:
                 baseline.to(trainer.model.device)
             evaluation["baseline"] = evaluate_model(baseline, tokenizer, held_rows, CONFIG["method"], funcs, settings)
             del baseline
-            evaluation["seconds"] += time.time() - began
             print(f"evaluated the baseline {settings['baseline']} on {len(held_rows)} held-out rows", flush=True)
+        if tasks:
+            evaluation["tasks"] = {"before": run_tasks(trainer.model, tokenizer, tasks, settings, here, out)}
+            print(f"ran {len(tasks)} task evaluation(s) on the base model", flush=True)
+        evaluation["seconds"] = time.time() - began
     if resume:
         print(f"resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     if evaluation is not None:
         began = time.time()
-        evaluation["after"] = evaluate_model(trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings)
+        if held_rows:
+            evaluation["after"] = evaluate_model(trainer.model, tokenizer, held_rows, CONFIG["method"], funcs, settings)
+            print(f"evaluated the trained model on {len(held_rows)} held-out rows", flush=True)
+        if tasks:
+            evaluation["tasks"]["after"] = run_tasks(trainer.model, tokenizer, tasks, settings, here, out)
+            print(f"ran {len(tasks)} task evaluation(s) on the trained model", flush=True)
         evaluation["seconds"] = round(evaluation["seconds"] + time.time() - began, 3)
-        print(f"evaluated the trained model on {len(held_rows)} held-out rows", flush=True)
 
     # Save into temporary folders and rename, so a crash never leaves a half-written model.
     if peft_config is not None:

@@ -186,6 +186,10 @@ class HfJobsBackend:
             if p.exists()
         ]
         items = ["train.py", "data/train.jsonl", "data/heldout.jsonl"]
+        evals = sorted(p for p in (run_dir / "evals").rglob("*") if p.is_file())
+        if evals:
+            files += evals
+            items.append(f"task evaluation data ({len(evals)} files)")
         if Path(model_path).is_dir():
             model_files = _files_of(Path(model_path))
             files += model_files
@@ -295,7 +299,7 @@ class HfJobsBackend:
             lambda: api.upload_folder(
                 repo_id=staging,
                 folder_path=str(run_dir),
-                allow_patterns=["train.py", "data/train.jsonl", "data/heldout.jsonl", "training_key"],
+                allow_patterns=["train.py", "data/train.jsonl", "data/heldout.jsonl", "evals/**", "training_key"],
                 commit_message=f"inputs of run {request.run_name}",
             ),
             token,
