@@ -9,6 +9,7 @@ copying only files whose content changed, or to the Hub through huggingface_hub'
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -144,8 +145,39 @@ def stage_release(run_dir: Path, result: JobResult, gguf: GgufFiles | None, card
             _copy_into(Path(gguf.modelfile), release / "gguf" / "Modelfile")
     if loss_png is not None:
         _copy_into(loss_png, release / "loss.png")
+    scores = evaluation_scores(run_dir)
+    if scores is not None:
+        (release / "evaluation.json").write_text(json.dumps(scores, indent=1), encoding="utf-8")
     (release / "README.md").write_text(card, encoding="utf-8")
     return release
+
+
+def evaluation_scores(run_dir: Path) -> dict | None:
+    """The per-row numbers behind the card's verdict (no row text: the rows are the user's
+    data, in the run folder's data/heldout.jsonl), so that anyone can check the verdict."""
+    try:
+        record = json.loads((run_dir / "train_result.json").read_text(encoding="utf-8")).get("evaluation")
+    except (OSError, ValueError):
+        return None
+    if not record:
+        return None
+    per_row = {k: record[k]["per_row"] for k in ("before", "after", "baseline") if isinstance(record.get(k), dict)}
+    tasks = {
+        name: {
+            "metric": found["metric"],
+            "base": found["per_row"],
+            "trained": record["tasks"]["after"][name]["per_row"],
+        }
+        for name, found in ((record.get("tasks") or {}).get("before") or {}).items()
+        if name in ((record.get("tasks") or {}).get("after") or {})
+    }
+    return {
+        "rows": record.get("rows", 0),
+        "note": "row i is line i of the held-out file (data/heldout.jsonl in the run folder); 'before' is the model "
+        "this run started from, 'after' the trained one, 'baseline' a recipe's first model",
+        **{k: v for k, v in per_row.items()},
+        **({"tasks": tasks} if tasks else {}),
+    }
 
 
 def publish_to_folder(release: Path, target: Path) -> tuple[list[str], list[str]]:

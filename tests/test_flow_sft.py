@@ -107,6 +107,21 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     assert card.startswith("---\n") and "pipeline_tag: text-generation" in card and "ollama create" in card
     assert "| `flow-test-q8_0.gguf` | q8_0 |" in card
     assert "## Evaluation against the model it started from" in card and "**Verdict: improved.**" in card
+    # the verdict checked by hand on the published files, as the card says how
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scores = json.loads((published / "evaluation.json").read_text())
+    assert scores["rows"] == 20 and len(scores["before"]) == len(scores["after"]) == 20
+    tok, model = AutoTokenizer.from_pretrained(published), AutoModelForCausalLM.from_pretrained(published)
+    row = json.loads((run_dir / "data" / "heldout.jsonl").read_text().splitlines()[0])
+    prompt = tok.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+    ids = tok(tok.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False).input_ids
+    start = len(tok(prompt, add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, start - 1 : -1].float()
+    by_hand = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None]).mean().item()
+    assert by_hand == pytest.approx(scores["after"][0]["loss"], rel=1e-4)
     secret = os.environ["HF_TOKEN"]
     for path in [*run_dir.rglob("*"), *published.rglob("*")]:
         if path.is_file() and path.stat().st_size < 50_000_000:
