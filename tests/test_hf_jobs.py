@@ -255,3 +255,25 @@ def test_checkpoints_of_other_inputs_are_set_aside_in_the_staging_repo_history(j
     assert not [f for f in api.list_repo_files(repo) if f.startswith("checkpoints/")]
     earlier = [files for _, files in jobs_standin.repos[f"models/{repo}"].commits[:-1]]
     assert any("checkpoints/checkpoint-4/model.safetensors" in f for f in earlier)  # kept in the history
+
+
+def test_a_recipes_baseline_folder_and_the_task_data_travel_with_the_job(jobs_standin, tmp_path):
+    backend = _backend()
+    request = _request(tmp_path, "print('done')\n", name="baseline-upload")
+    baseline = tmp_path / "base-model"
+    baseline.mkdir()
+    (baseline / "config.json").write_text('{"model_type": "qwen2"}')
+    task_data = Path(request.run_dir) / "evals" / "answer_form" / "test-0.jsonl"
+    task_data.parent.mkdir(parents=True)
+    task_data.write_text('{"question": "What is 1 + 1?"}\n')
+    request = request.model_copy(update={"baseline_path": str(baseline)})
+    planned = backend.planned_inputs(Path(request.run_dir), request.model_path, str(baseline))
+    assert any("baseline model folder" in item for item in planned.items)
+    assert any("task evaluation data (1 files)" in item for item in planned.items)
+    assert backend.model_reference(str(baseline), slot="baseline") == "inputs/baseline"
+    handle = backend.submit(request)
+    status = monitor_job(backend, handle, Guard(max_usd=1.0, price_per_hour_usd=0.6), poll_s=0.2)
+    assert status.state == "completed", status.detail
+    repo = jobs_standin.repos["models/standin-user/finetune-baseline-upload"]
+    uploaded = {path for _, files in repo.commits for path in files}
+    assert {"inputs/baseline/config.json", "evals/answer_form/test-0.jsonl", "train.py"} <= uploaded
