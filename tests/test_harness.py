@@ -68,7 +68,10 @@ def test_the_harness_renders_the_first_row_before_any_spend(tmp_path):
     tasks = prepare_tasks([broken], tmp_path / "run")
     with pytest.raises(TaskError, match="the harness cannot use it: UndefinedError: 'questionz' is undefined"):
         check_with_harness(tasks, tmp_path / "run")
+    import datasets
+
     check_with_harness(prepare_tasks([str(TASK)], tmp_path / "ok"), tmp_path / "ok")  # the shipped task renders
+    assert datasets.config.HF_HUB_OFFLINE is False  # put back: a Hub dataset loaded later still can be
 
 
 def test_the_task_verdict_pairs_rows_and_respects_the_direction_of_the_metric():

@@ -251,23 +251,32 @@ def check_with_harness(tasks: list[HarnessTask], run_dir: Path) -> None:
         from lm_eval.tasks import TaskManager
     except ImportError:
         return
-    datasets.config.HF_HUB_OFFLINE = True  # the json builder's telemetry call otherwise stalls offline
-    manager = TaskManager(include_defaults=False)
-    for task in tasks:
-        config = runnable_config(task, run_dir, run_dir / ".cache" / "datasets")
-        try:
-            built = next(iter(manager.load([config])["tasks"].values()))
-            doc = next(iter(built.eval_docs))
-            built.doc_to_text(doc)
-            built.doc_to_target(doc)
-            if task.output_type == "multiple_choice":
-                built.doc_to_choice(doc)
-        except StopIteration:
-            raise TaskError(f"evaluation.tasks: {task.source}: the split to evaluate has no rows") from None
-        except Exception as e:  # the harness raises KeyError, jinja2 errors, FileNotFoundError, ...
-            raise TaskError(
-                f"evaluation.tasks: {task.source}: the harness cannot use it: {type(e).__name__}: {e}"
-            ) from None
+    # Local files only: offline, the json builder's telemetry call would stall. The setting is
+    # process-wide, so it is put back for whatever this process loads next (a Hub dataset).
+    offline, datasets.config.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE, True
+    try:
+        manager = TaskManager(include_defaults=False)
+        for task in tasks:
+            _render_first_row(manager, task, run_dir)
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
+def _render_first_row(manager: Any, task: HarnessTask, run_dir: Path) -> None:
+    config = runnable_config(task, run_dir, run_dir / ".cache" / "datasets")
+    try:
+        built = next(iter(manager.load([config])["tasks"].values()))
+        doc = next(iter(built.eval_docs))
+        built.doc_to_text(doc)
+        built.doc_to_target(doc)
+        if task.output_type == "multiple_choice":
+            built.doc_to_choice(doc)
+    except StopIteration:
+        raise TaskError(f"evaluation.tasks: {task.source}: the split to evaluate has no rows") from None
+    except Exception as e:  # the harness raises KeyError, jinja2 errors, FileNotFoundError, ...
+        raise TaskError(
+            f"evaluation.tasks: {task.source}: the harness cannot use it: {type(e).__name__}: {e}"
+        ) from None
 
 
 def runnable_config(task: HarnessTask, root: Path, cache_dir: Path) -> dict[str, Any]:
