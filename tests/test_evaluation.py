@@ -114,3 +114,13 @@ def test_rows_scored_and_answered_in_batches_equal_each_row_alone(tiny_model_pat
     one = script.evaluate_model(model, tokenizer, pairs, "dpo", [], {**settings, "batch_size": 1, "generations": 0})
     four = script.evaluate_model(model, tokenizer, pairs, "dpo", [], {**settings, "batch_size": 4, "generations": 0})
     assert [r["margin"] for r in one["per_row"]] == pytest.approx([r["margin"] for r in four["per_row"]], abs=1e-4)
+
+
+def test_a_diverged_model_scoring_nan_is_worse_and_stops_the_publish():
+    base = _sft([2.0, 2.5, 1.5, 3.0])
+    diverged = _sft([1.0, float("nan"), 1.2, float("inf")])  # finite rows look better, two are broken
+    result = judge("sft", {"before": base, "after": diverged})
+    assert result.verdict == "worse" and result.non_finite_rows == 2 and result.rows == 4
+    assert "NaN or infinity on 2" in result.sentence() and blocks_publish(result, 0.5)
+    everything = judge("sft", {"before": base, "after": _sft([float("nan")] * 4)})
+    assert everything.verdict == "worse" and everything.non_finite_rows == 4

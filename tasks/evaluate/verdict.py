@@ -53,6 +53,7 @@ class EvaluationResult(Frozen):
     verdict: Verdict
     metrics: list[MetricComparison]
     generations: list[GenerationPair] = Field(default_factory=list)
+    non_finite_rows: int = Field(0, description="rows the trained model scored NaN or infinite (a diverged run)")
     tasks: list[TaskComparison] = Field(
         default_factory=list, description="the spec's task evaluations (lm-evaluation-harness), base against trained"
     )
@@ -63,9 +64,10 @@ class EvaluationResult(Frozen):
 
     def sentence(self) -> str:
         sign = "+" if self.change >= 0 else ""
+        broken = f"; the trained model scored NaN or infinity on {self.non_finite_rows}" if self.non_finite_rows else ""
         return (
             f"{self.verdict}: {self.primary} {self.base_score:.4g} -> {self.trained_score:.4g} "
-            f"(change {sign}{self.change:.4g}, noise band +-{self.noise_band:.2g}, {self.rows} held-out rows)"
+            f"(change {sign}{self.change:.4g}, noise band +-{self.noise_band:.2g}, {self.rows} held-out rows{broken})"
         )
 
 
@@ -144,13 +146,23 @@ def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Evaluatio
         for b, a in ((_primary(method, rb), _primary(method, ra)) for rb, ra in zip(before, after, strict=True))
         if b is not None and a is not None
     ]
-    if not pairs:
+    # a trained model whose scores are NaN or infinite (a diverged run) is worse on those rows,
+    # whatever the finite rows say; the numbers are then those of the rows both scored finitely
+    broken = sum(1 for b, a in pairs if math.isfinite(b) and not math.isfinite(a))
+    pairs = [(b, a) for b, a in pairs if math.isfinite(b) and math.isfinite(a)]
+    if not pairs and not broken:
         raise EvaluationError("no held-out row could be scored by both models")
+    rows = len(pairs) + broken
+    if not pairs:  # every row broken: nothing finite to average
+        pairs = [(0.0, 0.0)]
     changes = [a - b for b, a in pairs]
     change = statistics.fmean(changes)
     band = sigmas * statistics.stdev(changes) / math.sqrt(len(changes)) if len(changes) > 1 else 0.0
     verdict: Verdict = "improved" if change > band else "worse" if change < -band else "no change"
     base_score = statistics.fmean(b for b, _ in pairs)
+    relative = max(-1e6, min(1e6, change / max(abs(base_score), 1e-6)))
+    if broken:
+        verdict, relative = "worse", -1.0
     primary, metrics = _metrics(method, before, after)
     generations = [
         GenerationPair(prompt=g["prompt"], base=g["text"], trained=t["text"])
@@ -158,7 +170,7 @@ def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Evaluatio
     ]
     return EvaluationResult(
         method=method,
-        rows=len(pairs),
+        rows=rows,
         seconds=round(float(record.get("seconds", 0.0)), 2),
         primary=primary,
         base_score=base_score,
@@ -166,10 +178,11 @@ def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Evaluatio
         change=change,
         noise_band=band,
         # relative to the base's score; a base of (nearly) 0 makes any change large, as it should
-        relative_change=max(-1e6, min(1e6, change / max(abs(base_score), 1e-6))),
+        relative_change=relative,
         verdict=verdict,
         metrics=metrics,
         generations=generations,
+        non_finite_rows=broken,
     )
 
 
