@@ -8,10 +8,12 @@ the flow (pauses belong to flow runs, not tasks) with `ApprovalInput` as the typ
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from prefect.input import RunInput
 from pydantic import Field
@@ -30,23 +32,45 @@ class NotApproved(UserFacingError, RuntimeError):
     """A person declined the run, or nobody answered before the timeout."""
 
 
+class _Form(RunInput):
+    """A pause's form. Prefect's `with_initial_data` rebuilds each pre-filled field from its type
+    and value alone, which drops its label and help text; here the field keeps them."""
+
+    @classmethod
+    def with_initial_data(cls, description: str | None = None, **kwargs: Any) -> Any:
+        labelled = {}
+        for key, value in kwargs.items():
+            info = copy.copy(cls.model_fields[key])
+            info.default = value
+            labelled[key] = info
+        return super().with_initial_data(description, **labelled)
+
+
 class PublishStopped(UserFacingError, RuntimeError):
     """The trained model is worse than its base beyond the spec's threshold: nothing is published."""
 
 
-class PublishDecision(RunInput):
+class PublishDecision(_Form):
     """The form shown when a trained model came out worse than its base: publish it anyway?"""
 
-    publish: bool = Field(False, description="publish the worse model anyway (GGUF files, model card, push)")
-    reason: str = Field("", description="why; recorded in the run's report")
+    publish: bool = Field(
+        title="Publish it anyway", description="true converts and publishes the worse model; false stops here"
+    )
+    reason: str = Field("", title="Reason", description="why; recorded in the run's report")
 
 
-class ApprovalInput(RunInput):
+class ApprovalInput(_Form):
     """The form shown in the Prefect UI (and accepted over the REST API) at the pause."""
 
-    approve: bool = False
-    reason: str = ""
-    max_usd: float | None = None
+    approve: bool = Field(title="Approve this spend", description="true starts the run; false stops it, unpaid")
+    reason: str = Field("", title="Reason", description="why; recorded in the run's report")
+    max_usd: float = Field(
+        0.0,
+        ge=0,
+        title="Spending cap (USD)",
+        description="the most this run may spend: the budget guard cancels the job before it passes this "
+        "(pre-filled with the spec's budget.max_usd)",
+    )
 
 
 def auto_decision(cost: CostEstimate, budget: Budget) -> Approval | None:
@@ -74,7 +98,7 @@ def auto_decision(cost: CostEstimate, budget: Budget) -> Approval | None:
 def decision_from_input(answer: ApprovalInput, cost: CostEstimate, budget: Budget) -> Approval:
     if not answer.approve:
         raise NotApproved(f"the run was declined{': ' + answer.reason if answer.reason else ''}")
-    max_usd = answer.max_usd if answer.max_usd is not None else budget.max_usd
+    max_usd = answer.max_usd if "max_usd" in answer.model_fields_set or answer.max_usd else budget.max_usd
     if cost.usd > max_usd:
         raise NotApproved(f"approved max_usd {usd(max_usd)} is below the estimate {usd(cost.usd)}")
     return Approval(
@@ -166,16 +190,28 @@ def request_approval(
     )
     if cost.basis.startswith("TOKENS ESTIMATED"):
         description += " Token counts are ESTIMATED (the tokenizer cannot encode): the cost may be far off."
+    from prefect.logging import get_run_logger
+
+    logger = get_run_logger()
+    logger.warning(
+        f"run '{run_name}' waits up to {timeout_s} s for approval of {usd(cost.usd)} (up to {usd(cost.usd_high)}). "
+        f"Answer in the Prefect UI (the paused run's Resume form), with `python -m flows.approve {run_name}` (or "
+        "`--reject`), or over the REST API: POST /flow_runs/<id>/resume "
+        '{"run_input": {"approve": true, "reason": "..."}}'
+    )
     try:
         answer = pause_flow_run(
-            wait_for_input=ApprovalInput.with_initial_data(description=description, approve=False),
+            wait_for_input=ApprovalInput.with_initial_data(description=description, max_usd=budget.max_usd),
             timeout=timeout_s,
             poll_interval=poll_s,
             key=f"approve-{run_name}",
         )
     except FlowPauseTimeout:
+        logger.warning(f"run '{run_name}': nobody answered within {timeout_s} s; it stops unapproved")
         raise NotApproved(f"no approval within {timeout_s} s; the run was not started") from None
-    return decision_from_input(answer, cost, budget)
+    decision = decision_from_input(answer, cost, budget)
+    logger.info(f"run '{run_name}' approved by a person: {decision.reason} (spending cap {usd(decision.max_usd)})")
+    return decision
 
 
 def _record_pause(run_dir: Path, run_name: str, kind: str) -> None:
@@ -213,7 +249,7 @@ def request_publish_decision(
     )
     try:
         answer = pause_flow_run(
-            wait_for_input=PublishDecision.with_initial_data(description=why, publish=False),
+            wait_for_input=PublishDecision.with_initial_data(description=why),
             timeout=timeout_s,
             poll_interval=poll_s,
             key=f"publish-{run_name}",

@@ -42,6 +42,7 @@ from tasks.models import (
 from tasks.money import usd
 from tasks.plan.cost import estimate_cost
 from tasks.plan.hardware import select_hardware
+from tasks.report import gguf_cells
 from tasks.rewards import RewardSource
 from tasks.run.backends import Account, JobRequest, get_backend
 from tasks.run.fetch import fetch_artifacts
@@ -408,16 +409,15 @@ def smoke_test_gguf_task(
         [
             {
                 "type": f.quant,
-                "size_mb": f.size_mb,
-                "perplexity": f.perplexity,
-                "hf_perplexity": f.hf_perplexity,
-                "top1_agreement": f.top1_agreement,
-                "tokenization": f"{f.tokenization_matches}/{f.tokenization_checked}",
-                "tokens_per_s": f.generation_tokens_per_s,
-                "fallback": fallback_text(f),
-                "passed": f.passed,
+                "size (MB)": f"{f.size_mb:.1f}",
+                "perplexity (HF model's)": cells[0],
+                "top-1 agreement": cells[1],
+                "tokenization identical": f"{f.tokenization_matches}/{f.tokenization_checked} texts",
+                "generation (tokens/s)": cells[2],
+                "fallback tensors": fallback_text(f),
+                "passed": "yes" if f.passed else "no: " + "; ".join(f.problems),
             }
-            for f in tested.files
+            for f, cells in ((f, gguf_cells(f)) for f in tested.files)
         ],
         description="GGUF smoke test: each file against the transformers model",
     )

@@ -149,3 +149,13 @@ def test_a_cloud_run_without_a_token_stops_before_approval_and_before_any_upload
     report = Path(runs_root() / "cloud-run" / "report.md").read_text()
     assert "| check_account | failed |" in report and "| approve | not run |" in report
     assert not (runs_root() / "cloud-run" / "job.json").exists()
+
+
+def test_the_forms_have_labels_a_required_decision_and_a_plain_number():
+    from tasks.approval import ApprovalInput, PublishDecision
+
+    schema = ApprovalInput.with_initial_data(description="x", max_usd=5.0).model_json_schema()
+    assert "approve" in schema["required"] and schema["properties"]["approve"]["title"] == "Approve this spend"
+    cap = schema["properties"]["max_usd"]
+    assert (cap["type"], cap["default"], cap["title"]) == ("number", 5.0, "Spending cap (USD)")  # no "float | None"
+    assert "publish" in PublishDecision.with_initial_data(description="x").model_json_schema()["required"]
