@@ -162,11 +162,15 @@ def summary_markdown(s: RunSummary) -> str:
         lines += ["", "## Did it help?", "", *evaluation_lines(s.evaluation)]
     lines += estimate_lines(s)
     lines += ["", "## Stages", "| stage | status | detail |", "|---|---|---|"]
+    long = []  # a long detail would run the table off the page: it gets its own line below it
     for st in s.stages:
         detail = st.detail.replace("\n", " ").replace("|", "\\|")
-        if len(detail) > 300:
-            detail = detail[:300] + "..."
+        if len(detail) > TABLE_CELL:
+            long.append(f"- **{st.stage}**: {st.detail}")
+            detail = detail[: TABLE_CELL - 20].rsplit(" ", 1)[0] + " ... (in full below)"
         lines.append(f"| {st.stage} | {st.status} | {detail} |")
+    if long:
+        lines += ["", *long]
     if s.gguf is not None and s.gguf.files:
         lines += [
             "",
@@ -181,6 +185,9 @@ def summary_markdown(s: RunSummary) -> str:
         ]
     lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
     return "\n".join(lines)
+
+
+TABLE_CELL = 140  # characters of a stage's detail shown in the table
 
 
 def _cell(value: float | None) -> str:
