@@ -159,3 +159,19 @@ def test_the_forms_have_labels_a_required_decision_and_a_plain_number():
     cap = schema["properties"]["max_usd"]
     assert (cap["type"], cap["default"], cap["title"]) == ("number", 5.0, "Spending cap (USD)")  # no "float | None"
     assert "publish" in PublishDecision.with_initial_data(description="x").model_json_schema()["required"]
+
+
+def test_a_child_flow_run_pauses_and_is_answered_like_any_run(prefect_server):
+    """A recipe's stages are child flow runs: their approval pauses where they are."""
+    from prefect import flow
+    from prefect.flow_runs import resume_flow_run
+
+    gate = _gate("child")
+
+    @flow(name="parent-of-child")
+    def parent():
+        return gate()
+
+    _when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": True, "reason": "stage ok"}))
+    approval = parent()
+    assert approval.by == "user" and approval.reason == "stage ok" and approval.max_usd == BUDGET.max_usd
