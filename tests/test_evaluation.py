@@ -124,3 +124,20 @@ def test_a_diverged_model_scoring_nan_is_worse_and_stops_the_publish():
     assert "NaN or infinity on 2" in result.sentence() and blocks_publish(result, 0.5)
     everything = judge("sft", {"before": base, "after": _sft([float("nan")] * 4)})
     assert everything.verdict == "worse" and everything.non_finite_rows == 4
+
+
+def test_a_task_that_gets_worse_stops_the_publish_even_when_the_held_out_rows_improve():
+    from tasks.evaluate.verdict import judge_record
+
+    record = {
+        "before": _sft([2.0, 2.5, 1.5, 3.0, 2.2, 2.8]),
+        "after": _sft([1.0, 1.6, 0.4, 2.1, 1.2, 1.7]),
+        "tasks": {
+            "before": {"general": {"metric": "acc", "per_row": [1, 1, 1, 1, 1, 0, 1, 1]}},
+            "after": {"general": {"metric": "acc", "per_row": [0, 0, 1, 0, 0, 0, 0, 1]}},
+        },
+    }
+    result = judge_record("sft", record)
+    assert result.verdict == "improved" and result.tasks[0].verdict == "worse"
+    assert "worse than its base on task general: acc 0.875 -> 0.25" in blocks_publish(result, 0.1)
+    assert blocks_publish(result, None) is None and blocks_publish(result, 0.9) is None

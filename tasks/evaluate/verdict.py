@@ -187,14 +187,26 @@ def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Evaluatio
 
 
 def blocks_publish(result: EvaluationResult, max_regression: float | None) -> str | None:
-    """Why the publish must stop (a regression beyond the spec's threshold), or None."""
-    if max_regression is None or result.verdict != "worse" or -result.relative_change <= max_regression:
+    """Why the publish must stop (a regression beyond the spec's threshold, on the held-out rows
+    or on a task evaluation, where forgetting shows), or None."""
+    if max_regression is None:
         return None
-    return (
-        f"the trained model is worse than its base: {result.sentence()}; that is {-result.relative_change:.1%} "
-        f"worse, beyond evaluation.max_regression {max_regression:.1%}. Nothing was published. Check the data and "
-        "the learning rate; to publish anyway set evaluation.max_regression: null (or a larger share)"
-    )
+    if result.verdict == "worse" and -result.relative_change > max_regression:
+        return (
+            f"the trained model is worse than its base: {result.sentence()}; that is {-result.relative_change:.1%} "
+            f"worse, beyond evaluation.max_regression {max_regression:.1%}. Nothing was published. Check the data "
+            "and the learning rate; to publish anyway set evaluation.max_regression: null (or a larger share)"
+        )
+    for t in result.tasks:
+        drop = -t.change / max(abs(t.base), 1e-6)
+        if t.verdict == "worse" and drop > max_regression:
+            return (
+                f"the trained model is worse than its base on task {t.task}: {t.metric} {t.base:.4g} -> "
+                f"{t.trained:.4g} over {t.rows} rows (noise band +-{t.noise_band:.2g}), {drop:.1%} worse, beyond "
+                f"evaluation.max_regression {max_regression:.1%}. Nothing was published. To publish anyway set "
+                "evaluation.max_regression: null (or a larger share)"
+            )
+    return None
 
 
 def judge_tasks(record: dict[str, Any], sigmas: float) -> list[TaskComparison]:
