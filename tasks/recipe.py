@@ -28,6 +28,7 @@ from tasks.spec import (
 RECIPE_KEYS = ("name", "model", "budget", "defaults", "stages", "outputs")
 MAX_RECIPE_NAME = 40  # leaves room for "-<stage>" within a run name's 64 characters
 MAX_STAGES = 8
+MAX_STAGE_NAME = 64 - MAX_RECIPE_NAME - 1  # <recipe>-<stage> is a run name
 
 
 class RecipeSpec(BaseModel):
@@ -49,6 +50,9 @@ class RecipeSpec(BaseModel):
                 "starting with a letter or digit"
             )
         names = [s.name for s in self.stages]
+        long = [n for n in names if n is None or len(n) > MAX_STAGE_NAME]
+        if long:
+            raise ValueError(f"stage names must be 1-{MAX_STAGE_NAME} characters (they end run names); got {long}")
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must differ; got {names}")
         return self

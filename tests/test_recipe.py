@@ -54,6 +54,7 @@ def test_stages_take_the_defaults_the_recipes_model_and_budget_and_only_the_last
         ({"stages": [{"method": "sft", "dataset": CHAT, "lr": 1}]}, r"(?s)stage 1 \(1-sft\).*unknown field 'lr'"),
         ({"stages": [{"name": "a", "dataset": CHAT}, {"name": "a", "dataset": CHAT}]}, "stage names must differ"),
         ({"name": "Bad Name"}, "at most 40 lowercase"),
+        ({"stages": [{"name": "a-very-long-stage-name-indeed", "dataset": CHAT}]}, "stage names must be 1-23"),
         ({"steps": []}, r"unknown recipe field\(s\) \['steps'\]"),
     ],
 )
