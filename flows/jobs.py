@@ -61,36 +61,171 @@ def describe(handle: JobHandle) -> dict[str, Any]:
     }
 
 
+def _mtime(path: Path) -> float | None:
+    return path.stat().st_mtime if path.exists() else None
+
+
+def run_state(folder: Path) -> dict[str, Any]:
+    """Where a run stands, read from its folder alone, so any door that started it (command
+    line, UI, deployment, REST, a recipe) can be followed from any terminal: finished or failed
+    (its report), paused for a decision, training (its job), or only planned."""
+    info: dict[str, Any] = {"run": folder.name, "folder": str(folder)}
+    if (folder / "recipe.yaml").exists():
+        return _recipe_state(folder, info)
+    plan_at, report_at = _mtime(folder / "plan.json"), _mtime(folder / "report.json")
+    if report_at is not None and (plan_at is None or report_at >= plan_at):
+        data = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        stages = data.get("stages") or []
+        failed = next((st for st in stages if st["status"] == "failed"), None)
+        ran = [st for st in stages if st["status"] not in ("not run",)]
+        dry = not data.get("error") and all(st["status"] == "not run" for st in stages if st["stage"] == "submit_job")
+        info.update(
+            state="failed" if data.get("error") else "planned (dry run)" if dry else "finished",
+            stage=(failed or (ran[-1] if ran else {"stage": None}))["stage"],
+            stages={st["stage"]: st["status"] for st in stages},
+            cost_usd=(data.get("job") or {}).get("cost_usd", 0.0),
+            estimated_usd=((data.get("plan") or {}).get("cost") or {}).get("usd"),
+            verdict=(data.get("evaluation") or {}).get("verdict"),
+            error=data.get("error"),
+            report=str(folder / "report.md"),
+        )
+        return info
+    estimate = json.loads((folder / "plan.json").read_text(encoding="utf-8"))["cost"] if plan_at else None
+    info["estimated_usd"] = estimate["usd"] if estimate else None
+    approval_at = _mtime(folder / "approval.json")
+    job_at = _mtime(folder / "job.json")
+    handle = load_handle(folder) if job_at is not None else None
+    latest = max(t for t in (plan_at, job_at, 0.0) if t is not None)
+    if approval_at is not None and approval_at >= latest:  # the newest event: a pause, before or after the job
+        kind = json.loads((folder / "approval.json").read_text(encoding="utf-8")).get("kind", "spend")
+        info.update(
+            state="paused",
+            stage="approve" if kind == "spend" else "evaluate",
+            waiting_for="approval of the spend" if kind == "spend" else "a decision on publishing a worse model",
+            answer=f"python -m flows.approve {folder.name}"
+            + (" [--reject]" if kind == "spend" else " --publish|--reject"),
+            cost_usd=describe(handle)["cost_usd"] if handle is not None and kind != "spend" else 0.0,
+        )
+    elif handle is not None and (plan_at is None or (job_at or 0) >= plan_at):
+        job = describe(handle)
+        done = job["state"] == "completed"
+        info.update(
+            state="running",
+            stage="evaluate, convert and publish" if done else "monitor",
+            job=job,
+            cost_usd=job["cost_usd"],
+            step=job["step"],
+            total=job["total"],
+            loss=job["loss"],
+        )
+    elif plan_at is not None:
+        info.update(state="planned", stage="approve or submit_job", cost_usd=0.0)
+    else:
+        info.update(state="starting", stage="validate_dataset", cost_usd=0.0)
+    return info
+
+
+def _recipe_state(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    import yaml
+
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text(encoding="utf-8"))
+    stages = []
+    for stage in recipe.get("stages") or []:
+        child = folder.parent / f"{folder.name}-{stage['name']}"
+        found = run_state(child) if child.exists() else {"run": child.name, "state": "not started"}
+        stages.append(
+            {
+                "stage": stage["name"],
+                "at": found.get("stage"),  # where that stage's run stands in the lifecycle
+                **{k: found.get(k) for k in ("run", "state", "cost_usd", "verdict")},
+            }
+        )
+    report = folder / "report.json"
+    summary = json.loads(report.read_text(encoding="utf-8")) if report.exists() else {}
+    settled = report.exists() and all(st["state"] in ("finished", "failed", "not started") for st in stages)
+    planned = bool(summary) and all(st.get("status") == "planned" for st in summary.get("stages", []))
+    state = (
+        "failed" if summary.get("error") else "planned (dry run)" if planned else "finished" if settled else "running"
+    )
+    info.update(
+        kind="recipe",
+        state=state,
+        stages=stages,
+        cost_usd=round(sum(st.get("cost_usd") or 0.0 for st in stages), 4),
+        error=summary.get("error"),
+        report=str(report.with_name("report.md")) if report.exists() else None,
+    )
+    return info
+
+
+def status_text(info: dict[str, Any]) -> list[str]:
+    """The console lines of a run's state."""
+    head = f"{info['run']}: {info['state']}"
+    if info.get("kind") == "recipe":
+        out = [f"{head} (a recipe); spent {usd(info['cost_usd'])} so far"]
+        out += [
+            f"  {st['stage']}: run {st['run']} {st['state']}" + (f", {st['verdict']}" if st.get("verdict") else "")
+            for st in info["stages"]
+        ]
+    else:
+        out = [
+            f"{head}, at stage {info.get('stage')}; cost {usd(info.get('cost_usd') or 0.0)}"
+            + (f" of an estimated {usd(info['estimated_usd'])}" if info.get("estimated_usd") is not None else "")
+        ]
+        job = info.get("job")
+        if job:
+            steps = f"step {job['step']}/{job['total'] or '?'}"
+            loss = f", loss {job['loss']:.4f}" if job["loss"] is not None else ""
+            out.append(
+                f"  {job['backend']} job {job['job_id']} {job['state']}"
+                + (f" ({job['message']})" if job["message"] else "")
+                + f"; {steps}{loss}; {job['billed_s']:.0f} s billed"
+            )
+            if job["url"]:
+                out.append(f"  {job['url']}")
+        if info.get("waiting_for"):
+            out.append(f"  waiting for {info['waiting_for']}: {info['answer']}, or the Prefect UI's Resume form")
+        if info.get("verdict"):
+            out.append(f"  did it help? {info['verdict']}")
+    if info.get("error"):
+        out.append(f"  error: {info['error']}")
+    if info.get("report"):
+        out.append(f"  report: {info['report']}")
+    return out
+
+
 def status_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flows.status", description="state of a run's job")
-    p.add_argument("run", help="run name (runs/<name>) or run folder")
-    p.add_argument("--follow", action="store_true", help="repeat every few seconds until the job ends")
+    p = argparse.ArgumentParser(
+        prog="python -m flows.status", description="where a run (or a recipe) stands, whichever door started it"
+    )
+    p.add_argument("run", help="run or recipe name (runs/<name>) or run folder")
+    p.add_argument("--follow", action="store_true", help="repeat every few seconds until the run ends")
     p.add_argument("--json", action="store_true", help="print JSON (for agents)")
     args = p.parse_args(argv)
-    handle = load_handle(run_folder(args.run))
-    assert handle is not None
+    path = Path(args.run)
+    folder = path if path.is_absolute() or (path / "plan.json").exists() else runs_root() / args.run
+    if not folder.is_dir():
+        known = ", ".join(sorted(p.name for p in runs_root().glob("*") if p.is_dir())) or "none"
+        print(
+            f"error: no run named '{args.run}' in {runs_root()} (FINETUNE_RUNS_DIR); runs here: {known}",
+            file=sys.stderr,
+        )
+        return 2
     while True:
         try:
-            info = describe(handle)
+            info = run_state(folder)
         except BackendError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         if args.json:
             print(json.dumps(info))
         else:
-            steps = f"step {info['step']}/{info['total'] or '?'}"
-            loss = f", loss {info['loss']:.4f}" if info["loss"] is not None else ""
-            print(
-                f"{info['run']}: {info['backend']} job {info['job_id']} {info['state']}"
-                + (f" ({info['message']})" if info["message"] else "")
-                + f"; {steps}{loss}; {info['billed_s']:.0f} s billed, {usd(info['cost_usd'])}"
-            )
-            if info["url"]:
-                print(f"  {info['url']}")
-            if not args.follow:
-                for line in info["last_lines"]:
+            print("\n".join(status_text(info)))
+            job = info.get("job")
+            if job and not args.follow:
+                for line in job["last_lines"]:
                     print(f"  | {line[:200]}")
-        if not args.follow or info["state"] in ("completed", "failed", "cancelled"):
+        if not args.follow or info["state"] not in ("running", "paused", "planned", "starting"):
             return 0
         time.sleep(5)
 

@@ -330,6 +330,10 @@ def summary_text(s: RunSummary) -> str:
         out += [f"  {line}" for line in signal_lines(s)]
     if s.evaluation is not None:
         out.append(f"  did it help? {s.evaluation.sentence()}")
+        out += [
+            f"  task {t.task}: {t.verdict}, {t.metric} {t.base:.4g} -> {t.trained:.4g} over {t.rows} rows"
+            for t in s.evaluation.tasks
+        ]
     out.append("  stages:")
     for st in s.stages:
         detail = st.detail.splitlines()[0] if st.detail else ""

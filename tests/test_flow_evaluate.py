@@ -69,13 +69,21 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
     from flows.approve import main as answer
 
     # with a server, a person decides: declined, nothing is published
-    answered = []
-    _when_paused(lambda fid: answered.append(answer(["harmful", "--reject", "--reason", "not this one"])))
-    with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published.*declined: not this one"):
-        sft(spec=spec)
+    from flows.jobs import run_state
     from tasks.rundir import runs_root
 
+    answered, seen = [], []
+
+    def decline(fid) -> None:
+        seen.append(run_state(runs_root() / "harmful"))  # what another terminal sees while it waits
+        answered.append(answer(["harmful", "--reject", "--reason", "not this one"]))
+
+    _when_paused(decline)
+    with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published.*declined: not this one"):
+        sft(spec=spec)
     assert answered == [0]
+    assert (seen[0]["state"], seen[0]["stage"]) == ("paused", "evaluate")
+    assert seen[0]["answer"] == "python -m flows.approve harmful --publish|--reject"
     report = json.loads((runs_root() / "harmful" / "report.json").read_text())
     assert report["evaluation"]["verdict"] == "worse" and report["evaluation"]["rows"] == 64
     stages = {s["stage"]: s["status"] for s in report["stages"]}

@@ -19,7 +19,7 @@ from tests.conftest import EXAMPLES
 pytestmark = pytest.mark.slow
 
 
-def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, tmp_path, monkeypatch):
+def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", "hf_" + "S3cretT0ken" * 3)  # must never appear in any output
     start = time.monotonic()
     published = tmp_path / "published" / "tiny-sft"
@@ -122,6 +122,13 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
         logits = model(torch.tensor([ids])).logits[0, start - 1 : -1].float()
     by_hand = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None]).mean().item()
     assert by_hand == pytest.approx(scores["after"][0]["loss"], rel=1e-4)
+    # followed from another terminal, by name
+    from flows.jobs import status_main
+
+    assert status_main(["flow-test", "--json"]) == 0
+    state = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (state["state"], state["stage"], state["verdict"]) == ("finished", "push_to_hub", "improved")
+    assert state["report"].endswith("flow-test/report.md") and state["stages"]["evaluate"] == "passed"
     secret = os.environ["HF_TOKEN"]
     for path in [*run_dir.rglob("*"), *published.rglob("*")]:
         if path.is_file() and path.stat().st_size < 50_000_000:

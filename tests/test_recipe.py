@@ -125,6 +125,11 @@ def test_the_dry_run_prices_the_chain_as_json(capsys):
     assert [s["status"] for s in out["stages"]] == ["planned", "planned"]
     assert out["estimated_usd"] == pytest.approx(sum(s["estimated_usd"] for s in out["stages"]))
     assert not (runs_root() / "plan-warmup" / "job.json").exists()
+    from flows.jobs import run_state, status_main
+
+    assert run_state(runs_root() / "plan")["state"] == "planned (dry run)"
+    assert run_state(runs_root() / "plan-grpo")["state"] == "planned"
+    assert status_main(["no-such-run"]) == 2 and "no run named 'no-such-run'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -164,6 +169,16 @@ def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resu
     assert {"rec", "rec-warmup", "rec-grpo"} <= set(runs)
     assert runs["rec"].parent_task_run_id is None
     assert runs["rec-warmup"].parent_task_run_id is not None and runs["rec-grpo"].parent_task_run_id is not None
+
+    # followed from another terminal: the recipe and its stages
+    from flows.jobs import run_state
+
+    state = run_state(runs_root() / "rec")
+    assert (state["kind"], state["state"]) == ("recipe", "finished")
+    assert [(s["stage"], s["state"], s["verdict"]) for s in state["stages"]] == [
+        ("warmup", "finished", "improved"),
+        ("grpo", "finished", "improved"),
+    ]
 
     # the same recipe again: both trainings are reused, nothing is paid twice
     again = recipe_flow(recipe=load_recipe(examples / "grpo-tiny.yaml", {"name": "rec"}))

@@ -97,8 +97,8 @@ def _metrics(method: str, before: list[dict], after: list[dict]) -> tuple[str, l
             return sum(loss * n for loss, n in counted) / total if total else None
 
         b, a = weighted(before), weighted(after)
-        return "completion log-likelihood per token", [
-            MetricComparison(name="completion loss (per token)", base=b, trained=a, better="lower"),
+        return "completion log-likelihood per token (mean over rows)", [
+            MetricComparison(name="completion loss per token (tokens pooled)", base=b, trained=a, better="lower"),
             MetricComparison(
                 name="perplexity",
                 base=math.exp(b) if b is not None else None,
