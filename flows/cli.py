@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import UserFacingError
+from tasks.errors import UserFacingError, error_payload
 from tasks.spec import Method, RunSpec, SpecError, load_spec, parse_spec
 
 # Runs with no Prefect server start a temporary one; offline it would log telemetry errors.
@@ -101,8 +101,8 @@ def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = N
             return 0
         summary = flow_fn(spec=spec, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
     except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
-        if "args" in locals() and getattr(args, "json", False):
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+        if "--json" in (sys.argv[1:] if argv is None else argv):  # also when the arguments themselves failed
+            print(json.dumps(error_payload(e)))
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

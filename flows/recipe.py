@@ -23,7 +23,7 @@ import yaml
 from tasks import artifacts
 from tasks.approval import BudgetExceeded
 from tasks.atomic import write_text
-from tasks.errors import UserFacingError
+from tasks.errors import UserFacingError, error_payload
 from tasks.models import RecipeStageResult, RecipeSummary, RunPlan, RunSummary
 from tasks.money import usd
 from tasks.recipe import MAX_RECIPE_NAME, RecipeSpec, chained_stage, default_recipe_name, load_recipe
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
         if args.json:
-            print(json.dumps({"error": str(e), "type": type(e).__name__}))
+            print(json.dumps(error_payload(e)))
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(result.model_dump_json(indent=2) if args.json else recipe_text(result))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,23 @@ def test_the_spec_is_a_flow_parameter_schema():
     schema = RunSpec.model_json_schema()
     assert schema["properties"]["method"]["enum"] == ["sft", "dpo", "grpo"]
     assert "dataset" in schema["required"]
+
+
+def test_every_error_code_is_in_the_readme_and_the_cli_json_carries_it(capsys, tmp_path):
+    from flows.cli import main
+    from flows.sft import sft
+    from tasks.errors import ERROR_CODES
+    from tests.conftest import EXAMPLES, REPO
+
+    readme = (REPO / "README.md").read_text()
+    for cls, (code, fix) in ERROR_CODES.items():
+        assert f"| `{code}` | {cls} | {fix} |" in readme
+    assert main("sft", sft, ["--spec", str(EXAMPLES / "sft-tiny.yaml"), "--set", "methd=sft", "--json"]) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert out["code"] == "spec_invalid" and "unknown field 'methd'" in out["error"] and out["fix"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    args = ["--dataset", str(bad), "--dry-run", "--json"]
+    assert main("sft", sft, args) == 2
+    out = json.loads(capsys.readouterr().out)
+    assert (out["code"], out["type"]) == ("dataset_invalid", "DatasetValidationError")
