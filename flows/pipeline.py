@@ -27,6 +27,7 @@ from tasks.cache import (
     trusted_result,
 )
 from tasks.data.validate import HeldOut
+from tasks.errors import error_payload
 from tasks.evaluate.harness import HarnessTask, check_with_harness, prepare_tasks
 from tasks.evaluate.verdict import blocks_publish
 from tasks.gguf import check_converter_knows, check_quant_types, config_row_sizes
@@ -451,6 +452,8 @@ def _run_lifecycle(
             stages.append(StageOutcome(stage=current, status="failed", detail=detail))
         done_stages = {s.stage for s in stages}
         stages += [StageOutcome(stage=s, status="not run") for s in RUN_STAGES if s not in done_stages]
+        payload = error_payload(e)
+        fields.update(error_code=payload["code"], error_fix=payload["fix"])
         finish(plan, stages, fields, f"{current}: {e}")
         raise e from None
     return finish(plan, stages, fields, None)

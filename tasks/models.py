@@ -365,6 +365,8 @@ class RunSummary(Frozen):
     stages: list[StageOutcome]
     outputs: dict[str, str]
     error: str | None = None
+    error_code: str | None = Field(None, description="the stable code of the failure (README: Errors, for agents)")
+    error_fix: str | None = Field(None, description="what usually helps with that kind of failure")
 
 
 class RecipeStageResult(Frozen):

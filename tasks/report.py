@@ -136,6 +136,8 @@ def summary_markdown(s: RunSummary) -> str:
     lines = [f"# Run `{s.run_name}`", ""]
     if s.error:
         lines += [f"**Failed:** {s.error}", ""]
+        if s.error_code:
+            lines += [f"Error code `{s.error_code}`; what usually helps: {s.error_fix}.", ""]
     lines.append(
         f"**{p.method.upper()}** of `{p.model}` on `{p.dataset.source}` ({p.dataset.rows} rows, `{p.dataset.format}`)"
     )

@@ -86,6 +86,7 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
     assert seen[0]["answer"] == "python -m flows.approve harmful --publish|--reject"
     report = json.loads((runs_root() / "harmful" / "report.json").read_text())
     assert report["evaluation"]["verdict"] == "worse" and report["evaluation"]["rows"] == 64
+    assert report["error_code"] == "regression" and "max_regression: null" in report["error_fix"]
     stages = {s["stage"]: s["status"] for s in report["stages"]}
     assert stages["evaluate"] == "failed" and stages["convert_gguf"] == stages["push_to_hub"] == "not run"
     assert not published.exists()
