@@ -32,13 +32,13 @@ def _gate(run_name: str, timeout_s: int = 60):
     return gate
 
 
-def _when_paused(action) -> threading.Thread:
-    """Run `action(flow_run_id)` once a flow run is paused."""
+def _when_paused(action, within_s: float = 60) -> threading.Thread:
+    """Run `action(flow_run_id)` once a flow run is paused (within `within_s`)."""
 
     def run() -> None:
         from prefect import get_client
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             with get_client(sync_client=True) as client:
                 paused = [r for r in client.read_flow_runs() if r.state and r.state.is_paused()]

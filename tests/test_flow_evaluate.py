@@ -78,9 +78,9 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
         seen.append(run_state(runs_root() / "harmful"))  # what another terminal sees while it waits
         answered.append(answer(["harmful", "--reject", "--reason", "not this one"]))
 
-    _when_paused(decline)
+    _when_paused(decline, within_s=900)  # the harmful run trains first (minutes on a busy machine)
     with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published.*declined: not this one"):
-        sft(spec=spec)
+        sft(spec=spec, approval_timeout_s=900)
     assert answered == [0]
     assert (seen[0]["state"], seen[0]["stage"]) == ("paused", "evaluate")
     assert seen[0]["answer"] == "python -m flows.approve harmful --publish|--reject"
@@ -93,8 +93,8 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
     assert "**Verdict: worse.**" in (runs_root() / "harmful" / "report.md").read_text()
 
     # the same run again (its training reused): this time the person publishes it anyway
-    _when_paused(lambda fid: answer(["harmful", "--publish", "--reason", "known trade-off"]))
-    summary = sft(spec=spec)
+    _when_paused(lambda fid: answer(["harmful", "--publish", "--reason", "known trade-off"]), within_s=900)
+    summary = sft(spec=spec, approval_timeout_s=900)
     evaluate_stage = next(s for s in summary.stages if s.stage == "evaluate")
     assert evaluate_stage.status == "passed" and "published anyway: known trade-off" in evaluate_stage.detail
     assert summary.stages[-1].status == "passed" and (published / "README.md").exists()
