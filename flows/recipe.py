@@ -57,8 +57,12 @@ def plan_stages(recipe: RecipeSpec, name: str) -> list[RunPlan]:
     plans = []
     for i in range(len(recipe.stages)):
         spec = chained_stage(recipe, name, i, recipe.model, 0.0)
-        with run_lock(str(spec.name)):  # a plan rewrites the stage's run folder
-            plan = plan_run(spec)
+        try:
+            with run_lock(str(spec.name)):  # a plan rewrites the stage's run folder
+                plan = plan_run(spec)
+        except UserFacingError as e:  # the same refusal, saying which stage it is about
+            e.args = (f"stage '{recipe.stages[i].name}' ({spec.method}): {e}", *e.args[1:])
+            raise
         if i > 0:
             note = (
                 f"starts from the model stage '{recipe.stages[i - 1].name}' trains; planned with the recipe's base "

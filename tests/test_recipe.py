@@ -100,8 +100,8 @@ def test_every_stage_is_planned_before_anything_runs(tmp_path):
     recipe = parse_recipe(
         {**_two_sft(), "stages": [{"name": "first", "dataset": CHAT}, {"name": "second", "dataset": str(broken)}]}
     )
-    with pytest.raises(DatasetValidationError):  # the second stage's data fails before the first trains
-        run_recipe(recipe)
+    with pytest.raises(DatasetValidationError, match=r"^stage 'second' \(sft\): .*broken.jsonl"):
+        run_recipe(recipe)  # the second stage's data fails before the first trains
     assert not (runs_root() / "chain-first" / "job.json").exists()
 
 
