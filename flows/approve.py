@@ -39,10 +39,6 @@ def paused_run(run: str) -> tuple[str, str]:
     return found["flow_run_id"], found.get("kind", "spend")
 
 
-def flow_run_id_for(run: str) -> str:
-    return paused_run(run)[0]
-
-
 def approve(run: str, approve: bool, reason: str = "", max_usd: float | None = None) -> str:
     from prefect.flow_runs import resume_flow_run
 

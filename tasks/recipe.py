@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.spec import (
@@ -22,6 +21,7 @@ from tasks.spec import (
     SpecError,
     deep_merge,
     parse_spec,
+    read_yaml,
     resolve_spec_paths,
 )
 
@@ -117,12 +117,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     """A recipe file. Paths are relative to it; `overrides` (from --set) are recipe fields, or
     `<stage>.<field>` for one stage (`warmup.training.max_steps=10`)."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "recipe")
     if isinstance(data, dict) and "stages" not in data:
         raise SpecError(
             f"{path} is a single run spec, not a recipe (no `stages`); run it with python -m flows.<method>"

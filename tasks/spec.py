@@ -221,6 +221,16 @@ def _spec_relative(value: str, base: Path) -> bool:
     return not Path(value).is_absolute() and not Path(value).exists() and (base / value).is_dir()
 
 
+def read_yaml(path: Path, kind: str) -> Any:
+    """A spec or recipe file's YAML, with a SpecError that names the file when it is missing or broken."""
+    if not path.exists():
+        raise SpecError(f"{kind} file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path} is not valid YAML: {e}") from None
+
+
 def load_spec(
     path: str | Path, overrides: dict[str, Any] | None = None, default_method: Method | None = None
 ) -> RunSpec:
@@ -228,12 +238,7 @@ def load_spec(
     folder) are resolved against the spec file's folder, so specs work from any working
     directory."""
     path = Path(path)
-    if not path.exists():
-        raise SpecError(f"spec file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path} is not valid YAML: {e}") from None
+    data = read_yaml(path, "spec")
     if isinstance(data, dict):
         data = deep_merge(data, overrides or {})
         if default_method is not None:

@@ -150,11 +150,6 @@ def completion_logprobs(model, tokenizer, pairs: list, batch_size: int) -> list:
     return out
 
 
-def completion_logprob(model, tokenizer, prompt: str, completion: str) -> tuple:
-    """One row's summed completion log-probability and token count."""
-    return completion_logprobs(model, tokenizer, [(prompt, completion)], 1)[0]
-
-
 def generate_many(
     model, tokenizer, prompts: list, max_new_tokens: int, sample: bool, temperature: float, batch_size: int
 ) -> list:
@@ -184,10 +179,6 @@ def generate_many(
     finally:
         tokenizer.padding_side = side
     return texts
-
-
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, sample: bool, temperature: float = 1.0) -> str:
-    return generate_many(model, tokenizer, [prompt], max_new_tokens, sample, temperature, 1)[0]
 
 
 def evaluate_model(model, tokenizer, rows: list, method: str, reward_funcs: list, settings: dict) -> dict:
