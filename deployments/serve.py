@@ -1,12 +1,14 @@
 """Serve the flows as deployments without a work pool: `python -m deployments.serve`.
 
 Needs a Prefect server (`prefect server start`, PREFECT_API_URL set). Runs started from the
-UI or the REST API then execute in this process.
+UI, a schedule or the REST API then execute under this process, each in a subprocess that
+loads its flow from the entrypoint recorded here.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prefect import serve
 
@@ -15,15 +17,28 @@ from flows.grpo import grpo
 from flows.recipe import recipe_flow
 from flows.sft import sft
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def deployments() -> list:
+    """One deployment per flow. The flows are built by factories (`flows.pipeline.lifecycle_flow`,
+    the recipe's), so Prefect would record the factory's inner function as their entrypoint,
+    which no subprocess can load; each gets the module variable prefect.yaml declares instead."""
+    found = []
+    for method, flow in (("sft", sft), ("dpo", dpo), ("grpo", grpo)):
+        deployment = flow.to_deployment(name=method, tags=["finetune", method])
+        deployment.entrypoint = f"flows/{method}.py:{method}"
+        found.append(deployment)
+    recipe = recipe_flow.to_deployment(name="recipe", tags=["finetune", "recipe"])
+    recipe.entrypoint = "flows/recipe.py:recipe_flow"
+    found.append(recipe)
+    return found
+
 
 def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    serve(
-        sft.to_deployment(name="sft", tags=["finetune", "sft"]),
-        dpo.to_deployment(name="dpo", tags=["finetune", "dpo"]),
-        grpo.to_deployment(name="grpo", tags=["finetune", "grpo"]),
-        recipe_flow.to_deployment(name="recipe", tags=["finetune", "recipe"]),
-    )
+    os.chdir(REPO)  # entrypoints and relative dataset paths are relative to the checkout
+    serve(*deployments())
 
 
 if __name__ == "__main__":

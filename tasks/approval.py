@@ -9,19 +9,38 @@ the flow (pauses belong to flow runs, not tasks) with `ApprovalInput` as the typ
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import UserFacingError
 from tasks.models import Approval, CostEstimate
 from tasks.money import usd
 from tasks.spec import Budget
+
+# The flow run input key under which a paused run says what it waits for, readable by any
+# door: `GET /api/flow_runs/<id>/input/finetune-pending-<kind>` (kind "spend" or "publish").
+PENDING_INPUT_KEY = "finetune-pending-{kind}"
+
+
+class PendingDecision(BaseModel):
+    """What a paused run waits for, in numbers an agent can show its user before answering."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str = Field(description='"spend": approve the estimated cost; "publish": publish a model that got worse')
+    run: str = Field(description="the run's name (its folder under runs/)")
+    flow_run_id: str
+    question: str = Field(description="what to decide, in a sentence")
+    estimated_usd: float | None = Field(None, description="the run's estimated cost (spend decisions)")
+    estimated_usd_high: float | None = Field(None, description="the top of the estimate's range")
+    max_usd: float | None = Field(None, description="the spec's budget.max_usd: no approval may go above it")
+    answer_fields: dict[str, str] = Field(description="the run_input fields of the resume call and what they mean")
+    answer_cli: str = Field(description="the command that answers it from a terminal")
 
 
 class BudgetExceeded(UserFacingError, RuntimeError):
@@ -182,7 +201,6 @@ def request_approval(
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
 
-    _record_pause(run_dir, run_name, "spend")
     description = (
         f"Run `{run_name}` is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
         f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd {usd(budget.auto_approve_usd)}. "
@@ -190,6 +208,15 @@ def request_approval(
     )
     if cost.basis.startswith("TOKENS ESTIMATED"):
         description += " Token counts are ESTIMATED (the tokenizer cannot encode): the cost may be far off."
+    _record_pause(
+        run_dir,
+        run_name,
+        kind="spend",
+        question=description,
+        estimated_usd=cost.usd,
+        estimated_usd_high=cost.usd_high,
+        max_usd=budget.max_usd,
+    )
     from prefect.logging import get_run_logger
 
     logger = get_run_logger()
@@ -214,14 +241,40 @@ def request_approval(
     return decision
 
 
-def _record_pause(run_dir: Path, run_name: str, kind: str) -> None:
-    """Lets `flows.approve <run-name>` find the paused flow run and send the right form."""
+def _record_pause(run_dir: Path, run_name: str, kind: str, question: str, **numbers: float | None) -> None:
+    """Says what the run waits for where every door can read it: approval.json in the run
+    folder (for `flows.approve <run-name>`), and a flow run input on the server (for REST
+    clients, the MCP server and remote workers, which do not share the folder)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
-    if ctx is not None and ctx.flow_run is not None:
-        record = {"flow_run_id": str(ctx.flow_run.id), "run": run_name, "kind": kind}
-        (run_dir / "approval.json").write_text(json.dumps(record))
+    if ctx is None or ctx.flow_run is None:
+        return
+    form = ApprovalInput if kind == "spend" else PublishDecision
+    pending = PendingDecision(
+        kind=kind,
+        run=run_name,
+        flow_run_id=str(ctx.flow_run.id),
+        question=question,
+        answer_fields={name: f.description or "" for name, f in form.model_fields.items()},
+        answer_cli=f"python -m flows.approve {run_name}"
+        + (" [--reject]" if kind == "spend" else " --publish|--reject"),
+        **numbers,
+    )
+    (run_dir / "approval.json").write_text(pending.model_dump_json(indent=2))
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    key = PENDING_INPUT_KEY.format(kind=kind)
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_flow_run_input(ctx.flow_run.id, key=key, value=pending.model_dump_json())
+        except PrefectHTTPStatusError as e:
+            if e.response.status_code != 409:
+                raise
+            # the same flow run pausing again (a retry): the newest numbers win
+            client.delete_flow_run_input(ctx.flow_run.id, key=key)
+            client.create_flow_run_input(ctx.flow_run.id, key=key, value=pending.model_dump_json())
 
 
 def request_publish_decision(
@@ -241,7 +294,7 @@ def request_publish_decision(
     from prefect.flow_runs import pause_flow_run
     from prefect.logging import get_run_logger
 
-    _record_pause(run_dir, run_name, "publish")
+    _record_pause(run_dir, run_name, kind="publish", question=why)
     get_run_logger().warning(
         f"run '{run_name}' waits up to {timeout_s} s for a decision: {why}. Answer in the Prefect UI (Resume), with "
         f"`python -m flows.approve {run_name} --publish` (or `--reject`), or over the REST API "

@@ -58,6 +58,12 @@ ERROR_CODES: dict[str, tuple[str, str]] = {
     "PublishError": ("publish_failed", "check the target repo or folder and the token's write access"),
     "DebugSwitchRefused": ("debug_refused", "unset HF_DEBUG while a token is in use"),
     "OutputsChanged": ("outputs_changed", "a stage's files changed on disk; run again to rebuild them"),
+    "ServerUnreachable": ("no_server", "start `prefect server start` and point PREFECT_API_URL (or --api-url) at it"),
+    "DeploymentNotFound": (
+        "no_deployment",
+        "run `python -m deployments.serve`, or `prefect deploy --all` and a worker",
+    ),
+    "AnswerRefused": ("answer_refused", "answer only a paused run, within the spec's budget.max_usd"),
 }
 
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +87,66 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
+
+
+# -- the deployment doors: processes a user starts beside a server ----------------------------
+def api_url() -> str:
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url)
+
+
+def process_env() -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": api_url(), "FINETUNE_FLOW_HOME": str(REPO)}
+
+
+def start_process(args: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            args, cwd=REPO, env=process_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """The whole process group: a worker's or runner's flow-run subprocesses too."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _wait_for_deployments(names: set[str], proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    from prefect import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            found = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
+            if names <= found:
+                return
+            time.sleep(1)
+    raise AssertionError(f"deployments {names} did not appear: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def served(prefect_server, tmp_path: Path) -> Iterator[Path]:
+    """`python -m deployments.serve` as the README starts it; yields its log."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:  # a deployment from `prefect deploy` keeps its pool and pull steps
+        for deployment in client.read_deployments():
+            client.delete_deployment(deployment.id)
+    log = tmp_path / "serve.log"
+    proc = start_process([sys.executable, "-m", "deployments.serve"], log)
+    try:
+        _wait_for_deployments({"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/recipe"}, proc, log)
+        yield log
+    finally:
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

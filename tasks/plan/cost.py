@@ -215,7 +215,11 @@ def planned_batch(plan: Any) -> dict[str, Any]:
 
 def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args: dict[str, Any]) -> CostEstimate:
     """The estimate for the placement the hardware stage chose."""
-    flavor = local_flavor() if runs_on_this_machine(spec.backend) else load_catalogue(spec.flavors).get(plan.flavor)
+    flavor = (
+        local_flavor(spec.flavors)
+        if runs_on_this_machine(spec.backend)
+        else load_catalogue(spec.flavors).get(plan.flavor)
+    )
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     args = {**args, **planned_batch(plan)}
     w = workload_for(spec, flavor, plan.mode, args, report)

@@ -75,10 +75,14 @@ def _merge(base: dict[str, dict[str, Any]], overrides: dict[str, Any], where: st
         base[name] = {**base.get(name, {}), **fields}
 
 
-def load_catalogue(spec_overrides: dict[str, Any] | None = None) -> Catalogue:
-    data = yaml.safe_load(CATALOGUE_FILE.read_text())
-    flavors: dict[str, dict[str, Any]] = {k: dict(v) for k, v in data["flavors"].items()}
-    source = data["source"]
+# This machine's flavors are measured, not listed; an override may give them a price (a team's
+# own GPU box has a cost per hour too) or correct a measured field.
+LOCAL_FLAVORS = ("local-cpu", "local-cuda")
+
+
+def _all_overrides(spec_overrides: dict[str, Any] | None) -> tuple[dict[str, dict[str, Any]], str]:
+    flavors: dict[str, dict[str, Any]] = {}
+    source = ""
     extra_file = os.environ.get("FINETUNE_FLAVORS_FILE")
     if extra_file:
         extra = yaml.safe_load(Path(extra_file).read_text()) or {}
@@ -87,8 +91,19 @@ def load_catalogue(spec_overrides: dict[str, Any] | None = None) -> Catalogue:
     if spec_overrides:
         _merge(flavors, spec_overrides, "spec flavors")
         source += "; overrides from the spec"
+    return flavors, source
+
+
+def load_catalogue(spec_overrides: dict[str, Any] | None = None) -> Catalogue:
+    data = yaml.safe_load(CATALOGUE_FILE.read_text())
+    flavors: dict[str, dict[str, Any]] = {k: dict(v) for k, v in data["flavors"].items()}
+    overrides, extra_source = _all_overrides(spec_overrides)
+    _merge(flavors, overrides, "overrides")
+    source = data["source"] + extra_source
     built = {}
     for name, fields in flavors.items():
+        if name in LOCAL_FLAVORS:
+            continue
         try:
             built[name] = Flavor(name=name, **fields)
         except ValidationError as e:
@@ -130,8 +145,21 @@ def measured_gpu_flops(size: int = 8192, repeats: int = 20) -> float:
     return repeats * 2 * size**3 / (time.perf_counter() - start)
 
 
-def local_flavor() -> Flavor:
-    """This machine as a flavor: its GPU if torch sees one, else its CPU, at no cost."""
+def local_flavor(spec_overrides: dict[str, Any] | None = None) -> Flavor:
+    """This machine as a flavor, at no cost unless an override under its name gives a price."""
+    found = _measured_local_flavor()
+    fields = _all_overrides(spec_overrides)[0].get(found.name)
+    if not fields:
+        return found
+    try:
+        return Flavor(**{**found.model_dump(), **fields, "name": found.name})
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise CatalogueError(f"flavor '{found.name}' override is invalid: {problems}") from None
+
+
+def _measured_local_flavor() -> Flavor:
+    """This machine as a flavor: its GPU if torch sees one, else its CPU."""
     import torch
 
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB

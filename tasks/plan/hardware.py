@@ -205,7 +205,7 @@ def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
                 f"hardware '{spec.hardware}' names a cloud flavor, but backend: local runs on this machine; "
                 "set hardware: auto (or use backend: hf-jobs for that flavor)"
             )
-        return [local_flavor()]
+        return [local_flavor(spec.flavors)]
     if spec.hardware != "auto":
         flavor = catalogue.get(spec.hardware)
         if flavor.count > 1:

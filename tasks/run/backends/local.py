@@ -79,7 +79,7 @@ class LocalBackend:
         return None
 
     def preflight(self, flavor: str) -> Account:
-        return Account(namespace=None, price_per_hour_usd=0.0, price_source="this machine")
+        return Account(namespace=None, price_per_hour_usd=None, price_source="the plan (this machine's flavor)")
 
     def find_live(self, request: JobRequest) -> JobHandle | None:
         handle = load_handle(Path(request.run_dir))
