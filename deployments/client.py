@@ -165,9 +165,31 @@ class FinetuneClient:
         return RunRef(flow_run_id=str(run.id), name=run.name, deployment=d.name)
 
     # -- following ----------------------------------------------------------------------
+    def _paused_child(self, flow_run_id: str) -> str | None:
+        """A recipe's stages are child flow runs: the parent runs on while a stage waits."""
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterParentFlowRunId,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        children = self._client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[UUID(flow_run_id)]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
+            )
+        )
+        return str(children[0].id) if children else None
+
     def pending(self, flow_run_id: str) -> PendingDecision | None:
-        """What a paused run waits for, or None when it is not paused for a decision."""
+        """What a paused run (or a paused stage of a recipe run) waits for, or None. Its
+        `flow_run_id` is the run to resume: the stage's own, for a recipe."""
         run = self._client.read_flow_run(UUID(flow_run_id))
+        if run.state is not None and run.state.type.value == "RUNNING":
+            child = self._paused_child(flow_run_id)
+            return self.pending(child) if child else None
         if run.state is None or run.state.type.value != "PAUSED":
             return None
         found: list[PendingDecision] = []
@@ -183,7 +205,7 @@ class FinetuneClient:
     def status(self, flow_run_id: str) -> RunStatus:
         run = self._client.read_flow_run(UUID(flow_run_id))
         state = run.state.type.value if run.state else "PENDING"
-        needs = self.pending(flow_run_id) if state == "PAUSED" else None
+        needs = self.pending(flow_run_id) if state in ("PAUSED", "RUNNING") else None
         progress = [a for a in self.artifacts(flow_run_id) if a.type == "progress"]
         percent = float(progress[-1].data) if progress else None
         if needs is not None and needs.kind == "spend":
@@ -222,7 +244,9 @@ class FinetuneClient:
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.status(flow_run_id)
-            if status.state in until and (status.state != "PAUSED" or status.needs is not None):
+            if status.needs is not None and "PAUSED" in until:
+                return status  # the run, or a stage of it, waits for a decision
+            if status.state in until and status.state != "PAUSED":
                 return status
             if status.final or time.monotonic() > deadline:
                 return status
@@ -279,7 +303,7 @@ class FinetuneClient:
                 run_input["max_usd"] = max_usd
         else:
             run_input = {"publish": approve, "reason": reason}
-        result = self._client.resume_flow_run(UUID(flow_run_id), run_input=run_input)
+        result = self._client.resume_flow_run(UUID(needs.flow_run_id), run_input=run_input)
         if result.status.value != "ACCEPT":
             raise AnswerRefused(f"the server refused the answer: {result.details}")
         return needs

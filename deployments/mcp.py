@@ -40,7 +40,7 @@ from deployments.client import ArtifactView, RunRef, RunStatus, connect  # noqa:
 from tasks.approval import PendingDecision  # noqa: E402
 from tasks.errors import error_payload  # noqa: E402
 from tasks.models import DatasetReport  # noqa: E402
-from tasks.money import usd  # noqa: E402
+from tasks.money import duration, usd  # noqa: E402
 
 SpecArg = Annotated[
     dict[str, Any],
@@ -199,7 +199,7 @@ def plan_run(spec: SpecArg) -> Annotated[CallToolResult, PlanResult]:
         cost, budget = found.cost, parsed.budget
         needs = cost.usd_high > budget.auto_approve_usd
         summary = (
-            f"{found.run_name}: {cost.hours * 60:.1f} min on {cost.flavor}, estimated {usd(cost.usd)} "
+            f"{found.run_name}: {duration(cost.hours)} on {cost.flavor}, estimated {usd(cost.usd)} "
             f"(up to {usd(cost.usd_high)}, cap {usd(budget.max_usd)}); "
             + ("needs the user's approval" if needs else f"auto-approved under {usd(budget.auto_approve_usd)}")
         )

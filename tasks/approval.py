@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.errors import UserFacingError
 from tasks.models import Approval, CostEstimate
-from tasks.money import usd
+from tasks.money import duration, usd
 from tasks.spec import Budget
 
 # The flow run input key under which a paused run says what it waits for, readable by any
@@ -148,7 +148,7 @@ def how_to_approve(run_name: str, cost: CostEstimate) -> str:
 def _terminal_prompt(run_name: str, cost: CostEstimate, ask: Callable[[str], str] | None = None) -> bool:
     print(
         f"\nRun '{run_name}' is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
-        f"{cost.hours * 60:.0f} min on {cost.flavor}.",
+        f"{duration(cost.hours)} on {cost.flavor}.",
         file=sys.stderr,
     )
     return (ask or input)("Approve this spend? [y/N] ").strip().lower() in ("y", "yes")
@@ -203,7 +203,7 @@ def request_approval(
 
     description = (
         f"Run `{run_name}` is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
-        f"{cost.hours * 60:.0f} min on {cost.flavor}; above auto_approve_usd {usd(budget.auto_approve_usd)}. "
+        f"{duration(cost.hours)} on {cost.flavor}; above auto_approve_usd {usd(budget.auto_approve_usd)}. "
         f"Approve to start it; it stops unapproved after {timeout_s} s."
     )
     if cost.basis.startswith("TOKENS ESTIMATED"):

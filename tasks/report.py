@@ -238,10 +238,13 @@ def evaluation_lines(e: EvaluationResult) -> list[str]:
             *(f"| {m.name} | {_cell(m.base)} | {_cell(m.trained)} |" for m in b.metrics),
         ]
     if e.generations:
-        lines += ["", "| prompt | base model | trained model |", "|---|---|---|"]
-        for g in e.generations:
-            cells = [" ".join(x.split())[-160:].replace("|", "\\|") for x in (g.prompt, g.base, g.trained)]
-            lines.append("| " + " | ".join(cells) + " |")
+        # answers are free text of any length: a list wraps where a table cell would run off the page
+        lines += ["", "Held-out prompts answered by both models:"]
+        for n, g in enumerate(e.generations, 1):
+            prompt, base, trained = (
+                " ".join(x.split())[-300:].replace("`", "'") for x in (g.prompt, g.base, g.trained)
+            )
+            lines += ["", f"{n}. prompt: `{prompt}`", f"   - base model: `{base}`", f"   - trained model: `{trained}`"]
     return lines
 
 

@@ -1,6 +1,6 @@
 """prefect.yaml as a user deploys it: `prefect deploy --all` against a real server creates every
 deployment with its typed parameters and schedule (a spec the JSON schema refuses fails here,
-not in front of a user)."""
+not in front of a user), and a process worker on the pool trains a run of one to Completed."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, start_process, stop_process
+from tests.test_doors import QUICK_SFT
 
 pytestmark = pytest.mark.slow
 
 
-def test_prefect_deploy_all_creates_every_deployment_with_its_form_and_schedule(prefect_server, tmp_path):
+def test_prefect_deploy_all_creates_every_deployment_and_a_worker_runs_one(prefect_server, tmp_path):
     from prefect import get_client
     from prefect.settings import get_current_settings
 
@@ -54,3 +55,17 @@ def test_prefect_deploy_all_creates_every_deployment_with_its_form_and_schedule(
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active is False  # declared inactive
     spec_schema = sft.parameter_openapi_schema["definitions"]["RunSpec"]["properties"]
     assert "description" in spec_schema["conversion"] and spec_schema["method"]["enum"] == ["sft", "dpo", "grpo"]
+    # the worker, as the README starts it, picks up a run of the sft deployment and trains it
+    log = tmp_path / "worker.log"
+    worker = start_process([*prefect, "worker", "start", "--pool", "finetune-local", "--limit", "1"], log)
+    try:
+        from deployments.client import connect
+
+        with connect() as api:
+            assert api.find_deployment("sft").work_pool == "finetune-local"
+            run = api.start_run("sft/sft", {**QUICK_SFT, "name": "from-the-pool"})
+            done = api.wait(run.flow_run_id, timeout_s=420)
+            assert done.state == "COMPLETED", log.read_text()[-3000:]
+            assert done.name == "from-the-pool"
+    finally:
+        stop_process(worker)

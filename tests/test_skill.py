@@ -53,7 +53,7 @@ def test_every_command_of_the_skill_runs_as_written(tmp_path: Path):
             env=env,
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=420,
         )
     finally:  # the server the skill started, whatever happened
         subprocess.run([sys.executable, "-m", "prefect", "server", "stop"], env=env, capture_output=True, timeout=60)
