@@ -136,6 +136,26 @@ def _local_state(name: str) -> dict[str, Any] | None:
     return info
 
 
+_served: subprocess.Popen | None = None  # the deployments this process serves (--serve)
+
+
+def _wait_for_served(api: Any, method: str, timeout_s: float = 90) -> None:
+    """With --serve, the deployments appear some seconds after the first tool call can come."""
+    import time
+
+    from deployments.client import DeploymentNotFound
+
+    deadline = time.monotonic() + timeout_s
+    while _served is not None and _served.poll() is None:
+        try:
+            api.find_deployment(method)
+            return
+        except DeploymentNotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 server = MCPServer(
     "finetune-flow",
     instructions=(
@@ -226,6 +246,7 @@ def start_run(spec: SpecArg) -> Annotated[CallToolResult, StartedRun]:
     try:
         parsed = _spec(spec)
         with connect(_api_url()) as api:
+            _wait_for_served(api, parsed.method)
             run = api.start_run(parsed.method, parsed)
         return _ok(StartedRun(run=run, next="run_status until it pauses (ask the user) or ends; then run_results"))
     except Exception as e:
@@ -311,17 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ["PREFECT_API_URL"] = args.api_url or _api_url()
     os.chdir(REPO)  # relative dataset paths and runs/ are the checkout's, as for deployments.serve
-    served = None
+    global _served
     if args.serve:
-        served = subprocess.Popen(
+        _served = subprocess.Popen(
             [sys.executable, "-m", "deployments.serve"], stdout=sys.stderr, stderr=sys.stderr, start_new_session=True
         )
     try:
         server.run()
     finally:
-        if served is not None:
-            served.terminate()
-            served.wait(timeout=30)
+        if _served is not None:
+            _served.terminate()
+            _served.wait(timeout=30)
     return 0
 
 
