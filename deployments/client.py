@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
@@ -82,10 +80,6 @@ class RunStatus(_Frozen):
     progress_percent: float | None = Field(None, description="training progress from the run's progress artifact")
     message: str | None = Field(None, description="the state's message (why it failed, for instance)")
     summary: str = Field(description="one line for a person: the state, and what to do when it waits")
-
-
-def _filter_by_run(flow_run_id: str) -> dict[str, Any]:
-    return {"flow_run_id": {"any_": [flow_run_id]}}
 
 
 class FinetuneClient:
@@ -186,18 +180,25 @@ class FinetuneClient:
     def pending(self, flow_run_id: str) -> PendingDecision | None:
         """What a paused run (or a paused stage of a recipe run) waits for, or None. Its
         `flow_run_id` is the run to resume: the stage's own, for a recipe."""
-        run = self._client.read_flow_run(UUID(flow_run_id))
-        if run.state is not None and run.state.type.value == "RUNNING":
-            child = self._paused_child(flow_run_id)
+        return self._pending_of(self._client.read_flow_run(UUID(flow_run_id)))
+
+    def _pending_of(self, run: Any) -> PendingDecision | None:
+        from prefect.exceptions import PrefectHTTPStatusError
+
+        state = run.state.type.value if run.state is not None else None
+        if state == "RUNNING":
+            child = self._paused_child(str(run.id))
             return self.pending(child) if child else None
-        if run.state is None or run.state.type.value != "PAUSED":
+        if state != "PAUSED":
             return None
         found: list[PendingDecision] = []
         for kind in ("spend", "publish"):
             try:
-                raw = self._client.read_flow_run_input(UUID(flow_run_id), PENDING_INPUT_KEY.format(kind=kind))
-            except Exception:  # not asked (yet): Prefect answers 404
-                continue
+                raw = self._client.read_flow_run_input(run.id, PENDING_INPUT_KEY.format(kind=kind))
+            except PrefectHTTPStatusError as e:
+                if e.response.status_code != 404:
+                    raise
+                continue  # not asked (yet)
             found.append(PendingDecision.model_validate_json(raw))
         # a run asks for the spend first and the publish later: the later question is the open one
         return found[-1] if found else None
@@ -205,7 +206,7 @@ class FinetuneClient:
     def status(self, flow_run_id: str) -> RunStatus:
         run = self._client.read_flow_run(UUID(flow_run_id))
         state = run.state.type.value if run.state else "PENDING"
-        needs = self.pending(flow_run_id) if state in ("PAUSED", "RUNNING") else None
+        needs = self._pending_of(run)
         progress = [a for a in self.artifacts(flow_run_id) if a.type == "progress"]
         percent = float(progress[-1].data) if progress else None
         if needs is not None and needs.kind == "spend":
@@ -317,10 +318,6 @@ class FinetuneClient:
         return self.status(flow_run_id)
 
 
-@contextmanager
-def connect(api_url: str | None = None) -> Iterator[FinetuneClient]:
-    client = FinetuneClient(api_url)
-    try:
-        yield client
-    finally:
-        client.close()
+def connect(api_url: str | None = None) -> FinetuneClient:
+    """`with connect() as api:`, the API URL from PREFECT_API_URL unless given."""
+    return FinetuneClient(api_url)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -90,6 +89,9 @@ EXAMPLES = REPO / "examples"
 
 
 # -- the deployment doors: processes a user starts beside a server ----------------------------
+from tests.processes import stop_process  # noqa: E402  (re-exported for the tests)
+
+
 def api_url() -> str:
     from prefect.settings import get_current_settings
 
@@ -105,17 +107,6 @@ def start_process(args: list[str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             args, cwd=REPO, env=process_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """The whole process group: a worker's or runner's flow-run subprocesses too."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def _wait_for_deployments(names: set[str], proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:

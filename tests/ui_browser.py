@@ -21,6 +21,8 @@ from typing import Any
 
 from playwright.sync_api import Page, expect, sync_playwright
 
+from tests.processes import running_until_ready
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # headless is Playwright's own flag; these keep Chromium off the network (no internet here).
 # Playwright gives every launch a fresh temporary --user-data-dir by itself.
@@ -295,7 +297,6 @@ def wait_for_state(base: str, flow_run_id: str, states: set[str], timeout_s: flo
 @contextlib.contextmanager
 def server_with_ui(home: Path, port: int, log: Path) -> Iterator[str]:
     """`prefect server start` with the UI told where its API is; yields the base URL."""
-    import subprocess
     import sys
 
     base = f"http://127.0.0.1:{port}"
@@ -306,70 +307,26 @@ def server_with_ui(home: Path, port: int, log: Path) -> Iterator[str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
     env.pop("PREFECT_API_URL", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Prefect server did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(1)
+    args = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running_until_ready(args, env, log, f"{base}/api/health", "the Prefect server", 90):
         yield base
-    finally:
-        _stop_group(proc)
 
 
 @contextlib.contextmanager
 def deployments_served(base: str, env: dict[str, str], log: Path) -> Iterator[None]:
     """`python -m deployments.serve` against that server, until its sft deployment exists."""
-    import subprocess
     import sys
 
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "deployments.serve"],
-            cwd=Path(__file__).resolve().parent.parent,
-            env={**env, "PREFECT_API_URL": f"{base}/api"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/api/deployments/name/sft/sft", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"deployments.serve did not start: {log.read_text()[-2000:]}") from None
-                time.sleep(1)
+    with running_until_ready(
+        [sys.executable, "-m", "deployments.serve"],
+        {**env, "PREFECT_API_URL": f"{base}/api"},
+        log,
+        f"{base}/api/deployments/name/sft/sft",
+        "deployments.serve",
+        120,
+        cwd=Path(__file__).resolve().parent.parent,
+    ):
         yield
-    finally:
-        _stop_group(proc)
-
-
-def _stop_group(proc: Any) -> None:
-    import signal
-    import subprocess
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def walkthrough(base: str, spec: dict[str, Any], out: Path, reason: str, to_the_end: bool = True) -> dict[str, Any]:
