@@ -204,7 +204,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, under_prefect: bool =
     args = planned_arguments(args, hardware)
     if args.get("use_vllm") and not on_gpu:
         raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
-    backend = get_backend(spec.backend)
+    backend = get_backend(spec.backend, spec.pool)
     config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args)
     if spec.outputs.hub_repo and publish_target(spec.outputs.hub_repo)[0] == "hub" and not backend.on_this_machine:
         config["push_model_to"] = spec.outputs.hub_repo  # the job pushes the trained model there itself
@@ -363,7 +363,7 @@ def _run_lifecycle(
             ]
             cost, approval = plan.cost, None
         else:
-            account = check_account_task(spec.backend, plan.hardware.flavor)
+            account = check_account_task(spec.backend, plan.hardware.flavor, spec.pool)
             cost = repriced(plan.cost, account.price_per_hour_usd)
             stages.append(StageOutcome(stage="check_account", status="passed", detail=account_detail(account, cost)))
             current = "approve"

@@ -96,6 +96,9 @@ class FlavorOption(Frozen):
     speed: SpeedPlan | None = None
     padding_overhead: float = 1.0
     memory_factor: float = 1.0
+    strategy: Literal["single", "ddp", "fsdp"] = "single"
+    processes: int = 1
+    strategy_reason: str = ""
 
 
 class HardwarePlan(Frozen):
@@ -133,11 +136,26 @@ class HardwarePlan(Frozen):
     )
     model_type: str = Field("", description="the model family (config model_type): calibration is kept per family")
     memory_factor: float = Field(1.0, description="measured / modelled peak memory of earlier runs like this one")
-    memory_breakdown_gb: dict[str, float]
+    memory_breakdown_gb: dict[str, float] = Field(
+        description="per GPU (per process); on a CPU, the whole machine with all its processes"
+    )
     estimated_peak_memory_gb: float
     available_memory_gb: float
     fits: bool
     alternatives: list[FlavorOption] = Field(default_factory=list)
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single", description="single process; ddp: data parallel; fsdp: sharded (full shard)"
+    )
+    processes: int = Field(1, description="training processes: one per GPU used (accelerate launches them)")
+    strategy_reason: str = Field("", description="why this strategy and process count")
+    layer_classes: list[str] = Field(
+        default_factory=list, description="the decoder layer class(es) FSDP wraps one by one (_no_split_modules)"
+    )
+
+    @property
+    def global_batch(self) -> int:
+        """Rows per optimizer step, all processes together."""
+        return self.micro_batch * self.accumulation * self.processes
 
 
 class CostEstimate(Frozen):
@@ -263,6 +281,8 @@ class TrainingMeasurement(Frozen):
     tokens: int = Field(description="real (non-padding) tokens; 0 where the trainer does not count them")
     peak_memory_gb: float = Field(description="CUDA's peak allocation on a GPU; the process's peak RSS on a CPU")
     device: str
+    processes: int = Field(1, description="training processes (the world size); tokens count all of them")
+    global_batch: int | None = Field(None, description="rows per optimizer step, all processes together")
 
     @property
     def step_s(self) -> float | None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tasks.evaluate.verdict import EvaluationResult
 from tasks.gguf import fallback_text
+from tasks.launch import launch_command
 from tasks.models import GgufFile, RunPlan, RunSummary
 from tasks.money import usd
 
@@ -77,7 +78,14 @@ def plan_markdown(plan: RunPlan) -> str:
         "## Hardware",
         f"- {h.description} (`{h.flavor}`, {h.backend} backend, {h.dtype})",
         f"- parameters: {h.parameters:,}; trained: {h.trainable_parameters:,}; LoRA: {'yes' if h.use_lora else 'no'} ({h.lora_reason})",
-        f"- estimated peak memory: {_gb(h.estimated_peak_memory_gb)} of {_gb(h.available_memory_gb)} usable",
+        f"- processes: {h.processes} ({h.strategy}): {h.strategy_reason}",
+        *(
+            [f"- launch: `{launch_command(h)}` (`python train.py` runs it itself; the config is next to it)"]
+            if h.processes > 1
+            else []
+        ),
+        f"- estimated peak memory{' per GPU' if h.processes > 1 and h.accelerator else ''}: "
+        f"{_gb(h.estimated_peak_memory_gb)} of {_gb(h.available_memory_gb)} usable",
         "  (" + ", ".join(f"{k} {_gb(v)}" for k, v in h.memory_breakdown_gb.items()) + ")",
         *([f"- gradient checkpointing: {h.checkpointing_reason}"] if h.checkpointing_reason else []),
         "",
@@ -86,7 +94,9 @@ def plan_markdown(plan: RunPlan) -> str:
         "",
         "| setting | choice | why |",
         "|---|---|---|",
-        f"| batch | {h.micro_batch} x {h.accumulation} | {h.batch_reason} |",
+        f"| batch | {h.micro_batch} x {h.accumulation}"
+        + (f" x {h.processes} processes" if h.processes > 1 else "")
+        + f" | {h.batch_reason} |",
         *(f"| {c.setting} | {c.value} | {c.reason} |" for c in h.speed.choices),
         "",
         f"Padding: {h.padding_overhead:.2f} tokens computed per real token with this batching "
@@ -272,10 +282,25 @@ def estimate_lines(s: RunSummary) -> list[str]:
         ),
         ("peak memory (GB)", h.estimated_peak_memory_gb, m.peak_memory_gb, "{:.2f}"),
     ]
+    if m.processes > 1:
+        rows.insert(
+            3,
+            (
+                f"real tokens per second per {'GPU' if h.accelerator else 'process'}",
+                c.tokens / c.compute_s / h.processes if c.compute_s and c.tokens else None,
+                m.tokens_per_s / m.processes if m.tokens_per_s else None,
+                "{:,.0f}",
+            ),
+        )
     lines = [
         "",
         "## Estimate vs measured",
         f"Measured on {m.device}: {m.optimizer_steps} optimizer steps"
+        + (
+            f", {m.processes} processes ({h.strategy}, world size {m.processes}, global batch {m.global_batch})"
+            if m.processes > 1
+            else ""
+        )
         + (f" (this job's share of the planned {c.optimizer_steps})" if share < 1 else "")
         + ". `python -m flows.calibrate` turns such runs into corrections the planner applies.",
         "",

@@ -13,6 +13,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from tasks.atomic import write_text
+from tasks.launch import LAUNCH_CONFIG, accelerate_config, render_launch_config
 from tasks.methods import MethodDefinition
 from tasks.models import HardwarePlan, TrainingScript
 from tasks.plan.memory import TOWER_MARKERS
@@ -82,6 +84,17 @@ def script_config(
         "frozen": list(TOWER_MARKERS) if plan.frozen_tower_parameters else [],
         "project": run_name,
         "run_name": run_name,
+        # several processes: the script re-executes itself through `accelerate launch` with this config
+        "launch": (
+            {
+                "processes": plan.processes,
+                "strategy": plan.strategy,
+                "config_file": LAUNCH_CONFIG,
+                "accelerate": accelerate_config(plan),
+            }
+            if plan.processes > 1
+            else None
+        ),
         "training": training_args,
     }
 
@@ -100,9 +113,12 @@ def build_script(method: MethodDefinition, config: dict[str, Any], run_dir: Path
     source = render_script(method, config)
     compile(source, "train.py", "exec")  # a template bug fails here, not on the job runner
     path = run_dir / "train.py"
-    tmp = path.with_suffix(".py.tmp")
-    tmp.write_text(source, encoding="utf-8")
-    tmp.replace(path)
+    launch = run_dir / LAUNCH_CONFIG
+    if config.get("launch"):
+        write_text(launch, render_launch_config(config["launch"]))
+    else:
+        launch.unlink(missing_ok=True)  # a plan that had several processes before
+    write_text(path, source)
     return TrainingScript(
         path=str(path),
         sha256=hashlib.sha256(source.encode()).hexdigest(),

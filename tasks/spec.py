@@ -113,6 +113,44 @@ class Evaluation(_Frozen):
     )
 
 
+class Distributed(_Frozen):
+    """How many training processes, and how they share the model (accelerate launches them)."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description="auto: data parallel (ddp, every GPU holds the whole model state) when it fits, else sharded "
+        "(fsdp full shard: parameters, gradients and optimizer state divided among the GPUs)",
+    )
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="training processes; default one per GPU of the flavor, one on a CPU. On this machine's CPU, "
+        "2 runs data parallel over gloo (the multi-GPU path, tried without a GPU)",
+    )
+
+
+class PoolSettings(_Frozen):
+    """Where `backend: prefect-pool` sends the training step, and where both sides keep the run's files."""
+
+    deployment: str = Field(
+        "finetune-train/train",
+        description="the training deployment (flow/deployment) a worker of the pool picks up; "
+        "`python -m deployments.train_worker` registers it",
+    )
+    storage: str | None = Field(
+        None,
+        description="fsspec URL that this machine and the pool's workers both reach: a shared path or file:// "
+        "URL here, s3://bucket/prefix or gs://... in production; the run's inputs and outputs go there",
+    )
+    work_queue: str | None = Field(
+        None, description="a work queue of the deployment's pool (e.g. one whose workers have H100s); default: its own"
+    )
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict, description="per-run job variables of the pool (e.g. {gpu_count: 4, image: ...})"
+    )
+
+
 class RunSpec(_Frozen):
     """One fine-tuning run. Same fields as YAML and as flow parameters."""
 
@@ -130,6 +168,8 @@ class RunSpec(_Frozen):
     )
     hardware: str = "auto"
     backend: Backend = "local"
+    distributed: Distributed = Field(default_factory=Distributed)
+    pool: PoolSettings = Field(default_factory=PoolSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: dict[str, Any] = Field(default_factory=dict, description="passed through to the TRL config")
     budget: Budget = Field(default_factory=Budget)

@@ -48,7 +48,7 @@ from tasks.run.backends import Account, JobRequest, get_backend
 from tasks.run.fetch import fetch_artifacts
 from tasks.run.monitor import Guard, Progress, monitor_job
 from tasks.script import build_script
-from tasks.spec import Outputs, RunSpec
+from tasks.spec import Outputs, PoolSettings, RunSpec
 
 
 class OutputsChanged(UserFacingError, RuntimeError):
@@ -190,9 +190,9 @@ def build_script_task(method: MethodDefinition, config: dict[str, Any], run_dir:
 
 
 @task(name="check_account", retries=0, cache_policy=NO_CACHE)
-def check_account_task(backend_name: str, flavor: str) -> Account:
+def check_account_task(backend_name: str, flavor: str, pool: PoolSettings | None = None) -> Account:
     """Credentials, namespace and the flavor's current price, before approval and upload."""
-    account = get_backend(backend_name).preflight(flavor)
+    account = get_backend(backend_name, pool).preflight(flavor)
     if account.namespace:
         price = f"{usd(account.price_per_hour_usd)}/h" if account.price_per_hour_usd is not None else "no price"
         _log(f"{backend_name}: namespace {account.namespace}; {flavor} {price} from {account.price_source}")
@@ -201,7 +201,7 @@ def check_account_task(backend_name: str, flavor: str) -> Account:
 
 @task(name="submit_job", cache_policy=NO_CACHE)  # the backend retries network faults itself, idempotently
 def submit_job_task(backend_name: str, request: JobRequest) -> JobHandle:
-    backend = get_backend(backend_name)
+    backend = get_backend(backend_name, request.pool)
     existing = backend.find_live(request)
     if existing is not None:
         _log(f"re-attached to {existing.job_id}, still alive from an earlier start of this run")

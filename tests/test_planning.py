@@ -190,7 +190,7 @@ def test_above_the_size_threshold_auto_switches_to_lora_and_to_qlora_when_needed
     )
     assert plan8.mode == "lora" and "threshold" in plan8.lora_reason
     plan70, _ = select_hardware(
-        _spec(backend="hf-jobs"), _load("llama-3.1-70b"), _args(per_device_train_batch_size=1), _report()
+        _spec(backend="hf-jobs", hardware="h200"), _load("llama-3.1-70b"), _args(per_device_train_batch_size=1), _report()
     )
     assert plan70.mode == "qlora" and "fits nowhere" in plan70.lora_reason
     assert plan70.accelerator is not None
@@ -207,8 +207,6 @@ def test_a_named_flavor_that_is_too_small_says_what_would_fit():
     msg = str(e.value)
     assert msg.startswith("the run fits on nothing: not on the chosen flavor 't4-small'")
     assert "lora: auto" in msg and "- hardware: " in msg
-    with pytest.raises(HardwareError, match="one process on one GPU"):
-        select_hardware(_spec(backend="hf-jobs", hardware="a100x8"), _load("qwen2.5-0.5b"), _args(), _report())
 
 
 def test_max_hours_excludes_slow_placements():
@@ -360,7 +358,7 @@ def test_qlora_plans_write_a_4bit_script(tmp_path):
     model = tmp_path / "llama70"
     model.mkdir()
     shutil.copy(CONFIGS / "llama-3.1-70b.json", model / "config.json")
-    plan = plan_run(_spec(model=str(model), backend="hf-jobs", name="q70"))
+    plan = plan_run(_spec(model=str(model), backend="hf-jobs", hardware="h200", name="q70"))
     source = Path(plan.script.path).read_text()
     assert plan.hardware.mode == "qlora" and "'quantization': '4bit'" in source and '"bitsandbytes' in source
 

@@ -35,6 +35,14 @@ UTILISATION = {
     "cpu": {"full": 0.44, "lora": 0.26, "qlora": 0.26},
 }
 GENERATION_UTILISATION = {"hf": 0.03, "vllm": 0.25}  # token-by-token decoding is memory-bound
+# Share of N processes' combined peak that a multi-process run achieves (gradient all-reduce,
+# FSDP's all-gathers and reduce-scatters not hidden behind compute). On GPUs an assumption for
+# one machine's NVLink/PCIe (no multi-GPU machine was lent to measure it); on a CPU the
+# processes split the same cores, so the peak is the machine's, not N times it.
+SCALING_EFFICIENCY = {
+    "gpu": {"ddp": 0.90, "fsdp": 0.80},
+    "cpu": {"ddp": 0.80, "fsdp": 0.70},
+}
 RANGE_LOW, RANGE_HIGH = 0.75, 1.5
 # Fixed cost of one micro-step (optimizer update, data collation, Python): calibrated on CPU,
 # where it dominates tiny models; an assumption on GPUs.
@@ -45,8 +53,9 @@ DOWNLOAD_BYTES_PER_S = 100e6
 CHECKPOINT_BYTES_PER_PARAM = 2
 
 
-def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
-    """Tokens the trainer will process (each row padded to no more than max_length)."""
+def training_tokens(report: DatasetReport, args: dict[str, Any], processes: int = 1) -> int:
+    """Tokens the trainer will process (each row padded to no more than max_length), all processes
+    together: with max_steps each optimizer step sees every process's batch."""
     per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
     max_steps = int(args.get("max_steps", -1) or -1)
     if max_steps > 0:
@@ -54,6 +63,7 @@ def training_tokens(report: DatasetReport, args: dict[str, Any]) -> int:
             max_steps
             * int(args.get("per_device_train_batch_size", 1))
             * int(args.get("gradient_accumulation_steps", 1))
+            * processes
         )
     else:
         rows = report.train_rows * float(args.get("num_train_epochs", 1))
@@ -86,14 +96,14 @@ def evaluation_total(spec: Any, report: DatasetReport, args: dict[str, Any]) -> 
     return scored + 2 * task_scored, generated + 2 * task_generated
 
 
-def training_steps(report: DatasetReport, args: dict[str, Any]) -> int:
-    """Micro-steps: max_steps x accumulation, or rows x epochs / micro-batch (the last batch of an
-    epoch may be short, as the Trainer's is)."""
+def training_steps(report: DatasetReport, args: dict[str, Any], processes: int = 1) -> int:
+    """Micro-steps of each process: max_steps x accumulation, or rows x epochs / (micro-batch x
+    processes) (the last batch of an epoch may be short, as the Trainer's is)."""
     batch = int(args.get("per_device_train_batch_size", 1))
     max_steps = int(args.get("max_steps", -1) or -1)
     if max_steps > 0:
         return max_steps * int(args.get("gradient_accumulation_steps", 1))
-    return max(1, math.ceil(report.train_rows * float(args.get("num_train_epochs", 1)) / batch))
+    return max(1, math.ceil(report.train_rows * float(args.get("num_train_epochs", 1)) / (batch * processes)))
 
 
 def estimate_for(
@@ -113,19 +123,23 @@ def estimate_for(
     the training time."""
     correction = load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
-    utilisation = UTILISATION["gpu" if flavor.is_gpu else "cpu"][w.mode]
+    device = "gpu" if flavor.is_gpu else "cpu"
+    utilisation = UTILISATION[device][w.mode]
     peak = flavor.peak_tflops * 1e12
+    scaling = SCALING_EFFICIENCY[device][w.strategy] if w.processes > 1 else 1.0
+    # the training's peak: every GPU's, less what communication costs (a CPU's processes share its cores)
+    train_peak = peak * (w.processes if flavor.is_gpu else 1) * scaling
     if w.method == "grpo":
         # tokens counts prompts' tokens; each prompt gets num_generations completions
         prompts = tokens / max(w.seq_len - w.completion_len, 1)
         train_tokens = prompts * w.num_generations * w.seq_len
         gen_tokens = prompts * w.num_generations * w.completion_len
         gen_util = GENERATION_UTILISATION["vllm" if w.vllm_gpu_fraction else "hf"]
-        gen_s = gen_tokens * 2 * arch.matmul_params / (peak * gen_util)
+        gen_s = gen_tokens * 2 * arch.matmul_params / (train_peak * gen_util)
     else:
         train_tokens, gen_s = tokens, 0.0
     flops = train_tokens * padding * flops_per_token(arch, w)
-    compute_s = flops / (peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S["gpu" if flavor.is_gpu else "cpu"]
+    compute_s = flops / (train_peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S[device]
     compute_s *= factor
     scored, generated = evaluation
     evaluation_s = scored * 2 * arch.matmul_params / (peak * utilisation) + generated * 2 * arch.matmul_params / (
@@ -143,7 +157,15 @@ def estimate_for(
         + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
         + f" x {flops_per_token(arch, w):.3g} FLOPs/token = {flops:.3g} FLOPs"
         + (f", plus {int(gen_tokens):,} generated tokens ({gen_s / 60:.1f} min)" if w.method == "grpo" else "")
-        + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s at {utilisation:.0%} utilisation"
+        + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s"
+        + (
+            f" x {w.processes} GPUs x {scaling:.0%} scaling efficiency ({w.strategy})"
+            if w.processes > 1 and flavor.is_gpu
+            else f" shared by {w.processes} processes x {scaling:.0%} efficiency ({w.strategy})"
+            if w.processes > 1
+            else ""
+        )
+        + f" at {utilisation:.0%} utilisation"
         + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
         + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
         + (
@@ -152,6 +174,11 @@ def estimate_for(
             else ""
         )
         + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
+        + (
+            f" for all {flavor.count} GPUs ({usd(price / flavor.count)} per GPU)"
+            if flavor.is_gpu and flavor.count > 1
+            else ""
+        )
     )
     return CostEstimate(
         flavor=flavor.name,
@@ -194,10 +221,10 @@ def estimate_run(
     return estimate_for(
         arch,
         w,
-        training_tokens(report, args),
+        training_tokens(report, args, w.processes),
         flavor,
         spec.backend,
-        training_steps(report, args),
+        training_steps(report, args, w.processes),
         padding,
         int(args.get("gradient_accumulation_steps", 1)),
         evaluation_work(spec.method, report, args, spec.evaluation.generations, 3 if spec.evaluation.baseline else 2),
@@ -222,7 +249,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
     )
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     args = {**args, **planned_batch(plan)}
-    w = workload_for(spec, flavor, plan.mode, args, report)
+    w = workload_for(spec, flavor, plan.mode, args, report, plan.strategy, plan.processes)
     cost = estimate_run(spec, arch, w, flavor, report, args, plan.padding_overhead)
     if report.token_counts == "estimated":
         cost = cost.model_copy(

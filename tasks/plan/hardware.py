@@ -1,21 +1,28 @@
 """Stage 2: size the run and choose where it runs.
 
 The rule, for `hardware: auto`:
-1. Candidates: this machine for `backend: local`; for cloud backends every single-GPU flavor
-   of the catalogue (the generated script trains in one process; multi-GPU flavors would be
-   paid for and left idle) and the CPU flavors.
-2. Mode: `lora: false` trains everything, `lora: true` an adapter, `lora: qlora` an adapter
+1. Candidates: this machine for `backend: local`; for cloud backends every flavor of the
+   catalogue with up to MAX_PROCESSES GPUs (one machine; multi-node training is not built),
+   and the CPU flavors.
+2. Placements per flavor: one process on a single GPU or a CPU; on N GPUs, N processes that
+   accelerate launches, either data parallel (ddp: each GPU holds the whole model state) or
+   sharded (fsdp full shard: parameters, gradients and optimizer state divided by N, plus the
+   all-gather working set). `distributed:` in the spec may fix the strategy, or run several
+   processes on a CPU.
+3. Mode: `lora: false` trains everything, `lora: true` an adapter, `lora: qlora` an adapter
    on 4-bit weights. `lora: auto` trains everything when the model has at most
    LORA_AUTO_THRESHOLD parameters and some candidate fits it; otherwise LoRA; otherwise
-   QLoRA (GPUs only: bitsandbytes needs CUDA).
-3. A candidate fits when the estimated peak memory is at most SAFETY_MARGIN of its memory
-   (per GPU, or RAM) and the high end of its time estimate is within `budget.max_hours`.
-4. Among those that fit, the cheapest run wins (estimated hours x hourly price), then the
-   fastest. When nothing fits, the error says what would.
+   QLoRA (GPUs only: bitsandbytes needs CUDA; data parallel only).
+4. A placement fits when the estimated peak memory per GPU (per machine on a CPU) is at most
+   SAFETY_MARGIN of its memory and the high end of its time estimate is within
+   `budget.max_hours`.
+5. Among those that fit, the cheapest run wins (estimated hours x the flavor's hourly price,
+   which pays for all its GPUs), then the fastest. When nothing fits, the error says what would.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from tasks.errors import UserFacingError
@@ -23,14 +30,15 @@ from tasks.methods import cut_length
 from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
 from tasks.money import usd
 from tasks.plan.calibration import load_table
-from tasks.plan.cost import estimate_run, planned_batch
+from tasks.plan.cost import SCALING_EFFICIENCY, estimate_run, planned_batch
 from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
-from tasks.plan.memory import Architecture, Mode, memory_breakdown_gb, workload_for
+from tasks.plan.memory import Architecture, Mode, Strategy, memory_breakdown_gb, workload_for
 from tasks.plan.speed import SpeedPlan, choose_speed, padding_overhead
 from tasks.run.backends import runs_on_this_machine
 from tasks.spec import RunSpec
 
 GB = 1024**3
+MAX_PROCESSES = 8  # GPUs of one machine; across machines needs a multi-node launcher not built here
 LORA_AUTO_THRESHOLD = 3_000_000_000
 SAFETY_MARGIN = 0.9
 
@@ -39,15 +47,17 @@ class HardwareError(UserFacingError, ValueError):
     """No placement fits; the message says what would."""
 
 
-def _global_batch(spec: RunSpec, args: dict[str, Any]) -> tuple[int, list[int]]:
-    """The rows each optimizer step sees (what is learnt), and the micro-batches the planner may
-    split it into, largest first: all its divisors, unless the spec fixed the split by setting
-    gradient_accumulation_steps itself."""
+def _global_batch(spec: RunSpec, args: dict[str, Any], processes: int = 1) -> tuple[int, list[int]]:
+    """The rows each process contributes to an optimizer step (the spec's global batch, divided
+    among the processes), and the micro-batches the planner may split it into, largest first: all
+    its divisors, unless the spec fixed the split by setting gradient_accumulation_steps itself
+    (then every process takes that split and the global batch grows with the process count)."""
     micro = int(args.get("per_device_train_batch_size", 1))
     total = micro * int(args.get("gradient_accumulation_steps", 1))
     if "gradient_accumulation_steps" in spec.training:
         return total, [micro]
-    return total, [m for m in range(total, 0, -1) if total % m == 0]
+    share = max(1, math.ceil(total / processes))
+    return share, [m for m in range(share, 0, -1) if share % m == 0]
 
 
 def _option(
@@ -57,12 +67,14 @@ def _option(
     arch: Architecture,
     args: dict[str, Any],
     report: DatasetReport,
+    strategy: Strategy = "single",
+    processes: int = 1,
 ) -> tuple[FlavorOption, CostEstimate]:
     """One placement, with the largest micro-batch that fits with margin, and gradient
     checkpointing only when not even a micro-batch of 1 fits without it: recomputing activations
     costs a third more compute (on an H200 with Qwen2.5-0.5B, TRL's default of always recomputing
     and a micro-batch of 8 made steps 2.7x slower; benchmarks/results)."""
-    total, micros = _global_batch(spec, args)
+    total, micros = _global_batch(spec, args, processes)
     max_steps = int(args.get("max_steps", -1) or -1)
     speed = choose_speed(
         spec.method,
@@ -72,7 +84,7 @@ def _option(
         runs_on_this_machine(spec.backend),
         report.rows_over_max_length,
         every_row_measured=report.token_rows_measured >= report.rows,
-        whole_epochs=max_steps <= 0 or max_steps * total >= report.train_rows,
+        whole_epochs=max_steps <= 0 or max_steps * total * processes >= report.train_rows,
     )
     if "gradient_checkpointing" in spec.training:
         recompute = [bool(spec.training["gradient_checkpointing"])]
@@ -81,7 +93,17 @@ def _option(
 
     def attempt(micro: int, on: bool) -> tuple[FlavorOption, CostEstimate]:
         split = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": total // micro}
-        return _option_with(spec, flavor, mode, arch, {**args, **split, "gradient_checkpointing": on}, report, speed)
+        return _option_with(
+            spec,
+            flavor,
+            mode,
+            arch,
+            {**args, **split, "gradient_checkpointing": on},
+            report,
+            speed,
+            strategy,
+            processes,
+        )
 
     tried: list[tuple[int, bool, FlavorOption, CostEstimate]] = []
     fastest = ""
@@ -109,8 +131,10 @@ def _option(
     micro, on, option, cost = tried[-1]
     fitted = option.peak_memory_gb <= option.usable_memory_gb
     memory = f"{option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable"
-    if len(micros) == 1:
+    if "gradient_accumulation_steps" in spec.training:
         batch_reason = f"set in the spec: micro-batch {micro} x {total // micro} accumulation steps"
+        if processes > 1:
+            batch_reason += f" in each of {processes} processes = global batch {total * processes}"
     elif fastest:
         batch_reason = f"micro-batch {micro} x {total // micro} accumulation steps = global batch {total}: {fastest}"
     elif micro == total:
@@ -134,6 +158,8 @@ def _option(
             f"on: without it even micro-batch {smallest} needs {without.peak_memory_gb:.1f} GB "
             f"of {option.usable_memory_gb:.1f} GB usable"
         )
+    if processes > 1 and len(micros) > 1:
+        batch_reason = f"{batch_reason}; in each of {processes} processes = global batch {total * processes}"
     return option.model_copy(
         update={
             "gradient_checkpointing": on,
@@ -153,8 +179,10 @@ def _option_with(
     args: dict[str, Any],
     report: DatasetReport,
     speed: SpeedPlan,
+    strategy: Strategy = "single",
+    processes: int = 1,
 ) -> tuple[FlavorOption, CostEstimate]:
-    w = workload_for(spec, flavor, mode, args, report)
+    w = workload_for(spec, flavor, mode, args, report, strategy, processes)
     memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
     correction = load_table().find(flavor.name, arch.model_type, mode)
     memory_factor = correction.memory_factor if correction else 1.0
@@ -193,6 +221,8 @@ def _option_with(
             speed=speed,
             padding_overhead=round(overhead, 3),
             memory_factor=memory_factor,
+            strategy=w.strategy,
+            processes=processes,
         ),
         cost,
     )
@@ -208,13 +238,37 @@ def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
         return [local_flavor(spec.flavors)]
     if spec.hardware != "auto":
         flavor = catalogue.get(spec.hardware)
-        if flavor.count > 1:
+        if flavor.count > MAX_PROCESSES:
             raise HardwareError(
-                f"hardware '{flavor.name}' has {flavor.count} GPUs, but the generated script trains in one process "
-                "on one GPU: the others would be paid for and idle. Choose a single-GPU flavor."
+                f"hardware '{flavor.name}' has {flavor.count} GPUs; one run uses at most {MAX_PROCESSES} (one machine: "
+                "training across machines is not supported). Choose a flavor with fewer GPUs."
             )
         return [flavor]
-    return [f for f in catalogue.flavors.values() if f.count <= 1]
+    return [f for f in catalogue.flavors.values() if f.count <= MAX_PROCESSES]
+
+
+def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[tuple[Strategy, int]]:
+    """How a flavor may run the training: (strategy, processes). A GPU flavor runs one process
+    per GPU (fewer would pay for idle GPUs); a CPU runs one unless the spec asks for more."""
+    wanted = spec.distributed
+    if flavor.is_gpu:
+        if wanted.processes is not None and wanted.processes != flavor.count:
+            if spec.hardware == "auto":
+                return []  # another flavor has that many GPUs
+            raise HardwareError(
+                f"distributed.processes is {wanted.processes}, but {flavor.name} has {flavor.count} GPU"
+                f"{'s' if flavor.count > 1 else ''}: a run uses one process per GPU. Remove distributed.processes "
+                "or choose a flavor with that many GPUs (hardware: ...)."
+            )
+        processes = flavor.count
+    else:
+        processes = wanted.processes or 1
+    if processes == 1:
+        return [("single", 1)]
+    strategies: list[Strategy] = ["ddp", "fsdp"] if wanted.strategy == "auto" else [wanted.strategy]
+    if mode == "qlora":  # 4-bit weights do not shard with FSDP here; each GPU holds the whole 4-bit model
+        strategies = [s for s in strategies if s == "ddp"]
+    return [(s, processes) for s in strategies]
 
 
 # Cloud CPU flavors are offered only to models this small: above it, CPU training speed is far
@@ -246,6 +300,49 @@ def _modes(spec: RunSpec, arch: Architecture) -> list[tuple[Mode, str]]:
     ]
 
 
+def _flavor_option(
+    spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
+) -> tuple[FlavorOption, CostEstimate] | None:
+    """The flavor's best placement: the cheapest that fits, else the one needing least memory
+    (to say how far it is), with why this strategy; None when the flavor cannot run it at all."""
+    tried = [_option(spec, flavor, mode, arch, args, report, s, n) for s, n in _placements(spec, flavor, mode)]
+    if not tried:
+        return None
+    fitting = [t for t in tried if t[0].fits]
+    option, cost = (
+        min(fitting, key=lambda t: (t[0].usd, t[0].hours)) if fitting else min(tried, key=lambda t: t[0].peak_memory_gb)
+    )
+    reason = _strategy_reason(spec, flavor, option, [o for o, _ in tried])
+    return option.model_copy(update={"strategy_reason": reason}), cost
+
+
+def _strategy_reason(spec: RunSpec, flavor: Flavor, chosen: FlavorOption, tried: list[FlavorOption]) -> str:
+    if chosen.processes == 1:
+        return "one process " + ("on one GPU" if flavor.is_gpu else "on the CPU")
+    scaling = SCALING_EFFICIENCY["gpu" if flavor.is_gpu else "cpu"][chosen.strategy]
+    if flavor.is_gpu:
+        where = f"{chosen.processes} GPUs, one process each ({scaling:.0%} scaling efficiency assumed)"
+    else:
+        where = (
+            f"{chosen.processes} processes on the CPU over gloo, as distributed.processes asks: they share its cores, "
+            f"so this is no faster than one process ({scaling:.0%} efficiency assumed); it runs the multi-GPU path "
+            "without a GPU"
+        )
+    name = {"ddp": "ddp (data parallel)", "fsdp": "fsdp (full shard)"}[chosen.strategy]
+    memory = f"{chosen.peak_memory_gb:.1f} of {chosen.usable_memory_gb:.1f} GB usable per {'GPU' if flavor.is_gpu else 'machine'}"
+    if spec.distributed.strategy != "auto":
+        return f"{name} on {where}: set in the spec ({memory})"
+    ddp = next((o for o in tried if o.strategy == "ddp"), None)
+    if chosen.strategy == "ddp":
+        return f"{name} on {where}: each process holds the whole model state ({memory}); the fastest way to use them"
+    if ddp is not None:
+        return (
+            f"{name} on {where}: data parallel needs {ddp.peak_memory_gb:.1f} GB per GPU "
+            f"({ddp.why_not or 'it fits, but costs more'}); sharded, {memory}"
+        )
+    return f"{name} on {where} ({memory})"
+
+
 def select_hardware(
     spec: RunSpec, config: Any, args: dict[str, Any], report: DatasetReport, catalogue: Catalogue | None = None
 ) -> tuple[HardwarePlan, CostEstimate]:
@@ -256,13 +353,18 @@ def select_hardware(
         candidates = _fit_for_device(candidates, arch, spec)
     considered: list[FlavorOption] = []
     for mode, reason in _modes(spec, arch):
-        options = [_option(spec, f, mode, arch, args, report) for f in candidates]
+        options = [o for f in candidates if (o := _flavor_option(spec, f, mode, arch, args, report))]
         considered += [o for o, _ in options]
         fitting = sorted((o for o in options if o[0].fits), key=lambda o: (o[0].usd, o[0].hours))
         if fitting:
             best, cost = fitting[0]
             flavor = next(f for f in candidates if f.name == best.flavor)
             return _plan(spec, flavor, best, arch, reason, considered, args, report), cost
+    if not considered:
+        raise HardwareError(
+            f"no flavor has {spec.distributed.processes} GPUs (distributed.processes); remove it, or add such a "
+            "flavor under `flavors:` in the spec"
+        )
     raise HardwareError(_nothing_fits(spec, considered, candidates, arch, args, report))
 
 
@@ -276,7 +378,7 @@ def _plan(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> HardwarePlan:
-    w = workload_for(spec, flavor, best.mode, {**args, **planned_batch(best)}, report)
+    w = workload_for(spec, flavor, best.mode, {**args, **planned_batch(best)}, report, best.strategy, best.processes)
     dtype = "bfloat16" if w.dtype_bytes == 2 else "float32"
     alternatives = sorted((o for o in considered if o.fits and o.mode == best.mode), key=lambda o: o.usd)[:5]
     return HardwarePlan(
@@ -314,6 +416,10 @@ def _plan(
         available_memory_gb=best.usable_memory_gb,
         fits=True,
         alternatives=alternatives,
+        strategy=best.strategy,
+        processes=best.processes,
+        strategy_reason=best.strategy_reason,
+        layer_classes=list(arch.layer_classes),
     )
 
 
@@ -325,7 +431,9 @@ def _cheapest_fit(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> FlavorOption | None:
-    fits = [o for f in flavors for m in modes if (o := _option(spec, f, m, arch, args, report)[0]).fits]
+    fits = [
+        o for f in flavors for m in modes if (t := _flavor_option(spec, f, m, arch, args, report)) and (o := t[0]).fits
+    ]
     return min(fits, key=lambda o: o.usd) if fits else None
 
 
@@ -337,18 +445,22 @@ def _nothing_fits(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> str:
-    smallest = min(considered, key=lambda o: o.peak_memory_gb)
-    biggest = max(candidates, key=lambda f: f.memory_gb)
+    smallest = min(considered, key=lambda o: (o.peak_memory_gb - o.usable_memory_gb, o.peak_memory_gb))
+    biggest = max(candidates, key=lambda f: (f.memory_gb * max(f.count, 1), f.memory_gb))
     if runs_on_this_machine(spec.backend):
         where = "nothing on this machine"
     elif spec.hardware == "auto":
-        where = "no single-GPU or CPU flavor of the catalogue"
+        where = f"no flavor of the catalogue (CPU, one GPU, or up to {MAX_PROCESSES} GPUs of one machine, sharded)"
     else:
         where = f"nothing: not on the chosen flavor '{spec.hardware}'"
+    per = "per GPU" if smallest.processes > 1 else ""
+    placement = f", {smallest.strategy} over {smallest.processes} processes" if smallest.processes > 1 else ""
     lines = [
-        f"the run fits on {where}: the smallest need is {smallest.peak_memory_gb:.1f} GB ({smallest.mode} on "
-        f"{smallest.flavor}: {smallest.why_not}). What would help:"
+        f"the run fits on {where}. The closest is {smallest.mode} on {smallest.flavor}{placement}: "
+        f"{smallest.peak_memory_gb:.1f} GB{' ' + per if per else ''} ({smallest.why_not}). What would help:"
     ]
+    if sharding := _sharding_need(considered):
+        lines.append(sharding)
     modes = [m for m, _ in _modes(spec, arch)]
     seq = cut_length(args, report.max_length)
     for shorter in (seq // 2, seq // 4):
@@ -359,7 +471,9 @@ def _nothing_fits(
             lines.append(f"- max_length {shorter} (rows longer are truncated) fits on {best.flavor} with {best.mode}")
             break
     if spec.lora.enabled is False:
-        lines.append("- lora: auto (or true/qlora) trains an adapter and needs far less memory")
+        adapter = _cheapest_fit(spec, candidates, ["lora", "qlora"], arch, args, report)
+        where_adapter = f": fits on {adapter.flavor} ({adapter.mode}), about {usd(adapter.usd)}" if adapter else ""
+        lines.append(f"- lora: auto (or true/qlora) trains an adapter and needs far less memory{where_adapter}")
     elif spec.lora.enabled is True and (best := _cheapest_fit(spec, candidates, ["qlora"], arch, args, report)):
         lines.append(f"- lora: qlora (4-bit base weights) fits on {best.flavor}, about {usd(best.usd)}")
     if int(args.get("per_device_train_batch_size", 1)) > 1:
@@ -367,9 +481,35 @@ def _nothing_fits(
     if runs_on_this_machine(spec.backend):
         lines.append("- backend: hf-jobs, to rent a GPU that fits")
     elif spec.hardware != "auto":
-        others = [f for f in load_catalogue(spec.flavors).flavors.values() if f.count <= 1]
+        others = [f for f in load_catalogue(spec.flavors).flavors.values() if f.count <= MAX_PROCESSES]
         if best := _cheapest_fit(spec, others, modes, arch, args, report):
             lines.append(f"- hardware: {best.flavor} ({best.mode}, about {usd(best.usd)}), or hardware: auto")
     else:
-        lines.append(f"- nothing bigger is listed: the biggest single-GPU flavor is {biggest.describe()}")
+        lines.append(f"- nothing bigger is listed: the biggest flavor is {biggest.describe()}")
     return "\n".join(lines)
+
+
+SHARDED = ("weights", "adapter", "gradients", "optimizer", "optimizer step", "reference model")
+
+
+def _sharding_need(considered: list[FlavorOption]) -> str:
+    """How many GPUs a sharded run would need, from the sharded placement with the most memory
+    per GPU: the model state grows no smaller than its share of N GPUs, the rest stays per GPU."""
+    sharded = [o for o in considered if o.strategy == "fsdp"]
+    if not sharded:
+        return ""
+    o = max(sharded, key=lambda x: (x.usable_memory_gb, x.processes))
+    share = sum(v for k, v in o.memory_breakdown_gb.items() if k in SHARDED)
+    state = share * o.processes
+    room = o.usable_memory_gb - (o.peak_memory_gb - share)
+    if room <= 0:
+        return (
+            f"- sharded over {o.processes} GPUs ({o.flavor}), what every GPU holds besides its share of the model state "
+            f"({o.peak_memory_gb - share:.1f} GB) already exceeds its {o.usable_memory_gb:.1f} GB usable"
+        )
+    needed = math.ceil(state / room)
+    return (
+        f"- sharded (fsdp), the model state is {state:.0f} GB: it needs about {needed} GPUs like {o.flavor}'s "
+        f"({o.usable_memory_gb:.0f} GB usable each), more than the {o.processes} it has; one machine has at most "
+        f"{MAX_PROCESSES} and training across machines is not supported"
+    )

@@ -21,6 +21,7 @@ The constants marked "calibrated" are fitted by benchmarks/calibrate.py on real 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -57,6 +58,8 @@ class Architecture:
     expert_params: int = 0  # MoE experts' weights (all of them are held; top-k of them compute)
     tower_params: int = 0  # vision/audio towers and projectors of a multimodal model
     model_type: str = ""  # the config's, e.g. qwen2: which fused kernels apply
+    layer_params: int = 0  # one decoder layer: the unit FSDP gathers at a time
+    layer_classes: tuple[str, ...] = ()  # the model's _no_split_modules: what FSDP wraps
 
     @classmethod
     def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "auto") -> Architecture:
@@ -71,8 +74,10 @@ class Architecture:
         experts = int(getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None) or 0)
         top_k = int(getattr(text, "num_experts_per_tok", None) or 0)
         targets = resolve_lora_targets(model, target_modules)
-        decoder_linear = matmul = lora = lora_inputs = lora_outputs = lora_count = expert = tower = 0
+        decoder_linear = matmul = lora = lora_inputs = lora_outputs = lora_count = expert = tower = layered = 0
         for name, p in model.named_parameters():
+            if re.search(r"\.layers\.\d+\.", name) and not _in_tower(name):
+                layered += p.numel()
             if _in_tower(name):
                 tower += p.numel()
             elif p.dim() == 3 and ".experts." in name and experts:
@@ -113,6 +118,8 @@ class Architecture:
             expert_params=expert,
             tower_params=tower,
             model_type=str(getattr(config, "model_type", "")),
+            layer_params=layered // max(int(text.num_hidden_layers), 1),
+            layer_classes=tuple(getattr(model, "_no_split_modules", None) or ()),
         )
 
 
@@ -159,8 +166,6 @@ def resolve_lora_targets(model: Any, requested: list[str] | str) -> tuple[str, .
 
 
 def _lora_targets_module(name: str, targets: tuple[str, ...] | str) -> bool:
-    import re
-
     leaf = name.rsplit(".", 1)[-1]
     if targets == "all-linear":
         return True
@@ -170,6 +175,8 @@ def _lora_targets_module(name: str, targets: tuple[str, ...] | str) -> bool:
 
 
 Mode = Literal["full", "lora", "qlora"]
+Strategy = Literal["single", "ddp", "fsdp"]
+COMM_BUFFERS_GB = 0.5  # assumed: NCCL's communication buffers per GPU process (gloo's on a CPU are small)
 
 
 class Workload(BaseModel):
@@ -185,6 +192,8 @@ class Workload(BaseModel):
     checkpointing: bool = False
     fused_attention: bool = True
     lora_dropout: bool = True  # PEFT keeps a dropped-out copy of each adapted layer's input
+    strategy: Strategy = "single"
+    processes: int = 1  # training processes (one per GPU; on a CPU they share the machine)
     # GRPO only
     num_generations: int = 8
     completion_len: int = 256
@@ -253,7 +262,37 @@ def memory_breakdown_gb(
         if w.vllm_gpu_fraction and device == "gpu":
             out["vllm"] = w.vllm_gpu_fraction * device_gb
     out["runtime"] = RUNTIME_GB[device]
+    if w.processes > 1:
+        out = _per_process(out, arch, w, device, trained * (b if w.mode == "full" else 4))
     return {k: round(v, 4) for k, v in out.items() if v}
+
+
+def _per_process(
+    out: dict[str, float], arch: Architecture, w: Workload, device: str, gradient_bytes: float
+) -> dict[str, float]:
+    """What one of several training processes holds. Data parallel (ddp): the whole model state,
+    plus DDP's bucketed copy of the gradients it all-reduces. Sharded (fsdp full shard):
+    parameters, gradients and optimizer state divided by the process count, plus the all-gather
+    working set: the decoder layer computing, the next one prefetched, the root unit (embeddings,
+    final norm, head) that stays gathered through forward and backward, and a layer's full
+    gradient before its reduce-scatter. Activations and logits are each process's own micro-batch.
+    On a CPU the processes share one machine's memory, so the machine holds all of them."""
+    n = w.processes
+    out = dict(out)
+    if w.strategy == "fsdp":
+        for key in ("weights", "adapter", "gradients", "optimizer", "optimizer step", "reference model"):
+            if key in out:
+                out[key] /= n
+        unit = arch.layer_params
+        root = max(arch.params - arch.layers * unit - arch.tower_params, 0)
+        gathered = (2 * unit + root) * w.dtype_bytes + (unit * w.dtype_bytes if w.mode == "full" else 0)
+        out["fsdp all-gather"] = gathered / GB
+    else:
+        out["ddp gradient buckets"] = gradient_bytes / GB
+    if device == "gpu":
+        out["communication"] = COMM_BUFFERS_GB
+        return out
+    return {k: v * n for k, v in out.items()}
 
 
 def flops_per_token(arch: Architecture, w: Workload) -> float:
@@ -269,7 +308,15 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     return float(total)
 
 
-def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any], report: DatasetReport) -> Workload:
+def workload_for(
+    spec: RunSpec,
+    flavor: Flavor,
+    mode: Mode,
+    args: dict[str, Any],
+    report: DatasetReport,
+    strategy: Strategy = "single",
+    processes: int = 1,
+) -> Workload:
     on_gpu = flavor.is_gpu
     seq_len = min(cut_length(args, report.max_length), report.tokens.max)
     extra: dict[str, Any] = {}
@@ -291,5 +338,7 @@ def workload_for(spec: RunSpec, flavor: Flavor, mode: Mode, args: dict[str, Any]
         checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
         fused_attention=on_gpu,
         lora_dropout=spec.lora.dropout > 0,
+        strategy=strategy if processes > 1 else "single",
+        processes=processes,
         **extra,
     )

@@ -112,6 +112,8 @@ def job_request(
         flow_run_id=str(ctx.flow_run.id) if ctx and ctx.flow_run else None,
         training_key=key,
         baseline_path=plan.baseline_path,
+        processes=plan.hardware.processes,
+        pool=spec.pool if spec.backend == "prefect-pool" else None,
     )
 
 
@@ -153,7 +155,7 @@ def train(
 
     if approval is None:  # only a cached result may be taken without an approval
         raise TrainingFailed("submit_job", "training was not approved, and no finished training has these inputs")
-    backend = get_backend(spec.backend)
+    backend = get_backend(spec.backend, spec.pool)
     note = set_aside_other_training(Path(plan.run_dir), key)
     if note:
         say(note)

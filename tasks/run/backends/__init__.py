@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tasks.models import InputUpload, JobHandle, JobSnapshot
 from tasks.run.backends.base import (
     Account,
     Backend,
@@ -15,6 +12,8 @@ from tasks.run.backends.base import (
 )
 from tasks.run.backends.hf_jobs import HfJobsBackend
 from tasks.run.backends.local import LocalBackend
+from tasks.run.backends.prefect_pool import PrefectPoolBackend
+from tasks.spec import PoolSettings
 
 __all__ = [
     "Account",
@@ -28,62 +27,18 @@ __all__ = [
 ]
 
 
-class UnavailableBackend:
-    """A backend the spec may name whose submission is not built yet: it plans like a cloud
-    backend and says so when asked to run anything."""
-
-    on_this_machine = False
-    poll_s = 10.0
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def _refuse(self) -> BackendError:
-        return BackendError(
-            f"backend '{self.name}' cannot submit jobs yet; the script is ready in the run folder and runs by hand "
-            "(`python train.py`). Use backend: local to run it here, or backend: hf-jobs to rent a GPU."
-        )
-
-    def model_reference(self, model_path: str, slot: str = "model") -> str:
-        return model_path
-
-    def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
-        return None
-
-    def preflight(self, flavor: str) -> Account:
-        raise self._refuse()
-
-    def find_live(self, request: JobRequest) -> JobHandle | None:
-        return None
-
-    def submit(self, request: JobRequest) -> JobHandle:
-        raise self._refuse()
-
-    def status(self, handle: JobHandle) -> JobSnapshot:
-        raise self._refuse()
-
-    def read_log(self, handle: JobHandle, start: int) -> list[str]:
-        raise self._refuse()
-
-    def logs(self, handle: JobHandle, tail: int = 50) -> str:
-        raise self._refuse()
-
-    def cancel(self, handle: JobHandle) -> None:
-        raise self._refuse()
-
-    def fetch(self, handle: JobHandle) -> None:
-        raise self._refuse()
-
-
 _INSTANCES: dict[str, Backend] = {}
-_FACTORIES = {"local": LocalBackend, "hf-jobs": HfJobsBackend}
+_FACTORIES = {"local": LocalBackend, "hf-jobs": HfJobsBackend, "prefect-pool": PrefectPoolBackend}
 
 
-def get_backend(name: str) -> Backend:
-    """One instance per name and process (the local backend keeps its child processes)."""
+def get_backend(name: str, pool: PoolSettings | None = None) -> Backend:
+    """One instance per name and process (the local backend keeps its child processes). A work
+    pool's settings are the run's own, so `pool` gives a fresh instance with them; a job already
+    submitted carries what following it needs in its handle."""
+    if name == "prefect-pool" and pool is not None:
+        return PrefectPoolBackend(pool)
     if name not in _INSTANCES:
-        factory = _FACTORIES.get(name)
-        _INSTANCES[name] = factory() if factory else UnavailableBackend(name)
+        _INSTANCES[name] = _FACTORIES[name]()
     return _INSTANCES[name]
 
 

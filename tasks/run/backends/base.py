@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.errors import UserFacingError
 from tasks.models import InputUpload, JobHandle, JobSnapshot, TrainingScript
+from tasks.spec import PoolSettings
 
 
 class BackendError(UserFacingError, RuntimeError):
@@ -38,6 +39,8 @@ class JobRequest(BaseModel):
     flow_run_id: str | None = None
     training_key: str | None = None  # checkpoints made from other inputs are never resumed
     baseline_path: str | None = None  # a model the evaluation also compares with (a recipe's base)
+    processes: int = 1  # training processes of the plan (one per GPU)
+    pool: PoolSettings | None = None  # backend: prefect-pool's deployment and shared storage
 
 
 class Account(BaseModel):

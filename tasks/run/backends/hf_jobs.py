@@ -55,7 +55,7 @@ STAGES = {
     "DELETED": "failed",
 }
 DEAD_STAGES = ("ERROR", "CANCELED", "DELETED")
-INPUT_PATTERNS = ["train.py", "data/*", "inputs/*"]
+INPUT_PATTERNS = ["train.py", "accelerate.yaml", "data/*", "inputs/*"]
 OUTPUT_PATTERNS = ["model/*", "adapter/*", "trackio/*", "train_result.json"]
 # Runs inside the job: fetch the staging repo, then run the script with its own pinned deps.
 BOOTSTRAP = """\
@@ -299,7 +299,14 @@ class HfJobsBackend:
             lambda: api.upload_folder(
                 repo_id=staging,
                 folder_path=str(run_dir),
-                allow_patterns=["train.py", "data/train.jsonl", "data/heldout.jsonl", "evals/**", "training_key"],
+                allow_patterns=[
+                    "train.py",
+                    "accelerate.yaml",
+                    "data/train.jsonl",
+                    "data/heldout.jsonl",
+                    "evals/**",
+                    "training_key",
+                ],
                 commit_message=f"inputs of run {request.run_name}",
             ),
             token,

@@ -1,0 +1,272 @@
+"""The `prefect-pool` backend: the training step as a flow run of a training deployment on a
+Prefect work pool, picked up by whichever worker serves the pool (a process worker on a team's
+GPU box, a Kubernetes worker that starts a pod on a GPU node).
+
+1. inputs: the worker may not see this disk, so the script, its accelerate config, the
+   validated data and a local model folder go to `pool.storage` (an fsspec URL both sides
+   reach) under `<run>/attempt-<n>/inputs/`;
+2. the job: a flow run of `pool.deployment` (flows/train_job.py) with that storage URL,
+   tagged with the run's name, on the deployment's pool (or `pool.work_pool`), with the
+   pool's job variables; the pool's `gpu_count` variable, where its template declares one, is
+   set to the plan's processes;
+3. following: the child's state from the API, its log (with the progress lines) from the
+   storage, mirrored there every few seconds;
+4. cancelling: the child is set to Cancelling and its worker stops it (the parent does this
+   when it is cancelled itself or its budget guard trips);
+5. outputs: `outputs/` of the storage come into the run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from tasks.models import InputUpload, JobHandle, JobSnapshot
+from tasks.run.backends.base import Account, BackendError, JobRequest, load_handle, save_handle, tail_lines
+from tasks.run.storage import RunStorage, StorageError
+from tasks.spec import PoolSettings
+
+STATES = {
+    "SCHEDULED": "scheduling",
+    "PENDING": "scheduling",
+    "RUNNING": "running",
+    "PAUSED": "running",
+    "CANCELLING": "running",  # still running until its worker has stopped it
+    "COMPLETED": "completed",
+    "FAILED": "failed",
+    "CRASHED": "failed",
+    "CANCELLED": "cancelled",
+}
+ALIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
+CANCEL_WAIT_S = 60.0
+
+
+def job_inputs(run_dir: Path, model_path: str, baseline_path: str | None = None) -> list[tuple[Path, str]]:
+    """What a job that cannot see this disk needs, each with its name next to the script."""
+    files = [
+        (p, p.relative_to(run_dir).as_posix())
+        for p in (run_dir / "train.py", run_dir / "accelerate.yaml", run_dir / "data" / "train.jsonl")
+        if p.exists()
+    ]
+    files += [(p, p.relative_to(run_dir).as_posix()) for p in (run_dir / "data" / "heldout.jsonl",) if p.exists()]
+    files += [(p, p.relative_to(run_dir).as_posix()) for p in sorted((run_dir / "evals").rglob("*")) if p.is_file()]
+    for slot, folder in (("model", model_path), ("baseline", baseline_path)):
+        if folder is not None and Path(folder).is_dir():
+            root = Path(folder)
+            files += [
+                (p, f"inputs/{slot}/{p.relative_to(root).as_posix()}")
+                for p in sorted(root.rglob("*"))
+                if p.is_file() and ".cache" not in p.relative_to(root).parts
+            ]
+    return files
+
+
+class PrefectPoolBackend:
+    name = "prefect-pool"
+    on_this_machine = False
+    poll_s = 2.0
+
+    def __init__(self, settings: PoolSettings | None = None) -> None:
+        self.settings = settings or PoolSettings()
+        self.storage = self.settings.storage
+
+    # -- where things are -------------------------------------------------------------------
+    def _store(self, run_name: str, attempt: int) -> RunStorage:
+        if not self.storage:
+            raise BackendError(
+                "backend: prefect-pool needs pool.storage: an fsspec URL this machine and the pool's workers both "
+                "reach (a shared path here, s3://bucket/prefix or gs://... in production)"
+            )
+        return RunStorage(self.storage).child(run_name, f"attempt-{attempt}")
+
+    def _handle_store(self, handle: JobHandle) -> RunStorage:
+        return RunStorage(handle.labels["finetune-storage"])
+
+    def model_reference(self, model_path: str, slot: str = "model") -> str:
+        return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
+
+    def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
+        files = job_inputs(run_dir, model_path, baseline_path)
+        size = sum(p.stat().st_size for p, _ in files)
+        models = sum(1 for _, name in files if name.startswith("inputs/"))
+        items = [name for _, name in files if not name.startswith("inputs/")]
+        if models:
+            items.append(f"model folder(s) ({models} files)")
+        return InputUpload(
+            destination=f"{self.storage or '<pool.storage>'}/{run_dir.name}/attempt-<n>/inputs",
+            files=len(files),
+            bytes=size,
+            seconds=round(size / 100e6, 1),  # an assumption: shared storage at 100 MB/s
+            items=items,
+        )
+
+    # -- the API ------------------------------------------------------------------------------
+    def _client(self) -> Any:
+        from prefect import get_client
+
+        client = get_client(sync_client=True)
+        client.__enter__()
+        error = client.api_healthcheck()
+        if error is not None:
+            url = str(client._client.base_url)
+            client.__exit__(None, None, None)
+            raise BackendError(
+                f"backend: prefect-pool needs a Prefect server, and none answers at {url} ({error}); start one "
+                "(`prefect server start`) and set PREFECT_API_URL"
+            )
+        return client
+
+    def _deployment(self, client: Any) -> Any:
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            return client.read_deployment_by_name(self.settings.deployment)
+        except ObjectNotFound:
+            raise BackendError(
+                f"no training deployment '{self.settings.deployment}' on the Prefect server: create the pool and deploy it "
+                "(`prefect work-pool create --type process finetune-train`, then "
+                "`prefect --no-prompt deploy --name train`), and start a worker on the pool"
+            ) from None
+
+    def preflight(self, flavor: str) -> Account:
+        store = RunStorage(self.storage) if self.storage else self._store("", 0)
+        try:
+            store.check_writable()
+        except StorageError as e:
+            raise BackendError(str(e)) from None
+        client = self._client()
+        try:
+            deployment = self._deployment(client)
+            pool = deployment.work_pool_name
+            if not pool:
+                raise BackendError(f"deployment '{self.settings.deployment}' has no work pool; deploy it to one")
+        finally:
+            client.__exit__(None, None, None)
+        return Account(namespace=pool, price_per_hour_usd=None, price_source="the plan (the pool's flavor)")
+
+    def _job_variables(self, client: Any, deployment: Any, processes: int) -> dict[str, Any]:
+        """The spec's job variables; and one GPU per process where the pool's template asks how many."""
+        variables = dict(self.settings.job_variables)
+        template = client.read_work_pool(deployment.work_pool_name).base_job_template or {}
+        declared = (template.get("variables") or {}).get("properties") or {}
+        if "gpu_count" in declared and "gpu_count" not in variables and processes > 1:
+            variables["gpu_count"] = processes
+        return variables
+
+    def find_live(self, request: JobRequest) -> JobHandle | None:
+        handle = load_handle(Path(request.run_dir))
+        if handle is None or handle.backend != self.name or handle.attempt != request.attempt:
+            return None
+        snapshot = self.status(handle)
+        if snapshot.state in ("scheduling", "running"):
+            return handle
+        same = handle.labels.get("finetune-script") == request.script.sha256
+        return handle if snapshot.state == "completed" and same else None
+
+    def submit(self, request: JobRequest) -> JobHandle:
+        run_dir = Path(request.run_dir)
+        store = self._store(request.run_name, request.attempt)
+        try:
+            for stale in ("inputs", "outputs", "logs", "exit_status"):  # an earlier start of the same attempt
+                if store.fs.exists(store.path(stale)):
+                    store.fs.rm(store.path(stale), recursive=True)
+            store.put(job_inputs(run_dir, request.model_path, request.baseline_path), "inputs")
+        except Exception as e:
+            raise BackendError(f"uploading the inputs to {store.url} failed: {type(e).__name__}: {e}") from None
+        client = self._client()
+        try:
+            deployment = self._deployment(client)
+            run = client.create_flow_run_from_deployment(
+                deployment.id,
+                parameters={"storage": store.url, "run_name": request.run_name, "attempt": request.attempt},
+                name=f"{request.run_name}-train-{request.attempt}",
+                tags=["finetune", f"finetune-run:{request.run_name}"],
+                work_queue_name=self.settings.work_queue,
+                job_variables=self._job_variables(client, deployment, request.processes) or None,
+            )
+        finally:
+            client.__exit__(None, None, None)
+        log_path = run_dir / "logs" / "train.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = JobHandle(
+            backend=self.name,
+            job_id=str(run.id),
+            run_dir=str(run_dir),
+            log_path=str(log_path),
+            started_at=datetime.now(UTC),
+            flavor=request.flavor,
+            timeout_s=request.timeout_s,
+            attempt=request.attempt,
+            flow_run_id=request.flow_run_id,
+            url=f"flow run {run.name} ({run.id}) of {self.settings.deployment}",
+            labels={
+                "finetune-run": request.run_name,
+                "finetune-script": request.script.sha256,
+                "finetune-storage": store.url,
+            },
+        )
+        save_handle(handle)
+        return handle
+
+    def _flow_run(self, handle: JobHandle) -> Any:
+        client = self._client()
+        try:
+            return client.read_flow_run(UUID(handle.job_id))
+        finally:
+            client.__exit__(None, None, None)
+
+    def status(self, handle: JobHandle) -> JobSnapshot:
+        run = self._flow_run(handle)
+        kind = run.state.type.value if run.state is not None else "PENDING"
+        state = STATES.get(kind, "failed")
+        started = run.start_time or handle.started_at
+        ended = run.end_time or datetime.now(UTC)
+        billed = (ended - started).total_seconds() if run.start_time else 0.0
+        message = None
+        if state == "failed":
+            message = f"training flow run {run.name} {kind.lower()}: {run.state.message or 'no message'}"
+        return JobSnapshot(state=state, billed_s=max(billed, 0.0), message=message)  # type: ignore[arg-type]
+
+    def read_log(self, handle: JobHandle, start: int) -> list[str]:
+        text = self._handle_store(handle).read_text("logs/train.log") or ""
+        lines = text.split("\n")[:-1][start:]
+        Path(handle.log_path).write_text(text, encoding="utf-8")  # the run folder keeps a copy, as for any backend
+        return lines
+
+    def logs(self, handle: JobHandle, tail: int = 50) -> str:
+        text = self._handle_store(handle).read_text("logs/train.log") or ""
+        return tail_lines(text.replace("\r", "\n").splitlines(), tail)
+
+    def cancel(self, handle: JobHandle) -> None:
+        """Asks the pool's worker to stop the training flow run, and waits until it has."""
+        from prefect.states import Cancelling
+
+        client = self._client()
+        try:
+            run = client.read_flow_run(UUID(handle.job_id))
+            if run.state is None or run.state.type.value not in ALIVE:
+                return
+            client.set_flow_run_state(UUID(handle.job_id), Cancelling(), force=True)
+            deadline = time.time() + CANCEL_WAIT_S
+            while time.time() < deadline:
+                run = client.read_flow_run(UUID(handle.job_id))
+                if run.state is not None and run.state.type.value not in ALIVE:
+                    return
+                time.sleep(0.5)
+        finally:
+            client.__exit__(None, None, None)
+        raise BackendError(
+            f"the training flow run {handle.job_id} did not stop within {CANCEL_WAIT_S:.0f} s of being cancelled; "
+            "is a worker serving its pool?"
+        )
+
+    def fetch(self, handle: JobHandle) -> None:
+        run_dir = Path(handle.run_dir)
+        names = self._handle_store(handle).get_tree("outputs", run_dir)
+        if "train_result.json" not in names:
+            raise BackendError(
+                f"the training flow run left no train_result.json under {handle.labels['finetune-storage']}/outputs"
+            )

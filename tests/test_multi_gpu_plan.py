@@ -1,0 +1,157 @@
+"""Planning beyond one GPU: data parallel (each GPU holds the whole model state) and sharded
+(FSDP full shard) placements on 2-8 GPU flavors, compared with single-GPU ones by total cost,
+and the accelerate config the script launches with. Expected numbers are worked out here by
+hand from the architecture, the flavor and the stated constants."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import plan_run
+from tasks.plan.cost import SCALING_EFFICIENCY, STEP_OVERHEAD_S, UTILISATION
+from tasks.plan.flavors import load_catalogue
+from tasks.plan.hardware import HardwareError, select_hardware
+from tasks.plan.memory import COMM_BUFFERS_GB, GB, Architecture, Workload, flops_per_token, memory_breakdown_gb
+from tasks.report import plan_markdown
+from tests.test_planning import CONFIGS, _args, _load, _report, _spec
+
+
+def test_a_decoder_layer_is_the_unit_fsdp_gathers():
+    config = _load("llama-3.1-8b")
+    arch = Architecture.from_config(config)
+    root = 2 * config.vocab_size * config.hidden_size + config.hidden_size  # embeddings, untied head, final norm
+    assert arch.layer_params * config.num_hidden_layers == arch.params - root
+    assert arch.layer_classes == ("LlamaDecoderLayer",)
+
+
+def test_an_8b_full_fine_tune_is_sharded_over_two_h200_with_the_memory_and_cost_worked_by_hand():
+    config, report = _load("llama-3.1-8b"), _report()
+    spec = _spec(backend="hf-jobs", hardware="h200x2", lora=False)
+    plan, cost = select_hardware(spec, config, _args(per_device_train_batch_size=1), report)
+    assert (plan.strategy, plan.processes) == ("fsdp", 2)
+    assert "data parallel needs" in plan.strategy_reason and "sharded" in plan.strategy_reason
+
+    arch = Architecture.from_config(config)
+    p, n = arch.params, 2
+    m = plan.memory_breakdown_gb
+    assert m["weights"] == pytest.approx(p * 2 / n / GB, rel=1e-4)
+    assert m["gradients"] == pytest.approx(p * 2 / n / GB, rel=1e-4)
+    assert m["optimizer"] == pytest.approx(p * 8 / n / GB, rel=1e-4)
+    assert m["optimizer step"] == pytest.approx(p * 4 / n / GB, rel=1e-4)
+    layer, root = arch.layer_params, p - arch.layers * arch.layer_params
+    assert m["fsdp all-gather"] == pytest.approx(((2 * layer + root) * 2 + layer * 2) / GB, rel=1e-4)
+    assert m["communication"] == COMM_BUFFERS_GB
+    # activations and logits are each GPU's own micro-batch, as on one GPU
+    one = memory_breakdown_gb(
+        arch, Workload(mode="full", micro_batch=1, seq_len=1024, checkpointing=plan.gradient_checkpointing), "gpu"
+    )
+    assert m["activations"] == one["activations"] and m["logits"] == one["logits"]
+    assert plan.estimated_peak_memory_gb == pytest.approx(sum(m.values()), abs=1e-3)
+    assert plan.estimated_peak_memory_gb <= 141 * 0.9
+
+    # time: the tokens' FLOPs over both GPUs' peak at the stated utilisation and scaling efficiency
+    w = Workload(mode="full", seq_len=1024, checkpointing=plan.gradient_checkpointing, strategy="fsdp", processes=2)
+    tokens = report.train_rows * report.tokens.mean
+    flops = tokens * plan.padding_overhead * flops_per_token(arch, w)
+    steps = math.ceil(report.train_rows / (plan.micro_batch * n))
+    compute = flops / (989e12 * n * SCALING_EFFICIENCY["gpu"]["fsdp"] * UTILISATION["gpu"]["full"])
+    assert cost.compute_s == pytest.approx(compute + steps * STEP_OVERHEAD_S["gpu"], rel=1e-3)
+    # the flavor's price pays for both GPUs: $10/h, $5 per GPU
+    assert cost.price_per_hour_usd == 10.0 and cost.usd == pytest.approx(cost.hours * 2 * 5.0)
+    assert "x 2 GPUs x 80% scaling efficiency (fsdp)" in cost.basis and "for all 2 GPUs ($5.00 per GPU)" in cost.basis
+
+
+def test_data_parallel_keeps_the_whole_model_state_on_every_gpu():
+    config = _load("qwen2.5-0.5b")
+    plan, _ = select_hardware(_spec(backend="hf-jobs", hardware="a100x4"), config, _args(), _report())
+    assert (plan.strategy, plan.processes, plan.mode) == ("ddp", 4, "full")
+    assert "each process holds the whole model state" in plan.strategy_reason
+    arch = Architecture.from_config(config)
+    m = plan.memory_breakdown_gb
+    assert m["weights"] == pytest.approx(arch.params * 2 / GB, rel=1e-4)
+    assert m["ddp gradient buckets"] == pytest.approx(m["gradients"], rel=1e-6)  # DDP's bucketed copy
+    # the spec's global batch of 4 is divided among the 4 processes, not multiplied by them
+    assert plan.micro_batch * plan.accumulation * plan.processes == 4 == plan.global_batch
+
+
+def test_selection_weighs_single_and_multi_gpu_placements_by_total_cost_and_max_hours():
+    config, report = _load("qwen2.5-0.5b"), _report(rows=400_000)
+    cheapest, cost = select_hardware(_spec(backend="hf-jobs"), config, _args(), report)
+    assert cheapest.processes == 1  # several GPUs buy time, not money: scaling below 1 costs more in total
+    in_time = _spec(backend="hf-jobs", budget={"max_usd": 500, "auto_approve_usd": 1, "max_hours": cost.hours_high / 3})
+    faster, fast_cost = select_hardware(in_time, config, _args(), report)
+    assert faster.processes > 1 and fast_cost.hours_high <= cost.hours_high / 3
+    assert fast_cost.usd > cost.usd
+    fitting = [o for o in faster.alternatives if o.usd < fast_cost.usd - 1e-9]
+    assert fitting == []  # nothing that fits the hours is cheaper
+
+
+def test_a_70b_full_fine_tune_says_how_many_gpus_sharding_would_need_and_what_fits_instead():
+    with pytest.raises(HardwareError) as e:
+        select_hardware(
+            _spec(backend="hf-jobs", lora=False), _load("llama-3.1-70b"), _args(per_device_train_batch_size=1), _report()
+        )
+    msg = str(e.value)
+    arch = Architecture.from_config(_load("llama-3.1-70b"))
+    state_gb = arch.params * (2 + 2 + 8 + 4) / GB  # weights, gradients, AdamW moments, its step's temporary
+    assert f"the model state is {state_gb:.0f} GB" in msg and "training across machines is not supported" in msg
+    assert "fsdp over 8 processes" in msg
+    assert "- lora: auto (or true/qlora) trains an adapter and needs far less memory: fits on" in msg
+
+
+def test_processes_follow_the_gpus_of_the_flavor():
+    with pytest.raises(HardwareError, match="a run uses one process per GPU"):
+        select_hardware(
+            _spec(backend="hf-jobs", hardware="a100x4", distributed={"processes": 2}),
+            _load("qwen2.5-0.5b"),
+            _args(),
+            _report(),
+        )
+    plan, _ = select_hardware(
+        _spec(backend="hf-jobs", distributed={"processes": 8, "strategy": "fsdp"}),
+        _load("qwen2.5-0.5b"),
+        _args(),
+        _report(),
+    )
+    assert plan.processes == 8 and plan.strategy == "fsdp" and "set in the spec" in plan.strategy_reason
+    assert load_catalogue().get(plan.flavor).count == 8
+
+
+def test_two_processes_on_this_cpu_hold_two_copies_in_its_memory(tiny_model_path):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    one, _ = select_hardware(_spec(), config, _args(max_length=128), _report(rows=200, mean=60, longest=128))
+    two, cost = select_hardware(
+        _spec(distributed={"processes": 2}), config, _args(max_length=128), _report(rows=200, mean=60, longest=128)
+    )
+    assert (two.processes, two.strategy) == (2, "ddp") and one.processes == 1
+    assert "gloo" in two.strategy_reason and "no faster than one process" in two.strategy_reason
+    assert two.memory_breakdown_gb["runtime"] == pytest.approx(2 * one.memory_breakdown_gb["runtime"])
+    assert "shared by 2 processes" in cost.basis
+
+
+def test_a_multi_gpu_plan_writes_the_accelerate_config_next_to_the_script(tmp_path):
+    model = tmp_path / "llama8"
+    model.mkdir()
+    shutil.copy(CONFIGS / "llama-3.1-8b.json", model / "config.json")
+    plan = plan_run(_spec(model=str(model), backend="hf-jobs", hardware="h200x2", lora=False, name="fsdp8"))
+    run_dir = Path(plan.run_dir)
+    launch = yaml.safe_load((run_dir / "accelerate.yaml").read_text())
+    assert launch["num_processes"] == 2 and launch["distributed_type"] == "FSDP" and launch["use_cpu"] is False
+    fsdp = launch["fsdp_config"]
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_reshard_after_forward"] is True
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    source = (run_dir / "train.py").read_text()
+    assert "'processes': 2" in source and "'strategy': 'fsdp'" in source
+    markdown = plan_markdown(plan)
+    assert "accelerate launch --config_file accelerate.yaml train.py" in markdown
+    single = plan_run(_spec(model=str(model), backend="hf-jobs", hardware="h200", name="one"))
+    assert single.hardware.processes == 1 and not (Path(single.run_dir) / "accelerate.yaml").exists()
+    assert "'launch': None" in Path(single.script.path).read_text()
