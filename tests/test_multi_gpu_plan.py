@@ -94,7 +94,10 @@ def test_selection_weighs_single_and_multi_gpu_placements_by_total_cost_and_max_
 def test_a_70b_full_fine_tune_says_how_many_gpus_sharding_would_need_and_what_fits_instead():
     with pytest.raises(HardwareError) as e:
         select_hardware(
-            _spec(backend="hf-jobs", lora=False), _load("llama-3.1-70b"), _args(per_device_train_batch_size=1), _report()
+            _spec(backend="hf-jobs", lora=False),
+            _load("llama-3.1-70b"),
+            _args(per_device_train_batch_size=1),
+            _report(),
         )
     msg = str(e.value)
     arch = Architecture.from_config(_load("llama-3.1-70b"))

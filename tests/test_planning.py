@@ -190,7 +190,10 @@ def test_above_the_size_threshold_auto_switches_to_lora_and_to_qlora_when_needed
     )
     assert plan8.mode == "lora" and "threshold" in plan8.lora_reason
     plan70, _ = select_hardware(
-        _spec(backend="hf-jobs", hardware="h200"), _load("llama-3.1-70b"), _args(per_device_train_batch_size=1), _report()
+        _spec(backend="hf-jobs", hardware="h200"),
+        _load("llama-3.1-70b"),
+        _args(per_device_train_batch_size=1),
+        _report(),
     )
     assert plan70.mode == "qlora" and "fits nowhere" in plan70.lora_reason
     assert plan70.accelerator is not None
