@@ -124,7 +124,11 @@ def planned_arguments(args: dict[str, Any], plan: HardwarePlan) -> dict[str, Any
     every key the spec set, so the spec still wins."""
     from tasks.plan.cost import planned_batch
 
-    return {**args, **planned_batch(plan), **plan.speed.arguments}
+    parallel = {}
+    if plan.processes > 1 and plan.strategy == "ddp" and "ddp_find_unused_parameters" not in args:
+        # every trained parameter gets a gradient in every step: DDP need not search the graph for unused ones
+        parallel["ddp_find_unused_parameters"] = False
+    return {**args, **planned_batch(plan), **plan.speed.arguments, **parallel}
 
 
 def unknown_training_keys(method: MethodDefinition, keys: list[str]) -> dict[str, list[str]]:

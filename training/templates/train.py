@@ -6,7 +6,9 @@
 
 Self-contained: every setting is in CONFIG below, nothing is imported from the project that
 wrote it. The same file serves every method: CONFIG names the TRL trainer and config class
-(SFTTrainer/SFTConfig, DPOTrainer/DPOConfig), whose constructors take the same arguments. Run it by hand with `python train.py` (or `uv run train.py`); it writes next to
+(SFTTrainer/SFTConfig, DPOTrainer/DPOConfig), whose constructors take the same arguments. Run it by hand with `python train.py` (or `uv run train.py`), or as several
+data-parallel processes with `accelerate launch --config_file accelerate.yaml train.py`
+(every process trains; the first one alone evaluates, saves and writes); it writes next to
 itself unless --output-dir says otherwise:
   checkpoints/       every `save_steps` steps; a re-run resumes from the newest one
   trackio/           metrics (Trackio's local store)
@@ -28,6 +30,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -82,6 +85,18 @@ def push_folder(repo: str, folder: Path, path_in_repo: str, message: str) -> Non
         commit_message=message,
         delete_patterns=["*"],
     )
+
+
+def waiting_room(trainer):
+    """In a multi-process launch, a gloo group of every process, on which the others wait while
+    the main process works alone (evaluating, removing a checkpoint). Its timeout is
+    `ddp_timeout`: the default group's is not on a CPU, where the Trainer leaves gloo's
+    30 minutes. None in a one-process run. Every process makes it, at the same point."""
+    if trainer.args.world_size <= 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=trainer.args.ddp_timeout))
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
@@ -307,8 +322,34 @@ def checkpoint_complete(folder: Path) -> bool:
         return False
 
 
+def launch_processes() -> None:
+    """Several processes in the plan: `python train.py` becomes `accelerate launch --config_file
+    accelerate.yaml train.py` (the same process, so whoever stops it stops them all). The config
+    next to this script is used; CONFIG carries the same one for a script copied alone."""
+    launch = CONFIG.get("launch")
+    if not launch or "LOCAL_RANK" in os.environ:  # one process, or already one of the launched ones
+        return
+    here = Path(__file__).resolve().parent
+    config_file = here / launch["config_file"]
+    if not config_file.exists():
+        import tempfile
+
+        import yaml
+
+        config_file = Path(tempfile.mkstemp(prefix="accelerate-", suffix=".yaml")[1])
+        config_file.write_text(yaml.safe_dump(launch["accelerate"]))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    print(
+        f"launching {launch['processes']} processes ({launch['strategy']}): accelerate launch "
+        f"--config_file {config_file.name} {Path(__file__).name}",
+        flush=True,
+    )
+    os.execv(sys.executable, [*command, str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
 def main() -> int:
     args = parse_args()
+    launch_processes()
     here = Path(__file__).resolve().parent
     out = args.output_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -324,23 +365,35 @@ def main() -> int:
     Trainer = getattr(trl, CONFIG["trainer"])  # e.g. SFTTrainer, DPOTrainer
 
     set_seed(CONFIG["seed"])
+    training = {k: v for k, v in CONFIG["training"].items() if k != "model_init_kwargs"}
+    if args.max_steps is not None:
+        training["max_steps"] = args.max_steps
+    # made first: under `accelerate launch` it joins the processes together
+    trainer_config = TrainerConfig(
+        output_dir=str(out / "checkpoints"),
+        report_to=["trackio"],
+        project=CONFIG["project"],
+        run_name=CONFIG["run_name"],
+        **training,
+    )
     data = args.data or CONFIG["data"]
     if not data.startswith(("hf://",)) and not Path(data).is_absolute():
         data = str((here / data).resolve())
-    if Path(data).exists():
-        # its Arrow cache stays in the run folder, not in the user's ~/.cache (one per run otherwise)
-        dataset = load_dataset("json", data_files=data, split="train", cache_dir=str(out / ".cache" / "datasets"))
-    else:  # a Hub dataset id
-        dataset = load_dataset(data.removeprefix("hf://"), split=CONFIG.get("split", "train"))
-
     model_source = CONFIG["model"]
     if not Path(model_source).is_absolute() and (here / model_source).is_dir():
         model_source = str(here / model_source)  # a model folder uploaded next to this script
-    if args.hub_repo and not list((out / "checkpoints").glob("checkpoint-*")):
-        from huggingface_hub import snapshot_download
+    # the main process fills the caches and downloads first; the others then read them
+    with trainer_config.main_process_first(local=False, desc="loading the data"):
+        if Path(data).exists():
+            # its Arrow cache stays in the run folder, not in the user's ~/.cache (one per run otherwise)
+            dataset = load_dataset("json", data_files=data, split="train", cache_dir=str(out / ".cache" / "datasets"))
+        else:  # a Hub dataset id
+            dataset = load_dataset(data.removeprefix("hf://"), split=CONFIG.get("split", "train"))
+        if args.hub_repo and not list((out / "checkpoints").glob("checkpoint-*")):
+            from huggingface_hub import snapshot_download
 
-        # Resume what an earlier (crashed, cancelled) job pushed: the repo's checkpoints folder.
-        snapshot_download(args.hub_repo, allow_patterns=["checkpoints/*"], local_dir=str(out))
+            # Resume what an earlier (crashed, cancelled) job pushed: the repo's checkpoints folder.
+            snapshot_download(args.hub_repo, allow_patterns=["checkpoints/*"], local_dir=str(out))
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[CONFIG["dtype"]]
     tokenizer = AutoTokenizer.from_pretrained(model_source)
@@ -379,22 +432,13 @@ def main() -> int:
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **CONFIG["lora"])
 
-    training = {k: v for k, v in CONFIG["training"].items() if k != "model_init_kwargs"}
-    if args.max_steps is not None:
-        training["max_steps"] = args.max_steps
-    trainer_config = TrainerConfig(
-        output_dir=str(out / "checkpoints"),
-        report_to=["trackio"],
-        project=CONFIG["project"],
-        run_name=CONFIG["run_name"],
-        **training,
-    )
-
     class ProgressLines(TrainerCallback):
         """Prints the structured progress line at the start, each logging step and the end."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             self._tokens, self._at = state.num_input_tokens_seen, time.time()
+            if not state.is_world_process_zero:  # one line per step, not one per process
+                return
             print_progress("start", state)
             # Resumed from a checkpoint: its log history is the curve so far, replayed so that
             # the monitor's curve continues from step 1 instead of restarting at the checkpoint.
@@ -407,16 +451,20 @@ def main() -> int:
             now, seen = time.time(), state.num_input_tokens_seen
             rate = (seen - self._tokens) / (now - self._at) if seen > self._tokens and now > self._at else None
             self._tokens, self._at = seen, now
-            print_progress("log", state, logs, round(rate, 1) if rate else None)
+            if state.is_world_process_zero:
+                print_progress("log", state, logs, round(rate, 1) if rate else None)
 
         def on_train_end(self, args, state, control, **kwargs):
-            print_progress("end", state)
+            if state.is_world_process_zero:
+                print_progress("end", state)
 
     class PushCheckpoints(TrainerCallback):
         """After each save (and rotation), mirror checkpoints/ into the Hub repo, so a job that
         dies keeps its progress and the next one resumes from it."""
 
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
             push_folder(hub_repo, out / "checkpoints", "checkpoints", f"checkpoint at step {state.global_step}")
             print(f"pushed checkpoints at step {state.global_step} to {hub_repo}", flush=True)
 
@@ -437,12 +485,19 @@ def main() -> int:
                 import resource
 
                 peak, device = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu"
+            if args.world_size > 1:  # every process's peak: on a CPU they share the memory
+                from accelerate.utils import gather_object
+
+                peaks = gather_object([peak])
+                peak = sum(peaks) if device == "cpu" else max(peaks)
             self.result = {
                 "train_s": round(time.time() - self.at, 3),
                 "optimizer_steps": state.global_step - self.step,
                 "tokens": state.num_input_tokens_seen - self.tokens,
                 "peak_memory_gb": round(peak / 1024**3, 3),
                 "device": device,
+                "processes": args.world_size,
+                "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             }
 
     hub_repo = args.hub_repo
@@ -466,12 +521,16 @@ def main() -> int:
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    main_process = trainer.is_world_process_zero()  # True in a plain one-process run
+    waiting = waiting_room(trainer)
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     while checkpoints and not checkpoint_complete(checkpoints[-1]):
         # A job killed while saving leaves a checkpoint without its trainer state (the Trainer
         # writes it last): nothing in it can be resumed, so it goes and the one before is used.
-        print(f"removing the incomplete {checkpoints[-1].name} (the job was stopped while saving it)", flush=True)
-        shutil.rmtree(checkpoints.pop())
+        if main_process:
+            print(f"removing the incomplete {checkpoints[-1].name} (the job was stopped while saving it)", flush=True)
+            shutil.rmtree(checkpoints[-1])
+        checkpoints.pop()
     resume = str(checkpoints[-1]) if checkpoints else None
     heldout = here / CONFIG["heldout"] if CONFIG.get("heldout") else None
     settings = {
@@ -486,7 +545,7 @@ def main() -> int:
     tasks = settings.get("tasks") or []
     funcs = extra.get("reward_funcs", [])
     evaluation = None
-    if held_rows or tasks:  # before training (also when resuming: the weights are still the base's)
+    if (held_rows or tasks) and main_process:  # before training (also when resuming: the weights are still the base's)
         began = time.time()
         evaluation = {"rows": len(held_rows)}
         if held_rows:
@@ -510,9 +569,38 @@ def main() -> int:
             evaluation["tasks"] = {"before": run_tasks(trainer.model, tokenizer, tasks, settings, here, out)}
             print(f"ran {len(tasks)} task evaluation(s) on the base model", flush=True)
         evaluation["seconds"] = time.time() - began
-    if resume:
+    if waiting is not None:  # the others wait for the evaluation and the removed checkpoint
+        import torch.distributed as dist
+
+        dist.barrier(group=waiting)
+    if resume and main_process:
         print(f"resuming from {resume}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.args.world_size > 1:  # each process says what it did: the log shows that all of them trained
+        print(
+            f"process {trainer.args.process_index} of {trainer.args.world_size} trained "
+            f"{trainer.state.global_step} optimizer steps of {trainer.args.per_device_train_batch_size} x "
+            f"{trainer.args.gradient_accumulation_steps} rows",
+            flush=True,
+        )
+    sharded = getattr(trainer, "is_fsdp_enabled", False)
+    if sharded:
+        # FSDP holds a shard of the weights in each process: every process takes part in
+        # gathering the whole model (FULL_STATE_DICT in accelerate.yaml), and the main process
+        # carries on with an ordinary copy of it for the evaluation and the saved model.
+        trainer.save_model(str(out / "gathered.tmp"))
+    if not main_process:  # trained its share; the main process evaluates, saves and writes
+        return 0
+    if sharded:
+        gathered = out / "gathered.tmp"
+        if peft_config is not None:
+            from peft import PeftModel
+
+            base = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype)
+            trainer.model = PeftModel.from_pretrained(base, str(gathered), is_trainable=False)
+        else:
+            trainer.model = AutoModelForCausalLM.from_pretrained(str(gathered), dtype=dtype)
+        trainer.model.to(trainer.args.device)
     if evaluation is not None:
         began = time.time()
         if held_rows:
@@ -538,6 +626,7 @@ def main() -> int:
         final = trainer.model
     final.save_pretrained(str(out / "model.tmp"), safe_serialization=True)
     tokenizer.save_pretrained(str(out / "model.tmp"))
+    shutil.rmtree(out / "gathered.tmp", ignore_errors=True)
     for name in ("adapter", "model"):
         tmp, dst = out / f"{name}.tmp", out / name
         if tmp.exists():
