@@ -26,7 +26,7 @@ from typing import Any
 
 from prefect import flow
 
-from tasks.run.backends.local import how_it_ended
+from tasks.run.backends.local import descendants, how_it_ended, kill_all, pid_alive
 from tasks.run.storage import RunStorage
 
 MIRROR_S = 2.0  # how often the log is copied to the storage while the script runs
@@ -38,27 +38,18 @@ class TrainingJobFailed(RuntimeError):
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """The script and what it launched (accelerate's workers are its children): SIGTERM, then SIGKILL."""
+    """The script and every process below it (accelerate's training processes run in sessions of
+    their own): SIGTERM, then SIGKILL."""
     if proc.poll() is not None:
         return
-    try:
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    except OSError:
-        children = []
-    for pid in [proc.pid, *map(int, children)]:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    everyone = [proc.pid, *descendants(proc.pid)]
+    kill_all(everyone, signal.SIGTERM)
     try:
         proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        for pid in [proc.pid, *map(int, children)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait(timeout=grace_s)
+        pass
+    kill_all([p for p in everyone if pid_alive(p)], signal.SIGKILL)
+    proc.wait(timeout=grace_s)
 
 
 def run_training_job(storage: str, mirror_s: float = MIRROR_S) -> dict[str, Any]:

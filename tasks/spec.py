@@ -141,7 +141,8 @@ class PoolSettings(_Frozen):
     storage: str | None = Field(
         None,
         description="fsspec URL that this machine and the pool's workers both reach: a shared path or file:// "
-        "URL here, s3://bucket/prefix or gs://... in production; the run's inputs and outputs go there",
+        "URL here, s3://bucket/prefix or gs://... in production; the run's inputs and outputs go there. "
+        "Default: $FINETUNE_POOL_STORAGE",
     )
     work_queue: str | None = Field(
         None, description="a work queue of the deployment's pool (e.g. one whose workers have H100s); default: its own"
@@ -319,6 +320,9 @@ def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     model = data.get("model")
     if isinstance(model, str) and _spec_relative(model, base):
         data["model"] = str((base / model).resolve())
+    pool = data.get("pool")
+    if isinstance(pool, dict) and isinstance(pool.get("storage"), str) and pool["storage"].startswith(("./", "../")):
+        data["pool"] = {**pool, "storage": str((base / pool["storage"]).resolve())}  # a shared folder, next to the spec
     outputs = data.get("outputs")
     if isinstance(outputs, dict) and isinstance(outputs.get("hub_repo"), str):
         if outputs["hub_repo"].startswith(("./", "../")):  # a local publish folder, next to the spec

@@ -184,3 +184,32 @@ def test_a_job_that_finished_while_no_flow_followed_it_is_taken_not_run_again(tm
     assert LocalBackend().find_live(script) == handle  # e.g. the flow's process was killed meanwhile
     changed = script.model_copy(update={"script": script.script.model_copy(update={"sha256": "1"})})
     assert LocalBackend().find_live(changed) is None  # another script's result is not taken
+
+
+def test_cancel_stops_training_processes_that_live_in_sessions_of_their_own(tmp_path):
+    """accelerate's launcher starts its training processes with start_new_session, out of the
+    job's process group; a cancel must reach them even when they ignore SIGTERM."""
+    run_dir = tmp_path / "run"
+    request = _script(
+        run_dir,
+        """
+        import pathlib, signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        workers = [subprocess.Popen([sys.executable, "-c", stubborn], start_new_session=True) for _ in range(2)]
+        pathlib.Path(__file__).with_name("workers").write_text(" ".join(str(w.pid) for w in workers))
+        time.sleep(600)
+        """,
+    )
+    backend = LocalBackend()
+    handle = backend.submit(request)
+    deadline = time.time() + 30
+    while not (run_dir / "workers").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    workers = [int(p) for p in (run_dir / "workers").read_text().split()]
+    backend.cancel(handle)
+    time.sleep(0.5)
+    from tasks.run.backends.local import pid_alive
+
+    assert not any(pid_alive(p) for p in workers)
+    assert backend.status(handle).state == "cancelled"

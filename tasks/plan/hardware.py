@@ -266,6 +266,15 @@ def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[tuple[Strateg
     if processes == 1:
         return [("single", 1)]
     strategies: list[Strategy] = ["ddp", "fsdp"] if wanted.strategy == "auto" else [wanted.strategy]
+    if not flavor.is_gpu:
+        if wanted.strategy == "fsdp":
+            # accelerate 1.15 switches to FSDP only for GPU-like devices: on a CPU it trains as DDP
+            # without saying so (or stops, with cpu_ram_efficient_loading), so it is not offered
+            raise HardwareError(
+                f"distributed.strategy: fsdp needs GPUs; {flavor.name} is a CPU, where accelerate would silently "
+                "train data parallel instead. Use strategy ddp (or auto) here, or a GPU flavor."
+            )
+        strategies = ["ddp"]
     if mode == "qlora":  # 4-bit weights do not shard with FSDP here; each GPU holds the whole 4-bit model
         strategies = [s for s in strategies if s == "ddp"]
     return [(s, processes) for s in strategies]
@@ -332,6 +341,8 @@ def _strategy_reason(spec: RunSpec, flavor: Flavor, chosen: FlavorOption, tried:
     memory = f"{chosen.peak_memory_gb:.1f} of {chosen.usable_memory_gb:.1f} GB usable per {'GPU' if flavor.is_gpu else 'machine'}"
     if spec.distributed.strategy != "auto":
         return f"{name} on {where}: set in the spec ({memory})"
+    if not flavor.is_gpu:
+        return f"{name} on {where} ({memory})"
     ddp = next((o for o in tried if o.strategy == "ddp"), None)
     if chosen.strategy == "ddp":
         return f"{name} on {where}: each process holds the whole model state ({memory}); the fastest way to use them"

@@ -30,6 +30,8 @@ class RunStorage:
                 "or give a path both sides share"
             ) from None
         self.root = self.root.rstrip("/")
+        if "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)):
+            self.url = self.root  # absolute, so the worker reads the same folder whatever its working directory
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -338,6 +338,8 @@ def launch_processes() -> None:
 
         config_file = Path(tempfile.mkstemp(prefix="accelerate-", suffix=".yaml")[1])
         config_file.write_text(yaml.safe_dump(launch["accelerate"]))
+    if launch["accelerate"].get("use_cpu"):
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # without it each CPU process would train alone, unjoined
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
     print(
         f"launching {launch['processes']} processes ({launch['strategy']}): accelerate launch "

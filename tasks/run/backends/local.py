@@ -54,6 +54,31 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, children first. accelerate's launcher starts its training
+    processes in sessions of their own, so a signal to the job's process group misses them."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def kill_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def read_complete_lines(path: Path, start: int) -> list[str]:
     """Lines of a growing log from `start` on; a line still being written is left for later."""
     if not path.exists():
@@ -175,15 +200,19 @@ class LocalBackend:
         if handle.pid is None:
             return
         (Path(handle.run_dir) / "cancelled").write_text(datetime.now(UTC).isoformat())
+        below = descendants(handle.pid)  # several training processes live in sessions of their own
         try:
             os.killpg(handle.pid, signal.SIGTERM)
         except ProcessLookupError:
+            kill_all(below, signal.SIGKILL)
             return
+        kill_all(below, signal.SIGTERM)
         deadline = time.time() + 10
         while time.time() < deadline and self._state(handle) == "running":
             time.sleep(0.2)
         if self._state(handle) == "running":
             os.killpg(handle.pid, signal.SIGKILL)
+        kill_all([p for p in below if pid_alive(p)], signal.SIGKILL)
         proc = self._procs.get(handle.job_id)
         if proc is not None:
             proc.wait(timeout=10)

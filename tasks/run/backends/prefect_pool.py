@@ -18,6 +18,7 @@ GPU box, a Kubernetes worker that starts a pod on a GPU node).
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,14 +72,14 @@ class PrefectPoolBackend:
 
     def __init__(self, settings: PoolSettings | None = None) -> None:
         self.settings = settings or PoolSettings()
-        self.storage = self.settings.storage
+        self.storage = self.settings.storage or os.environ.get("FINETUNE_POOL_STORAGE")
 
     # -- where things are -------------------------------------------------------------------
     def _store(self, run_name: str, attempt: int) -> RunStorage:
         if not self.storage:
             raise BackendError(
-                "backend: prefect-pool needs pool.storage: an fsspec URL this machine and the pool's workers both "
-                "reach (a shared path here, s3://bucket/prefix or gs://... in production)"
+                "backend: prefect-pool needs pool.storage (or FINETUNE_POOL_STORAGE): an fsspec URL this machine and "
+                "the pool's workers both reach (a shared path here, s3://bucket/prefix or gs://... in production)"
             )
         return RunStorage(self.storage).child(run_name, f"attempt-{attempt}")
 
@@ -132,8 +133,8 @@ class PrefectPoolBackend:
             ) from None
 
     def preflight(self, flavor: str) -> Account:
-        store = RunStorage(self.storage) if self.storage else self._store("", 0)
         try:
+            store = RunStorage(self.storage) if self.storage else self._store("", 0)
             store.check_writable()
         except StorageError as e:
             raise BackendError(str(e)) from None
