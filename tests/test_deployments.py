@@ -27,15 +27,16 @@ def test_prefect_deploy_all_creates_every_deployment_and_a_worker_runs_one(prefe
         "FINETUNE_FLOW_HOME": str(REPO),
     }
     prefect = [sys.executable, "-m", "prefect"]
-    pool = subprocess.run(
-        [*prefect, "work-pool", "create", "--type", "process", "finetune-local", "--overwrite"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert pool.returncode == 0, pool.stdout + pool.stderr
+    for name in ("finetune-local", "finetune-train"):
+        pool = subprocess.run(
+            [*prefect, "work-pool", "create", "--type", "process", name, "--overwrite"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert pool.returncode == 0, pool.stdout + pool.stderr
     deployed = subprocess.run(
         [*prefect, "--no-prompt", "deploy", "--all"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
@@ -43,8 +44,11 @@ def test_prefect_deploy_all_creates_every_deployment_and_a_worker_runs_one(prefe
     declared = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     with get_client(sync_client=True) as client:
         found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-    assert {"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/sft-then-grpo"} <= set(found)
+    assert {"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/sft-then-grpo", "finetune-train/train"} <= set(found)
+    assert found["finetune-train/train"].work_pool_name == "finetune-train"
     for entry in declared:
+        if entry["name"] == "train":  # the pool's training step: tests/test_pool.py runs it
+            continue
         flow_name = entry["entrypoint"].rsplit(":", 1)[1].removesuffix("_flow")
         deployment = found[f"{flow_name}/{entry['name']}"]
         assert deployment.parameters == entry["parameters"]  # accepted as declared, against the typed schema

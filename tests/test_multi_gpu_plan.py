@@ -137,6 +137,10 @@ def test_two_processes_on_this_cpu_hold_two_copies_in_its_memory(tiny_model_path
     assert "gloo" in two.strategy_reason and "no faster than one process" in two.strategy_reason
     assert two.memory_breakdown_gb["runtime"] == pytest.approx(2 * one.memory_breakdown_gb["runtime"])
     assert "shared by 2 processes" in cost.basis
+    with pytest.raises(HardwareError, match="fsdp needs GPUs"):  # accelerate would quietly train it as DDP
+        select_hardware(
+            _spec(distributed={"processes": 2, "strategy": "fsdp"}), config, _args(max_length=128), _report(rows=200)
+        )
 
 
 def test_a_multi_gpu_plan_writes_the_accelerate_config_next_to_the_script(tmp_path):

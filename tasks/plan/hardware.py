@@ -268,6 +268,8 @@ def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[tuple[Strateg
     strategies: list[Strategy] = ["ddp", "fsdp"] if wanted.strategy == "auto" else [wanted.strategy]
     if not flavor.is_gpu:
         if wanted.strategy == "fsdp":
+            if spec.hardware == "auto" and not runs_on_this_machine(spec.backend):
+                return []  # the GPU flavors can
             # accelerate 1.15 switches to FSDP only for GPU-like devices: on a CPU it trains as DDP
             # without saying so (or stops, with cpu_ram_efficient_loading), so it is not offered
             raise HardwareError(
