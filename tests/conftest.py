@@ -58,6 +58,9 @@ def isolated(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("FINETUNE_CALIBRATION_FILE", str(tmp_path / "calibration.json"))  # each test starts uncorrected
     monkeypatch.delenv("HF_DEBUG", raising=False)
+    # workers and `serve` started by a test poll for runs every second instead of every 10 s
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
+    monkeypatch.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "1")
     return tmp_path
 
 
@@ -99,9 +102,7 @@ def api_url() -> str:
 
 
 def process_env() -> dict[str, str]:
-    # workers and serve poll for scheduled runs every second instead of every 10 s: tests wait less
-    fast = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    return {**os.environ, "PREFECT_API_URL": api_url(), "FINETUNE_FLOW_HOME": str(REPO), **fast}
+    return {**os.environ, "PREFECT_API_URL": api_url(), "FINETUNE_FLOW_HOME": str(REPO)}
 
 
 def start_process(args: list[str], log: Path) -> subprocess.Popen:
