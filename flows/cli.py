@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +90,9 @@ def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = N
     from flows.pipeline import plan_json, plan_run
     from tasks.report import plan_markdown, summary_text
 
+    if threading.current_thread() is threading.main_thread():
+        # a stop from outside (kill, a terminal closing) is handled like Ctrl-C: the job is cancelled
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         args, spec = parse_args(method, argv)
         if args.dry_run:
@@ -100,6 +105,9 @@ def main(method: Method, flow_fn: Callable[..., Any], argv: list[str] | None = N
             print(plan_json(plan) if args.json else plan_markdown(plan))
             return 0
         summary = flow_fn(spec=spec, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
+    except KeyboardInterrupt:
+        print("interrupted: the run stopped (its job, if one was running, was cancelled)", file=sys.stderr)
+        return 130
     except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
         if "--json" in (sys.argv[1:] if argv is None else argv):  # also when the arguments themselves failed
             print(json.dumps(error_payload(e)))

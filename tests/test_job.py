@@ -186,11 +186,9 @@ def test_a_job_that_finished_while_no_flow_followed_it_is_taken_not_run_again(tm
     assert LocalBackend().find_live(changed) is None  # another script's result is not taken
 
 
-def test_cancel_stops_training_processes_that_live_in_sessions_of_their_own(tmp_path):
-    """accelerate's launcher starts its training processes with start_new_session, out of the
-    job's process group; a cancel must reach them even when they ignore SIGTERM."""
-    run_dir = tmp_path / "run"
-    request = _script(
+def _stubborn_launch(run_dir: Path) -> JobRequest:
+    """A launcher like accelerate's: training processes in sessions of their own, all deaf to SIGTERM."""
+    return _script(
         run_dir,
         """
         import pathlib, signal, subprocess, sys, time
@@ -201,15 +199,41 @@ def test_cancel_stops_training_processes_that_live_in_sessions_of_their_own(tmp_
         time.sleep(600)
         """,
     )
-    backend = LocalBackend()
-    handle = backend.submit(request)
+
+
+def _launched(backend: LocalBackend, run_dir: Path):
+    handle = backend.submit(_stubborn_launch(run_dir))
     deadline = time.time() + 30
     while not (run_dir / "workers").exists() and time.time() < deadline:
         time.sleep(0.1)
-    workers = [int(p) for p in (run_dir / "workers").read_text().split()]
-    backend.cancel(handle)
-    time.sleep(0.5)
+    return handle, [int(p) for p in (run_dir / "workers").read_text().split()]
+
+
+def test_cancel_stops_training_processes_that_live_in_sessions_of_their_own(tmp_path):
+    """accelerate's launcher starts its training processes with start_new_session, out of the
+    job's process group; a cancel must reach them even when they ignore SIGTERM."""
     from tasks.run.backends.local import pid_alive
 
+    backend = LocalBackend()
+    handle, workers = _launched(backend, tmp_path / "run")
+    backend.cancel(handle)
+    time.sleep(0.5)
     assert not any(pid_alive(p) for p in workers)
     assert backend.status(handle).state == "cancelled"
+
+
+def test_an_interrupted_flow_cancels_the_job_it_follows(tmp_path):
+    """Ctrl-C, or SIGTERM (which `python -m flows.sft` turns into the same interrupt), stops the job
+    rather than leave it training unfollowed; a job already ended is left as it is."""
+    from tasks.run.backends.local import pid_alive
+    from tasks.run.training import stop_on_interrupt
+
+    backend = LocalBackend()
+    handle, workers = _launched(backend, tmp_path / "run")
+    said: list[str] = []
+    stop_on_interrupt(backend, handle, "run", said.append)
+    time.sleep(0.5)
+    assert not any(pid_alive(p) for p in workers)
+    assert said[0].startswith(f"interrupted: cancelling job {handle.job_id}") and "resumes" in said[1]
+    stop_on_interrupt(backend, handle, "run", said.append)
+    assert len(said) == 2  # nothing left to cancel, nothing said

@@ -14,13 +14,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from prefect.exceptions import TerminationSignal
+
 from tasks.atomic import write_text
 from tasks.cache import file_hashes, key_of, model_fingerprint
 from tasks.manifest import problems
 from tasks.methods import method_definition
-from tasks.models import Approval, CostEstimate, JobStatus, RunPlan, TrainedModel, TrainingScript
+from tasks.models import Approval, CostEstimate, JobHandle, JobStatus, RunPlan, TrainedModel, TrainingScript
 from tasks.money import usd
-from tasks.run.backends import Backend, JobRequest
+from tasks.run.backends import Backend, JobRequest, load_handle
 from tasks.run.monitor import Guard
 from tasks.run.resubmit import safer_training
 from tasks.spec import RunSpec
@@ -91,6 +93,22 @@ def backend_poll_s(backend: Backend) -> float:
 def job_timeout_s(cost: CostEstimate, max_hours: float) -> int:
     """The high end of the estimate plus a quarter and ten minutes, never past budget.max_hours."""
     return int(min(max_hours * 3600, cost.hours_high * 3600 * 1.25 + 600))
+
+
+def stop_on_interrupt(backend: Backend, handle: JobHandle | None, run_name: str, say: Any = print) -> None:
+    """An interrupted flow cancels the job it follows, wherever it runs (this machine, a Hub job, a
+    pool's worker), rather than leave it training (and paying) unfollowed. Checkpoints stay. A
+    flow killed outright cannot do this; its job runs on, and the next run of the spec takes it over."""
+    if handle is None:
+        return
+    try:
+        if backend.status(handle).state not in ("scheduling", "running"):
+            return
+        say(f"interrupted: cancelling job {handle.job_id}; its checkpoints stay")
+        backend.cancel(handle)
+        say(f"cancelled job {handle.job_id}; a re-run of the same spec resumes from its checkpoints")
+    except Exception as e:  # the interrupt still wins; say how to finish the cancel by hand
+        say(f"interrupted, but job {handle.job_id} could not be cancelled ({e}): `python -m flows.cancel {run_name}`")
 
 
 def job_request(
@@ -192,6 +210,9 @@ def train(
         else:
             stage = "fetch_artifacts"
         result = fetch_artifacts_task(handle, job)
+    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM (Prefect's): stop the job too
+        stop_on_interrupt(backend, handle or load_handle(Path(plan.run_dir)), plan.run_name, say)
+        raise
     except Exception as e:
         raise TrainingFailed(stage, f"{type(e).__name__}: {e}", job, submitted) from e
     return TrainedModel(training_key=key, handle=handle, job=job, result=result, submitted=submitted or "")
