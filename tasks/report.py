@@ -151,7 +151,11 @@ def summary_markdown(s: RunSummary) -> str:
     lines.append(
         f"**{p.method.upper()}** of `{p.model}` on `{p.dataset.source}` ({p.dataset.rows} rows, `{p.dataset.format}`)"
     )
-    lines.append(f"on {p.hardware.description}, LoRA: {'yes' if p.hardware.use_lora else 'no'}")
+    h = p.hardware
+    lines.append(
+        f"on {h.description}, LoRA: {'yes' if h.use_lora else 'no'}"
+        + (f", {h.processes} processes ({h.strategy}, global batch {h.global_batch})" if h.processes > 1 else "")
+    )
     if s.job:
         j = s.job
         steps = f"{j.steps}/{j.max_steps}" if j.max_steps else str(j.steps)

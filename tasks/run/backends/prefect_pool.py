@@ -107,6 +107,14 @@ class PrefectPoolBackend:
     # -- the API ------------------------------------------------------------------------------
     def _client(self) -> Any:
         from prefect import get_client
+        from prefect.settings import get_current_settings
+
+        if not get_current_settings().api.url:
+            raise BackendError(
+                "backend: prefect-pool needs the Prefect server that the pool's workers use, and PREFECT_API_URL is not "
+                "set (a run without it gets a temporary server no worker sees): start one (`prefect server start`) "
+                "and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+            )
 
         client = get_client(sync_client=True)
         client.__enter__()
