@@ -104,9 +104,13 @@ def stop_on_interrupt(backend: Backend, handle: JobHandle | None, run_name: str,
     try:
         if backend.status(handle).state not in ("scheduling", "running"):
             return
-        say(f"interrupted: cancelling job {handle.job_id}; its checkpoints stay")
+        keeps = getattr(backend, "keeps_checkpoints", True)
+        say(f"interrupted: cancelling job {handle.job_id}" + ("; its checkpoints stay" if keeps else ""))
         backend.cancel(handle)
-        say(f"cancelled job {handle.job_id}; a re-run of the same spec resumes from its checkpoints")
+        say(
+            f"cancelled job {handle.job_id}; "
+            + ("a re-run of the same spec resumes from its checkpoints" if keeps else "a re-run trains from the start")
+        )
     except Exception as e:  # the interrupt still wins; say how to finish the cancel by hand
         say(f"interrupted, but job {handle.job_id} could not be cancelled ({e}): `python -m flows.cancel {run_name}`")
 

@@ -69,6 +69,8 @@ class PrefectPoolBackend:
     name = "prefect-pool"
     on_this_machine = False
     poll_s = 2.0
+    # the worker trains in a temporary folder: checkpoints do not outlive a cancelled or failed attempt
+    keeps_checkpoints = False
 
     def __init__(self, settings: PoolSettings | None = None) -> None:
         self.settings = settings or PoolSettings()
