@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,7 @@ def run_training_job(storage: str, mirror_s: float = MIRROR_S) -> dict[str, Any]
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRACKIO_DIR": str(work / "trackio")}
         env.pop("HF_DEBUG", None)  # it would log request bodies, tokens included
+        store.write_text("worker", f"{socket.gethostname()} {work}\n")  # where it ran, for whoever follows it
         print(f"running train.py from {store.url}/inputs in {work}")
         with log_path.open("ab") as log:
             # the script stays in this process's group, so the worker's kill of a cancelled run reaches it

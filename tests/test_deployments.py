@@ -6,6 +6,8 @@ run cancelled while its pool trains leaves no training process behind."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
@@ -64,10 +66,11 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
     spec_schema = sft.parameter_openapi_schema["definitions"]["RunSpec"]["properties"]
     assert "description" in spec_schema["conversion"] and spec_schema["method"]["enum"] == ["sft", "dpo", "grpo"]
     # workers started as the README starts them: one for the lifecycle flows, one for the training
-    # pool. A run of the sft deployment trains through the pool (as 2 processes, the launch every
-    # backend uses), with shared storage in a local folder; another is cancelled while it trains.
+    # pool. Two runs of the sft deployment go through the pool at once, with shared storage in a
+    # local folder: one trains the tiny SFT as 2 processes (the launch every backend uses) and comes
+    # back; the other is cancelled while it trains, and its training stops with it.
     local_log, train_log = tmp_path / "worker.log", tmp_path / "train-worker.log"
-    worker = start_process([*prefect, "worker", "start", "--pool", "finetune-local", "--limit", "1"], local_log)
+    worker = start_process([*prefect, "worker", "start", "--pool", "finetune-local", "--limit", "2"], local_log)
     trainer = start_process([*prefect, "worker", "start", "--pool", "finetune-train"], train_log)
     storage = tmp_path / "shared"
     pooled = {**QUICK_SFT, "backend": "prefect-pool", "pool": {"storage": str(storage)}}
@@ -77,8 +80,33 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
 
         with connect() as api, get_client(sync_client=True) as client:
             assert api.find_deployment("sft").work_pool == "finetune-local"
-            two = {**pooled, "distributed": {"processes": 2}, "name": "pooled"}
-            done = api.wait(api.start_run("sft/sft", two).flow_run_id, timeout_s=420)
+            two = {**pooled, "distributed": {"processes": 2}, "evaluation": {"generations": 1}, "name": "pooled"}
+            slow = {**pooled, "training": {**QUICK_SFT["training"], "max_steps": 2000}, "name": "pooled-cancelled"}
+            trained = api.start_run("sft/sft", two).flow_run_id
+            parent = api.start_run("sft/sft", slow).flow_run_id
+
+            where = storage / "pooled-cancelled" / "attempt-1" / "worker"
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:  # until the pool's worker is training it
+                children = _child_runs(client, "pooled-cancelled")
+                if children and children[0].state.type.value == "RUNNING" and where.exists():
+                    if _trainings(where.read_text().split()[1]):
+                        break
+                time.sleep(1)
+            else:
+                raise AssertionError(logs())
+            work = where.read_text().split()[1]
+            api.cancel(parent)
+            assert api.wait(parent, timeout_s=120).state == "CANCELLED", logs()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                _child_runs(client, "pooled-cancelled")[0].state.type.value != "CANCELLED" or _trainings(work)
+            ):
+                time.sleep(1)
+            assert _child_runs(client, "pooled-cancelled")[0].state.type.value == "CANCELLED", logs()
+            assert _trainings(work) == []  # no training process outlived its flow runs
+
+            done = api.wait(trained, timeout_s=420)
             assert done.state == "COMPLETED", logs()
             assert done.name == "pooled"
             (child,) = _child_runs(client, "pooled")
@@ -86,39 +114,44 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
             assert child.work_pool_name == "finetune-train"
             outputs = storage / "pooled" / "attempt-1" / "outputs"
             assert (outputs / "train_result.json").exists() and list((outputs / "model").glob("*.safetensors"))
-            run_dir = Path(os.environ["FINETUNE_RUNS_DIR"]) / "pooled"
-            log = (run_dir / "logs" / "train.log").read_text()  # mirrored from the storage while it ran
-            assert "process 1 of 2 trained 6 optimizer steps" in log
-            report = (run_dir / "report.md").read_text()
-            assert "job: prefect-pool" in report and "pooled-train-1" in report
-            assert list((run_dir / "model").glob("*.safetensors"))  # fetched from the storage
-
-            slow = {**pooled, "training": {**QUICK_SFT["training"], "max_steps": 2000}, "name": "pooled-cancelled"}
-            parent = api.start_run("sft/sft", slow).flow_run_id
-            deadline = time.monotonic() + 240
-            while time.monotonic() < deadline:  # until the pool's worker is training it
-                children = _child_runs(client, "pooled-cancelled")
-                if children and children[0].state.type.value == "RUNNING" and _trainings():
-                    break
-                time.sleep(1)
-            else:
-                raise AssertionError(logs())
-            api.cancel(parent)
-            assert api.wait(parent, timeout_s=120).state == "CANCELLED", logs()
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (
-                _child_runs(client, "pooled-cancelled")[0].state.type.value != "CANCELLED" or _trainings()
-            ):
-                time.sleep(1)
-            assert _child_runs(client, "pooled-cancelled")[0].state.type.value == "CANCELLED", logs()
-            assert _trainings() == []  # no training process outlived its flow runs
+            _two_processes_trained(Path(os.environ["FINETUNE_RUNS_DIR"]) / "pooled")
+            assert _trainings("") == []
     finally:
         stop_process(worker)
         stop_process(trainer)
 
 
-def _trainings() -> list[int]:
-    """Processes still running a training script that a pool's worker copied from the storage."""
+def _two_processes_trained(run_dir: Path) -> None:
+    """The tiny SFT as 2 data-parallel processes over gloo on this CPU, through the generated
+    `accelerate launch`: both trained every step on their own rows, and the saved model loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.models import RunPlan
+
+    launch = yaml.safe_load((run_dir / "accelerate.yaml").read_text())
+    assert launch["num_processes"] == 2 and launch["use_cpu"] is True
+    log = (run_dir / "logs" / "train.log").read_text()  # mirrored from the storage while it ran
+    assert "accelerate launch --config_file accelerate.yaml train.py" in log
+    plan = RunPlan.model_validate_json((run_dir / "plan.json").read_text())
+    m, a = plan.hardware.micro_batch, plan.hardware.accumulation
+    assert (plan.hardware.processes, plan.hardware.strategy, plan.hardware.global_batch) == (2, "ddp", 8)
+    for rank in (0, 1):
+        assert f"process {rank} of 2 trained 6 optimizer steps of {m} x {a} rows" in log
+    result = json.loads((run_dir / "train_result.json").read_text())
+    assert result["measured"]["processes"] == 2 and result["measured"]["global_batch"] == 2 * m * a == 8
+    # an epoch is ceil(rows / 8) optimizer steps of both processes' rows (one process alone: of 4)
+    assert round(6 / result["metrics"]["epoch"]) == math.ceil(plan.dataset.train_rows / 8)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")  # fetched from the storage
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    ids = tokenizer("1+2=", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    report = (run_dir / "report.md").read_text()
+    assert "job: prefect-pool" in report and "pooled-train-1" in report
+    assert "2 processes (ddp, world size 2, global batch 8)" in report and "tokens per second per process" in report
+
+
+def _trainings(work: str) -> list[int]:
+    """Processes still running a training script that a pool's worker copied from the storage (into `work`)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -128,7 +161,7 @@ def _trainings() -> list[int]:
             cwd = os.readlink(proc / "cwd")
         except OSError:
             continue
-        if "train.py" in cmdline and "finetune-train-" in cwd:
+        if "train.py" in cmdline and "finetune-train-" in cwd and cwd.startswith(work):
             found.append(int(proc.name))
     return found
 
