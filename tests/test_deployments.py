@@ -53,7 +53,7 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
     assert {"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/sft-then-grpo", "finetune-train/train"} <= set(found)
     assert found["finetune-train/train"].work_pool_name == "finetune-train"
     for entry in declared:
-        if entry["name"] == "train":  # the pool's training step: tests/test_pool.py runs it
+        if entry["name"] == "train":  # the pool's training step: run below
             continue
         flow_name = entry["entrypoint"].rsplit(":", 1)[1].removesuffix("_flow")
         deployment = found[f"{flow_name}/{entry['name']}"]
