@@ -5,7 +5,6 @@ packages installed). fsspec does the transfers; this module only names where thi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from tasks.errors import UserFacingError
 
@@ -84,6 +83,3 @@ class RunStorage:
             return self.fs.cat_file(self.path(relative)).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return None
-
-    def describe(self) -> dict[str, Any]:
-        return {"url": self.url, "protocol": self.fs.protocol}

@@ -104,6 +104,34 @@ def load_handle(run_dir: Path) -> JobHandle | None:
     return JobHandle.model_validate_json(path.read_text()) if path.exists() else None
 
 
+def files_of(folder: Path) -> list[Path]:
+    """A model folder's files, without the caches a download leaves beside them."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts)
+
+
+JOB_FILES = ("train.py", "accelerate.yaml", "data/train.jsonl", "data/heldout.jsonl")
+
+
+def job_inputs(
+    run_dir: Path, model_path: str, baseline_path: str | None = None
+) -> tuple[list[tuple[Path, str]], list[str]]:
+    """What a job that cannot see this disk needs, each file with its name next to the script
+    (a local model folder goes under inputs/model, a baseline under inputs/baseline), and the
+    same as lines for a person."""
+    files = [(run_dir / name, name) for name in JOB_FILES if (run_dir / name).exists()]
+    items = [name for _, name in files]
+    evals = sorted(p for p in (run_dir / "evals").rglob("*") if p.is_file())
+    if evals:
+        files += [(p, p.relative_to(run_dir).as_posix()) for p in evals]
+        items.append(f"task evaluation data ({len(evals)} files)")
+    for slot, folder in (("model", model_path), ("baseline", baseline_path)):
+        if folder is not None and Path(folder).is_dir():
+            found = files_of(Path(folder))
+            files += [(p, f"inputs/{slot}/{p.relative_to(folder).as_posix()}") for p in found]
+            items.append(f"{'model' if slot == 'model' else 'baseline model'} folder {folder} ({len(found)} files)")
+    return files, items
+
+
 def tail_lines(lines: list[str], tail: int) -> str:
     clean = [line for line in (x.rstrip() for x in lines) if line.strip()]
     return "\n".join(clean[-tail:])

@@ -38,7 +38,16 @@ from tasks.atomic import replace_path
 from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
 from tasks.hub import make_api, resolve_token, scrub, uses_xet
 from tasks.models import InputUpload, JobHandle, JobSnapshot
-from tasks.run.backends.base import Account, BackendError, JobRequest, load_handle, save_handle, tail_lines
+from tasks.run.backends.base import (
+    JOB_FILES,
+    Account,
+    BackendError,
+    JobRequest,
+    job_inputs,
+    load_handle,
+    save_handle,
+    tail_lines,
+)
 
 T = TypeVar("T")
 
@@ -87,10 +96,6 @@ def idempotency_key(run_name: str, script_sha256: str, attempt: int) -> str:
 
 def staging_repo_name(namespace: str, run_name: str) -> str:
     return f"{namespace}/finetune-{run_name}"[:96]
-
-
-def _files_of(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts]
 
 
 class HfJobsBackend:
@@ -180,25 +185,8 @@ class HfJobsBackend:
         return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
 
     def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
-        files = [
-            p
-            for p in (run_dir / "train.py", run_dir / "data" / "train.jsonl", run_dir / "data" / "heldout.jsonl")
-            if p.exists()
-        ]
-        items = ["train.py", "data/train.jsonl", "data/heldout.jsonl"]
-        evals = sorted(p for p in (run_dir / "evals").rglob("*") if p.is_file())
-        if evals:
-            files += evals
-            items.append(f"task evaluation data ({len(evals)} files)")
-        if Path(model_path).is_dir():
-            model_files = _files_of(Path(model_path))
-            files += model_files
-            items.append(f"model folder {model_path} ({len(model_files)} files)")
-        if baseline_path is not None and Path(baseline_path).is_dir():
-            baseline_files = _files_of(Path(baseline_path))
-            files += baseline_files
-            items.append(f"baseline model folder {baseline_path} ({len(baseline_files)} files)")
-        size = sum(p.stat().st_size for p in files)
+        files, items = job_inputs(run_dir, model_path, baseline_path)
+        size = sum(p.stat().st_size for p, _ in files)
         return InputUpload(
             destination=f"private Hub repo <your namespace>/finetune-{run_dir.name}",
             files=len(files),
@@ -299,14 +287,7 @@ class HfJobsBackend:
             lambda: api.upload_folder(
                 repo_id=staging,
                 folder_path=str(run_dir),
-                allow_patterns=[
-                    "train.py",
-                    "accelerate.yaml",
-                    "data/train.jsonl",
-                    "data/heldout.jsonl",
-                    "evals/**",
-                    "training_key",
-                ],
+                allow_patterns=[*JOB_FILES, "evals/**", "training_key"],
                 commit_message=f"inputs of run {request.run_name}",
             ),
             token,

@@ -6,7 +6,7 @@ GPU box, a Kubernetes worker that starts a pod on a GPU node).
    validated data and a local model folder go to `pool.storage` (an fsspec URL both sides
    reach) under `<run>/attempt-<n>/inputs/`;
 2. the job: a flow run of `pool.deployment` (flows/train_job.py) with that storage URL,
-   tagged with the run's name, on the deployment's pool (or `pool.work_pool`), with the
+   tagged with the run's name, on the deployment's pool (`pool.work_queue` picks a queue), with the
    pool's job variables; the pool's `gpu_count` variable, where its template declares one, is
    set to the plan's processes;
 3. following: the child's state from the API, its log (with the progress lines) from the
@@ -20,13 +20,23 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 from tasks.models import InputUpload, JobHandle, JobSnapshot
-from tasks.run.backends.base import Account, BackendError, JobRequest, load_handle, save_handle, tail_lines
+from tasks.run.backends.base import (
+    Account,
+    BackendError,
+    JobRequest,
+    job_inputs,
+    load_handle,
+    save_handle,
+    tail_lines,
+)
 from tasks.run.storage import RunStorage, StorageError
 from tasks.spec import PoolSettings
 
@@ -45,26 +55,6 @@ ALIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 CANCEL_WAIT_S = 60.0
 
 
-def job_inputs(run_dir: Path, model_path: str, baseline_path: str | None = None) -> list[tuple[Path, str]]:
-    """What a job that cannot see this disk needs, each with its name next to the script."""
-    files = [
-        (p, p.relative_to(run_dir).as_posix())
-        for p in (run_dir / "train.py", run_dir / "accelerate.yaml", run_dir / "data" / "train.jsonl")
-        if p.exists()
-    ]
-    files += [(p, p.relative_to(run_dir).as_posix()) for p in (run_dir / "data" / "heldout.jsonl",) if p.exists()]
-    files += [(p, p.relative_to(run_dir).as_posix()) for p in sorted((run_dir / "evals").rglob("*")) if p.is_file()]
-    for slot, folder in (("model", model_path), ("baseline", baseline_path)):
-        if folder is not None and Path(folder).is_dir():
-            root = Path(folder)
-            files += [
-                (p, f"inputs/{slot}/{p.relative_to(root).as_posix()}")
-                for p in sorted(root.rglob("*"))
-                if p.is_file() and ".cache" not in p.relative_to(root).parts
-            ]
-    return files
-
-
 class PrefectPoolBackend:
     name = "prefect-pool"
     on_this_machine = False
@@ -77,13 +67,16 @@ class PrefectPoolBackend:
         self.storage = self.settings.storage or os.environ.get("FINETUNE_POOL_STORAGE")
 
     # -- where things are -------------------------------------------------------------------
-    def _store(self, run_name: str, attempt: int) -> RunStorage:
+    def _root(self) -> RunStorage:
         if not self.storage:
             raise BackendError(
                 "backend: prefect-pool needs pool.storage (or FINETUNE_POOL_STORAGE): an fsspec URL this machine and "
                 "the pool's workers both reach (a shared path here, s3://bucket/prefix or gs://... in production)"
             )
-        return RunStorage(self.storage).child(run_name, f"attempt-{attempt}")
+        return RunStorage(self.storage)
+
+    def _store(self, run_name: str, attempt: int) -> RunStorage:
+        return self._root().child(run_name, f"attempt-{attempt}")
 
     def _handle_store(self, handle: JobHandle) -> RunStorage:
         return RunStorage(handle.labels["finetune-storage"])
@@ -92,12 +85,8 @@ class PrefectPoolBackend:
         return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
 
     def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
-        files = job_inputs(run_dir, model_path, baseline_path)
+        files, items = job_inputs(run_dir, model_path, baseline_path)
         size = sum(p.stat().st_size for p, _ in files)
-        models = sum(1 for _, name in files if name.startswith("inputs/"))
-        items = [name for _, name in files if not name.startswith("inputs/")]
-        if models:
-            items.append(f"model folder(s) ({models} files)")
         return InputUpload(
             destination=f"{self.storage or '<pool.storage>'}/{run_dir.name}/attempt-<n>/inputs",
             files=len(files),
@@ -107,7 +96,9 @@ class PrefectPoolBackend:
         )
 
     # -- the API ------------------------------------------------------------------------------
-    def _client(self) -> Any:
+    @contextmanager
+    def _api(self) -> Iterator[Any]:
+        """Prefect's client for the server the pool's workers use, checked to answer."""
         from prefect import get_client
         from prefect.settings import get_current_settings
 
@@ -117,18 +108,14 @@ class PrefectPoolBackend:
                 "set (a run without it gets a temporary server no worker sees): start one (`prefect server start`) "
                 "and export PREFECT_API_URL=http://127.0.0.1:4200/api"
             )
-
-        client = get_client(sync_client=True)
-        client.__enter__()
-        error = client.api_healthcheck()
-        if error is not None:
-            url = str(client._client.base_url)
-            client.__exit__(None, None, None)
-            raise BackendError(
-                f"backend: prefect-pool needs a Prefect server, and none answers at {url} ({error}); start one "
-                "(`prefect server start`) and set PREFECT_API_URL"
-            )
-        return client
+        with get_client(sync_client=True) as client:
+            error = client.api_healthcheck()
+            if error is not None:
+                raise BackendError(
+                    f"backend: prefect-pool needs a Prefect server, and none answers at {client._client.base_url} "
+                    f"({error}); start one (`prefect server start`) and set PREFECT_API_URL"
+                )
+            yield client
 
     def _deployment(self, client: Any) -> Any:
         from prefect.exceptions import ObjectNotFound
@@ -144,18 +131,13 @@ class PrefectPoolBackend:
 
     def preflight(self, flavor: str) -> Account:
         try:
-            store = RunStorage(self.storage) if self.storage else self._store("", 0)
-            store.check_writable()
+            self._root().check_writable()
         except StorageError as e:
             raise BackendError(str(e)) from None
-        client = self._client()
-        try:
-            deployment = self._deployment(client)
-            pool = deployment.work_pool_name
-            if not pool:
-                raise BackendError(f"deployment '{self.settings.deployment}' has no work pool; deploy it to one")
-        finally:
-            client.__exit__(None, None, None)
+        with self._api() as client:
+            pool = self._deployment(client).work_pool_name
+        if not pool:
+            raise BackendError(f"deployment '{self.settings.deployment}' has no work pool; deploy it to one")
         return Account(namespace=pool, price_per_hour_usd=None, price_source="the plan (the pool's flavor)")
 
     def _job_variables(self, client: Any, deployment: Any, processes: int) -> dict[str, Any]:
@@ -184,11 +166,10 @@ class PrefectPoolBackend:
             for stale in ("inputs", "outputs", "logs", "exit_status"):  # an earlier start of the same attempt
                 if store.fs.exists(store.path(stale)):
                     store.fs.rm(store.path(stale), recursive=True)
-            store.put(job_inputs(run_dir, request.model_path, request.baseline_path), "inputs")
+            store.put(job_inputs(run_dir, request.model_path, request.baseline_path)[0], "inputs")
         except Exception as e:
             raise BackendError(f"uploading the inputs to {store.url} failed: {type(e).__name__}: {e}") from None
-        client = self._client()
-        try:
+        with self._api() as client:
             deployment = self._deployment(client)
             run = client.create_flow_run_from_deployment(
                 deployment.id,
@@ -198,8 +179,6 @@ class PrefectPoolBackend:
                 work_queue_name=self.settings.work_queue,
                 job_variables=self._job_variables(client, deployment, request.processes) or None,
             )
-        finally:
-            client.__exit__(None, None, None)
         log_path = run_dir / "logs" / "train.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         handle = JobHandle(
@@ -222,15 +201,9 @@ class PrefectPoolBackend:
         save_handle(handle)
         return handle
 
-    def _flow_run(self, handle: JobHandle) -> Any:
-        client = self._client()
-        try:
-            return client.read_flow_run(UUID(handle.job_id))
-        finally:
-            client.__exit__(None, None, None)
-
     def status(self, handle: JobHandle) -> JobSnapshot:
-        run = self._flow_run(handle)
+        with self._api() as client:
+            run = client.read_flow_run(UUID(handle.job_id))
         kind = run.state.type.value if run.state is not None else "PENDING"
         state = STATES.get(kind, "failed")
         started = run.start_time or handle.started_at
@@ -255,8 +228,7 @@ class PrefectPoolBackend:
         """Asks the pool's worker to stop the training flow run, and waits until it has."""
         from prefect.states import Cancelling
 
-        client = self._client()
-        try:
+        with self._api() as client:
             run = client.read_flow_run(UUID(handle.job_id))
             if run.state is None or run.state.type.value not in ALIVE:
                 return
@@ -267,8 +239,6 @@ class PrefectPoolBackend:
                 if run.state is not None and run.state.type.value not in ALIVE:
                     return
                 time.sleep(0.5)
-        finally:
-            client.__exit__(None, None, None)
         raise BackendError(
             f"the training flow run {handle.job_id} did not stop within {CANCEL_WAIT_S:.0f} s of being cancelled; "
             "is a worker serving its pool?"
