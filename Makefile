@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[gguf,eval,dev]"
 	# llama.cpp's HF-to-GGUF converter, from the sdist of the pinned llama-cpp-python
-	$(PY) -m tasks.gguf_converter
+	$(PY) -m tasks.export.gguf_converter
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

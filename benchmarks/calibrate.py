@@ -23,9 +23,9 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flows.pipeline import plan_run
+from flows.planning import plan_run
+from tasks.core.spec import parse_spec
 from tasks.plan.memory import GB
-from tasks.spec import parse_spec
 from training.tiny_model import ensure_tiny_model
 
 MODELS = {

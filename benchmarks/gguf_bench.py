@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.gguf import convert_to_gguf, quantize
+from tasks.export.gguf import convert_to_gguf, quantize
 from training.tiny_model import ensure_tiny_model
 
 TYPES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]

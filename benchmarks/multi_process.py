@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def plan_and_run(processes: int, steps: int, global_batch: int, model: str, runs: Path) -> dict[str, Any]:
-    from flows.pipeline import plan_run
-    from tasks.spec import parse_spec
+    from flows.planning import plan_run
+    from tasks.core.spec import parse_spec
 
     spec = parse_spec(
         {

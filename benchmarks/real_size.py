@@ -83,15 +83,16 @@ def build_model(target: Path) -> int:
 
 
 def run(steps: int, work: Path) -> dict[str, Any]:
-    from flows.pipeline import plan_run
-    from tasks.gguf import convert_gguf, fallback_text
-    from tasks.gguf_smoke import smoke_test_all
-    from tasks.hub import push_to_hub
+    from flows.planning import plan_run
+    from tasks.core.spec import parse_spec
+    from tasks.export.gguf import convert_gguf
+    from tasks.export.gguf_smoke import smoke_test_all
+    from tasks.export.gguf_summary import fallback_text
+    from tasks.export.hub import push_to_hub
     from tasks.run.backends import JobRequest
     from tasks.run.backends.local import LocalBackend
     from tasks.run.fetch import fetch_artifacts
     from tasks.run.monitor import Guard, monitor_job
-    from tasks.spec import parse_spec
 
     os.environ["FINETUNE_RUNS_DIR"] = str(work / "runs")
     mem, stages = PeakMemory(), []

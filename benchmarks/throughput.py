@@ -121,8 +121,8 @@ SPEED_KEYS = (
 def planned_args(model_dir: Path, data: Path, global_batch: int, work: Path) -> dict[str, Any]:
     """The speed choices of the script the engine generates for this model and data on this
     machine: planned by the engine's own code, as `--dry-run` does."""
-    from flows.pipeline import plan_run
-    from tasks.spec import RunSpec
+    from flows.planning import plan_run
+    from tasks.core.spec import RunSpec
 
     spec = RunSpec(
         method="sft",

@@ -97,10 +97,10 @@ def readers(data: Path, rows: int = 100_000) -> list[dict]:
     import pandas as pd
     import pyarrow.json as pj
 
+    from tasks.core.methods import SFT
     from tasks.data.reading import LineBlock
     from tasks.data.schemas import plain, schema_for, with_turn_codes
     from tasks.data.validate import BlockJob, check_block
-    from tasks.methods import SFT
 
     text = b"".join(line for _, line in zip(range(rows), data.open("rb"), strict=False))
     job = BlockJob(str(data), SFT, {}, None, "messages", ["messages"], ["messages"])

@@ -26,9 +26,9 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.approval import PENDING_INPUT_KEY, PendingDecision
-from tasks.errors import UserFacingError
-from tasks.money import usd
+from tasks.core.errors import UserFacingError
+from tasks.core.money import usd
+from tasks.stages.approval import PENDING_INPUT_KEY, PendingDecision
 
 METHOD_DEPLOYMENTS = {"sft": "sft/sft", "dpo": "dpo/dpo", "grpo": "grpo/grpo"}
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")

@@ -37,10 +37,10 @@ from mcp.server.mcpserver import MCPServer  # noqa: E402
 from mcp.types import CallToolResult, TextContent  # noqa: E402
 
 from deployments.client import ArtifactView, RunRef, RunStatus, connect  # noqa: E402
-from tasks.approval import PendingDecision  # noqa: E402
-from tasks.errors import error_payload  # noqa: E402
-from tasks.models import DatasetReport  # noqa: E402
-from tasks.money import duration, usd  # noqa: E402
+from tasks.core.errors import error_payload  # noqa: E402
+from tasks.core.models import DatasetReport  # noqa: E402
+from tasks.core.money import duration, usd  # noqa: E402
+from tasks.stages.approval import PendingDecision  # noqa: E402
 
 SpecArg = Annotated[
     dict[str, Any],
@@ -119,14 +119,14 @@ def _api_url() -> str:
 
 
 def _spec(data: dict[str, Any]) -> Any:
-    from tasks.spec import parse_spec, resolve_spec_paths
+    from tasks.core.spec import parse_spec, resolve_spec_paths
 
     return parse_spec(resolve_spec_paths(data, REPO), "the spec argument")
 
 
 def _local_state(name: str) -> dict[str, Any] | None:
-    from flows.jobs import run_state
-    from tasks.rundir import runs_root
+    from tasks.core.rundir import runs_root
+    from tasks.run.jobs import run_state
 
     folder = runs_root() / name
     if not folder.is_dir():
@@ -180,10 +180,10 @@ def validate_dataset(
     """Check a dataset against a method's schema before anything is planned: the format it is
     in, each method's verdict, token lengths; bad rows are named by row and column."""
     try:
+        from tasks.core.methods import method_definition
+        from tasks.core.model_source import resolve_model
         from tasks.data.validate import HeldOut
-        from tasks.methods import method_definition
-        from tasks.model_source import resolve_model
-        from tasks.stages import validate_dataset_task
+        from tasks.stages.planning import validate_dataset_task
 
         path = dataset if Path(dataset).is_absolute() else str(REPO / dataset)
         with tempfile.TemporaryDirectory(prefix="finetune-validate-") as tmp:
@@ -212,7 +212,7 @@ def plan_run(spec: SpecArg) -> Annotated[CallToolResult, PlanResult]:
     """Validate, size and price a run without starting it (the `--dry-run --json` plan). Show
     the user the summary and the estimate before start_run."""
     try:
-        from flows.pipeline import plan_run as plan
+        from flows.planning import plan_run as plan
 
         parsed = _spec(spec)
         found = plan(parsed)
@@ -312,7 +312,7 @@ def run_results(flow_run_id: RunIdArg) -> Annotated[CallToolResult, Results]:
     """The finished run's report (markdown and JSON: outputs, evaluation verdict, GGUF files,
     cost) and its artifacts."""
     try:
-        from tasks.rundir import runs_root
+        from tasks.core.rundir import runs_root
 
         with connect(_api_url()) as api:
             status = api.status(flow_run_id)

@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def deployments() -> list:
-    """One deployment per flow. The flows are built by factories (`flows.pipeline.lifecycle_flow`,
-    the recipe's), so Prefect would record the factory's inner function as their entrypoint,
-    which no subprocess can load; each gets the module variable prefect.yaml declares instead."""
+    """One deployment per flow. The method flows are the lifecycle flow under other names
+    (`lifecycle.with_options`), so Prefect would record `flows/lifecycle.py:lifecycle` as their
+    entrypoint, which loads the flow under the wrong name; each gets the module variable
+    prefect.yaml declares instead."""
     found = []
     for method, flow in (("sft", sft), ("dpo", dpo), ("grpo", grpo)):
         deployment = flow.to_deployment(name=method, tags=["finetune", method])

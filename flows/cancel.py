@@ -1,8 +1,8 @@
-"""`python -m flows.cancel RUN`: cancel a run's job, keeping its checkpoints (see flows/jobs.py)."""
+"""`python -m flows.cancel RUN`: cancel a run's job, keeping its checkpoints (the tool: cli/cancel.py)."""
 
 import sys
 
-from flows.jobs import cancel_main
+from cli.cancel import main
 
 if __name__ == "__main__":
-    sys.exit(cancel_main())
+    sys.exit(main())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from flows.pipeline import lifecycle_flow
+from flows.lifecycle import lifecycle
 
-dpo = lifecycle_flow("dpo", "Direct preference optimisation, through the same lifecycle as SFT.")
+dpo = lifecycle.with_options(
+    name="dpo", description="Direct preference optimisation, through the same lifecycle as SFT."
+)
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from cli.run import main
+    from flows.planning import plan_run
 
-    sys.exit(main("dpo", dpo))
+    sys.exit(main("dpo", dpo, plan_run))

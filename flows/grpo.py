@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from flows.pipeline import lifecycle_flow
+from flows.lifecycle import lifecycle
 
-grpo = lifecycle_flow("grpo", "Group relative policy optimisation with verifiable rewards, through the same lifecycle.")
+grpo = lifecycle.with_options(
+    name="grpo", description="Group relative policy optimisation with verifiable rewards, through the same lifecycle."
+)
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from cli.run import main
+    from flows.planning import plan_run
 
-    sys.exit(main("grpo", grpo))
+    sys.exit(main("grpo", grpo, plan_run))

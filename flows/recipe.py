@@ -10,8 +10,6 @@ what is left of the shared budget; the recipe's report shows the chain with ever
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 from datetime import datetime
@@ -19,19 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect import flow
 
-from tasks import artifacts
-from tasks.approval import BudgetExceeded
-from tasks.atomic import write_text
-from tasks.errors import UserFacingError, error_payload
-from tasks.models import RecipeStageResult, RecipeSummary, RunPlan, RunSummary
-from tasks.money import usd
-from tasks.recipe import MAX_RECIPE_NAME, RecipeSpec, chained_stage, default_recipe_name, load_recipe
-from tasks.recipe_report import recipe_markdown, recipe_text
-from tasks.rundir import runs_root
-from tasks.spec import RUN_NAME_PATTERN, SpecError
+from flows.planning import plan_run
+from tasks.core.atomic import write_text
+from tasks.core.errors import UserFacingError, quiet_refusals
+from tasks.core.models import RecipeStageResult, RecipeSummary, RunPlan, RunSummary
+from tasks.core.money import usd
+from tasks.core.recipe import MAX_RECIPE_NAME, RecipeSpec, chained_stage, default_recipe_name
+from tasks.core.rundir import runs_root
+from tasks.core.spec import RUN_NAME_PATTERN
+from tasks.report.recipe import recipe_markdown
+from tasks.stages import artifacts
+from tasks.stages.approval import BudgetExceeded
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+quiet_refusals()
 
 
 def method_flow(method: str) -> Any:
@@ -51,7 +52,6 @@ def method_flow(method: str) -> Any:
 def plan_stages(recipe: RecipeSpec, name: str) -> list[RunPlan]:
     """Every stage's plan, before anything runs. A later stage's starting model does not exist
     yet: it is planned with the recipe's base, which has the same architecture."""
-    from flows.pipeline import plan_run
     from tasks.run.locks import run_lock
 
     plans = []
@@ -241,75 +241,24 @@ def recipe_run_name() -> str:
     return recipe.name or default_recipe_name(recipe)
 
 
-def _recipe_flow() -> Any:
-    from prefect import flow
-
-    from tasks.errors import quiet_refusals
-
-    quiet_refusals()
-
-    @flow(
-        name="recipe",
-        flow_run_name=recipe_run_name,
-        log_prints=True,
-        description="Stages in order (e.g. SFT then GRPO), each from the model of the stage before, one budget.",
-    )
-    def recipe(
-        recipe: RecipeSpec,
-        dry_run: bool = False,
-        approval_timeout_s: int = 3600,
-        approve_up_to_usd: float | None = None,
-    ) -> RecipeSummary:
-        """Each stage pauses for approval above what is left of the recipe's auto_approve_usd;
-        approve_up_to_usd pre-approves the whole chain up to that amount."""
-        return run_recipe(recipe, dry_run, approval_timeout_s, approve_up_to_usd)
-
-    return recipe
-
-
-recipe_flow = _recipe_flow()
-
-
-def main(argv: list[str] | None = None) -> int:
-    from flows.cli import _set
-
-    p = argparse.ArgumentParser(prog="python -m flows.recipe", description="Run a recipe: stages chained in order.")
-    p.add_argument("--spec", required=True, help="recipe YAML (a `stages` list; see examples/grpo-tiny.yaml)")
-    p.add_argument("--name", help="recipe name (stage runs are runs/<name>-<stage>)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a recipe field (budget.max_usd=3) or one stage's (warmup.training.max_steps=10)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="plan every stage and price the chain; run nothing")
-    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout (for agents)")
-    p.add_argument("--approve-up-to", type=float, default=None, metavar="USD", help="pre-approve the chain up to USD")
-    p.add_argument("--approval-timeout", type=int, default=3600, metavar="S", help="how long a stage waits")
-    args = p.parse_args(argv)
-    try:
-        overrides: dict[str, Any] = {}
-        for item in args.set:
-            _set(overrides, item)
-        if args.name:
-            overrides["name"] = args.name
-        recipe = load_recipe(args.spec, overrides)
-        recipe = recipe.model_copy(update={"name": recipe.name or default_recipe_name(recipe)})
-        if args.dry_run:
-            result = run_recipe(recipe, dry_run=True)
-        else:
-            result = recipe_flow(
-                recipe=recipe, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout
-            )
-    except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
-        if args.json:
-            print(json.dumps(error_payload(e)))
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(result.model_dump_json(indent=2) if args.json else recipe_text(result))
-    return 0 if result.error is None else 1
+@flow(
+    name="recipe",
+    flow_run_name=recipe_run_name,
+    log_prints=True,
+    description="Stages in order (e.g. SFT then GRPO), each from the model of the stage before, one budget.",
+)
+def recipe_flow(
+    recipe: RecipeSpec,
+    dry_run: bool = False,
+    approval_timeout_s: int = 3600,
+    approve_up_to_usd: float | None = None,
+) -> RecipeSummary:
+    """Each stage pauses for approval above what is left of the recipe's auto_approve_usd;
+    approve_up_to_usd pre-approves the whole chain up to that amount."""
+    return run_recipe(recipe, dry_run, approval_timeout_s, approve_up_to_usd)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cli.recipe import main
+
+    sys.exit(main(recipe_flow))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from flows.pipeline import lifecycle_flow
+from flows.lifecycle import lifecycle
 
-sft = lifecycle_flow("sft", "Supervised fine-tuning, through every lifecycle stage.")
+sft = lifecycle.with_options(name="sft", description="Supervised fine-tuning, through every lifecycle stage.")
 
 if __name__ == "__main__":
-    from flows.cli import main
+    from cli.run import main
+    from flows.planning import plan_run
 
-    sys.exit(main("sft", sft))
+    sys.exit(main("sft", sft, plan_run))

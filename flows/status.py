@@ -1,8 +1,8 @@
-"""`python -m flows.status RUN [--follow] [--json]`: the state of a run's job (see flows/jobs.py)."""
+"""`python -m flows.status RUN [--follow] [--json]`: the state of a run's job (the tool: cli/status.py)."""
 
 import sys
 
-from flows.jobs import status_main
+from cli.status import main
 
 if __name__ == "__main__":
-    sys.exit(status_main())
+    sys.exit(main())

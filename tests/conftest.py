@@ -73,7 +73,7 @@ def tiny_model_path(tiny_cache: Path) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path: str):
-    from tasks.model_source import load_tokenizer
+    from tasks.core.model_source import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.approval import NotApproved, request_approval
-from tasks.rundir import runs_root
-from tasks.spec import Budget
+from tasks.core.rundir import runs_root
+from tasks.core.spec import Budget
+from tasks.stages.approval import NotApproved, request_approval
 from tests.test_planning import _cost
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_nobody_answering_stops_the_run_unapproved(prefect_server):
 
 
 def test_without_a_server_a_terminal_is_asked_and_a_script_fails_fast(monkeypatch, tmp_path):
-    import tasks.approval as approval
+    import tasks.stages.approval as approval
 
     monkeypatch.setattr(approval, "has_api_server", lambda: False)
     with pytest.raises(NotApproved, match=r"--approve-up-to 7.50"):
@@ -127,9 +127,9 @@ def test_a_command_line_pre_approval_covers_only_what_it_says(tmp_path):
 
 def test_a_cloud_run_without_a_token_stops_before_approval_and_before_any_upload(prefect_server, monkeypatch):
     from flows.sft import sft
-    from tasks import hub
+    from tasks.core.spec import parse_spec
+    from tasks.export import hub
     from tasks.run.backends import BackendError
-    from tasks.spec import parse_spec
     from tests.conftest import EXAMPLES
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
@@ -152,7 +152,7 @@ def test_a_cloud_run_without_a_token_stops_before_approval_and_before_any_upload
 
 
 def test_the_forms_have_labels_a_required_decision_and_a_plain_number():
-    from tasks.approval import ApprovalInput, PublishDecision
+    from tasks.stages.approval import ApprovalInput, PublishDecision
 
     schema = ApprovalInput.with_initial_data(description="x", max_usd=5.0).model_json_schema()
     assert "approve" in schema["required"] and schema["properties"]["approve"]["title"] == "Approve this spend"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from flows.calibrate import main as calibrate_main
-from flows.pipeline import plan_run
+from flows.planning import plan_run
+from tasks.core.spec import load_spec
 from tasks.plan.calibration import load_table, observation, refresh, table_path
-from tasks.spec import load_spec
 from tests.conftest import EXAMPLES
 
 

@@ -126,7 +126,7 @@ def _two_processes_trained(run_dir: Path) -> None:
     `accelerate launch`: both trained every step on their own rows, and the saved model loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.models import RunPlan
+    from tasks.core.models import RunPlan
 
     launch = yaml.safe_load((run_dir / "accelerate.yaml").read_text())
     assert launch["num_processes"] == 2 and launch["use_cpu"] is True

@@ -29,7 +29,7 @@ PRICED = {"flavors": {"local-cpu": {"price_per_hour": 2.0}}, "budget": {"max_usd
 def test_the_typed_client_starts_follows_and_cancels_a_served_run_and_refuses_a_higher_cap(served):
     """Approval to the end is the MCP test's (tests/test_mcp.py), on this same client."""
     from deployments.client import AnswerRefused, connect
-    from tasks.rundir import runs_root
+    from tasks.core.rundir import runs_root
 
     spec = {**QUICK_SFT, **PRICED, "name": "rest-cancelled"}
     with connect() as api:

@@ -9,10 +9,10 @@ import shutil
 
 import pytest
 
-from flows.pipeline import plan_run
-from tasks.gguf import converter_architectures
+from flows.planning import plan_run
+from tasks.core.spec import parse_spec
+from tasks.export.gguf import converter_architectures
 from tasks.plan.memory import Architecture
-from tasks.spec import parse_spec
 from tests.conftest import EXAMPLES, REPO
 
 CONFIGS = REPO / "tests" / "data" / "configs"

@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from tasks import faults
+from tasks.core import faults
+from tasks.core.faults import kind_of, retry_after_s
+from tasks.core.hub_access import make_api
+from tasks.core.model_source import ModelSourceError, load_config
 from tasks.data.reading import DatasetLoadError, load_frame
-from tasks.faults import kind_of, retry_after_s
-from tasks.hub import PublishError, make_api, publish_to_hub
-from tasks.model_source import ModelSourceError, load_config
+from tasks.export.hub import PublishError, publish_to_hub
 from tasks.run.backends import BackendError
 from tasks.run.backends.hf_jobs import HfJobsBackend
 from tests.jobs_standin import STANDIN_TOKEN

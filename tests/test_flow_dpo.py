@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.dpo import dpo
-from tasks.spec import load_spec
+from tasks.core.spec import load_spec
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import plan_run
+from flows.planning import plan_run
 from flows.sft import sft
-from tasks.approval import PublishStopped
-from tasks.spec import load_spec, parse_spec
-from tasks.stages import evaluate
+from tasks.core.spec import load_spec, parse_spec
+from tasks.evaluate.verdict import evaluate
+from tasks.stages.approval import PublishStopped
 from tests.conftest import EXAMPLES
 from tests.test_approval import _when_paused
 
@@ -67,10 +67,10 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
         }
     )
     from flows.approve import main as answer
+    from tasks.core.rundir import runs_root
 
     # with a server, a person decides: declined, nothing is published
-    from flows.jobs import run_state
-    from tasks.rundir import runs_root
+    from tasks.run.jobs import run_state
 
     answered, seen = [], []
 
@@ -101,7 +101,7 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
 
 
 def test_without_anyone_to_ask_a_regression_stops_the_publish(monkeypatch, tmp_path):
-    import tasks.approval as approval
+    import tasks.stages.approval as approval
 
     monkeypatch.setattr(approval, "has_api_server", lambda: False)
     with pytest.raises(PublishStopped, match="worse"):

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from flows.grpo import grpo
+from tasks.core.methods import GRPO
+from tasks.core.recipe import load_recipe
+from tasks.core.rundir import runs_root
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tasks.methods import GRPO
-from tasks.recipe import load_recipe
-from tasks.rewards import RewardError
-from tasks.rundir import runs_root
+from tasks.plan.rewards import RewardError
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from flows.sft import sft
+from tasks.core.spec import load_spec
 from tasks.run.backends import JobRequest, get_backend
 from tasks.run.monitor import Guard, monitor_job
-from tasks.spec import load_spec
 from tests.conftest import EXAMPLES
 from tests.jobs_standin import STANDIN_TOKEN
 

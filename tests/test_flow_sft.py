@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import plan_run
+from flows.planning import plan_run
 from flows.sft import sft
-from tasks.spec import load_spec, parse_spec
+from tasks.core.spec import load_spec, parse_spec
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     by_hand = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None]).mean().item()
     assert by_hand == pytest.approx(scores["after"][0]["loss"], rel=1e-4)
     # followed from another terminal, by name
-    from flows.jobs import status_main
+    from cli.status import status_main
 
     assert status_main(["flow-test", "--json"]) == 0
     state = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -162,7 +162,7 @@ def test_broken_data_fails_before_anything_is_submitted(prefect_server, tmp_path
     spec = parse_spec({"dataset": str(bad), "name": "broken"})
     with pytest.raises(Exception, match="rows 2: turns must go"):
         sft(spec=spec)
-    from tasks.rundir import runs_root
+    from tasks.core.rundir import runs_root
 
     assert not (runs_root() / "broken" / "job.json").exists()
     assert not (runs_root() / "broken" / "train.py").exists()

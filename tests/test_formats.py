@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.methods import method_definition
 from tasks.data.formats import SPEAKERS, ConversionError, recognise
 from tasks.data.reading import load_frame
 from tasks.data.schemas import plain as _plain
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tasks.methods import method_definition
 from tests.conftest import EXAMPLES, REPO
 
 FORMATS = EXAMPLES / "data" / "formats"
@@ -171,7 +171,7 @@ def test_the_report_shows_the_length_spread_and_what_truncation_cuts(tiny_tokeni
 
 
 def test_the_validation_stage_draws_the_length_chart(tiny_model_path, tmp_path):
-    from tasks.stages import validate_dataset_task
+    from tasks.stages.planning import validate_dataset_task
 
     out = tmp_path / "run" / "data"
     report = validate_dataset_task.fn(

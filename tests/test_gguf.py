@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.gguf import (
+from tasks.core.model_source import load_config
+from tasks.core.models import JobResult
+from tasks.core.spec import Outputs
+from tasks.export.gguf import (
     GgufError,
     check_quant_types,
     config_row_sizes,
@@ -21,11 +24,8 @@ from tasks.gguf import (
     tokenizer_family,
     weight_row_sizes,
 )
-from tasks.gguf_converter import find_converter
-from tasks.gguf_smoke import smoke_test_all
-from tasks.model_source import load_config
-from tasks.models import JobResult
-from tasks.spec import Outputs
+from tasks.export.gguf_converter import find_converter
+from tasks.export.gguf_smoke import smoke_test_all
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_a_fallback_in_llama_cpp_is_recorded_per_file_and_refused_when_strict(ti
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    from tasks.gguf import convert_to_gguf, quantize
+    from tasks.export.gguf import convert_to_gguf, quantize
 
     tok = AutoTokenizer.from_pretrained(tiny_model_path)
     config = Qwen2Config(
@@ -163,7 +163,7 @@ def test_a_fallback_in_llama_cpp_is_recorded_per_file_and_refused_when_strict(ti
 
 
 def test_half_written_files_of_a_killed_flow_are_cleared_and_never_shared(tmp_path):
-    from tasks.gguf import _remove_orphaned_partials
+    from tasks.export.gguf import _remove_orphaned_partials
 
     out = tmp_path / "gguf"
     out.mkdir()

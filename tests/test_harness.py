@@ -84,7 +84,7 @@ def test_the_task_verdict_pairs_rows_and_respects_the_direction_of_the_metric():
 
 
 def test_a_spec_names_tasks_relative_to_itself(tmp_path):
-    from tasks.spec import load_spec
+    from tasks.core.spec import load_spec
 
     shutil.copytree(EXAMPLES, tmp_path / "examples", ignore=shutil.ignore_patterns("published"))
     spec = load_spec(tmp_path / "examples" / "sft-tiny.yaml")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.models import TrainingScript
+from tasks.core.models import TrainingScript
 from tasks.run.backends import BackendError, JobRequest, get_backend, load_handle
 from tasks.run.backends.hf_jobs import HfJobsBackend
 from tasks.run.monitor import Guard, monitor_job
@@ -82,7 +82,8 @@ def test_a_job_runs_remotely_and_its_progress_comes_back_through_the_log(jobs_st
 def test_hf_debug_is_refused_while_a_token_is_in_use(jobs_standin, monkeypatch, tmp_path, how):
     import huggingface_hub.constants as constants
 
-    from tasks.hub import DebugSwitchRefused, publish_to_hub
+    from tasks.core.hub_access import DebugSwitchRefused
+    from tasks.export.hub import publish_to_hub
 
     if how == "environment":
         monkeypatch.setenv("HF_DEBUG", "1")  # curl dumps of every request, headers and body
@@ -158,7 +159,7 @@ def test_a_cancel_request_cancels_the_remote_job(jobs_standin, tmp_path):
 def test_the_cancellation_hook_finds_the_job_of_a_flow_run(jobs_standin, tmp_path):
     from types import SimpleNamespace
 
-    from flows.jobs import cancel_job_of_flow_run
+    from tasks.run.jobs import cancel_job_of_flow_run
 
     backend = _backend()
     request = _request(tmp_path, "import time\ntime.sleep(120)\n").model_copy(update={"flow_run_id": "fr-123"})
@@ -199,7 +200,7 @@ def test_a_refused_token_fails_before_anything_is_uploaded(jobs_standin, monkeyp
     with pytest.raises(BackendError, match="HTTP 401.*invalid or expired") as err:
         _backend().preflight("cpu-basic")
     assert "hf_wrong" not in str(err.value)
-    from tasks import hub
+    from tasks.export import hub
 
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(hub, "stored_token", lambda: None)  # no `hf auth login` token either
@@ -242,7 +243,7 @@ def test_the_registry_is_the_only_place_that_knows_backends():
 
 
 def test_checkpoints_of_other_inputs_are_set_aside_in_the_staging_repo_history(jobs_standin):
-    from tasks.hub import make_api
+    from tasks.core.hub_access import make_api
 
     api, repo = make_api(TOKEN), "standin-user/finetune-changed-inputs"
     api.create_repo(repo, private=True, exist_ok=True)

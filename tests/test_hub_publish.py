@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import hub
-from tasks.hub import PublishError, publish_to_hub
+from tasks.export import hub
+from tasks.export.hub import PublishError, publish_to_hub
 from tests.hub_standin import HubStandin
 
 TOKEN = "test-write-token-for-the-standin"

@@ -9,7 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tasks.models import TrainingScript
+from tasks.core.models import TrainingScript
 from tasks.run.backends import JobRequest, load_handle
 from tasks.run.backends.local import LocalBackend
 from tasks.run.fetch import JobFailed, fetch_artifacts
@@ -166,8 +166,8 @@ def test_a_second_flow_on_a_run_that_is_being_driven_is_refused_at_once(prefect_
     import pytest
 
     from flows.sft import sft
+    from tasks.core.spec import parse_spec
     from tasks.run.locks import RunLocked, run_lock
-    from tasks.spec import parse_spec
     from tests.conftest import EXAMPLES
 
     spec = parse_spec({"dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"), "name": "twice"})

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import plan_run
+from flows.planning import plan_run
 from tasks.plan.cost import SCALING_EFFICIENCY, STEP_OVERHEAD_S, UTILISATION
 from tasks.plan.flavors import load_catalogue
 from tasks.plan.hardware import HardwareError, select_hardware
 from tasks.plan.memory import COMM_BUFFERS_GB, GB, Architecture, Workload, flops_per_token, memory_breakdown_gb
-from tasks.report import plan_markdown
+from tasks.report.render import plan_markdown
 from tests.test_planning import CONFIGS, _args, _load, _report, _spec
 
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import plan_run
-from tasks.approval import ApprovalInput, BudgetExceeded, NotApproved, auto_decision, decision_from_input
-from tasks.methods import SFT, base_arguments
-from tasks.models import CostEstimate, DatasetReport, TokenStats
+from flows.planning import plan_run
+from tasks.core.methods import SFT, base_arguments
+from tasks.core.models import CostEstimate, DatasetReport, TokenStats
+from tasks.core.spec import Budget, SpecError, parse_spec
 from tasks.plan.cost import RANGE_HIGH, RANGE_LOW, training_tokens
 from tasks.plan.flavors import CatalogueError, load_catalogue
 from tasks.plan.hardware import LORA_AUTO_THRESHOLD, HardwareError, select_hardware
 from tasks.plan.memory import GB, LOGIT_BYTES_PER_ENTRY, RUNTIME_GB, Architecture, Workload, memory_breakdown_gb
-from tasks.spec import Budget, SpecError, parse_spec
+from tasks.stages.approval import ApprovalInput, BudgetExceeded, NotApproved, auto_decision, decision_from_input
 from tests.conftest import EXAMPLES, REPO
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")
@@ -126,7 +126,7 @@ def test_lora_parameters_match_peft(tiny_model_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.model_source import load_config
+    from tasks.core.model_source import load_config
 
     arch = Architecture.from_config(load_config(tiny_model_path), 16, "all-linear")
     model = get_peft_model(
@@ -260,7 +260,7 @@ def test_the_catalogue_lists_the_hf_jobs_flavors_with_dated_prices():
 
 
 def test_the_tiny_model_runs_fully_on_this_machine(tiny_model_path):
-    from tasks.model_source import load_config
+    from tasks.core.model_source import load_config
 
     plan, cost = select_hardware(
         _spec(),

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.hub import PublishError, publish_target, publish_to_folder, publish_to_hub, scrub
+from tasks.core.hub_access import scrub
+from tasks.export.hub import PublishError, publish_target, publish_to_folder, publish_to_hub
 
 
 def test_targets_are_hub_ids_or_folders(tmp_path):
@@ -51,8 +52,9 @@ def test_the_token_is_scrubbed_and_a_missing_token_is_explained(tmp_path, monkey
 
 
 def test_the_model_card_has_hub_metadata_and_run_instructions(tmp_path):
-    from tasks.model_card import card_metadata, modelfile
-    from tasks.spec import parse_spec
+    from tasks.core.spec import parse_spec
+    from tasks.export.model_card import card_metadata
+    from tasks.export.modelfile import modelfile
     from tests.test_planning import CHAT
 
     spec = parse_spec({"dataset": "someone/chats", "model": "Qwen/Qwen2.5-0.5B", "lora": True})

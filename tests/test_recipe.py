@@ -10,13 +10,13 @@ import shutil
 import pytest
 import yaml
 
-from flows.recipe import main as recipe_main
+from cli.recipe import main as recipe_main
 from flows.recipe import plan_stages, recipe_flow, run_recipe
-from tasks.approval import BudgetExceeded
+from tasks.core.recipe import chained_stage, load_recipe, parse_recipe, remaining_budget
+from tasks.core.rundir import runs_root
+from tasks.core.spec import Budget, SpecError, load_spec
 from tasks.data.validate import DatasetValidationError
-from tasks.recipe import chained_stage, load_recipe, parse_recipe, remaining_budget
-from tasks.rundir import runs_root
-from tasks.spec import Budget, SpecError, load_spec
+from tasks.stages.approval import BudgetExceeded
 from tests.conftest import EXAMPLES
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")
@@ -119,13 +119,17 @@ def test_a_chain_over_budget_is_refused_before_anything_runs():
 
 
 def test_the_dry_run_prices_the_chain_as_json(capsys):
-    assert recipe_main(["--spec", str(EXAMPLES / "grpo-tiny.yaml"), "--dry-run", "--json", "--name", "plan"]) == 0
+    assert (
+        recipe_main(recipe_flow, ["--spec", str(EXAMPLES / "grpo-tiny.yaml"), "--dry-run", "--json", "--name", "plan"])
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert [s["run_name"] for s in out["stages"]] == ["plan-warmup", "plan-grpo"]
     assert [s["status"] for s in out["stages"]] == ["planned", "planned"]
     assert out["estimated_usd"] == pytest.approx(sum(s["estimated_usd"] for s in out["stages"]))
     assert not (runs_root() / "plan-warmup" / "job.json").exists()
-    from flows.jobs import run_state, status_main
+    from cli.status import main as status_main
+    from tasks.run.jobs import run_state
 
     assert run_state(runs_root() / "plan")["state"] == "planned (dry run)"
     assert run_state(runs_root() / "plan-grpo")["state"] == "planned"
@@ -171,7 +175,7 @@ def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resu
     assert runs["rec-warmup"].parent_task_run_id is not None and runs["rec-grpo"].parent_task_run_id is not None
 
     # followed from another terminal: the recipe and its stages
-    from flows.jobs import run_state
+    from tasks.run.jobs import run_state
 
     state = run_state(runs_root() / "rec")
     assert (state["kind"], state["state"]) == ("recipe", "finished")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.sft import sft
-from tasks.spec import load_spec
+from tasks.core.spec import load_spec
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.slow
@@ -33,14 +33,14 @@ def _training_starts(run_dir: Path) -> int:
 
 
 def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports(prefect_server, tmp_path, monkeypatch):
-    import tasks.gguf
+    import tasks.export.gguf
 
-    real_convert = tasks.gguf.convert_to_gguf
+    real_convert = tasks.export.gguf.convert_to_gguf
 
     def crash(*args: object, **kwargs: object) -> float:
         raise RuntimeError("injected crash in the GGUF converter")
 
-    monkeypatch.setattr(tasks.gguf, "convert_to_gguf", crash)
+    monkeypatch.setattr(tasks.export.gguf, "convert_to_gguf", crash)
     with pytest.raises(RuntimeError, match="injected crash"):
         sft(spec=_spec(tmp_path, "rerun"))
     run_dir = tmp_path / "runs" / "rerun"
@@ -50,7 +50,7 @@ def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports
     assert _training_starts(run_dir) == 1
 
     # fixed, and run again: the training is taken from its persisted result
-    monkeypatch.setattr(tasks.gguf, "convert_to_gguf", real_convert)
+    monkeypatch.setattr(tasks.export.gguf, "convert_to_gguf", real_convert)
     summary = sft(spec=_spec(tmp_path, "rerun"))
     status = _statuses(summary)
     assert summary.error is None
@@ -77,7 +77,7 @@ def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports
     repaired = sft(spec=_spec(tmp_path, "rerun"))
     status = _statuses(repaired)
     assert status["monitor"] == "cached" and status["convert_gguf"] == "passed"
-    from tasks.manifest import sha256_file
+    from tasks.core.manifest import sha256_file
 
     assert sha256_file(gguf) == repaired.gguf.files[0].sha256 == again.gguf.files[0].sha256
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from flows.sft import sft
+from tasks.core.spec import load_spec
 from tasks.run.backends import load_handle
-from tasks.spec import load_spec
 from tests.conftest import EXAMPLES, REPO
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ class _Killed(list):
 def _kill_local_training_at(monkeypatch: pytest.MonkeyPatch, run_dir: Path, step: int) -> _Killed:
     """SIGKILL the training process (not its shell wrapper), as the OOM killer would, once
     the monitor has seen `step`."""
-    from tasks.stages import ProgressBarFor
+    from tasks.stages.training import ProgressBarFor
 
     real_update = ProgressBarFor.update
     killed = _Killed()
@@ -91,7 +91,7 @@ def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_i
     assert monitor["status"] == "failed" and ("SIGKILL" in monitor["detail"] or "signal 9" in monitor["detail"])
     first_losses = report["job"]["losses"]
 
-    from tasks.stages import ProgressBarFor
+    from tasks.stages.training import ProgressBarFor
 
     monkeypatch.setattr(ProgressBarFor, "update", killed.real_update)  # type: ignore[attr-defined]
     _check_resumed(first_losses, sft(spec=spec), run_dir)

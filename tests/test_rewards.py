@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.rewards import RewardError, check_rewards, resolve_rewards
+from tasks.plan.rewards import RewardError, check_rewards, resolve_rewards
 from training.rewards import answer_format, code_tests, exact_answer, length_penalty
 
 ROWS = [{"prompt": [{"role": "user", "content": f"What is {a} + 1?"}], "answer": str(a + 1)} for a in range(4)]
@@ -79,7 +79,7 @@ def test_unusable_rewards_fail_before_any_spend(tmp_path):
 
 
 def test_reward_files_are_found_next_to_the_spec(tmp_path):
-    from tasks.spec import load_spec
+    from tasks.core.spec import load_spec
 
     (tmp_path / "my_rewards.py").write_text("def brevity(completions, **kw):\n    return [0.0] * len(completions)\n")
     (tmp_path / "run.yaml").write_text(

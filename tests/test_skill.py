@@ -65,8 +65,8 @@ def test_every_command_of_the_skill_runs_as_written(tmp_path: Path):
 
 
 def test_the_references_name_every_spec_field_and_every_error_code():
-    from tasks.errors import ERROR_CODES
-    from tasks.spec import Budget, Evaluation, Outputs, RunSpec
+    from tasks.core.errors import ERROR_CODES
+    from tasks.core.spec import Budget, Evaluation, Outputs, RunSpec
 
     spec_doc = (SKILL / "references" / "spec.md").read_text()
     for model in (RunSpec, Budget, Evaluation, Outputs):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from flows.cli import parse_args
-from tasks.spec import RunSpec, SpecError, load_spec, parse_spec
+from cli.run import parse_args
+from tasks.core.spec import RunSpec, SpecError, load_spec, parse_spec
 from tests.conftest import EXAMPLES
 
 
@@ -111,9 +111,9 @@ def test_the_spec_is_a_flow_parameter_schema():
 
 
 def test_every_error_code_is_in_the_readme_and_the_cli_json_carries_it(capsys, tmp_path):
-    from flows.cli import main
+    from cli.run import main
     from flows.sft import sft
-    from tasks.errors import ERROR_CODES
+    from tasks.core.errors import ERROR_CODES
     from tests.conftest import EXAMPLES, REPO
 
     readme = (REPO / "README.md").read_text()

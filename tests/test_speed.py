@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import plan_run
+from flows.planning import plan_run
+from tasks.core.spec import SpecError, load_spec
 from tasks.plan import speed
 from tasks.plan.flavors import load_catalogue
 from tasks.plan.speed import choose_speed, padding_overhead
-from tasks.report import plan_markdown
-from tasks.spec import SpecError, load_spec
+from tasks.report.render import plan_markdown
 from tests.conftest import EXAMPLES
 
 CATALOGUE = load_catalogue()
@@ -307,8 +307,8 @@ def test_the_fast_path_learns_what_trl_defaults_learn(tiny_model_path, tmp_path)
 
 
 def test_fused_kernels_the_plan_chose_travel_with_the_script_as_dependencies():
-    from tasks.methods import SFT
-    from tasks.script import render_script
+    from tasks.core.methods import SFT
+    from tasks.plan.script import render_script
 
     fused = {"training": {"use_liger_kernel": True, "model_init_kwargs": {"attn_implementation": "flash_attention_2"}}}
     source = render_script(SFT, fused)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import plan_run
+from flows.planning import plan_run
+from tasks.core.methods import SFT
+from tasks.core.spec import SpecError, parse_spec
 from tasks.data.token_stats import CharEstimateTokenizer
+from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tasks.methods import SFT
-from tasks.spec import SpecError, parse_spec
-from tasks.stages import planning_tokenizer
 from tests.conftest import EXAMPLES, REPO
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")

@@ -29,7 +29,7 @@ def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(tmp_p
     """The rest of the run is what every other door's test checks; docs/take_screenshots.py
     follows this same walk-through to the finished run's artifacts."""
     from deployments.client import connect
-    from tasks.rundir import runs_root
+    from tasks.core.rundir import runs_root
     from tests.ui_browser import _api_json, deployments_served, server_with_ui, walkthrough
 
     spec = {**QUICK_SFT, **PRICED, "name": "ui-run"}

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.core.methods import SFT
 from tasks.data.reading import DatasetLoadError
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tasks.methods import SFT
 from tests.conftest import EXAMPLES
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core.methods import DPO
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tasks.methods import DPO
 from tests.conftest import EXAMPLES
 
 

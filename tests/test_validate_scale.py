@@ -12,10 +12,10 @@ import pytest
 
 import tasks.data.reading as reading
 import tasks.data.validate as validate
+from tasks.core.methods import SFT
 from tasks.data.reading import DatasetLoadError, LineBlock, iter_blocks
 from tasks.data.token_stats import Reservoir
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tasks.methods import SFT
 from training.example_data import chat_rows_at_scale, write_jsonl_stream
 
 
@@ -156,7 +156,7 @@ def test_parquet_and_csv_are_read_in_blocks_of_rows(tiny_tokenizer, tmp_path, mo
 
 
 def _hub_dataset(repo: str, name: str, data: bytes) -> None:
-    from tasks.hub import make_api
+    from tasks.core.hub_access import make_api
     from tests.jobs_standin import STANDIN_TOKEN
 
     api = make_api(STANDIN_TOKEN)

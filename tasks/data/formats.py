@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.errors import UserFacingError
+from tasks.core.errors import UserFacingError
 
 Verdict = Literal["READY", "NEEDS MAPPING", "INCOMPATIBLE"]
 SAMPLE_ROWS = 50

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import orjson
 import pandas as pd
 
-from tasks.errors import UserFacingError
+from tasks.core.errors import UserFacingError
 
 LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -117,7 +117,7 @@ def _numbered(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
 
 
 def _load_refusal(source: str, split: str, local: bool, e: Exception) -> DatasetLoadError:
-    from tasks.faults import hub_read_failure
+    from tasks.core.faults import hub_read_failure
 
     where = "local folder" if local else "Hub dataset"
     why = hub_read_failure(e, "dataset", "HF_DATASETS_OFFLINE", "set HF_TOKEN to a token with access")
@@ -187,7 +187,7 @@ def _datasets_chunks(source: str, split: str, rows: int, local: bool) -> Iterato
     downloaded whole), with the Hub read retried like every other Hub read."""
     from datasets import load_dataset
 
-    from tasks.faults import read_with_retries
+    from tasks.core.faults import read_with_retries
 
     try:
         ds = read_with_retries(

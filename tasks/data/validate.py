@@ -32,6 +32,9 @@ import orjson
 import pandas as pd
 import pandera.pandas as pa
 
+from tasks.core.errors import UserFacingError
+from tasks.core.methods import MethodDefinition
+from tasks.core.models import DatasetReport, TokenStats
 from tasks.data.formats import SAMPLE_ROWS, Conversion, ConversionError, conversion_for, convert_chunk, recognise
 from tasks.data.reading import LineBlock, UnreadableLines, iter_blocks, parse_block
 from tasks.data.schemas import (
@@ -45,9 +48,6 @@ from tasks.data.schemas import (
     with_turn_codes,
 )
 from tasks.data.token_stats import CharEstimateTokenizer, Reservoir, histogram, prompt_lengths, token_lengths
-from tasks.errors import UserFacingError
-from tasks.methods import MethodDefinition
-from tasks.models import DatasetReport, TokenStats
 
 MAX_ROWS_SHOWN = 10
 MAX_TOKENIZED_ROWS = 10_000  # a seeded uniform sample: the mean to well under 1%, and ~8 s of the tiny tokenizer

@@ -9,16 +9,19 @@ prompts, metrics and scoring are the harness's own.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 import statistics
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from tasks.errors import UserFacingError
+from tasks.core.errors import UserFacingError
+from tasks.core.models import HarnessTask, TaskComparison
+from tasks.core.spec import RunSpec, SpecError
 
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text")
 OUTPUT_TYPES = ("multiple_choice", "generate_until", "loglikelihood", "loglikelihood_rolling")
@@ -27,41 +30,6 @@ HARNESS_VERSION = "0.4.13"
 
 class TaskError(UserFacingError, ValueError):
     """A task evaluation that cannot run offline or that the harness refuses; names the file."""
-
-
-class HarnessTask(BaseModel):
-    """One task as the job runs it: the harness's own config, its data files copied into the
-    run folder (paths relative to the script), and the metric the verdict is on."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    source: str = Field(description="the task YAML the spec named")
-    output_type: str
-    rows: int = Field(description="rows in the split the harness evaluates")
-    metric: str = Field(description="the first metric of metric_list: the verdict is on it")
-    higher_is_better: bool = True
-    config: dict[str, Any] = Field(description="the harness task config; data_files relative to the script")
-    scored_tokens: int = Field(0, description="about how many tokens the harness scores per model")
-    generated_tokens: int = Field(0, description="at most how many tokens it generates per model")
-
-
-class TaskComparison(BaseModel):
-    """The base and trained model's score on one task, row by row paired, with the noise band."""
-
-    model_config = ConfigDict(frozen=True)
-
-    task: str
-    metric: str
-    rows: int
-    base: float
-    trained: float
-    change: float = Field(description="mean paired change, oriented so that positive is better")
-    noise_band: float
-    verdict: Literal["improved", "no change", "worse"]
-    higher_is_better: bool = True
-    base_stderr: float | None = None
-    trained_stderr: float | None = None
 
 
 class _TaggedLoader(yaml.SafeLoader):
@@ -312,3 +280,18 @@ def compare_task(name: str, record: dict[str, Any], sigmas: float) -> TaskCompar
         base_stderr=stderr.get("before"),
         trained_stderr=stderr.get("after"),
     )
+
+
+def harness_tasks(spec: RunSpec, run_dir: Path, on_this_machine: bool) -> list[HarnessTask]:
+    """The spec's task evaluations, checked and their data copied into the run folder; the
+    harness renders each task's first row here when it is installed."""
+    if not spec.evaluation.tasks:
+        return []
+    if on_this_machine and importlib.util.find_spec("lm_eval") is None:
+        raise SpecError(
+            "evaluation.tasks run through lm-evaluation-harness, which is not installed here: "
+            "pip install -e '.[eval]' (or pip install lm-eval), or drop evaluation.tasks"
+        )
+    tasks = prepare_tasks(list(spec.evaluation.tasks), run_dir)
+    check_with_harness(tasks, run_dir)
+    return tasks

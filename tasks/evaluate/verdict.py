@@ -12,63 +12,14 @@ the verdict is improved or worse; within it, no change.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from tasks.evaluate.harness import TaskComparison, compare_task
-
-Verdict = Literal["improved", "no change", "worse"]
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class MetricComparison(Frozen):
-    name: str
-    base: float | None
-    trained: float | None
-    better: Literal["lower", "higher"]
-
-
-class GenerationPair(Frozen):
-    prompt: str
-    base: str
-    trained: str
-
-
-class EvaluationResult(Frozen):
-    method: str
-    rows: int = Field(description="held-out rows both models were scored on")
-    seconds: float = Field(description="evaluation time inside the job, both models")
-    primary: str = Field(description="the score the verdict is on")
-    base_score: float
-    trained_score: float
-    change: float = Field(description="mean paired change of the primary score, positive = better")
-    noise_band: float = Field(description="+- this much is within noise")
-    relative_change: float = Field(description="change / |base score|")
-    verdict: Verdict
-    metrics: list[MetricComparison]
-    generations: list[GenerationPair] = Field(default_factory=list)
-    non_finite_rows: int = Field(0, description="rows the trained model scored NaN or infinite (a diverged run)")
-    tasks: list[TaskComparison] = Field(
-        default_factory=list, description="the spec's task evaluations (lm-evaluation-harness), base against trained"
-    )
-    baseline_model: str | None = Field(None, description="the other model the trained one was compared with")
-    baseline: EvaluationResult | None = Field(
-        None, description="the same comparison against baseline_model (a recipe's base) instead of this run's start"
-    )
-
-    def sentence(self) -> str:
-        sign = "+" if self.change >= 0 else ""
-        broken = f"; the trained model scored NaN or infinity on {self.non_finite_rows}" if self.non_finite_rows else ""
-        return (
-            f"{self.verdict}: {self.primary} {self.base_score:.4g} -> {self.trained_score:.4g} "
-            f"(change {sign}{self.change:.4g}, noise band +-{self.noise_band:.2g}, {self.rows} held-out rows{broken})"
-        )
+from tasks.core.models import EvaluationResult, GenerationPair, MetricComparison, TaskComparison, Verdict
+from tasks.evaluate.harness import compare_task
 
 
 class EvaluationError(ValueError):
@@ -265,3 +216,17 @@ def judge_record(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Ev
         ],
         tasks=tasks,
     )
+
+
+def evaluate(run_dir: Path, method: str, sigmas: float, baseline_model: str | None = None) -> EvaluationResult | None:
+    """The before/after verdict from what the job measured, or None when no row was held out;
+    with the same verdict against the baseline model when the job scored one (a recipe's base)."""
+    result = json.loads((run_dir / "train_result.json").read_text())
+    record = result.get("evaluation")
+    if not record:
+        return None
+    found = judge_record(method, record, sigmas)
+    if record.get("baseline"):
+        versus = judge(method, {"before": record["baseline"], "after": record["after"]}, sigmas)
+        found = found.model_copy(update={"baseline": versus, "baseline_model": baseline_model})
+    return found

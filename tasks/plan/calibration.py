@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.atomic import write_text
+from tasks.core.atomic import write_text
 from training.tiny_model import cache_root
 
 MIN_FACTOR, MAX_FACTOR = 0.25, 4.0  # a factor outside this says the run was unlike its plan, not a bias

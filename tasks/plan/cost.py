@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tasks.methods import cut_length
-from tasks.models import CostEstimate, DatasetReport
-from tasks.money import usd
+from tasks.core.methods import cut_length
+from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan
+from tasks.core.money import usd
+from tasks.core.spec import runs_on_this_machine
 from tasks.plan.calibration import load_table
 from tasks.plan.flavors import Flavor, load_catalogue, local_flavor
 from tasks.plan.memory import Architecture, Workload, flops_per_token, workload_for
-from tasks.run.backends import runs_on_this_machine
 
 # Share of the peak a training step achieves, by what is trained. On GPUs an assumption
 # (typical single-GPU TRL runs; no GPU was available to calibrate); adapters run at a lower
@@ -259,3 +259,31 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
             update={"basis": "TOKENS ESTIMATED (the tokenizer cannot encode; see the dataset warnings); " + cost.basis}
         )
     return cost
+
+
+def planned_arguments(args: dict[str, Any], plan: HardwarePlan) -> dict[str, Any]:
+    """What the script trains with: the method defaults and the spec, then the hardware stage's
+    calls (the split of the global batch, checkpointing, the fast path). The plan already kept
+    every key the spec set, so the spec still wins."""
+    from tasks.plan.cost import planned_batch
+
+    parallel = {}
+    if plan.processes > 1 and plan.strategy == "ddp" and "ddp_find_unused_parameters" not in args:
+        # every trained parameter gets a gradient in every step: DDP need not search the graph for unused ones
+        parallel["ddp_find_unused_parameters"] = False
+    return {**args, **planned_batch(plan), **plan.speed.arguments, **parallel}
+
+
+def repriced(cost: CostEstimate, price_per_hour: float | None) -> CostEstimate:
+    """The estimate at the price the backend quotes now (the catalogue's when it does not answer)."""
+    if price_per_hour is None or abs(price_per_hour - cost.price_per_hour_usd) < 1e-9:
+        return cost
+    return cost.model_copy(
+        update={
+            "price_per_hour_usd": price_per_hour,
+            "usd": cost.hours * price_per_hour,
+            "usd_low": cost.hours_low * price_per_hour,
+            "usd_high": cost.hours_high * price_per_hour,
+            "basis": cost.basis + f"; price refreshed to {usd(price_per_hour)}/h",
+        }
+    )

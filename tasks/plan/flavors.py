@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import UserFacingError
-from tasks.money import usd
+from tasks.core.errors import UserFacingError
+from tasks.core.money import usd
 
 GB = 1024**3
 CATALOGUE_FILE = Path(__file__).resolve().parent / "flavors.yaml"

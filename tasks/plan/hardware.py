@@ -25,17 +25,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tasks.errors import UserFacingError
-from tasks.methods import cut_length
-from tasks.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan
-from tasks.money import usd
+from tasks.core.errors import UserFacingError
+from tasks.core.methods import cut_length
+from tasks.core.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan, SpeedPlan
+from tasks.core.money import usd
+from tasks.core.spec import RunSpec, runs_on_this_machine
 from tasks.plan.calibration import load_table
 from tasks.plan.cost import SCALING_EFFICIENCY, estimate_run, planned_batch
 from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
 from tasks.plan.memory import Architecture, Mode, Strategy, memory_breakdown_gb, workload_for
-from tasks.plan.speed import SpeedPlan, choose_speed, padding_overhead
-from tasks.run.backends import runs_on_this_machine
-from tasks.spec import RunSpec
+from tasks.plan.speed import choose_speed, padding_overhead
 
 GB = 1024**3
 MAX_PROCESSES = 8  # GPUs of one machine; across machines needs a multi-node launcher not built here

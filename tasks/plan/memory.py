@@ -27,10 +27,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.methods import cut_length
-from tasks.models import DatasetReport
+from tasks.core.methods import cut_length
+from tasks.core.models import DatasetReport
+from tasks.core.spec import RunSpec
 from tasks.plan.flavors import Flavor
-from tasks.spec import RunSpec
 
 GB = 1024**3
 NF4_BYTES_PER_PARAM = 0.516  # 4 bits + double-quantized absmax per 64-value block

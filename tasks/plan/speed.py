@@ -18,38 +18,13 @@ sampler transformers itself uses, so the time estimate follows the choice.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from tasks.core.models import Batching, SpeedChoice, SpeedPlan
+from tasks.core.spec import SpecError
 from tasks.plan.flavors import Flavor
-from tasks.spec import SpecError
 
-Batching = Literal["padded", "grouped", "padding_free", "packed"]
 SIMULATED_ROWS = 20_000  # rows drawn from the measured length distribution to simulate batching
-
-
-class SpeedChoice(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    setting: str
-    value: str
-    reason: str
-
-
-class SpeedPlan(BaseModel):
-    """The fast-path choices for one placement and the TRL arguments they set."""
-
-    model_config = ConfigDict(frozen=True)
-
-    batching: Batching
-    attention: str
-    liger: bool
-    choices: list[SpeedChoice]
-    arguments: dict[str, Any] = Field(description="TRL config keys these choices set (the spec's own keys win)")
-
-    def reason(self, setting: str) -> str:
-        return next(c.reason for c in self.choices if c.setting == setting)
 
 
 def flash_attention_installed() -> bool:

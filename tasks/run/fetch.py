@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.errors import UserFacingError
-from tasks.manifest import record
-from tasks.models import JobHandle, JobResult, JobStatus, TrainingMeasurement
+from tasks.core.errors import UserFacingError
+from tasks.core.manifest import record
+from tasks.core.models import JobHandle, JobResult, JobStatus, TrainingMeasurement
 from tasks.run.backends.base import Backend
 
 

@@ -15,8 +15,8 @@ from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.errors import UserFacingError
-from tasks.rundir import runs_root
+from tasks.core.errors import UserFacingError
+from tasks.core.rundir import runs_root
 
 
 class RunLocked(UserFacingError, RuntimeError):

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.models import JobHandle, JobSnapshot, JobStatus, LossPoint
-from tasks.money import usd
+from tasks.core.models import JobHandle, JobSnapshot, JobStatus, LossPoint
+from tasks.core.money import usd
 from tasks.run.backends.base import Backend, BackendError
 from tasks.run.progress_line import PREFIX, ProgressLine, parse_progress_line
 

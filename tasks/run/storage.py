@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.errors import UserFacingError
+from tasks.core.errors import UserFacingError
 
 
 class StorageError(UserFacingError, RuntimeError):

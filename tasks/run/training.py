@@ -1,31 +1,26 @@
-"""The training stage: submit the job (or re-attach to it), follow it, retry once after an
-out-of-memory failure, and bring the model in.
-
-It runs as one Prefect task (`train` in tasks/stages.py) around the submit, monitor and
-fetch tasks, because its result is what a re-run must not pay for twice: it is persisted
-under a key made from the script, the data and the model, and a re-run with the same
-inputs takes it from there. Checkpoints made from other inputs are set aside, never resumed.
+"""What training needs beyond the backends: the job request, its time limit and budget guard,
+the out-of-memory retry decision, setting aside outputs made from other inputs (never resumed),
+and cancelling the job when the flow is interrupted. The composition (submit, follow, fetch)
+is `flows/training.py`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from prefect.exceptions import TerminationSignal
-
-from tasks.atomic import write_text
-from tasks.cache import file_hashes, key_of, model_fingerprint
-from tasks.manifest import problems
-from tasks.methods import method_definition
-from tasks.models import Approval, CostEstimate, JobHandle, JobStatus, RunPlan, TrainedModel, TrainingScript
-from tasks.money import usd
-from tasks.run.backends import Backend, JobRequest, load_handle
+from tasks.core.atomic import write_text
+from tasks.core.models import Approval, CostEstimate, JobHandle, JobStatus, RunPlan, TrainingScript
+from tasks.core.money import usd
+from tasks.core.spec import RunSpec
+from tasks.run.backends import Backend, JobRequest
 from tasks.run.monitor import Guard
 from tasks.run.resubmit import safer_training
-from tasks.spec import RunSpec
 
 # What a training leaves in the run folder; set aside together when the inputs change.
 TRAINED_OUTPUTS = ("checkpoints", "model", "adapter", "train_result.json", "trackio", "gguf", "loss.png")
@@ -41,27 +36,6 @@ class TrainingFailed(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # Prefect persists failed results: keep the fields
         return (TrainingFailed, (self.stage, str(self), self.job, self.submitted))
-
-
-def training_key(plan: RunPlan, backend: str) -> str:
-    """What the trained model depends on: the script (hyper-parameters, method, paths), the
-    data it reads, the base model, and where it runs."""
-    run_dir = Path(plan.run_dir)
-    return key_of(
-        "train",
-        plan.script.sha256,
-        file_hashes(run_dir / "data" / "train.jsonl", run_dir / "data" / "heldout.jsonl"),
-        model_fingerprint(plan.model_path),
-        backend,
-        plan.hardware.flavor,
-    )
-
-
-def trained_problems(trained: TrainedModel) -> list[str]:
-    """Why a cached training result cannot be trusted any more (empty when it can)."""
-    run_dir = Path(trained.handle.run_dir)
-    found = [] if trained.result.manifest else ["no file record (an older result)"]
-    return found + problems(run_dir, trained.result.manifest)
 
 
 def set_aside_other_training(run_dir: Path, key: str) -> str | None:
@@ -140,12 +114,10 @@ def job_request(
 
 
 def oom_retry(
-    plan: RunPlan, script: TrainingScript, cost: CostEstimate, job: JobStatus, approval: Approval
-) -> tuple[TrainingScript | None, str]:
-    """A safer script for one more attempt after an out-of-memory failure, when one exists and
-    the approved budget still covers a whole new run; else None and why not."""
-    from tasks.stages import build_script_task
-
+    script: TrainingScript, cost: CostEstimate, job: JobStatus, approval: Approval
+) -> tuple[dict[str, Any] | None, str]:
+    """Safer training arguments for one more attempt after an out-of-memory failure, when there
+    are any and the approved budget still covers a whole new run; else None and why not."""
     changed = safer_training(script.config["training"])
     first = f"attempt 1 ran out of memory after {job.steps} steps ({usd(job.cost_usd)})"
     if changed is None:
@@ -156,67 +128,32 @@ def oom_retry(
             f"{first}; not resubmitted: {usd(job.cost_usd)} spent + up to {usd(cost.usd_high)} for another attempt "
             f"would pass max_usd {usd(approval.max_usd)}"
         )
-    run_dir = Path(plan.run_dir)
-    Path(script.path).replace(run_dir / "train.attempt1.py")  # kept for the record
-    new_script = build_script_task.fn(method_definition(plan.method), {**script.config, "training": training}, run_dir)
-    return new_script, f"{first}; resubmitted once with {what}, resuming from its last pushed checkpoint"
+    return training, f"{first}; resubmitted once with {what}, resuming from its last pushed checkpoint"
 
 
-def train(
-    spec: RunSpec,
-    plan: RunPlan,
-    cost: CostEstimate,
-    approval: Approval | None,
-    poll_s: float | None,
-    key: str,
-    say: Any = print,
-) -> TrainedModel:
-    """Submit, follow and fetch, as tasks; raises TrainingFailed naming the part that failed."""
-    from tasks.run.backends import get_backend
-    from tasks.stages import fetch_artifacts_task, monitor_task, submit_job_task
+def budget_guard(spec: RunSpec, cost: CostEstimate, approval: Approval, spent_before_usd: float) -> Guard:
+    """What stops a job: the approved cap (counting earlier attempts), the projection, a stall."""
+    return Guard(
+        max_usd=approval.max_usd,
+        price_per_hour_usd=cost.price_per_hour_usd,
+        projection_margin=spec.budget.projection_margin,
+        stall_s=spec.budget.stall_minutes * 60,
+        startup_grace_s=cost.startup_s * 2,
+        spent_before_usd=spent_before_usd,
+    )
 
-    if approval is None:  # only a cached result may be taken without an approval
-        raise TrainingFailed("submit_job", "training was not approved, and no finished training has these inputs")
-    backend = get_backend(spec.backend, spec.pool)
-    note = set_aside_other_training(Path(plan.run_dir), key)
-    if note:
-        say(note)
-    script, job, handle, submitted = plan.script, None, None, None
-    attempts: list[str] = []
-    spent = 0.0
-    stage = "submit_job"
-    try:
-        for attempt in (1, 2):
-            stage = "submit_job"
-            handle = submit_job_task(spec.backend, job_request(spec, plan, script, cost, attempt, key))
-            submitted = submitted or handle.url or handle.job_id
-            stage = "monitor"
-            guard = Guard(
-                max_usd=approval.max_usd,
-                price_per_hour_usd=cost.price_per_hour_usd,
-                projection_margin=spec.budget.projection_margin,
-                stall_s=spec.budget.stall_minutes * 60,
-                startup_grace_s=cost.startup_s * 2,
-                spent_before_usd=spent,
-            )
-            job = monitor_task(handle, plan.run_name, guard, poll_s or backend_poll_s(backend))
-            if job.failure != "oom" or attempt == 2:
-                break
-            retry, why = oom_retry(plan, script, cost, job, approval)
-            attempts.append(why)
-            if retry is None:
-                break
-            script, spent = retry, job.cost_usd
-        assert job is not None and handle is not None
-        job = job.model_copy(update={"attempts": attempts}) if attempts else job
-        if job.state != "completed":
-            stage = "monitor"
-        else:
-            stage = "fetch_artifacts"
-        result = fetch_artifacts_task(handle, job)
-    except (KeyboardInterrupt, TerminationSignal):  # Ctrl-C, or SIGTERM (Prefect's): stop the job too
-        stop_on_interrupt(backend, handle or load_handle(Path(plan.run_dir)), plan.run_name, say)
-        raise
-    except Exception as e:
-        raise TrainingFailed(stage, f"{type(e).__name__}: {e}", job, submitted) from e
-    return TrainedModel(training_key=key, handle=handle, job=job, result=result, submitted=submitted or "")
+
+@dataclass
+class Trail:
+    """What a failure of training reports: the part that failed, the job so far, where it went."""
+
+    handle: JobHandle | None = None
+    job: JobStatus | None = None
+    submitted: str | None = None
+
+    @contextmanager
+    def part(self, stage: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            raise TrainingFailed(stage, f"{type(e).__name__}: {e}", self.job, self.submitted) from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasks.core.spec import PoolSettings
 from tasks.run.backends.base import (
     Account,
     Backend,
@@ -13,7 +14,6 @@ from tasks.run.backends.base import (
 from tasks.run.backends.hf_jobs import HfJobsBackend
 from tasks.run.backends.local import LocalBackend
 from tasks.run.backends.prefect_pool import PrefectPoolBackend
-from tasks.spec import PoolSettings
 
 __all__ = [
     "Account",
@@ -40,8 +40,3 @@ def get_backend(name: str, pool: PoolSettings | None = None) -> Backend:
     if name not in _INSTANCES:
         _INSTANCES[name] = _FACTORIES[name]()
     return _INSTANCES[name]
-
-
-def runs_on_this_machine(name: str) -> bool:
-    """Whether planning sizes this machine (local) or a rented flavor (every other backend)."""
-    return get_backend(name).on_this_machine

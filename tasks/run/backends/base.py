@@ -13,9 +13,10 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.errors import UserFacingError
-from tasks.models import InputUpload, JobHandle, JobSnapshot, TrainingScript
-from tasks.spec import PoolSettings
+from tasks.core.errors import UserFacingError
+from tasks.core.models import CostEstimate, InputUpload, JobHandle, JobSnapshot, TrainingScript
+from tasks.core.money import usd
+from tasks.core.spec import PoolSettings
 
 
 class BackendError(UserFacingError, RuntimeError):
@@ -135,3 +136,13 @@ def job_inputs(
 def tail_lines(lines: list[str], tail: int) -> str:
     clean = [line for line in (x.rstrip() for x in lines) if line.strip()]
     return "\n".join(clean[-tail:])
+
+
+def account_detail(account: Account, cost: CostEstimate) -> str:
+    """What check_account found, as the run's report shows it."""
+    if account.namespace is None:
+        return "this machine: nothing to check"
+    return (
+        f"namespace {account.namespace}; {cost.flavor} at {usd(cost.price_per_hour_usd)}/h from "
+        f"{account.price_source}; estimate {usd(cost.usd)} (up to {usd(cost.usd_high)})"
+    )

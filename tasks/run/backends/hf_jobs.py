@@ -34,10 +34,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tasks.atomic import replace_path
-from tasks.faults import attempts_of, is_offline, say_retry, status_of, with_retries
-from tasks.hub import make_api, resolve_token, scrub, uses_xet
-from tasks.models import InputUpload, JobHandle, JobSnapshot
+from tasks.core.atomic import replace_path
+from tasks.core.faults import attempts_of, is_offline, say_retry, status_of, with_retries
+from tasks.core.hub_access import make_api, resolve_token, scrub, uses_xet
+from tasks.core.models import InputUpload, JobHandle, JobSnapshot
 from tasks.run.backends.base import (
     JOB_FILES,
     Account,

@@ -14,7 +14,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.models import InputUpload, JobHandle, JobSnapshot
+from tasks.core.models import InputUpload, JobHandle, JobSnapshot
 from tasks.run.backends.base import Account, JobRequest, load_handle, save_handle, tail_lines
 
 EXIT_STATUS = "exit_status"

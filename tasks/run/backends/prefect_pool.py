@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from tasks.models import InputUpload, JobHandle, JobSnapshot
+from tasks.core.models import InputUpload, JobHandle, JobSnapshot
+from tasks.core.spec import PoolSettings
 from tasks.run.backends.base import (
     Account,
     BackendError,
@@ -38,7 +39,6 @@ from tasks.run.backends.base import (
     tail_lines,
 )
 from tasks.run.storage import RunStorage, StorageError
-from tasks.spec import PoolSettings
 
 STATES = {
     "SCHEDULED": "scheduling",

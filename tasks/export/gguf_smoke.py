@@ -1,0 +1,340 @@
+"""Smoke test of one GGUF file against the transformers model it came from.
+
+A file passes when llama.cpp tokenizes every sample exactly as the Hugging Face tokenizer
+does, its next-token predictions agree with the transformers model at least as often as
+its quantization type should allow, and it generates through its embedded chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.core.manifest import sha256_file
+from tasks.core.models import GgufFile
+
+# Minimum top-1 agreement with the transformers model, by quantization type. Lossless types
+# must agree almost everywhere; lower-bit types lose some argmax ties on tiny models.
+MIN_AGREEMENT = {
+    "f16": 0.98,
+    "bf16": 0.98,
+    "q8_0": 0.95,
+    "q6_k": 0.9,
+    "q5_k_m": 0.85,
+    "q5_k_s": 0.85,
+    "q4_k_m": 0.8,
+    "q4_k_s": 0.8,
+    "q4_0": 0.75,
+    "q3_k_m": 0.6,
+    "q2_k": 0.4,
+}
+# A quantized file may be this much more perplexed than the transformers model.
+MAX_PERPLEXITY_RATIO = {"f16": 1.02, "bf16": 1.05, "q8_0": 1.05}
+DEFAULT_MAX_PERPLEXITY_RATIO = 1.5
+
+
+def _disable_extra_buffer_types() -> None:
+    """Load models without llama.cpp's extra CPU buffer types (AMX, repacked weights).
+
+    On CPUs with AMX, llama-cpp-python 0.3.36 built with -march=native crashes (SIGSEGV in
+    ggml_backend_amx_mul_mat, at ldtilecfg) on any quantized model as soon as it evaluates two
+    or more tokens. `Llama()` has no argument for it, so the default model parameters are
+    wrapped; results are identical, only those CPU-specific fast paths are skipped.
+    """
+    import llama_cpp.llama_cpp as ll
+
+    if getattr(ll.llama_model_default_params, "_finetune_flow", False):
+        return
+    default = ll.llama_model_default_params
+
+    def params():  # noqa: ANN202 (a ctypes struct)
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._finetune_flow = True  # type: ignore[attr-defined]
+    ll.llama_model_default_params = params
+
+
+def _log_softmax_nll(logits: Any, targets: list[int]) -> tuple[float, int]:
+    """Summed negative log-likelihood of `targets` under row-wise `logits` (numpy)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    m = logits.max(axis=1, keepdims=True)
+    logz = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+    picked = logits[np.arange(len(targets)), targets]
+    return float((logz - picked).sum()), len(targets)
+
+
+def smoke_test(
+    path: Path,
+    quant: str,
+    hf_model: Any,
+    tokenizer: Any,
+    texts: list[str],
+    heldout: list[str],
+    chat_prompt: list[dict[str, str]],
+    threads: int = 2,
+    thresholds: dict[str, float] | None = None,
+) -> GgufFile:
+    """Load the file with llama-cpp-python and measure it; never raises for a bad file.
+    `thresholds` ({"min_agreement": .., "max_perplexity_ratio": ..}) decide whether it passes."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    _disable_extra_buffer_types()
+    problems: list[str] = []
+    size_mb = path.stat().st_size / 1e6
+    start = time.perf_counter()
+    try:
+        llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=threads, seed=0)
+    except Exception as e:  # a file llama.cpp cannot load fails the test, with the reason
+        return GgufFile(
+            quant=quant,
+            path=str(path),
+            size_mb=round(size_mb, 3),
+            sha256=sha256_file(path),
+            passed=False,
+            problems=[f"llama.cpp could not load it: {e}"],
+        )
+    load_s = time.perf_counter() - start
+
+    matches = 0
+    for text in texts:
+        ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ours == theirs:
+            matches += 1
+        elif len(problems) < 3:
+            problems.append(f"tokenization differs for {text[:40]!r}: llama.cpp {ours[:12]} vs HF {theirs[:12]}")
+
+    agree = positions = 0
+    nll_gguf = nll_hf = 0.0
+    for text in heldout:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: llm.n_ctx()]
+        if len(ids) < 2:
+            continue
+        llm.reset()
+        llm.eval(ids)
+        ours = np.asarray(llm.scores[: len(ids)])
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor([ids])).logits[0].float().numpy()
+        agree += int((ours[:-1].argmax(-1) == theirs[:-1].argmax(-1)).sum())
+        positions += len(ids) - 1
+        n1, _ = _log_softmax_nll(ours[:-1], ids[1:])
+        n2, _ = _log_softmax_nll(theirs[:-1], ids[1:])
+        nll_gguf += n1
+        nll_hf += n2
+    agreement = agree / positions if positions else None
+    ppl = math.exp(nll_gguf / positions) if positions else None
+    hf_ppl = math.exp(nll_hf / positions) if positions else None
+
+    llm.reset()
+    start = time.perf_counter()
+    out = llm.create_chat_completion(messages=chat_prompt, max_tokens=24, temperature=0.0, seed=0)
+    gen_s = time.perf_counter() - start
+    generated = out["choices"][0]["message"]["content"] or ""
+    n_gen = out.get("usage", {}).get("completion_tokens", 0)
+    del llm
+
+    if matches != len(texts):
+        problems.append(f"{len(texts) - matches} of {len(texts)} sample texts tokenize differently")
+    limits = thresholds or default_thresholds(quant)
+    need = limits["min_agreement"]
+    if agreement is not None and agreement < need:
+        problems.append(f"top-1 agreement {agreement:.1%} is below {need:.0%} for {quant}")
+    ratio_cap = limits["max_perplexity_ratio"]
+    if ppl is not None and hf_ppl is not None and ppl > hf_ppl * ratio_cap:
+        problems.append(f"perplexity {ppl:.3f} is over {ratio_cap}x the transformers model's {hf_ppl:.3f}")
+    if n_gen == 0:
+        problems.append("generation through the chat template produced no tokens")
+    return GgufFile(
+        quant=quant,
+        path=str(path),
+        size_mb=round(size_mb, 3),
+        sha256=sha256_file(path),
+        load_s=round(load_s, 3),
+        tokenization_matches=matches,
+        tokenization_checked=len(texts),
+        top1_agreement=round(agreement, 4) if agreement is not None else None,
+        perplexity=round(ppl, 4) if ppl is not None else None,
+        hf_perplexity=round(hf_ppl, 4) if hf_ppl is not None else None,
+        generation_tokens_per_s=round(n_gen / gen_s, 1) if gen_s > 0 and n_gen else None,
+        sample_generation=generated[:200],
+        passed=not problems,
+        problems=problems,
+        thresholds=limits,
+    )
+
+
+def default_thresholds(quant: str) -> dict[str, float]:
+    return {
+        "min_agreement": MIN_AGREEMENT.get(quant, 0.5),
+        "max_perplexity_ratio": MAX_PERPLEXITY_RATIO.get(quant, DEFAULT_MAX_PERPLEXITY_RATIO),
+    }
+
+
+def thresholds_for(quant: str, outputs: Any = None) -> dict[str, float]:
+    """The defaults above, overridden per type by the spec's outputs.gguf_min_agreement and
+    outputs.gguf_max_perplexity_ratio."""
+    limits = default_thresholds(quant)
+    if outputs is not None:
+        if quant in outputs.gguf_min_agreement:
+            limits["min_agreement"] = float(outputs.gguf_min_agreement[quant])
+        if quant in outputs.gguf_max_perplexity_ratio:
+            limits["max_perplexity_ratio"] = float(outputs.gguf_max_perplexity_ratio[quant])
+    return limits
+
+
+def _render_rows(tokenizer: Any, rows: list[dict]) -> list[str]:
+    """Each row as the text the model was trained on (preference rows: prompt + chosen)."""
+    rendered = []
+    for row in rows:
+        if "messages" in row:
+            turns: Any = row["messages"]
+        elif "chosen" in row:
+            prompt = row.get("prompt", [] if isinstance(row["chosen"], list) else "")
+            turns = prompt + row["chosen"]
+        elif "completion" in row:
+            turns = row["prompt"] + row["completion"]
+        elif "prompt" in row:  # prompt-only (GRPO) rows
+            turns = row["prompt"]
+        else:
+            turns = row.get("text", "")
+        rendered.append(tokenizer.apply_chat_template(turns, tokenize=False) if isinstance(turns, list) else turns)
+    return rendered
+
+
+def _sample_texts(tokenizer: Any, rows: list[dict]) -> list[str]:
+    """Texts whose tokenization must match: rendered rows plus hard cases for tokenizers."""
+    fixed = [
+        "What is 7 + 12?",
+        "Hello, world! How are you doing today?",
+        "  leading spaces, trailing spaces  ",
+        "tabs\tand\nnewlines\n\n\nmany",
+        "numbers 1234567890 and 3.14159, -42",
+        "punctuation: (a) [b] {c} <d> 'e' \"f\" ...!?",
+        "unicode: café naïve Zürich straße",
+        "emoji 🙂🚀 and symbols © ® ™ €",
+        "I'm sure they'll say we've done it, isn't it?",
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    ]
+    return fixed + _render_rows(tokenizer, rows)
+
+
+def _chat_prompt(rows: list[dict]) -> list[dict[str, str]]:
+    for row in rows:
+        if "messages" in row:
+            return [m for m in row["messages"] if m["role"] != "assistant"][:2] or row["messages"][:1]
+        if isinstance(row.get("prompt"), list):
+            return row["prompt"]
+        if isinstance(row.get("prompt"), str):
+            return [{"role": "user", "content": row["prompt"]}]
+    return [{"role": "user", "content": "Hello! Who are you?"}]
+
+
+def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: Path, outputs: Any = None) -> Any:
+    """Smoke-test every file of a GgufFiles against the spec's thresholds; returns a new
+    GgufFiles with the measurements (and each file's fallback record kept)."""
+    import json
+
+    from tasks.core.models import GgufFiles, StageOutcome
+
+    rows = [json.loads(line) for line in heldout_path.read_text().splitlines() if line.strip()]
+    if not rows:  # tiny datasets keep no held-out rows: fall back to a few training rows
+        rows = [json.loads(line) for line in train_path.read_text().splitlines()[:8] if line.strip()]
+    rows = rows[:16]
+    rows_file = Path(gguf.files[0].path).parent / "smoke_rows.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tested = [
+        _smoke_test_in_child(Path(f.path), f.quant, model_dir, rows_file, thresholds_for(f.quant, outputs)).model_copy(
+            update={"fallback_tensors": f.fallback_tensors, "total_tensors": f.total_tensors, "fallbacks": f.fallbacks}
+        )
+        for f in gguf.files
+    ]
+    failed = [f for f in tested if not f.passed]
+    if failed:
+        detail = "; ".join(f"{f.quant}: {', '.join(f.problems)}" for f in failed)
+        status = "failed"
+    else:
+        detail = ", ".join(
+            f"{f.quant}: agreement {f.top1_agreement:.0%}, ppl {f.perplexity:.2f} vs {f.hf_perplexity:.2f}"
+            if f.top1_agreement is not None and f.perplexity and f.hf_perplexity
+            else f.quant
+            for f in tested
+        )
+        status = "passed"
+    return GgufFiles(
+        outcome=StageOutcome(stage="smoke_test_gguf", status=status, detail=detail),
+        files=tested,
+        modelfile=gguf.modelfile,
+        convert_s=gguf.convert_s,
+    )
+
+
+def _smoke_test_in_child(
+    path: Path, quant: str, model_dir: Path, rows_file: Path, thresholds: dict[str, float]
+) -> GgufFile:
+    """Each file is tested in its own process: a crash inside llama.cpp then fails that file
+    (with the signal named) instead of taking the flow down. A crash is retried once."""
+    import subprocess
+    import sys
+
+    result_file = path.with_suffix(".smoke.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "tasks.export.gguf_smoke",
+        str(path),
+        quant,
+        str(model_dir),
+        str(rows_file),
+        str(result_file),
+        json.dumps(thresholds),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "TOKENIZERS_PARALLELISM": "false"}
+    for _attempt in range(2):
+        result_file.unlink(missing_ok=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=600)
+        if proc.returncode == 0 and result_file.exists():
+            return GgufFile.model_validate_json(result_file.read_text())
+        if proc.returncode >= 0:  # an ordinary error: retrying would not help
+            break
+    how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    return GgufFile(
+        quant=quant,
+        path=str(path),
+        size_mb=round(path.stat().st_size / 1e6, 3),
+        sha256=sha256_file(path),
+        passed=False,
+        problems=[f"the smoke test process died ({how}): {proc.stderr.strip()[-300:]}"],
+    )
+
+
+def _main(argv: list[str]) -> None:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, quant, model_dir, rows_file, out, limits = argv
+    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines() if line.strip()]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    texts = _sample_texts(tokenizer, rows)
+    heldout = _render_rows(tokenizer, rows)
+    result = smoke_test(
+        Path(path), quant, hf_model, tokenizer, texts, heldout, _chat_prompt(rows), thresholds=json.loads(limits)
+    )
+    Path(out).write_text(result.model_dump_json(indent=2))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

@@ -1,0 +1,216 @@
+"""The model card (README.md with YAML metadata), the loss curve PNG and the Ollama Modelfile.
+
+Everything here is rendered from the run's typed objects; no token or local secret can
+reach it because none is ever passed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.core.models import EvaluationResult, GgufFiles, JobResult, JobStatus, RunPlan
+from tasks.core.money import usd
+from tasks.core.spec import RunSpec
+from tasks.data.reading import HUB_ID
+from tasks.evaluate.summary import evaluation_lines
+from tasks.export.gguf_summary import fallback_text, gguf_cells
+
+
+def loss_curve_png(status: JobStatus, path: Path, title: str) -> Path | None:
+    """Plot the training loss; None when there is nothing to plot."""
+    if not status.losses:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([p.step for p in status.losses], [p.loss for p in status.losses], marker="o", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    # Agg writes no creation time into the PNG, so an unchanged run gives identical bytes.
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
+def card_metadata(spec: RunSpec, plan: RunPlan, gguf: GgufFiles | None, license_id: str) -> dict[str, Any]:
+    tags = ["finetune-flow", spec.method, "trl", "text-generation"]
+    if plan.hardware.use_lora:
+        tags += ["peft", "lora"]
+    if gguf is not None and any(f.passed for f in gguf.files):
+        tags.append("gguf")
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": license_id,
+        "tags": tags,
+    }
+    # a recipe's later stage starts from a local folder; the Hub model the chain began from is the base
+    root = spec.evaluation.baseline if spec.evaluation.baseline and Path(spec.model).exists() else spec.model
+    if HUB_ID.match(root) and not Path(root).exists():
+        meta["base_model"] = root
+    if HUB_ID.match(spec.dataset) and not Path(spec.dataset).exists():
+        meta["datasets"] = [spec.dataset]
+    return meta
+
+
+def _settings_rows(spec: RunSpec, plan: RunPlan, status: JobStatus) -> list[tuple[str, str]]:
+    t = plan.script.config["training"]
+    rows = [
+        ("method", f"{spec.method.upper()} ({plan.script.trainer})"),
+        ("base model", "embedded tiny Qwen2 (random init)" if spec.model == "tiny" else spec.model),
+        (
+            "dataset",
+            f"{Path(spec.dataset).name if Path(spec.dataset).exists() else spec.dataset} "
+            f"({plan.dataset.rows} rows, {plan.dataset.format})",
+        ),
+        ("epochs / max steps", f"{t.get('num_train_epochs')} / {t.get('max_steps', -1)}"),
+        ("learning rate", str(t.get("learning_rate"))),
+        (
+            "batch size x accumulation",
+            f"{t.get('per_device_train_batch_size')} x {t.get('gradient_accumulation_steps')}",
+        ),
+        ("max length", str(t.get("max_length"))),
+        ("precision", plan.hardware.dtype),
+        (
+            "LoRA",
+            (
+                f"r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}, "
+                f"targets={plan.hardware.lora_target_modules}"
+            )
+            if plan.hardware.use_lora
+            else "no (full fine-tuning)",
+        ),
+        ("steps", str(status.steps)),
+        ("training time", f"{status.duration_s:.0f} s"),
+        ("hardware", plan.hardware.description),
+    ]
+    return rows
+
+
+def _gguf_table(gguf: GgufFiles) -> list[str]:
+    lines = [
+        "| file | type | size | fallback tensors | perplexity (HF model) | top-1 agreement | tokenization "
+        "| generation tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in gguf.files:
+        ppl, agree, tps = gguf_cells(f)
+        lines.append(
+            f"| `{Path(f.path).name}` | {f.quant} | {f.size_mb:.1f} MB | {fallback_text(f)} | {ppl} | {agree} | "
+            f"{f.tokenization_matches}/{f.tokenization_checked} identical | {tps} |"
+        )
+    return lines
+
+
+CHECK_BY_HAND = {
+    "sft": "`evaluation.json` holds every held-out row's score for both models. To check one by hand: render the "
+    "row's conversation without its last turn through this model's chat template with the generation prompt, then "
+    "the whole conversation; the score is the mean negative log-likelihood per token of what the second adds "
+    "(the answer), under each model, in float32.",
+    "dpo": "`evaluation.json` holds every held-out pair's margin for both models: the summed log-probability of the "
+    "chosen answer minus that of the rejected one, each after the prompt rendered through the chat template.",
+    "grpo": "`evaluation.json` holds every held-out prompt's rewards for both models: each reward function applied to "
+    "a greedy completion (and to a sampled one) of at most max_completion_length tokens.",
+}
+
+
+def model_card(
+    spec: RunSpec,
+    plan: RunPlan,
+    status: JobStatus,
+    result: JobResult,
+    gguf: GgufFiles | None,
+    repo_id: str,
+    loss_png: str | None,
+    cost_usd: float,
+    license_id: str = "apache-2.0",
+    evaluation: EvaluationResult | None = None,
+) -> str:
+    meta = card_metadata(spec, plan, gguf, license_id)
+    name = repo_id.rstrip("/").split("/")[-1]
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", ""]
+    lines.append(
+        f"Fine-tuned with {spec.method.upper()} by finetune-flow from "
+        f"`{spec.model}` on `{Path(spec.dataset).name if Path(spec.dataset).exists() else spec.dataset}`"
+        + (f", in a recipe that began from `{spec.evaluation.baseline}`." if spec.evaluation.baseline else ".")
+    )
+    lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _settings_rows(spec, plan, status)]
+    lines += ["", "## Results", ""]
+    if status.losses:
+        lines.append(
+            f"Training loss {status.losses[0].loss:.4f} (step {status.losses[0].step}) -> "
+            f"{status.losses[-1].loss:.4f} (step {status.losses[-1].step})."
+        )
+    for key in ("train_loss", "train_runtime", "train_samples_per_second"):
+        if key in result.train_metrics:
+            lines.append(f"- {key}: {result.train_metrics[key]:.4g}")
+    if loss_png:
+        lines += ["", f"![training loss]({loss_png})"]
+    if evaluation is not None:
+        lines += ["", "## Evaluation against the model it started from", "", *evaluation_lines(evaluation)]
+        lines += ["", CHECK_BY_HAND[spec.method]]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"{usd(cost_usd)} (estimated before the run: {usd(plan.cost.usd)}, "
+        f"range {usd(plan.cost.usd_low)}-{usd(plan.cost.usd_high)}).",
+        "",
+    ]
+    if gguf is not None and gguf.files:
+        lines += ["## GGUF files", "", *_gguf_table(gguf), ""]
+        lines += [
+            "Perplexity and top-1 agreement are measured on held-out rows of the training data against the "
+            "transformers model; tokenization is compared with the Hugging Face tokenizer.",
+            "",
+        ]
+    lines += [
+        "## How to run it",
+        "",
+        "With transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+        'messages = [{"role": "user", "content": "What is 3 + 4?"}]',
+        'ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
+        "print(tok.decode(model.generate(ids, max_new_tokens=32)[0]))",
+        "```",
+        "",
+    ]
+    if gguf is not None and gguf.files:
+        first = Path(gguf.files[0].path).name
+        lines += [
+            "With llama.cpp (`llama-cli` uses the chat template stored in the file):",
+            "",
+            "```bash",
+            *(f"llama-cli -m gguf/{Path(f.path).name} -cnv" for f in gguf.files),
+            "```",
+            "",
+            "With Ollama (the `Modelfile` next to the GGUF files sets the template and stop tokens):",
+            "",
+            "```bash",
+            "cd gguf",
+            f"ollama create {name.lower()} -f Modelfile",
+            f"ollama run {name.lower()}",
+            "```",
+            "",
+            "With LM Studio: copy a file into LM Studio's models folder, or",
+            "",
+            "```bash",
+            f"lms import gguf/{first}",
+            "```",
+            "",
+        ]
+    return "\n".join(lines)
