@@ -1,6 +1,6 @@
 """The doors other than the command line, each against a real Prefect server: the deployments
-served by `python -m deployments.serve` and driven over REST (the typed client, and the README's
-curl sequence as written). A deployment run by a process worker is in test_deployments.py."""
+served by `python -m deployments.serve` and driven over REST (the typed client, and the curl
+sequence of docs/ways-in.md as written). A deployment run by a process worker is in test_deployments.py."""
 
 from __future__ import annotations
 
@@ -54,17 +54,17 @@ def test_the_typed_client_starts_follows_and_cancels_a_served_run_and_refuses_a_
     assert not (runs_root() / "rest-cancelled" / "job.json").exists()  # no job was ever submitted
 
 
-def _readme_block(marker: str) -> str:
-    text = (REPO / "README.md").read_text()
+def _docs_block(marker: str, page: str = "ways-in.md") -> str:
+    text = (REPO / "docs" / page).read_text()
     found = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", text, re.S)
-    assert found, f"README has no bash block after <!-- {marker} -->"
+    assert found, f"docs/{page} has no bash block after <!-- {marker} -->"
     return found.group(1)
 
 
-def test_the_readme_curl_sequence_runs_as_written(served, tmp_path):
-    """Every line of the README's REST section, run by bash against the served deployments,
+def test_the_docs_curl_sequence_runs_as_written(served, tmp_path):
+    """Every line of the REST section of docs/ways-in.md, run by bash against the served deployments,
     with the shipped JSON spec it names."""
-    script = _readme_block("rest-sequence")
+    script = _docs_block("rest-sequence")
     env = {**process_env(), "API": api_url(), "SPEC_FILE": str(REPO / "examples" / "sft-approval.json")}
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=420

@@ -110,21 +110,22 @@ def test_the_spec_is_a_flow_parameter_schema():
     assert "dataset" in schema["required"]
 
 
-def test_every_error_code_is_in_the_readme_and_the_cli_json_carries_it(capsys, tmp_path):
+def test_every_error_code_is_in_the_docs_and_the_cli_json_carries_it(capsys, tmp_path):
     from cli.run import main
+    from flows.planning import plan_run
     from flows.sft import sft
     from tasks.core.errors import ERROR_CODES
     from tests.conftest import EXAMPLES, REPO
 
-    readme = (REPO / "README.md").read_text()
+    errors_page = (REPO / "docs" / "errors.md").read_text()
     for cls, (code, fix) in ERROR_CODES.items():
-        assert f"| `{code}` | {cls} | {fix} |" in readme
-    assert main("sft", sft, ["--spec", str(EXAMPLES / "sft-tiny.yaml"), "--set", "methd=sft", "--json"]) == 2
+        assert f"| `{code}` | {cls} | {fix} |" in errors_page
+    assert main("sft", sft, plan_run, ["--spec", str(EXAMPLES / "sft-tiny.yaml"), "--set", "methd=sft", "--json"]) == 2
     out = json.loads(capsys.readouterr().out)
     assert out["code"] == "spec_invalid" and "unknown field 'methd'" in out["error"] and out["fix"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     args = ["--dataset", str(bad), "--dry-run", "--json"]
-    assert main("sft", sft, args) == 2
+    assert main("sft", sft, plan_run, args) == 2
     out = json.loads(capsys.readouterr().out)
     assert (out["code"], out["type"]) == ("dataset_invalid", "DatasetValidationError")
