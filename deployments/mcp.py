@@ -10,7 +10,7 @@ above the spec's budget.max_usd. Runs go through the same REST calls as `deploym
 --api-url defaults to PREFECT_API_URL, else http://127.0.0.1:4200/api (`prefect server
 start`). --serve also serves the deployments from this process (`deployments.serve`), so a
 server plus this command is the whole set-up. Every tool returns typed JSON; a failure is an
-error result whose JSON carries a stable `code`, the message and a `fix` (README: Errors).
+error result whose JSON carries a stable `code`, the message and a `fix` (docs/errors.md).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from tasks.stages.approval import PendingDecision  # noqa: E402
 SpecArg = Annotated[
     dict[str, Any],
     Field(
-        description="a run spec as JSON, the same fields as a YAML spec (README: The run spec): method, model, "
+        description="a run spec as JSON, the same fields as a YAML spec (docs/spec.md): method, model, "
         "dataset (an absolute path, or relative to the engine's checkout), training, budget, outputs, ..."
     ),
 ]

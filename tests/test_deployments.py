@@ -65,7 +65,7 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active is False  # declared inactive
     spec_schema = sft.parameter_openapi_schema["definitions"]["RunSpec"]["properties"]
     assert "description" in spec_schema["conversion"] and spec_schema["method"]["enum"] == ["sft", "dpo", "grpo"]
-    # workers started as the README starts them: one for the lifecycle flows, one for the training
+    # workers started as docs/backends.md starts them: one for the lifecycle flows, one for the training
     # pool. Two runs of the sft deployment go through the pool at once, with shared storage in a
     # local folder: one trains the tiny SFT as 2 processes (the launch every backend uses) and comes
     # back; the other is cancelled while it trains, and its training stops with it.

@@ -330,7 +330,7 @@ def deployments_served(base: str, env: dict[str, str], log: Path) -> Iterator[No
 
 
 def walkthrough(base: str, spec: dict[str, Any], out: Path, reason: str, to_the_end: bool = True) -> dict[str, Any]:
-    """What the README walks a person through: the deployment's form, a run started from it, the
+    """What docs/ways-in.md walks a person through: the deployment's form, a run started from it, the
     paused run's approval form answered, the finished run's artifacts; screenshots of each.
     Without `to_the_end` it stops once the approved run is training again (the test's way)."""
     deployment_id = _api_json(f"{base}/api/deployments/name/sft/sft")["id"]

@@ -501,7 +501,7 @@ class RunSummary(Frozen):
     stages: list[StageOutcome]
     outputs: dict[str, str]
     error: str | None = None
-    error_code: str | None = Field(None, description="the stable code of the failure (README: Errors, for agents)")
+    error_code: str | None = Field(None, description="the stable code of the failure (docs/errors.md)")
     error_fix: str | None = Field(None, description="what usually helps with that kind of failure")
 
 
