@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 
 from tasks.core.errors import UserFacingError, error_payload
+from tasks.core.locks import run_lock
 from tasks.core.models import RunPlan
 from tasks.core.rundir import named
 from tasks.core.spec import Method, RunSpec, SpecError, load_spec, parse_spec
 from tasks.report.render import plan_markdown, summary_text
-from tasks.run.locks import run_lock
 
 # Runs with no Prefect server start a temporary one; offline it would log telemetry errors.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

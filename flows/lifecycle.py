@@ -19,6 +19,7 @@ from prefect.context import FlowRunContext
 from flows.planning import plan_run
 from flows.training import train_task
 from tasks.core.errors import quiet_refusals
+from tasks.core.locks import run_lock
 from tasks.core.methods import METHODS
 from tasks.core.models import Approval, CostEstimate, EvaluationResult, GgufFiles, RunPlan, RunSummary, TrainedModel
 from tasks.core.rundir import flow_run_name, named
@@ -28,7 +29,6 @@ from tasks.plan.cost import repriced
 from tasks.report.render import plan_markdown
 from tasks.run.backends.base import account_detail
 from tasks.run.jobs import cancel_job_of_flow_run
-from tasks.run.locks import run_lock
 from tasks.stages import artifacts
 from tasks.stages.approval import request_approval, request_publish_decision
 from tasks.stages.cache import (

@@ -52,7 +52,7 @@ def method_flow(method: str) -> Any:
 def plan_stages(recipe: RecipeSpec, name: str) -> list[RunPlan]:
     """Every stage's plan, before anything runs. A later stage's starting model does not exist
     yet: it is planned with the recipe's base, which has the same architecture."""
-    from tasks.run.locks import run_lock
+    from tasks.core.locks import run_lock
 
     plans = []
     for i in range(len(recipe.stages)):
@@ -168,7 +168,7 @@ def run_recipe(
 ) -> RecipeSummary:
     """Plan every stage, refuse a chain over budget, then run the stages in order as child flow
     runs; the first failure (or a regression that stops a publish) stops the chain."""
-    from tasks.run.locks import run_lock
+    from tasks.core.locks import run_lock
 
     name = recipe_name_of(recipe)
     run_dir = runs_root() / name

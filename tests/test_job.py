@@ -125,7 +125,7 @@ def test_a_job_killed_by_a_signal_says_how_it_died(tmp_path):
 def test_one_flow_per_run_name_and_per_publish_target(tmp_path):
     import pytest
 
-    from tasks.run.locks import RunLocked, publish_lock, run_lock
+    from tasks.core.locks import RunLocked, publish_lock, run_lock
 
     with run_lock("busy-run"):
         with pytest.raises(RunLocked, match=r"run 'busy-run' is in use by another flow \(pid \d+"):
@@ -142,13 +142,13 @@ def test_one_flow_per_run_name_and_per_publish_target(tmp_path):
 
 
 def test_a_lock_held_by_a_killed_process_is_free_again(tmp_path):
-    from tasks.run.locks import run_lock
+    from tasks.core.locks import run_lock
 
     holder = subprocess.Popen(
         [
             sys.executable,
             "-c",
-            "import time; from tasks.run.locks import run_lock\nwith run_lock('crashy'):\n    print('held', flush=True)\n"
+            "import time; from tasks.core.locks import run_lock\nwith run_lock('crashy'):\n    print('held', flush=True)\n"
             "    time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -166,8 +166,8 @@ def test_a_second_flow_on_a_run_that_is_being_driven_is_refused_at_once(prefect_
     import pytest
 
     from flows.sft import sft
+    from tasks.core.locks import RunLocked, run_lock
     from tasks.core.spec import parse_spec
-    from tasks.run.locks import RunLocked, run_lock
     from tests.conftest import EXAMPLES
 
     spec = parse_spec({"dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"), "name": "twice"})

@@ -233,7 +233,7 @@ def push_to_hub(
             )
         )
     kind, target = publish_target(outputs.hub_repo)
-    from tasks.run.locks import publish_lock
+    from tasks.core.locks import publish_lock
 
     with publish_lock(target):
         return _publish(spec, plan, status, result, gguf, kind, target, evaluation)
