@@ -123,7 +123,7 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     by_hand = -torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[start:])[:, None]).mean().item()
     assert by_hand == pytest.approx(scores["after"][0]["loss"], rel=1e-4)
     # followed from another terminal, by name
-    from cli.status import status_main
+    from cli.status import main as status_main
 
     assert status_main(["flow-test", "--json"]) == 0
     state = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -596,31 +596,7 @@ def _report(
     hashes = np.frombuffer(state.hashes, dtype=np.int64)  # a view: sorted in place, no copy
     hashes.sort()
     duplicates = int(np.count_nonzero(hashes[1:] == hashes[:-1]))
-
-    warnings = []
-    if isinstance(tokenizer, CharEstimateTokenizer):
-        warnings.append(tokenizer.describe())
-    if dropped:
-        warnings.append(f"columns not used by {fmt} and left out: {', '.join(dropped)}")
-    if over:
-        what = "have a side that exceeds" if fmt.endswith("preference") else "exceed"
-        warnings.append(f"{over} row(s) {what} max_length={max_length} tokens and will be truncated")
-    if duplicates:
-        warnings.append(f"{duplicates} duplicate row(s)")
-    if state.empty_turns:
-        warnings.append(f"{state.empty_turns} empty system/tool turn(s)")
-    warnings += [f"{n} row(s): {what}" for what, n in state.anomalies.items()]
-    if scale > 1:
-        warnings.append(
-            f"token statistics measured on a seeded uniform sample of {len(lengths)} of {rows} rows "
-            "(counts over max_length scaled to all rows)"
-        )
-    if held:
-        seed = state.writer.held_out.seed
-        warnings.append(
-            f"{held} row(s), chosen at random (seed {seed}), are held out of training to evaluate the trained "
-            "model against the base model and its GGUF files"
-        )
+    warnings = _warnings(state, fmt, dropped, tokenizer, max_length, held, over, duplicates, len(lengths))
     return DatasetReport(
         source=source,
         split=split,
@@ -657,3 +633,45 @@ def _report(
         heldout_source=f"{held} training rows chosen at random (seed {state.writer.held_out.seed})" if held else "",
         heldout_path=str(state.writer.heldout),
     )
+
+
+def _warnings(
+    state: _Pass,
+    fmt: str,
+    dropped: list[str],
+    tokenizer: Any,
+    max_length: int,
+    held: int,
+    over: int,
+    duplicates: int,
+    measured: int,
+) -> list[str]:
+    """What the report warns about: estimates, dropped columns, truncation, duplicates, odd turns,
+    a sampled measurement, held-out rows."""
+    rows = state.writer.rows
+    scale = rows / measured
+    warnings = []
+    if isinstance(tokenizer, CharEstimateTokenizer):
+        warnings.append(tokenizer.describe())
+    if dropped:
+        warnings.append(f"columns not used by {fmt} and left out: {', '.join(dropped)}")
+    if over:
+        what = "have a side that exceeds" if fmt.endswith("preference") else "exceed"
+        warnings.append(f"{over} row(s) {what} max_length={max_length} tokens and will be truncated")
+    if duplicates:
+        warnings.append(f"{duplicates} duplicate row(s)")
+    if state.empty_turns:
+        warnings.append(f"{state.empty_turns} empty system/tool turn(s)")
+    warnings += [f"{n} row(s): {what}" for what, n in state.anomalies.items()]
+    if scale > 1:
+        warnings.append(
+            f"token statistics measured on a seeded uniform sample of {measured} of {rows} rows "
+            "(counts over max_length scaled to all rows)"
+        )
+    if held:
+        seed = state.writer.held_out.seed
+        warnings.append(
+            f"{held} row(s), chosen at random (seed {seed}), are held out of training to evaluate the trained "
+            "model against the base model and its GGUF files"
+        )
+    return warnings

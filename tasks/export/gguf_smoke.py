@@ -84,12 +84,9 @@ def smoke_test(
 ) -> GgufFile:
     """Load the file with llama-cpp-python and measure it; never raises for a bad file.
     `thresholds` ({"min_agreement": .., "max_perplexity_ratio": ..}) decide whether it passes."""
-    import numpy as np
-    import torch
     from llama_cpp import Llama
 
     _disable_extra_buffer_types()
-    problems: list[str] = []
     size_mb = path.stat().st_size / 1e6
     start = time.perf_counter()
     try:
@@ -104,56 +101,12 @@ def smoke_test(
             problems=[f"llama.cpp could not load it: {e}"],
         )
     load_s = time.perf_counter() - start
-
-    matches = 0
-    for text in texts:
-        ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ours == theirs:
-            matches += 1
-        elif len(problems) < 3:
-            problems.append(f"tokenization differs for {text[:40]!r}: llama.cpp {ours[:12]} vs HF {theirs[:12]}")
-
-    agree = positions = 0
-    nll_gguf = nll_hf = 0.0
-    for text in heldout:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: llm.n_ctx()]
-        if len(ids) < 2:
-            continue
-        llm.reset()
-        llm.eval(ids)
-        ours = np.asarray(llm.scores[: len(ids)])
-        with torch.no_grad():
-            theirs = hf_model(torch.tensor([ids])).logits[0].float().numpy()
-        agree += int((ours[:-1].argmax(-1) == theirs[:-1].argmax(-1)).sum())
-        positions += len(ids) - 1
-        n1, _ = _log_softmax_nll(ours[:-1], ids[1:])
-        n2, _ = _log_softmax_nll(theirs[:-1], ids[1:])
-        nll_gguf += n1
-        nll_hf += n2
-    agreement = agree / positions if positions else None
-    ppl = math.exp(nll_gguf / positions) if positions else None
-    hf_ppl = math.exp(nll_hf / positions) if positions else None
-
-    llm.reset()
-    start = time.perf_counter()
-    out = llm.create_chat_completion(messages=chat_prompt, max_tokens=24, temperature=0.0, seed=0)
-    gen_s = time.perf_counter() - start
-    generated = out["choices"][0]["message"]["content"] or ""
-    n_gen = out.get("usage", {}).get("completion_tokens", 0)
+    matches, problems = tokenization_matches(llm, tokenizer, texts)
+    agreement, ppl, hf_ppl = agreement_and_perplexity(llm, hf_model, tokenizer, heldout)
+    generated, n_gen, gen_s = chat_answer(llm, chat_prompt)
     del llm
-
-    if matches != len(texts):
-        problems.append(f"{len(texts) - matches} of {len(texts)} sample texts tokenize differently")
     limits = thresholds or default_thresholds(quant)
-    need = limits["min_agreement"]
-    if agreement is not None and agreement < need:
-        problems.append(f"top-1 agreement {agreement:.1%} is below {need:.0%} for {quant}")
-    ratio_cap = limits["max_perplexity_ratio"]
-    if ppl is not None and hf_ppl is not None and ppl > hf_ppl * ratio_cap:
-        problems.append(f"perplexity {ppl:.3f} is over {ratio_cap}x the transformers model's {hf_ppl:.3f}")
-    if n_gen == 0:
-        problems.append("generation through the chat template produced no tokens")
+    problems += shortfalls(quant, limits, len(texts) - matches, len(texts), agreement, ppl, hf_ppl, n_gen)
     return GgufFile(
         quant=quant,
         path=str(path),
@@ -171,6 +124,80 @@ def smoke_test(
         problems=problems,
         thresholds=limits,
     )
+
+
+def tokenization_matches(llm: Any, tokenizer: Any, texts: list[str]) -> tuple[int, list[str]]:
+    """How many texts llama.cpp tokenizes exactly as the model's tokenizer, and the first differences."""
+    matches, problems = 0, []
+    for text in texts:
+        ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ours == theirs:
+            matches += 1
+        elif len(problems) < 3:
+            problems.append(f"tokenization differs for {text[:40]!r}: llama.cpp {ours[:12]} vs HF {theirs[:12]}")
+    return matches, problems
+
+
+def agreement_and_perplexity(
+    llm: Any, hf_model: Any, tokenizer: Any, heldout: list[str]
+) -> tuple[float | None, float | None, float | None]:
+    """Top-1 agreement with the transformers model, and both perplexities, on the held-out texts."""
+    import numpy as np
+    import torch
+
+    agree = positions = 0
+    nll_gguf = nll_hf = 0.0
+    for text in heldout:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: llm.n_ctx()]
+        if len(ids) < 2:
+            continue
+        llm.reset()
+        llm.eval(ids)
+        ours = np.asarray(llm.scores[: len(ids)])
+        with torch.no_grad():
+            theirs = hf_model(torch.tensor([ids])).logits[0].float().numpy()
+        agree += int((ours[:-1].argmax(-1) == theirs[:-1].argmax(-1)).sum())
+        positions += len(ids) - 1
+        nll_gguf += _log_softmax_nll(ours[:-1], ids[1:])[0]
+        nll_hf += _log_softmax_nll(theirs[:-1], ids[1:])[0]
+    if not positions:
+        return None, None, None
+    return agree / positions, math.exp(nll_gguf / positions), math.exp(nll_hf / positions)
+
+
+def chat_answer(llm: Any, chat_prompt: list[dict[str, str]]) -> tuple[str, int, float]:
+    """An answer through the model's chat template: its text, tokens and seconds."""
+    llm.reset()
+    start = time.perf_counter()
+    out = llm.create_chat_completion(messages=chat_prompt, max_tokens=24, temperature=0.0, seed=0)
+    gen_s = time.perf_counter() - start
+    return out["choices"][0]["message"]["content"] or "", out.get("usage", {}).get("completion_tokens", 0), gen_s
+
+
+def shortfalls(
+    quant: str,
+    limits: dict[str, float],
+    mismatched: int,
+    checked: int,
+    agreement: float | None,
+    ppl: float | None,
+    hf_ppl: float | None,
+    n_gen: int,
+) -> list[str]:
+    """Why the file fails its thresholds (none when it passes)."""
+    problems = []
+    if mismatched:
+        problems.append(f"{mismatched} of {checked} sample texts tokenize differently")
+    need = limits["min_agreement"]
+    if agreement is not None and agreement < need:
+        problems.append(f"top-1 agreement {agreement:.1%} is below {need:.0%} for {quant}")
+    ratio_cap = limits["max_perplexity_ratio"]
+    if ppl is not None and hf_ppl is not None and ppl > hf_ppl * ratio_cap:
+        problems.append(f"perplexity {ppl:.3f} is over {ratio_cap}x the transformers model's {hf_ppl:.3f}")
+    if n_gen == 0:
+        problems.append("generation through the chat template produced no tokens")
+    return problems
 
 
 def default_thresholds(quant: str) -> dict[str, float]:

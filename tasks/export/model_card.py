@@ -135,8 +135,10 @@ def model_card(
     license_id: str = "apache-2.0",
     evaluation: EvaluationResult | None = None,
 ) -> str:
+    """The README.md of a release: metadata, how it was trained, what it measured, how to run it."""
     meta = card_metadata(spec, plan, gguf, license_id)
     name = repo_id.rstrip("/").split("/")[-1]
+    files = gguf.files if gguf is not None else []
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", ""]
     lines.append(
         f"Fine-tuned with {spec.method.upper()} by finetune-flow from "
@@ -145,7 +147,30 @@ def model_card(
     )
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in _settings_rows(spec, plan, status)]
-    lines += ["", "## Results", ""]
+    lines += result_lines(spec, status, result, loss_png, evaluation)
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"{usd(cost_usd)} (estimated before the run: {usd(plan.cost.usd)}, "
+        f"range {usd(plan.cost.usd_low)}-{usd(plan.cost.usd_high)}).",
+        "",
+    ]
+    if gguf is not None and files:
+        lines += ["## GGUF files", "", *_gguf_table(gguf), ""]
+        lines += [
+            "Perplexity and top-1 agreement are measured on held-out rows of the training data against the "
+            "transformers model; tokenization is compared with the Hugging Face tokenizer.",
+            "",
+        ]
+    return "\n".join(lines + how_to_run(repo_id, name, [Path(f.path).name for f in files]))
+
+
+def result_lines(
+    spec: RunSpec, status: JobStatus, result: JobResult, loss_png: str | None, evaluation: EvaluationResult | None
+) -> list[str]:
+    """The loss, the trainer's metrics, the curve, and the before/after verdict."""
+    lines = ["", "## Results", ""]
     if status.losses:
         lines.append(
             f"Training loss {status.losses[0].loss:.4f} (step {status.losses[0].step}) -> "
@@ -159,22 +184,12 @@ def model_card(
     if evaluation is not None:
         lines += ["", "## Evaluation against the model it started from", "", *evaluation_lines(evaluation)]
         lines += ["", CHECK_BY_HAND[spec.method]]
-    lines += [
-        "",
-        "## Cost",
-        "",
-        f"{usd(cost_usd)} (estimated before the run: {usd(plan.cost.usd)}, "
-        f"range {usd(plan.cost.usd_low)}-{usd(plan.cost.usd_high)}).",
-        "",
-    ]
-    if gguf is not None and gguf.files:
-        lines += ["## GGUF files", "", *_gguf_table(gguf), ""]
-        lines += [
-            "Perplexity and top-1 agreement are measured on held-out rows of the training data against the "
-            "transformers model; tokenization is compared with the Hugging Face tokenizer.",
-            "",
-        ]
-    lines += [
+    return lines
+
+
+def how_to_run(repo_id: str, name: str, gguf_names: list[str]) -> list[str]:
+    """With transformers, and with llama.cpp, Ollama and LM Studio when there are GGUF files."""
+    lines = [
         "## How to run it",
         "",
         "With transformers:",
@@ -189,28 +204,27 @@ def model_card(
         "```",
         "",
     ]
-    if gguf is not None and gguf.files:
-        first = Path(gguf.files[0].path).name
-        lines += [
-            "With llama.cpp (`llama-cli` uses the chat template stored in the file):",
-            "",
-            "```bash",
-            *(f"llama-cli -m gguf/{Path(f.path).name} -cnv" for f in gguf.files),
-            "```",
-            "",
-            "With Ollama (the `Modelfile` next to the GGUF files sets the template and stop tokens):",
-            "",
-            "```bash",
-            "cd gguf",
-            f"ollama create {name.lower()} -f Modelfile",
-            f"ollama run {name.lower()}",
-            "```",
-            "",
-            "With LM Studio: copy a file into LM Studio's models folder, or",
-            "",
-            "```bash",
-            f"lms import gguf/{first}",
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
+    if not gguf_names:
+        return lines
+    return lines + [
+        "With llama.cpp (`llama-cli` uses the chat template stored in the file):",
+        "",
+        "```bash",
+        *(f"llama-cli -m gguf/{file} -cnv" for file in gguf_names),
+        "```",
+        "",
+        "With Ollama (the `Modelfile` next to the GGUF files sets the template and stop tokens):",
+        "",
+        "```bash",
+        "cd gguf",
+        f"ollama create {name.lower()} -f Modelfile",
+        f"ollama run {name.lower()}",
+        "```",
+        "",
+        "With LM Studio: copy a file into LM Studio's models folder, or",
+        "",
+        "```bash",
+        f"lms import gguf/{gguf_names[0]}",
+        "```",
+        "",
+    ]

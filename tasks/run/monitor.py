@@ -178,82 +178,107 @@ def monitor_job(
     sleep: Callable[[float], None] = time.sleep,
 ) -> JobStatus:
     """Poll until the job ends (or the guard ends it) and say how it ended."""
-    start = clock()
-    records: list[ProgressLine] = []
-    seen = handle.log_start
-    snap = JobSnapshot(state="scheduling", billed_s=0.0)
-    running_since: float | None = None
-    last_line_at: float | None = None
-    unreachable_since: float | None = None
-    failure: str | None = None
-    detail = ""
-    progress = summarise(records, snap, guard, 0.0)
+    watch = Watch(backend, handle, guard, poll_s, clock)
     last_seen_step = None
     while True:
-        try:
-            snap = backend.status(handle)
-            new_lines = backend.read_log(handle, seen)
-            unreachable_since = None
-        except BackendError as e:
-            # The job goes on without us; keep trying, counting its cost by our own clock.
-            now = clock()
-            unreachable_since = unreachable_since or now
-            if now - unreachable_since > max_unreachable_s:
-                failure, detail = "lost", f"lost contact with the job for {max_unreachable_s / 60:.0f} min: {e}"
-                break
-            snap = snap.model_copy(update={"billed_s": snap.billed_s + poll_s})
-            new_lines = []
-        seen += len(new_lines)
-        fresh = [r for r in map(parse_progress_line, new_lines) if r is not None]
-        now = clock()
-        if fresh:
-            records += fresh
-            last_line_at = now
-        if snap.state == "running" and running_since is None:
-            running_since = now
-        progress = summarise(records, snap, guard, now - start)
-        if on_update and (progress.step != last_seen_step or snap.state in TERMINAL or fresh):
-            on_update(progress)
-            last_seen_step = progress.step
-        if snap.state in TERMINAL:
+        fresh = watch.poll(max_unreachable_s)
+        if watch.failure == "lost":
             break
-        quiet = None
-        if running_since is not None:
-            quiet = now - last_line_at if last_line_at is not None else now - running_since - guard.startup_grace_s
-        reason = guard_reason(progress, guard, poll_s, quiet)
+        if on_update and (watch.progress.step != last_seen_step or watch.snap.state in TERMINAL or fresh):
+            on_update(watch.progress)
+            last_seen_step = watch.progress.step
+        if watch.snap.state in TERMINAL:
+            break
+        reason = guard_reason(watch.progress, guard, poll_s, watch.quiet_s())
         if reason is None and stop_requested is not None:
             asked = stop_requested()
             reason = ("flow cancelled", asked) if asked else None
         if reason is not None:
-            failure, detail = reason
-            backend.cancel(handle)
-            snap = _settle(backend, handle, snap, sleep)
-            progress = summarise(records, snap, guard, clock() - start)
+            watch.stop(reason, sleep)
             if on_update:
-                on_update(progress)
+                on_update(watch.progress)
             break
         sleep(poll_s)
+    return final_status(watch)
 
-    if failure == "lost":
-        state = "failed"
-    elif failure is not None:
-        state = "cancelled"
-    else:
-        state = snap.state
+
+class Watch:
+    """What following one job has seen so far: its state, its progress lines, when it was last
+    heard from; one `poll` reads the job once."""
+
+    def __init__(
+        self, backend: Backend, handle: JobHandle, guard: Guard, poll_s: float, clock: Callable[[], float]
+    ) -> None:
+        self.backend, self.handle, self.guard, self.poll_s, self.clock = backend, handle, guard, poll_s, clock
+        self.start = clock()
+        self.records: list[ProgressLine] = []
+        self.seen = handle.log_start
+        self.snap = JobSnapshot(state="scheduling", billed_s=0.0)
+        self.running_since: float | None = None
+        self.last_line_at: float | None = None
+        self.unreachable_since: float | None = None
+        self.failure: str | None = None
+        self.detail = ""
+        self.now = self.start
+        self.progress = summarise(self.records, self.snap, guard, 0.0)
+
+    def poll(self, max_unreachable_s: float) -> list[ProgressLine]:
+        """The job's state and its new progress lines; out of reach for too long, it is "lost"."""
+        try:
+            self.snap = self.backend.status(self.handle)
+            new_lines = self.backend.read_log(self.handle, self.seen)
+            self.unreachable_since = None
+        except BackendError as e:
+            # The job goes on without us; keep trying, counting its cost by our own clock.
+            now = self.clock()
+            self.unreachable_since = self.unreachable_since or now
+            if now - self.unreachable_since > max_unreachable_s:
+                self.failure = "lost"
+                self.detail = f"lost contact with the job for {max_unreachable_s / 60:.0f} min: {e}"
+                return []
+            self.snap = self.snap.model_copy(update={"billed_s": self.snap.billed_s + self.poll_s})
+            new_lines = []
+        self.seen += len(new_lines)
+        fresh = [r for r in map(parse_progress_line, new_lines) if r is not None]
+        self.now = self.clock()
+        if fresh:
+            self.records += fresh
+            self.last_line_at = self.now
+        if self.snap.state == "running" and self.running_since is None:
+            self.running_since = self.now
+        self.progress = summarise(self.records, self.snap, self.guard, self.now - self.start)
+        return fresh
+
+    def quiet_s(self) -> float | None:
+        """How long the running job has printed no progress line (its start-up grace counted)."""
+        if self.running_since is None:
+            return None
+        if self.last_line_at is not None:
+            return self.now - self.last_line_at
+        return self.now - self.running_since - self.guard.startup_grace_s
+
+    def stop(self, reason: tuple[str, str], sleep: Callable[[float], None]) -> None:
+        """Cancel the job for `reason` and wait for its final billed time."""
+        self.failure, self.detail = reason
+        self.backend.cancel(self.handle)
+        self.snap = _settle(self.backend, self.handle, self.snap, sleep)
+        self.progress = summarise(self.records, self.snap, self.guard, self.clock() - self.start)
+
+
+def final_status(watch: Watch) -> JobStatus:
+    """How the job ended, with what it measured; a failure is sorted (out of memory, killed, error)."""
+    failure, detail, snap, progress = watch.failure, watch.detail, watch.snap, watch.progress
+    state = "failed" if failure == "lost" else "cancelled" if failure is not None else snap.state
     if state == "completed":
         detail = f"finished in {progress.elapsed_s:.1f} s ({progress.billed_s:.0f} s billed)"
     elif state == "cancelled" and not detail:
         detail = "cancelled" + (f": {snap.message}" if snap.message else " outside this flow")
     elif state == "failed" and failure != "lost":
-        tail = backend.logs(handle, tail=30)
-        if any(m in tail for m in OOM_MARKERS):
-            failure = "oom"
-        elif snap.message and snap.message.startswith("killed by signal"):
-            failure = "killed"
-        else:
-            failure = "error"
+        tail = watch.backend.logs(watch.handle, tail=30)
+        failure = failure_kind(tail, snap.message)
         why = f" ({snap.message})" if snap.message else ""
         detail = f"the training job failed{why}; last lines of its log:\n{readable_tail(tail)}"
+    handle = watch.handle
     return JobStatus(
         state=state,  # type: ignore[arg-type]
         detail=detail,
@@ -271,6 +296,14 @@ def monitor_job(
         last_metrics=progress.last_metrics,
         cost_usd=round(progress.cost_usd, 4),
     )
+
+
+def failure_kind(tail: str, message: str | None) -> str:
+    if any(m in tail for m in OOM_MARKERS):
+        return "oom"
+    if message and message.startswith("killed by signal"):
+        return "killed"
+    return "error"
 
 
 def _settle(backend: Backend, handle: JobHandle, snap: JobSnapshot, sleep: Callable[[float], None]) -> JobSnapshot:

@@ -173,33 +173,50 @@ def request_approval(
     if decision is not None:
         return decision
     if approve_up_to_usd is not None:
-        if cost.usd_high <= approve_up_to_usd:
-            return Approval(
-                approved=True,
-                by="command line",
-                max_usd=budget.max_usd,
-                estimated_usd=cost.usd,
-                reason=f"pre-approved up to {usd(approve_up_to_usd)} (--approve-up-to)",
-            )
-        raise NotApproved(
-            f"the estimate reaches {usd(cost.usd_high)}, above --approve-up-to {usd(approve_up_to_usd)}; "
-            "raise it to approve this run"
-        )
+        return pre_approved(cost, budget, approve_up_to_usd)
     if not has_api_server():
-        if interactive if interactive is not None else sys.stdin.isatty():
-            if _terminal_prompt(run_name, cost):
-                return Approval(
-                    approved=True,
-                    by="terminal",
-                    reason="approved at the terminal",
-                    max_usd=budget.max_usd,
-                    estimated_usd=cost.usd,
-                )
-            raise NotApproved("declined at the terminal")
-        raise NotApproved(how_to_approve(run_name, cost))
+        return asked_at_terminal(cost, budget, run_name, interactive)
+    return asked_through_prefect(cost, budget, run_name, run_dir, timeout_s, poll_s)
 
+
+def pre_approved(cost: CostEstimate, budget: Budget, approve_up_to_usd: float) -> Approval:
+    """--approve-up-to: approved when the estimate's high end is within it, refused otherwise."""
+    if cost.usd_high <= approve_up_to_usd:
+        return Approval(
+            approved=True,
+            by="command line",
+            max_usd=budget.max_usd,
+            estimated_usd=cost.usd,
+            reason=f"pre-approved up to {usd(approve_up_to_usd)} (--approve-up-to)",
+        )
+    raise NotApproved(
+        f"the estimate reaches {usd(cost.usd_high)}, above --approve-up-to {usd(approve_up_to_usd)}; "
+        "raise it to approve this run"
+    )
+
+
+def asked_at_terminal(cost: CostEstimate, budget: Budget, run_name: str, interactive: bool | None) -> Approval:
+    """No server to pause on: a person at a terminal answers; anything else is told how to approve."""
+    if not (interactive if interactive is not None else sys.stdin.isatty()):
+        raise NotApproved(how_to_approve(run_name, cost))
+    if not _terminal_prompt(run_name, cost):
+        raise NotApproved("declined at the terminal")
+    return Approval(
+        approved=True,
+        by="terminal",
+        reason="approved at the terminal",
+        max_usd=budget.max_usd,
+        estimated_usd=cost.usd,
+    )
+
+
+def asked_through_prefect(
+    cost: CostEstimate, budget: Budget, run_name: str, run_dir: Path, timeout_s: int, poll_s: int
+) -> Approval:
+    """The flow pauses for the typed answer (UI form, `flows.approve`, REST API) until timeout_s."""
     from prefect.exceptions import FlowPauseTimeout
     from prefect.flow_runs import pause_flow_run
+    from prefect.logging import get_run_logger
 
     description = (
         f"Run `{run_name}` is estimated at {usd(cost.usd)} (range {usd(cost.usd_low)}-{usd(cost.usd_high)}), "
@@ -217,8 +234,6 @@ def request_approval(
         estimated_usd_high=cost.usd_high,
         max_usd=budget.max_usd,
     )
-    from prefect.logging import get_run_logger
-
     logger = get_run_logger()
     logger.warning(
         f"run '{run_name}' waits up to {timeout_s} s for approval of {usd(cost.usd)} (up to {usd(cost.usd_high)}). "
