@@ -1,4 +1,4 @@
-"""Stage 1: validate the dataset against the method's schema before anything is spent.
+"""Validate the dataset against the method's schema before anything is spent.
 
 The data streams through in blocks (`reading.iter_blocks`), so a file larger than memory is
 checked with bounded memory: pandera checks each chunk lazily (`tasks.data.schemas`), the failures

@@ -1,4 +1,4 @@
-"""Stage 9: GGUF conversion (llama.cpp's converter) and quantization (llama-cpp-python).
+"""GGUF conversion (llama.cpp's converter) and quantization (llama-cpp-python).
 
 The fetched model (LoRA already merged) is converted once to f16 (or bf16), then quantized
 to every type in `outputs.gguf` through llama-cpp-python's quantize API, which gives the

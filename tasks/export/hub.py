@@ -1,4 +1,4 @@
-"""Stage 10: publish the model, its adapter, GGUF files and card, to the Hub or a folder.
+"""Publish the model, its adapter, GGUF files and card, to the Hub or a folder.
 
 The release is first staged in `runs/<name>/release/` with exactly the layout of the Hub
 repo; then it goes either to a local folder (`outputs.hub_repo: ./folder` or `file://...`),

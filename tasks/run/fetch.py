@@ -1,4 +1,4 @@
-"""Stage 8: bring the trained model into the run folder and check that it is whole.
+"""Bring the trained model into the run folder and check that it is whole.
 
 The backend brings the outputs in (the local script already wrote into the run folder; a
 Hugging Face job pushed them to its staging repo); then the same check for every backend:

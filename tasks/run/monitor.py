@@ -1,4 +1,4 @@
-"""Stage 7: follow a running job until it ends, with its progress, metrics and budget guard.
+"""Follow a running job until it ends, with its progress, metrics and budget guard.
 
 The same for every backend: the job's state and billed seconds come from
 `backend.status`, its log from `backend.read_log`, and progress, loss and the method's

@@ -1,4 +1,4 @@
-"""Stage 4: decide whether the estimated spend may go ahead.
+"""Decide whether the estimated spend may go ahead.
 
 Under `budget.auto_approve_usd` the run is approved automatically and the reason recorded;
 above `budget.max_usd` it is refused before anyone is asked; in between a person (or an
