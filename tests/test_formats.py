@@ -178,3 +178,14 @@ def test_the_validation_stage_draws_the_length_chart(tiny_model_path, tmp_path):
         str(FORMATS / "alpaca.jsonl"), method_definition("sft"), tiny_model_path, 64, out, "train", {}, None, "alpaca"
     )
     assert report.conversion == "alpaca" and (out / "token_lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_on_rows_that_need_a_conversion_says_what_inspect_says(tiny_tokenizer, tmp_path):
+    """HH-RLHF rows have columns named like implicit preference pairs; both doors name the conversion."""
+    dpo = method_definition("dpo")
+    with pytest.raises(DatasetValidationError) as refused:
+        validate_dataset(str(FORMATS / "hh_rlhf.jsonl"), dpo, tiny_tokenizer, 512, tmp_path / "hh")
+    inspected = recognise(_rows("hh_rlhf"), "dpo")
+    assert inspected.verdict == "NEEDS MAPPING" and inspected.text() in str(refused.value)
+    assert "conversion: hh_rlhf" in str(refused.value) and "bad row" not in str(refused.value)
+    assert not (tmp_path / "hh" / "train.jsonl").exists()

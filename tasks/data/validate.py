@@ -90,10 +90,14 @@ def apply_mapping(
 
 
 def detect_format(df: pd.DataFrame, method: MethodDefinition) -> str:
-    for fmt, needed in method.formats.items():
-        if all(c in df.columns for c in needed):
-            return fmt
+    """The method's format the rows are in. Columns with the right names are not enough: rows
+    that recognition says need a conversion (HH-RLHF text in `chosen`/`rejected`, say) get the
+    same answer `flows.inspect` gives, not a row-by-row refusal of a format they are not in."""
     verdict = recognise(sample_records(df), method.name)
+    convertible = verdict.verdict == "NEEDS MAPPING" and any(c.conversion for c in verdict.candidates)
+    for fmt, needed in method.formats.items():
+        if all(c in df.columns for c in needed) and not convertible:
+            return fmt
     wanted = " | ".join("+".join(cols) for cols in method.formats.values())
     raise DatasetValidationError(
         f"the dataset is not in a {method.name} format yet (columns [{', '.join(map(str, df.columns))}]; "
