@@ -179,23 +179,7 @@ def run_recipe(
         results = [planned_stage(recipe, name, i, p) for i, p in enumerate(plans)]
 
         def summary(error: str | None = None) -> RecipeSummary:
-            last = results[-1]
-            return write_summary(
-                RecipeSummary(
-                    recipe_name=name,
-                    run_dir=str(run_dir),
-                    base_model=recipe.model,
-                    max_usd=recipe.budget.max_usd,
-                    auto_approve_usd=recipe.budget.auto_approve_usd,
-                    estimated_usd=sum(p.cost.usd for p in plans),
-                    estimated_usd_high=sum(p.cost.usd_high for p in plans),
-                    spent_usd=sum(r.spent_usd for r in results),
-                    stages=results,
-                    final_model=last.model_dir if last.status == "passed" else None,
-                    published=recipe.stages[-1].outputs.hub_repo if last.status == "passed" else None,
-                    error=error,
-                )
-            )
+            return write_summary(chain_summary(recipe, name, run_dir, plans, results, error))
 
         try:
             check_total(recipe, plans)
@@ -228,6 +212,32 @@ def run_recipe(
                 raise RuntimeError(f"stage {recipe.stages[i].name} finished without a trained model")
             model = done.result.model_dir
         return summary()
+
+
+def chain_summary(
+    recipe: RecipeSpec,
+    name: str,
+    run_dir: Path,
+    plans: list[RunPlan],
+    results: list[RecipeStageResult],
+    error: str | None,
+) -> RecipeSummary:
+    """The chain as it stands: every stage's result, the estimate and what was spent."""
+    last = results[-1]
+    return RecipeSummary(
+        recipe_name=name,
+        run_dir=str(run_dir),
+        base_model=recipe.model,
+        max_usd=recipe.budget.max_usd,
+        auto_approve_usd=recipe.budget.auto_approve_usd,
+        estimated_usd=sum(p.cost.usd for p in plans),
+        estimated_usd_high=sum(p.cost.usd_high for p in plans),
+        spent_usd=sum(r.spent_usd for r in results),
+        stages=results,
+        final_model=last.model_dir if last.status == "passed" else None,
+        published=recipe.stages[-1].outputs.hub_repo if last.status == "passed" else None,
+        error=error,
+    )
 
 
 def recipe_run_name() -> str:
