@@ -18,13 +18,14 @@ sampler transformers itself uses, so the time estimate follows the choice.
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, cast
 
 from tasks.core.models import Batching, SpeedChoice, SpeedPlan
 from tasks.core.spec import SpecError
 from tasks.plan.flavors import Flavor
 
 SIMULATED_ROWS = 20_000  # rows drawn from the measured length distribution to simulate batching
+GIVEN = "set in the spec"  # the reason of every choice the spec's `training` makes itself
 
 
 def flash_attention_installed() -> bool:
@@ -58,50 +59,69 @@ def choose_speed(
 ) -> SpeedPlan:
     """`training` is the spec's own `training` mapping (not the method defaults): what it sets wins.
     `whole_epochs`: the run ends at an epoch's end (no max_steps that stops within the first)."""
-    choices: list[SpeedChoice] = []
-    arguments: dict[str, Any] = {}
-    given = "set in the spec"
-    gpu = flavor.is_gpu
-    where = "here" if on_this_machine else "in the job's dependencies"
+    attention = _attention(training, flavor, on_this_machine)
+    batching = _batching(
+        method, training, flavor.is_gpu, attention[0].value, rows_over_max_length, every_row_measured, whole_epochs
+    )
+    liger = _liger(training, flavor.is_gpu, model_type)
+    decided = [
+        attention,
+        batching,
+        _precision(training, flavor),
+        _optimizer(training, flavor.is_gpu),
+        liger,
+        _data_loading(training, flavor),
+    ]
+    arguments = {k: v for _, chosen in decided for k, v in chosen.items()}
+    # the spec's keys win; only the max_length that planned padding-free batches must unset stays
+    planned_padding_free = batching[0].value == "padding_free" and "padding_free" not in training
+    arguments = {
+        k: v for k, v in arguments.items() if k not in training or (k == "max_length" and planned_padding_free)
+    }
+    return SpeedPlan(
+        batching=cast(Batching, batching[0].value),
+        attention=attention[0].value,
+        liger=liger[0].value == "on",
+        choices=[choice for choice, _ in decided],
+        arguments=arguments,
+    )
 
-    # attention kernel
+
+def _attention(training: dict[str, Any], flavor: Flavor, on_this_machine: bool) -> tuple[SpeedChoice, dict[str, Any]]:
+    """The attention kernel: FlashAttention-2 only where it can run (installed where the script
+    runs, an Ampere-or-newer GPU); otherwise SDPA, which picks the best kernel the GPU has."""
     init_kwargs = training.get("model_init_kwargs") or {}
+    where = "here" if on_this_machine else "in the job's dependencies"
     if "attn_implementation" in init_kwargs:
-        attention, why = str(init_kwargs["attn_implementation"]), f"{given} (model_init_kwargs.attn_implementation)"
-    elif gpu and flavor.bf16 and on_this_machine and flash_attention_installed():
+        attention, why = str(init_kwargs["attn_implementation"]), f"{GIVEN} (model_init_kwargs.attn_implementation)"
+    elif flavor.is_gpu and flavor.bf16 and on_this_machine and flash_attention_installed():
         attention, why = "flash_attention_2", "flash-attn is installed and the GPU is Ampere or newer: varlen kernels"
-    elif gpu:
+    elif flavor.is_gpu:
         kernel = "its FlashAttention kernel" if flavor.bf16 else "its memory-efficient kernel (T4: no FlashAttention)"
         attention, why = "sdpa", f"PyTorch's scaled-dot-product attention, with {kernel}; flash-attn is not {where}"
     else:
         attention, why = "sdpa", "PyTorch's fused CPU attention"
-    choices.append(SpeedChoice(setting="attention", value=attention, reason=why))
+    arguments = {}
     if "attn_implementation" not in init_kwargs:
         arguments["model_init_kwargs"] = {**init_kwargs, "attn_implementation": attention}
+    return SpeedChoice(setting="attention", value=attention, reason=why), arguments
 
-    # batching
+
+def _batching(
+    method: str,
+    training: dict[str, Any],
+    gpu: bool,
+    attention: str,
+    rows_over_max_length: int,
+    every_row_measured: bool,
+    whole_epochs: bool,
+) -> tuple[SpeedChoice, dict[str, Any]]:
+    """How rows share a batch, so that little compute goes to padding: the spec's batching, what
+    the method's trainer does, or on a CPU padded batches; on a GPU `_gpu_batching` decides."""
     batching: Batching
+    arguments: dict[str, Any] = {}
     if _spec_sets(training, "packing", "padding_free", "train_sampling_strategy"):
-        if training.get("packing"):
-            batching = "packed"
-        elif training.get("padding_free"):
-            batching = "padding_free"
-        elif training.get("train_sampling_strategy") == "group_by_length":
-            batching = "grouped"
-        else:
-            batching = "padded"
-        why = given
-        if batching == "padding_free" and training.get("max_length") is not None:
-            raise SpecError(
-                f"training: padding_free without packing cannot cut rows at max_length {training['max_length']} "
-                "(TRL refuses it). Set max_length: null (rows are kept whole), or packing: true "
-                "(rows packed into max_length sequences), or drop padding_free."
-            )
-        if batching == "padding_free" and "max_length" not in training:
-            arguments["max_length"] = None  # TRL refuses padding-free at a max_length without packing
-            why += "; padding-free without packing cannot truncate, so max_length is unset"
-            if rows_over_max_length:
-                why += f": {rows_over_max_length:,} rows over max_length are not cut"
+        batching, why, arguments = _given_batching(training, rows_over_max_length)
     elif method == "dpo":
         batching, why = "padded", "TRL's DPOTrainer pads its pairs (its padding_free is unavailable in TRL 1.16)"
     elif method == "grpo":
@@ -114,68 +134,111 @@ def choose_speed(
             "grouping rows by length ran 2.7x and reorders the rows, which changed what short runs learnt"
         )
     else:
-        # padding-free batches cannot cut rows (TRL): only when no row reaches max_length, known
-        # for every row (a sample could miss one long row)
-        uncut = rows_over_max_length == 0 and every_row_measured
-        if attention == "flash_attention_2" and uncut:
-            batching = "padding_free"
-            why = "padding-free: rows are concatenated and FlashAttention's varlen kernel keeps them apart, no padding"
-        elif whole_epochs:
-            batching = "grouped"
-            why = (
-                "rows of similar length share a batch (group_by_length), so little compute goes to padding; "
-                "measured faster than padding-free batching with SDPA, whose block-diagonal mask spans the "
-                "whole batch (benchmarks/results/throughput-*.md)"
-            )
-            if attention == "flash_attention_2":
-                why += f"; not padding-free: {rows_over_max_length:,} rows exceed max_length and it would not cut them"
-        elif uncut:
-            batching = "padding_free"
-            why = (
-                "padding-free (no compute on padding, rows in their random order): max_steps ends the run within "
-                "the first epoch, and grouped batches run longest to shortest within each mega-batch, so a run "
-                "stopped early would end on the shortest rows (measured: a 12-step SFT warm-up grouped this way "
-                "left GRPO unable to learn)"
-            )
-        else:
-            batching = "padded"
-            why = (
-                "padded batches in random order: max_steps ends the run within the first epoch (grouped "
-                "batches would end on the shortest rows), and padding-free batches would not cut the rows "
-                "over max_length"
-            )
-        if batching == "padding_free":
-            # nothing reaches max_length, so unsetting it (TRL requires that) cuts nothing
-            arguments |= {"padding_free": True, "max_length": None}
-        elif batching == "grouped":
-            arguments["train_sampling_strategy"] = "group_by_length"
-    choices.append(SpeedChoice(setting="batching", value=batching, reason=why))
+        batching, why, arguments = _gpu_batching(attention, rows_over_max_length, every_row_measured, whole_epochs)
+    return SpeedChoice(setting="batching", value=batching, reason=why), arguments
 
-    # precision
+
+def _given_batching(training: dict[str, Any], rows_over_max_length: int) -> tuple[Batching, str, dict[str, Any]]:
+    """The batching the spec sets. TRL refuses padding-free batches at a max_length without
+    packing: a max_length the spec sets is an error, the method default's is unset."""
+    if training.get("packing"):
+        batching: Batching = "packed"
+    elif training.get("padding_free"):
+        batching = "padding_free"
+    elif training.get("train_sampling_strategy") == "group_by_length":
+        batching = "grouped"
+    else:
+        batching = "padded"
+    why, arguments = GIVEN, {}
+    if batching == "padding_free" and training.get("max_length") is not None:
+        raise SpecError(
+            f"training: padding_free without packing cannot cut rows at max_length {training['max_length']} "
+            "(TRL refuses it). Set max_length: null (rows are kept whole), or packing: true "
+            "(rows packed into max_length sequences), or drop padding_free."
+        )
+    if batching == "padding_free" and "max_length" not in training:
+        arguments["max_length"] = None
+        why += "; padding-free without packing cannot truncate, so max_length is unset"
+        if rows_over_max_length:
+            why += f": {rows_over_max_length:,} rows over max_length are not cut"
+    return batching, why, arguments
+
+
+def _gpu_batching(
+    attention: str, rows_over_max_length: int, every_row_measured: bool, whole_epochs: bool
+) -> tuple[Batching, str, dict[str, Any]]:
+    """Batching on a GPU. Padding-free batches cannot cut rows (TRL), so they are chosen only when
+    no row reaches max_length, known for every row (a sample could miss one long row); grouped
+    batches only when the run ends at an epoch's end (they end on the shortest rows)."""
+    uncut = rows_over_max_length == 0 and every_row_measured
+    batching: Batching
+    if attention == "flash_attention_2" and uncut:
+        batching = "padding_free"
+        why = "padding-free: rows are concatenated and FlashAttention's varlen kernel keeps them apart, no padding"
+    elif whole_epochs:
+        batching = "grouped"
+        why = (
+            "rows of similar length share a batch (group_by_length), so little compute goes to padding; "
+            "measured faster than padding-free batching with SDPA, whose block-diagonal mask spans the "
+            "whole batch (benchmarks/results/throughput-*.md)"
+        )
+        if attention == "flash_attention_2":
+            why += f"; not padding-free: {rows_over_max_length:,} rows exceed max_length and it would not cut them"
+    elif uncut:
+        batching = "padding_free"
+        why = (
+            "padding-free (no compute on padding, rows in their random order): max_steps ends the run within "
+            "the first epoch, and grouped batches run longest to shortest within each mega-batch, so a run "
+            "stopped early would end on the shortest rows (measured: a 12-step SFT warm-up grouped this way "
+            "left GRPO unable to learn)"
+        )
+    else:
+        batching = "padded"
+        why = (
+            "padded batches in random order: max_steps ends the run within the first epoch (grouped "
+            "batches would end on the shortest rows), and padding-free batches would not cut the rows "
+            "over max_length"
+        )
+    if batching == "padding_free":
+        # nothing reaches max_length, so unsetting it (TRL requires that) cuts nothing
+        return batching, why, {"padding_free": True, "max_length": None}
+    if batching == "grouped":
+        return batching, why, {"train_sampling_strategy": "group_by_length"}
+    return batching, why, {}
+
+
+def _precision(training: dict[str, Any], flavor: Flavor) -> tuple[SpeedChoice, dict[str, Any]]:
+    """Mixed precision where the GPU computes it fast (bf16, else fp16 with loss scaling);
+    float32 on a CPU, where bf16 matmuls are slow."""
+    gpu = flavor.is_gpu
     if _spec_sets(training, "bf16", "fp16"):
-        precision, why = ("bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "float32"), given
+        precision, why = ("bf16" if training.get("bf16") else "fp16" if training.get("fp16") else "float32"), GIVEN
     elif gpu and flavor.bf16:
         precision, why = "bf16", "bf16 mixed precision: the GPU has bf16 tensor cores"
     elif gpu:
         precision, why = "fp16", "fp16 with loss scaling: this GPU has no bf16 (float32 weights, fp16 compute)"
     else:
         precision, why = "float32", "bf16 matmuls on a CPU are many times slower (TRL defaults to bf16)"
-    choices.append(SpeedChoice(setting="precision", value=precision, reason=why))
-    arguments |= {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not gpu}
+    arguments = {"bf16": precision == "bf16", "fp16": precision == "fp16", "use_cpu": not gpu}
+    return SpeedChoice(setting="precision", value=precision, reason=why), arguments
 
-    # optimizer
+
+def _optimizer(training: dict[str, Any], gpu: bool) -> tuple[SpeedChoice, dict[str, Any]]:
+    """AdamW as one fused kernel on GPUs; its multi-tensor implementation on a CPU."""
     if "optim" in training:
-        optim, why = str(training["optim"]), given
+        optim, why = str(training["optim"]), GIVEN
     elif gpu:
         optim, why = "adamw_torch_fused", "AdamW as one fused kernel over all parameters"
     else:
         optim, why = "adamw_torch", "AdamW's multi-tensor (foreach) implementation"
-    choices.append(SpeedChoice(setting="optimizer", value=optim, reason=why))
-    arguments["optim"] = optim
+    return SpeedChoice(setting="optimizer", value=optim, reason=why), {"optim": optim}
 
-    # Liger kernels
+
+def _liger(training: dict[str, Any], gpu: bool, model_type: str) -> tuple[SpeedChoice, dict[str, Any]]:
+    """Liger's fused kernels where they can run: Triton on a GPU, for an architecture that the
+    installed liger-kernel patches."""
     if "use_liger_kernel" in training:
-        liger, why = bool(training["use_liger_kernel"]), given
+        liger, why = bool(training["use_liger_kernel"]), GIVEN
     elif not gpu:
         liger, why = False, "Liger's kernels are Triton GPU kernels"
     elif model_type in (supported := liger_model_types()):
@@ -185,29 +248,26 @@ def choose_speed(
         liger, why = False, "liger-kernel is not installed here (pip install liger-kernel lets the planner use it)"
     else:
         liger, why = False, f"liger-kernel does not patch the {model_type} architecture"
-    choices.append(SpeedChoice(setting="liger", value="on" if liger else "off", reason=why))
-    if liger:
-        arguments["use_liger_kernel"] = True
+    arguments = {"use_liger_kernel": True} if liger else {}
+    return SpeedChoice(setting="liger", value="on" if liger else "off", reason=why), arguments
 
-    # data loading
+
+def _data_loading(training: dict[str, Any], flavor: Flavor) -> tuple[SpeedChoice, dict[str, Any]]:
+    """Worker processes and pinned memory keep a GPU fed; on a CPU workers would take the
+    training's own cores."""
+    gpu = flavor.is_gpu
     if _spec_sets(training, "dataloader_num_workers", "dataloader_pin_memory"):
         workers = int(training.get("dataloader_num_workers", 0))
         pin = bool(training.get("dataloader_pin_memory", gpu))
-        why = given
+        why = GIVEN
     elif gpu:
         workers, pin = min(4, max(1, flavor.vcpus // 4)), True
         why = "batches are collated in worker processes while the GPU computes; pinned memory copies faster"
     else:
         workers, pin = 0, False
         why = "no workers: on a CPU they would take cores from the training itself"
-    choices.append(SpeedChoice(setting="data loading", value=f"{workers} workers, pin {pin}", reason=why))
-    arguments |= {"dataloader_num_workers": workers, "dataloader_pin_memory": pin}
-
-    planned_padding_free = batching == "padding_free" and "padding_free" not in training
-    arguments = {
-        k: v for k, v in arguments.items() if k not in training or (k == "max_length" and planned_padding_free)
-    }
-    return SpeedPlan(batching=batching, attention=attention, liger=liger, choices=choices, arguments=arguments)
+    arguments = {"dataloader_num_workers": workers, "dataloader_pin_memory": pin}
+    return SpeedChoice(setting="data loading", value=f"{workers} workers, pin {pin}", reason=why), arguments
 
 
 def padding_overhead(
