@@ -1,4 +1,4 @@
-"""Stage 2: size the run and choose where it runs.
+"""Size the run and choose where it runs.
 
 The rule, for `hardware: auto`:
 1. Candidates: this machine for `backend: local`; for cloud backends every flavor of the
@@ -23,6 +23,7 @@ The rule, for `hardware: auto`:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from tasks.core.errors import UserFacingError
@@ -59,6 +60,10 @@ def _global_batch(spec: RunSpec, args: dict[str, Any], processes: int = 1) -> tu
     return share, [m for m in range(share, 0, -1) if share % m == 0]
 
 
+Attempt = Callable[[int, bool], tuple[FlavorOption, CostEstimate]]  # (micro-batch, recompute) -> the placement
+Tried = list[tuple[int, bool, FlavorOption, CostEstimate]]  # (micro-batch, recompute, placement, cost), in order
+
+
 def _option(
     spec: RunSpec,
     flavor: Flavor,
@@ -74,8 +79,43 @@ def _option(
     costs a third more compute (on an H200 with Qwen2.5-0.5B, TRL's default of always recomputing
     and a micro-batch of 8 made steps 2.7x slower; benchmarks/results)."""
     total, micros = _global_batch(spec, args, processes)
+    speed = _speed(spec, flavor, arch, args, report, total, processes)
+
+    def attempt(micro: int, on: bool) -> tuple[FlavorOption, CostEstimate]:
+        split = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": total // micro}
+        placed = {**args, **split, "gradient_checkpointing": on}
+        return _option_with(spec, flavor, mode, arch, placed, report, speed, strategy, processes)
+
+    fastest = ""
+    if not flavor.is_gpu and spec.method == "sft" and len(micros) > 1:
+        tried, fastest = _fastest_cpu_split(micros, attempt)
+    else:
+        tried = _largest_fitting_split(micros, _recompute_options(spec, flavor), attempt)
+    micro, on, option, cost = tried[-1]
+    return option.model_copy(
+        update={
+            "gradient_checkpointing": on,
+            "checkpointing_reason": _checkpointing_reason(spec, flavor, tried),
+            "micro_batch": micro,
+            "accumulation": total // micro,
+            "batch_reason": _batch_reason(spec, option, micro, total, len(micros), processes, fastest),
+        }
+    ), cost
+
+
+def _speed(
+    spec: RunSpec,
+    flavor: Flavor,
+    arch: Architecture,
+    args: dict[str, Any],
+    report: DatasetReport,
+    total: int,
+    processes: int,
+) -> SpeedPlan:
+    """The speed choices for this placement. Batching depends on whether the run ends at an
+    epoch's end: a max_steps that stops within the first epoch does not."""
     max_steps = int(args.get("max_steps", -1) or -1)
-    speed = choose_speed(
+    return choose_speed(
         spec.method,
         spec.training,
         flavor,
@@ -85,89 +125,86 @@ def _option(
         every_row_measured=report.token_rows_measured >= report.rows,
         whole_epochs=max_steps <= 0 or max_steps * total * processes >= report.train_rows,
     )
+
+
+def _recompute_options(spec: RunSpec, flavor: Flavor) -> list[bool]:
+    """Gradient checkpointing settings to try, in order: the spec's, else off before on (on a
+    CPU memory is plentiful, so only off)."""
     if "gradient_checkpointing" in spec.training:
-        recompute = [bool(spec.training["gradient_checkpointing"])]
-    else:
-        recompute = [False, True] if flavor.is_gpu else [False]
+        return [bool(spec.training["gradient_checkpointing"])]
+    return [False, True] if flavor.is_gpu else [False]
 
-    def attempt(micro: int, on: bool) -> tuple[FlavorOption, CostEstimate]:
-        split = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": total // micro}
-        return _option_with(
-            spec,
-            flavor,
-            mode,
-            arch,
-            {**args, **split, "gradient_checkpointing": on},
-            report,
-            speed,
-            strategy,
-            processes,
-        )
 
-    tried: list[tuple[int, bool, FlavorOption, CostEstimate]] = []
-    fastest = ""
-    if not flavor.is_gpu and spec.method == "sft" and len(micros) > 1:
-        # On a CPU a bigger micro-batch buys no parallelism, only padding: the split the time
-        # model (padding simulated on the measured lengths, a fixed cost per forward pass) says
-        # is fastest. Measured on 2 cores, realistic chat rows: micro-batch 1 ran 2.9-3.2x TRL's
-        # defaults, 2 2.7x, 4 1.8x (benchmarks/results/throughput-tiny-full-cpu.md).
-        timed = [(m, *attempt(m, False)) for m in micros]
-        fitting = [t for t in timed if t[1].peak_memory_gb <= t[1].usable_memory_gb] or timed
-        best = min(fitting, key=lambda t: (t[2].hours, -t[0]))
-        tried.append((best[0], False, best[1], best[2]))
-        others = ", ".join(f"{m}: {c.compute_s:.0f} s" for m, _, c in sorted(timed, key=lambda t: t[0])[:6])
-        fastest = f"the fastest split on a CPU by the time model (training time by micro-batch: {others})"
-    else:
-        for on in recompute:
-            for micro in micros:
-                option, cost = attempt(micro, on)
-                tried.append((micro, on, option, cost))
-                if option.peak_memory_gb <= option.usable_memory_gb:
-                    break
-            else:
-                continue
-            break
-    micro, on, option, cost = tried[-1]
-    fitted = option.peak_memory_gb <= option.usable_memory_gb
-    memory = f"{option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable"
+def _largest_fitting_split(micros: list[int], recompute: list[bool], attempt: Attempt) -> Tried:
+    """Every split tried, largest micro-batch first and without recomputing first, up to the first
+    that fits (the last one tried when none does): a bigger micro-batch uses a GPU better."""
+    tried: Tried = []
+    for on in recompute:
+        for micro in micros:
+            option, cost = attempt(micro, on)
+            tried.append((micro, on, option, cost))
+            if option.peak_memory_gb <= option.usable_memory_gb:
+                return tried
+    return tried
+
+
+def _fastest_cpu_split(micros: list[int], attempt: Attempt) -> tuple[Tried, str]:
+    """On a CPU a bigger micro-batch buys no parallelism, only padding: the split the time model
+    (padding simulated on the measured lengths, a fixed cost per forward pass) says is fastest,
+    with why. Measured on 2 cores, realistic chat rows: micro-batch 1 ran 2.9-3.2x TRL's
+    defaults, 2 2.7x, 4 1.8x (benchmarks/results/throughput-tiny-full-cpu.md)."""
+    timed = [(m, *attempt(m, False)) for m in micros]
+    fitting = [t for t in timed if t[1].peak_memory_gb <= t[1].usable_memory_gb] or timed
+    best = min(fitting, key=lambda t: (t[2].hours, -t[0]))
+    others = ", ".join(f"{m}: {c.compute_s:.0f} s" for m, _, c in sorted(timed, key=lambda t: t[0])[:6])
+    fastest = f"the fastest split on a CPU by the time model (training time by micro-batch: {others})"
+    return [(best[0], False, best[1], best[2])], fastest
+
+
+def _memory_use(option: FlavorOption) -> str:
+    """How much of the usable memory the placement needs, as the reasons quote it."""
+    return f"{option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable"
+
+
+def _batch_reason(
+    spec: RunSpec, option: FlavorOption, micro: int, total: int, splits: int, processes: int, fastest: str
+) -> str:
+    """Why the global batch is split this way: the spec's split, the fastest on a CPU, or the
+    largest micro-batch that fits (`splits`: how many splits were open to the planner)."""
     if "gradient_accumulation_steps" in spec.training:
-        batch_reason = f"set in the spec: micro-batch {micro} x {total // micro} accumulation steps"
+        reason = f"set in the spec: micro-batch {micro} x {total // micro} accumulation steps"
         if processes > 1:
-            batch_reason += f" in each of {processes} processes = global batch {total * processes}"
+            reason += f" in each of {processes} processes = global batch {total * processes}"
     elif fastest:
-        batch_reason = f"micro-batch {micro} x {total // micro} accumulation steps = global batch {total}: {fastest}"
+        reason = f"micro-batch {micro} x {total // micro} accumulation steps = global batch {total}: {fastest}"
     elif micro == total:
-        batch_reason = f"the whole global batch of {total} in one micro-batch fits ({memory})"
-    elif fitted:
-        batch_reason = (
+        reason = f"the whole global batch of {total} in one micro-batch fits ({_memory_use(option)})"
+    elif option.peak_memory_gb <= option.usable_memory_gb:
+        reason = (
             f"micro-batch {micro} x {total // micro} accumulation steps = global batch {total}: "
-            f"the largest micro-batch that fits ({memory})"
+            f"the largest micro-batch that fits ({_memory_use(option)})"
         )
     else:
-        batch_reason = f"micro-batch {micro}: even the smallest split of the global batch {total} does not fit"
+        reason = f"micro-batch {micro}: even the smallest split of the global batch {total} does not fit"
+    if processes > 1 and splits > 1:
+        reason = f"{reason}; in each of {processes} processes = global batch {total * processes}"
+    return reason
+
+
+def _checkpointing_reason(spec: RunSpec, flavor: Flavor, tried: Tried) -> str:
+    """Why gradient checkpointing is on or off for the split chosen (the last one tried)."""
+    micro, on, option, _ = tried[-1]
     if "gradient_checkpointing" in spec.training:
-        why = f"{'on' if on else 'off'}: set in the spec"
-    elif not flavor.is_gpu:
-        why = "off: on a CPU memory is plentiful and recomputing only slows"
-    elif not on:
-        why = f"off: the run fits without it at micro-batch {micro} ({memory})"
-    else:
-        smallest, without = [(m, o) for m, c, o, _ in tried if not c][-1]
-        why = (
-            f"on: without it even micro-batch {smallest} needs {without.peak_memory_gb:.1f} GB "
-            f"of {option.usable_memory_gb:.1f} GB usable"
-        )
-    if processes > 1 and len(micros) > 1:
-        batch_reason = f"{batch_reason}; in each of {processes} processes = global batch {total * processes}"
-    return option.model_copy(
-        update={
-            "gradient_checkpointing": on,
-            "checkpointing_reason": why,
-            "micro_batch": micro,
-            "accumulation": total // micro,
-            "batch_reason": batch_reason,
-        }
-    ), cost
+        return f"{'on' if on else 'off'}: set in the spec"
+    if not flavor.is_gpu:
+        return "off: on a CPU memory is plentiful and recomputing only slows"
+    if not on:
+        return f"off: the run fits without it at micro-batch {micro} ({_memory_use(option)})"
+    smallest, without = [(m, o) for m, c, o, _ in tried if not c][-1]
+    return (
+        f"on: without it even micro-batch {smallest} needs {without.peak_memory_gb:.1f} GB "
+        f"of {option.usable_memory_gb:.1f} GB usable"
+    )
 
 
 def _option_with(
