@@ -1,4 +1,4 @@
-"""Stage 3: what the run will take, in hours and dollars, as a range.
+"""What the run will take, in hours and dollars, as a range.
 
 hours = start-up + (training tokens x FLOPs per token) / (peak FLOP/s x utilisation)
         [+ for GRPO, generating the completions, at a lower utilisation]
@@ -16,13 +16,13 @@ The range is RANGE_LOW..RANGE_HIGH times the estimate; USD is hours x the hourly
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from tasks.core.methods import cut_length
 from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan
 from tasks.core.money import usd
 from tasks.core.spec import runs_on_this_machine
-from tasks.plan.calibration import load_table
+from tasks.plan.calibration import Correction, load_table
 from tasks.plan.flavors import Flavor, load_catalogue, local_flavor
 from tasks.plan.memory import Architecture, Workload, flops_per_token, workload_for
 
@@ -109,6 +109,18 @@ def training_steps(report: DatasetReport, args: dict[str, Any], processes: int =
     return max(1, math.ceil(report.train_rows * float(args.get("num_train_epochs", 1)) / (batch * processes)))
 
 
+class _TrainingTime(NamedTuple):
+    """The training's compute time (before calibration) and the figures its basis quotes."""
+
+    tokens: float  # tokens trained on (GRPO: every prompt's completions, whole sequences)
+    generated: float  # tokens GRPO generates (0 for the other methods)
+    generation_s: float
+    flops: float
+    utilisation: float
+    scaling: float  # the share of the processes' combined peak a multi-process run achieves
+    seconds: float
+
+
 def estimate_for(
     arch: Architecture,
     w: Workload,
@@ -126,69 +138,19 @@ def estimate_for(
     the training time."""
     correction = load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
-    device = "gpu" if flavor.is_gpu else "cpu"
-    utilisation = UTILISATION[device][w.mode]
-    peak = flavor.peak_tflops * 1e12
-    scaling = SCALING_EFFICIENCY[device][w.strategy] if w.processes > 1 else 1.0
-    # the training's peak: every GPU's, less what communication costs (a CPU's processes share its cores)
-    train_peak = peak * (w.processes if flavor.is_gpu else 1) * scaling
-    if w.method == "grpo":
-        # tokens counts prompts' tokens; each prompt gets num_generations completions
-        prompts = tokens / max(w.seq_len - w.completion_len, 1)
-        train_tokens = prompts * w.num_generations * w.seq_len
-        gen_tokens = prompts * w.num_generations * w.completion_len
-        gen_util = GENERATION_UTILISATION["vllm" if w.vllm_gpu_fraction else "hf"]
-        gen_s = gen_tokens * 2 * arch.matmul_params / (train_peak * gen_util)
-    else:
-        train_tokens, gen_s = tokens, 0.0
-    flops = train_tokens * padding * flops_per_token(arch, w)
-    compute_s = flops / (train_peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S[device]
-    compute_s *= factor
-    scored, generated = evaluation
-    evaluation_s = scored * 2 * arch.matmul_params / (peak * utilisation) + generated * 2 * arch.matmul_params / (
-        peak * GENERATION_UTILISATION["hf"]
-    )
-    if runs_on_this_machine(backend):
-        startup_s = LOCAL_STARTUP_S
-    else:
-        # the job downloads the checkpoint (16-bit on the Hub, whatever it trains in) and writes one back
-        startup_s = CLOUD_STARTUP_S + 2 * arch.params * CHECKPOINT_BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
+    training = _training_time(arch, w, tokens, flavor, steps, padding)
+    compute_s = training.seconds * factor
+    evaluation_s = _evaluation_s(arch, flavor, training.utilisation, evaluation)
+    startup_s = _startup_s(arch, backend)
     hours = (compute_s + evaluation_s + startup_s) / 3600
     price = flavor.price_per_hour
-    basis = (
-        f"{int(train_tokens):,} training tokens"
-        + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
-        + f" x {flops_per_token(arch, w):.3g} FLOPs/token = {flops:.3g} FLOPs"
-        + (f", plus {int(gen_tokens):,} generated tokens ({gen_s / 60:.1f} min)" if w.method == "grpo" else "")
-        + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s"
-        + (
-            f" x {w.processes} GPUs x {scaling:.0%} scaling efficiency ({w.strategy})"
-            if w.processes > 1 and flavor.is_gpu
-            else f" shared by {w.processes} processes x {scaling:.0%} efficiency ({w.strategy})"
-            if w.processes > 1
-            else ""
-        )
-        + f" at {utilisation:.0%} utilisation"
-        + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
-        + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
-        + (
-            f"; evaluation before and after (held-out rows and tasks): {scored:,} tokens scored, {generated:,} generated ({evaluation_s:.0f} s)"
-            if scored or generated
-            else ""
-        )
-        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
-        + (
-            f" for all {flavor.count} GPUs ({usd(price / flavor.count)} per GPU)"
-            if flavor.is_gpu and flavor.count > 1
-            else ""
-        )
-    )
+    basis = _basis(arch, w, flavor, training, padding, steps, correction, evaluation, evaluation_s, startup_s)
     return CostEstimate(
         flavor=flavor.name,
         price_per_hour_usd=price,
-        tokens=int(train_tokens),
-        estimated_flops=flops,
-        utilisation=utilisation,
+        tokens=int(training.tokens),
+        estimated_flops=training.flops,
+        utilisation=training.utilisation,
         startup_s=startup_s,
         compute_s=compute_s,
         evaluation_s=evaluation_s,
@@ -207,6 +169,100 @@ def estimate_for(
         usd_low=hours * RANGE_LOW * price,
         usd_high=hours * RANGE_HIGH * price,
         basis=basis,
+    )
+
+
+def _training_time(
+    arch: Architecture, w: Workload, tokens: int, flavor: Flavor, steps: int, padding: float
+) -> _TrainingTime:
+    """The training's FLOPs over the peak it achieves (every GPU's, less what communication
+    costs; a CPU's processes share its cores), plus GRPO's generation and each micro-step's
+    fixed cost."""
+    device = "gpu" if flavor.is_gpu else "cpu"
+    utilisation = UTILISATION[device][w.mode]
+    peak = flavor.peak_tflops * 1e12
+    scaling = SCALING_EFFICIENCY[device][w.strategy] if w.processes > 1 else 1.0
+    train_peak = peak * (w.processes if flavor.is_gpu else 1) * scaling
+    gen_tokens = 0.0
+    if w.method == "grpo":
+        # tokens counts prompts' tokens; each prompt gets num_generations completions
+        prompts = tokens / max(w.seq_len - w.completion_len, 1)
+        train_tokens = prompts * w.num_generations * w.seq_len
+        gen_tokens = prompts * w.num_generations * w.completion_len
+        gen_util = GENERATION_UTILISATION["vllm" if w.vllm_gpu_fraction else "hf"]
+        gen_s = gen_tokens * 2 * arch.matmul_params / (train_peak * gen_util)
+    else:
+        train_tokens, gen_s = tokens, 0.0
+    flops = train_tokens * padding * flops_per_token(arch, w)
+    seconds = flops / (train_peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S[device]
+    return _TrainingTime(train_tokens, gen_tokens, gen_s, flops, utilisation, scaling, seconds)
+
+
+def _evaluation_s(arch: Architecture, flavor: Flavor, utilisation: float, evaluation: tuple[int, int]) -> float:
+    """The before/after evaluation on one GPU: scoring at the training's utilisation,
+    generating token by token at HF generation's."""
+    scored, generated = evaluation
+    peak = flavor.peak_tflops * 1e12
+    return scored * 2 * arch.matmul_params / (peak * utilisation) + generated * 2 * arch.matmul_params / (
+        peak * GENERATION_UTILISATION["hf"]
+    )
+
+
+def _startup_s(arch: Architecture, backend: str) -> float:
+    """Start-up: here the interpreter and imports; a job also waits for its container, downloads
+    the checkpoint (16-bit on the Hub, whatever it trains in) and writes one back."""
+    if runs_on_this_machine(backend):
+        return LOCAL_STARTUP_S
+    return CLOUD_STARTUP_S + 2 * arch.params * CHECKPOINT_BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
+
+
+def _basis(
+    arch: Architecture,
+    w: Workload,
+    flavor: Flavor,
+    training: _TrainingTime,
+    padding: float,
+    steps: int,
+    correction: Correction | None,
+    evaluation: tuple[int, int],
+    evaluation_s: float,
+    startup_s: float,
+) -> str:
+    """The estimate's arithmetic in words, so a reader can check every factor of it."""
+    scored, generated = evaluation
+    factor = correction.time_factor if correction else 1.0
+    scaling, price = training.scaling, flavor.price_per_hour
+    return (
+        f"{int(training.tokens):,} training tokens"
+        + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
+        + f" x {flops_per_token(arch, w):.3g} FLOPs/token = {training.flops:.3g} FLOPs"
+        + (
+            f", plus {int(training.generated):,} generated tokens ({training.generation_s / 60:.1f} min)"
+            if w.method == "grpo"
+            else ""
+        )
+        + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s"
+        + (
+            f" x {w.processes} GPUs x {scaling:.0%} scaling efficiency ({w.strategy})"
+            if w.processes > 1 and flavor.is_gpu
+            else f" shared by {w.processes} processes x {scaling:.0%} efficiency ({w.strategy})"
+            if w.processes > 1
+            else ""
+        )
+        + f" at {training.utilisation:.0%} utilisation"
+        + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
+        + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
+        + (
+            f"; evaluation before and after (held-out rows and tasks): {scored:,} tokens scored, {generated:,} generated ({evaluation_s:.0f} s)"
+            if scored or generated
+            else ""
+        )
+        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
+        + (
+            f" for all {flavor.count} GPUs ({usd(price / flavor.count)} per GPU)"
+            if flavor.is_gpu and flavor.count > 1
+            else ""
+        )
     )
 
 
@@ -265,8 +321,6 @@ def planned_arguments(args: dict[str, Any], plan: HardwarePlan) -> dict[str, Any
     """What the script trains with: the method defaults and the spec, then the hardware stage's
     calls (the split of the global batch, checkpointing, the fast path). The plan already kept
     every key the spec set, so the spec still wins."""
-    from tasks.plan.cost import planned_batch
-
     parallel = {}
     if plan.processes > 1 and plan.strategy == "ddp" and "ddp_find_unused_parameters" not in args:
         # every trained parameter gets a gradient in every step: DDP need not search the graph for unused ones
