@@ -1,2 +1,2 @@
-"""Stage 2 and 3: size the run (memory model, flavor catalogue, speed choices), choose where it
+"""Planning: size the run (memory model, flavor catalogue, speed choices), choose where it
 runs, and price it. One direction: a workload is sized, then priced; nothing imports back up."""

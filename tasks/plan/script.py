@@ -1,4 +1,4 @@
-"""Stage 5: write the self-contained TRL training script, the contract a user can review.
+"""Write the self-contained TRL training script, the contract a user can review.
 
 The template is a real Python file in `training/templates/`; building fills in its CONFIG
 (a literal dict) and its inline dependency metadata (PEP 723) pinned to the versions
