@@ -59,29 +59,29 @@ def choose_speed(
 ) -> SpeedPlan:
     """`training` is the spec's own `training` mapping (not the method defaults): what it sets wins.
     `whole_epochs`: the run ends at an epoch's end (no max_steps that stops within the first)."""
-    attention = _attention(training, flavor, on_this_machine)
-    batching = _batching(
-        method, training, flavor.is_gpu, attention[0].value, rows_over_max_length, every_row_measured, whole_epochs
+    attention, attention_arguments = _attention(training, flavor, on_this_machine)
+    batching, batching_arguments = _batching(
+        method, training, flavor.is_gpu, attention.value, rows_over_max_length, every_row_measured, whole_epochs
     )
-    liger = _liger(training, flavor.is_gpu, model_type)
+    liger, liger_arguments = _liger(training, flavor.is_gpu, model_type)
     decided = [
-        attention,
-        batching,
+        (attention, attention_arguments),
+        (batching, batching_arguments),
         _precision(training, flavor),
         _optimizer(training, flavor.is_gpu),
-        liger,
+        (liger, liger_arguments),
         _data_loading(training, flavor),
     ]
     arguments = {k: v for _, chosen in decided for k, v in chosen.items()}
     # the spec's keys win; only the max_length that planned padding-free batches must unset stays
-    planned_padding_free = batching[0].value == "padding_free" and "padding_free" not in training
+    planned_padding_free = batching.value == "padding_free" and "padding_free" not in training
     arguments = {
         k: v for k, v in arguments.items() if k not in training or (k == "max_length" and planned_padding_free)
     }
     return SpeedPlan(
-        batching=cast(Batching, batching[0].value),
-        attention=attention[0].value,
-        liger=liger[0].value == "on",
+        batching=cast(Batching, batching.value),
+        attention=attention.value,
+        liger=liger.value == "on",
         choices=[choice for choice, _ in decided],
         arguments=arguments,
     )
