@@ -153,9 +153,12 @@ def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resu
     card = (examples / "published" / "grpo-tiny" / "README.md").read_text()
     assert "in a recipe that began from `tiny`" in card and "**Against the baseline tiny**" in card
     assert summary.final_model == grpo.model_dir and summary.published == str(examples / "published" / "grpo-tiny")
-    script = (runs_root() / "rec-grpo" / "train.py").read_text()  # rewards travel inside the script
-    assert "'trainer': 'GRPOTrainer'" in script and "def exact_answer(completions, answer" in script
-    assert "from training" not in script and "import training" not in script
+    script = (runs_root() / "rec-grpo" / "train.py").read_text()  # rewards travel next to the script
+    rewards = (runs_root() / "rec-grpo" / "finetune_rewards" / "rewards.py").read_text()
+    assert "'trainer': 'GRPOTrainer'" in script and "def exact_answer(completions, answer" in rewards
+    assert "'module': 'finetune_rewards.rewards'" in script and "'function': 'exact_answer'" in script
+    for source in (script, rewards):
+        assert "from training" not in source and "import training" not in source
 
     # GRPO learnt: the reward rose in training, and both verdicts say so on the 20 held-out prompts
     rows = read_trackio_metrics(runs_root() / "rec-grpo" / "trackio", "rec-grpo", "rec-grpo")

@@ -2,9 +2,9 @@
 
 Each function takes the batch's `completions` (strings, or lists of message dicts for
 conversational prompts) plus dataset columns as keyword arguments, and returns one float
-per completion (or None where the reward does not apply). Each is self-contained (imports
-inside, no module-level helpers) because the script builder copies their source into the
-generated training script, which must not import this project.
+per completion (or None where the reward does not apply). The script builder copies this
+file whole next to the generated training script (finetune_rewards/rewards.py), which must
+not import this project: so it imports nothing from it either.
 """
 
 from __future__ import annotations

@@ -306,10 +306,11 @@ class Approval(Frozen):
 
 class TrainingScript(Frozen):
     path: str
-    sha256: str
+    sha256: str  # of every file the script runs with (`files`), not train.py's alone
     method: Method
     trainer: str
     config: dict[str, Any]
+    files: list[str] = Field(default_factory=lambda: ["train.py"])  # in the run folder; train.py first
 
 
 class InputUpload(Frozen):

@@ -3,7 +3,8 @@ source code for the self-contained training script.
 
 A name is a built-in (training/rewards.py), a file (`my_rewards.py:brevity`, relative to
 the working directory or absolute) or a module (`package.module:function`). The whole
-file or module travels into the script, so its helpers and imports come along.
+file or module travels with the script (a module of finetune_rewards/ next to it, which
+the script imports), so its helpers and imports come along.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class RewardSource(BaseModel):
 def _load(name: str) -> tuple[Callable[..., Any], RewardSource]:
     if name in BUILT_IN:
         fn = BUILT_IN[name]
-        return fn, RewardSource(name=name, function=name, filename="training/rewards.py", source=inspect.getsource(fn))
+        source = inspect.getsource(inspect.getmodule(fn))  # the built-ins' file, whole: one module for them all
+        return fn, RewardSource(name=name, function=name, filename="training/rewards.py", source=source)
     target, sep, function = name.rpartition(":")
     if not sep or not target or not function:
         raise RewardError(

@@ -3,17 +3,21 @@
 The template is a real Python file in `training/templates/`; building fills in its CONFIG
 (a literal dict) and its inline dependency metadata (PEP 723) pinned to the versions
 installed here, so the script runs the same by hand, under `uv run`, or on a job runner.
+The files it imports are written next to it: the template's siblings, copied unchanged, and
+for GRPO the spec's reward files as modules of `finetune_rewards/`, which CONFIG names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import pprint
+import re
+import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from tasks.core.atomic import write_text
+from tasks.core.atomic import replace_path, write_text
 from tasks.core.methods import MethodDefinition
 from tasks.core.models import HardwarePlan, TrainingScript
 from tasks.core.spec import RunSpec
@@ -23,6 +27,9 @@ from tasks.plan.memory import TOWER_MARKERS
 TEMPLATES = Path(__file__).resolve().parents[2] / "training" / "templates"
 CONFIG_MARKER = "CONFIG: dict = {}  # @@CONFIG@@"
 DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
+# the template's siblings: copied next to train.py unchanged, imported by it
+SIBLINGS = ("finetune_eval.py", "finetune_callbacks.py")
+REWARDS_PACKAGE = "finetune_rewards"  # GRPO: the spec's reward files, one module each
 SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio", "huggingface_hub")
 
 
@@ -99,30 +106,81 @@ def script_config(
     }
 
 
+def reward_modules(rewards: list[dict[str, Any]]) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """The rewards (RewardSource dumps) as the script sees them: each reward's spec name, module
+    and function for CONFIG, and the modules' files (one per source file, named after it)."""
+    files = {f"{REWARDS_PACKAGE}/__init__.py": '"""The reward functions train.py imports (GRPO)."""\n'}
+    modules: dict[tuple[str, str], str] = {}
+    entries = []
+    for reward in rewards:
+        key = (reward["filename"], reward["source"])
+        if key not in modules:
+            stem = re.sub(r"\W", "_", Path(reward["filename"]).stem) or "rewards"
+            stem = f"_{stem}" if stem[0].isdigit() else stem
+            name, n = stem, 2
+            while f"{REWARDS_PACKAGE}/{name}.py" in files:  # two files of one name, or one called __init__
+                name, n = f"{stem}_{n}", n + 1
+            files[f"{REWARDS_PACKAGE}/{name}.py"] = reward["source"]
+            modules[key] = f"{REWARDS_PACKAGE}.{name}"
+        entries.append({"name": reward["name"], "module": modules[key], "function": reward["function"]})
+    return entries, files if entries else {}
+
+
 def render_script(method: MethodDefinition, config: dict[str, Any]) -> str:
     template = (TEMPLATES / method.template).read_text(encoding="utf-8")
     if CONFIG_MARKER not in template or DEPENDENCIES_MARKER not in template:
         raise RuntimeError(f"template {method.template} lacks its CONFIG or dependencies marker")
     pins = pinned_dependencies(optional_packages(config))
     deps = "# dependencies = [\n" + "".join(f'#   "{d}",\n' for d in pins) + "# ]"
+    if config.get("rewards"):  # the script imports them from finetune_rewards/: CONFIG names them
+        config = {**config, "rewards": reward_modules(config["rewards"])[0]}
     body = "CONFIG: dict = " + pprint.pformat(config, sort_dicts=False, width=100)
     return template.replace(DEPENDENCIES_MARKER, deps).replace(CONFIG_MARKER, body)
 
 
+def script_files(method: MethodDefinition, config: dict[str, Any]) -> dict[str, str]:
+    """Every file of the script, by its name in the run folder: the siblings and reward modules
+    it imports, then train.py."""
+    files = {name: (TEMPLATES / name).read_text(encoding="utf-8") for name in SIBLINGS}
+    files.update(reward_modules(config.get("rewards") or [])[1])
+    files["train.py"] = render_script(method, config)
+    for name, source in files.items():
+        compile(source, name, "exec")  # a template bug fails here, not on the job runner
+    return files
+
+
 def build_script(method: MethodDefinition, config: dict[str, Any], run_dir: Path) -> TrainingScript:
-    source = render_script(method, config)
-    compile(source, "train.py", "exec")  # a template bug fails here, not on the job runner
-    path = run_dir / "train.py"
+    """Write the script's files into the run folder, train.py last (a folder with train.py is
+    whole); the returned config is the one given (rewards with their source, so a rebuild can
+    write them again). sha256 covers every file the script runs with."""
+    files = script_files(method, config)
+    rewards = {name: text for name, text in files.items() if name.startswith(f"{REWARDS_PACKAGE}/")}
+    for name in SIBLINGS:
+        write_text(run_dir / name, files[name])
+    folder = run_dir / REWARDS_PACKAGE
+    if rewards:  # written aside, then swapped in whole
+        aside = run_dir / f".{REWARDS_PACKAGE}.tmp"
+        shutil.rmtree(aside, ignore_errors=True)
+        for name, text in rewards.items():
+            write_text(aside / name.split("/", 1)[1], text)
+        replace_path(aside, folder)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)  # a plan that had rewards before
     launch = run_dir / LAUNCH_CONFIG
     if config.get("launch"):
         write_text(launch, render_launch_config(config["launch"]))
     else:
         launch.unlink(missing_ok=True)  # a plan that had several processes before
-    write_text(path, source)
+    path = run_dir / "train.py"
+    write_text(path, files["train.py"])
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(f"{name}\n{len(files[name].encode())}\n".encode() + files[name].encode())
     return TrainingScript(
         path=str(path),
-        sha256=hashlib.sha256(source.encode()).hexdigest(),
+        sha256=digest.hexdigest(),
         method=method.name,
         trainer=method.trainer,
         config=config,
+        files=["train.py", *(name for name in files if name != "train.py")],
     )

@@ -110,7 +110,16 @@ def files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and ".cache" not in p.relative_to(folder).parts)
 
 
-JOB_FILES = ("train.py", "accelerate.yaml", "data/train.jsonl", "data/heldout.jsonl")
+# what the script imports (its siblings, the GRPO reward modules) travels with it
+JOB_FILES = (
+    "train.py",
+    "finetune_eval.py",
+    "finetune_callbacks.py",
+    "accelerate.yaml",
+    "data/train.jsonl",
+    "data/heldout.jsonl",
+)
+JOB_FOLDERS = ("finetune_rewards",)
 
 
 def job_inputs(
@@ -121,6 +130,10 @@ def job_inputs(
     same as lines for a person."""
     files = [(run_dir / name, name) for name in JOB_FILES if (run_dir / name).exists()]
     items = [name for _, name in files]
+    for folder in JOB_FOLDERS:
+        found = files_of(run_dir / folder) if (run_dir / folder).is_dir() else []
+        files += [(p, p.relative_to(run_dir).as_posix()) for p in found]
+        items += [f"{folder}/ ({len(found)} files)"] if found else []
     evals = sorted(p for p in (run_dir / "evals").rglob("*") if p.is_file())
     if evals:
         files += [(p, p.relative_to(run_dir).as_posix()) for p in evals]

@@ -40,6 +40,7 @@ from tasks.core.hub_access import make_api, resolve_token, scrub, uses_xet
 from tasks.core.models import InputUpload, JobHandle, JobSnapshot
 from tasks.run.backends.base import (
     JOB_FILES,
+    JOB_FOLDERS,
     Account,
     BackendError,
     JobRequest,
@@ -64,7 +65,7 @@ STAGES = {
     "DELETED": "failed",
 }
 DEAD_STAGES = ("ERROR", "CANCELED", "DELETED")
-INPUT_PATTERNS = ["train.py", "accelerate.yaml", "data/*", "inputs/*"]
+INPUT_PATTERNS = ["train.py", "finetune_*.py", "finetune_rewards/*", "accelerate.yaml", "data/*", "inputs/*"]
 OUTPUT_PATTERNS = ["model/*", "adapter/*", "trackio/*", "train_result.json"]
 # Runs inside the job: fetch the staging repo, then run the script with its own pinned deps.
 BOOTSTRAP = """\
@@ -287,7 +288,7 @@ class HfJobsBackend:
             lambda: api.upload_folder(
                 repo_id=staging,
                 folder_path=str(run_dir),
-                allow_patterns=[*JOB_FILES, "evals/**", "training_key"],
+                allow_patterns=[*JOB_FILES, *(f"{f}/**" for f in JOB_FOLDERS), "evals/**", "training_key"],
                 commit_message=f"inputs of run {request.run_name}",
             ),
             token,
