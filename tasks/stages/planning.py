@@ -100,10 +100,12 @@ def estimate_cost_task(
 @stage(name="build_script", cache_policy=NO_CACHE)
 def build_script_task(method: MethodDefinition, config: dict[str, Any], run_dir: Path) -> TrainingScript:
     script = build_script(method, config, run_dir)
-    source = Path(script.path).read_text()
+    folder = Path(script.path).parent
+    sources = "".join(f"\n\n## `{name}`\n\n```python\n{(folder / name).read_text()}\n```" for name in script.files)
     artifacts.markdown(
         artifacts.artifact_key("script", config["run_name"]),
-        f"# Training script `{script.path}`\n\nsha256 `{script.sha256}`\n\n```python\n{source}\n```",
-        description="the generated, self-contained training script",
+        f"# Training script `{script.path}`\n\nsha256 `{script.sha256}` (of its files: "
+        f"{', '.join(f'`{name}`' for name in script.files)}){sources}",
+        description="the generated, self-contained training script and the files it imports",
     )
     return script
