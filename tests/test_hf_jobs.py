@@ -278,3 +278,41 @@ def test_a_recipes_baseline_folder_and_the_task_data_travel_with_the_job(jobs_st
     repo = jobs_standin.repos["models/standin-user/finetune-baseline-upload"]
     uploaded = {path for _, files in repo.commits for path in files}
     assert {"inputs/baseline/config.json", "evals/answer_form/test-0.jsonl", "train.py"} <= uploaded
+
+
+def test_the_files_the_script_imports_travel_with_the_job(jobs_standin, tmp_path):
+    """train.py imports its siblings and the GRPO reward modules from its own folder: every file
+    the builder writes is uploaded (and listed for the pool), fetched by the job, and imports there."""
+    from tasks.methods import GRPO
+    from tasks.rewards import resolve_rewards
+    from tasks.run.backends.base import job_inputs
+    from tasks.script import build_script
+
+    user = tmp_path / "my_rewards.py"
+    user.write_text("def brevity(completions, **kw):\n    return [0.0] * len(completions)\n")
+    rewards = [src.model_dump() for _, src in resolve_rewards(["exact_answer", f"{user}:brevity"])]
+    request = _request(tmp_path, "print('placeholder')\n", name="script-files")
+    run_dir = Path(request.run_dir)
+    config = {"trainer": "GRPOTrainer", "config_class": "GRPOConfig", "method": "grpo", "seed": 0, "training": {}}
+    script = build_script(GRPO, {**config, "rewards": rewards}, run_dir)
+    assert script.files == [
+        "train.py",
+        "finetune_eval.py",
+        "finetune_callbacks.py",
+        "finetune_rewards/__init__.py",
+        "finetune_rewards/rewards.py",
+        "finetune_rewards/my_rewards.py",
+    ]
+    assert set(script.files) <= {name for _, name in job_inputs(run_dir, request.model_path)[0]}  # prefect-pool
+    (run_dir / "train.py").write_text(
+        "import finetune_callbacks, finetune_eval\n"
+        "from finetune_rewards.my_rewards import brevity\n"
+        "from finetune_rewards.rewards import exact_answer\n"
+        "print('imported', brevity.__name__, exact_answer.__name__, finetune_eval.Evaluation.__name__)\n"
+    )
+    handle = _backend().submit(request.model_copy(update={"script": script}))
+    status = monitor_job(_backend(), handle, Guard(max_usd=1.0, price_per_hour_usd=0.6), poll_s=0.2)
+    assert status.state == "completed", status.detail
+    assert "imported brevity exact_answer Evaluation" in Path(handle.log_path).read_text()
+    repo = jobs_standin.repos["models/standin-user/finetune-script-files"]
+    assert set(script.files) <= {path for _, files in repo.commits for path in files}
