@@ -283,10 +283,10 @@ def test_a_recipes_baseline_folder_and_the_task_data_travel_with_the_job(jobs_st
 def test_the_files_the_script_imports_travel_with_the_job(jobs_standin, tmp_path):
     """train.py imports its siblings and the GRPO reward modules from its own folder: every file
     the builder writes is uploaded (and listed for the pool), fetched by the job, and imports there."""
-    from tasks.methods import GRPO
-    from tasks.rewards import resolve_rewards
+    from tasks.core.methods import GRPO
+    from tasks.plan.rewards import resolve_rewards
+    from tasks.plan.script import build_script
     from tasks.run.backends.base import job_inputs
-    from tasks.script import build_script
 
     user = tmp_path / "my_rewards.py"
     user.write_text("def brevity(completions, **kw):\n    return [0.0] * len(completions)\n")
