@@ -44,13 +44,13 @@ class _Killed(list):
 def _kill_local_training_at(monkeypatch: pytest.MonkeyPatch, run_dir: Path, step: int) -> _Killed:
     """SIGKILL the training process (not its shell wrapper), as the OOM killer would, once
     the monitor has seen `step`."""
-    from tasks.stages.training import ProgressBarFor
+    from tasks.stages.training import ProgressReporter
 
-    real_update = ProgressBarFor.update
+    real_update = ProgressReporter.update
     killed = _Killed()
     killed.real_update = real_update
 
-    def update(self: ProgressBarFor, p: object) -> None:
+    def update(self: ProgressReporter, p: object) -> None:
         real_update(self, p)  # type: ignore[arg-type]
         if p.step >= step and not killed:  # type: ignore[attr-defined]
             handle = load_handle(run_dir)
@@ -59,7 +59,7 @@ def _kill_local_training_at(monkeypatch: pytest.MonkeyPatch, run_dir: Path, step
                 os.kill(child, signal.SIGKILL)
             killed.append(p.step)  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(ProgressBarFor, "update", update)
+    monkeypatch.setattr(ProgressReporter, "update", update)
     return killed
 
 
@@ -91,9 +91,9 @@ def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_i
     assert monitor["status"] == "failed" and ("SIGKILL" in monitor["detail"] or "signal 9" in monitor["detail"])
     first_losses = report["job"]["losses"]
 
-    from tasks.stages.training import ProgressBarFor
+    from tasks.stages.training import ProgressReporter
 
-    monkeypatch.setattr(ProgressBarFor, "update", killed.real_update)  # type: ignore[attr-defined]
+    monkeypatch.setattr(ProgressReporter, "update", killed.real_update)  # type: ignore[attr-defined]
     _check_resumed(first_losses, sft(spec=spec), run_dir)
 
 

@@ -80,14 +80,16 @@ class FlowCancelWatch:
 @stage(name="monitor", cache_policy=NO_CACHE)
 def monitor_task(handle: JobHandle, run_name: str, guard: Guard, poll_s: float = 1.0) -> JobStatus:
     backend = get_backend(handle.backend)
-    bar = ProgressBarFor(run_name)
-    status = monitor_job(backend, handle, guard, poll_s=poll_s, on_update=bar.update, stop_requested=FlowCancelWatch())
-    bar.finish(status)
+    reporter = ProgressReporter(run_name)
+    status = monitor_job(
+        backend, handle, guard, poll_s=poll_s, on_update=reporter.update, stop_requested=FlowCancelWatch()
+    )
+    reporter.finish(status)
     say(f"job {status.state}: {status.detail.splitlines()[0] if status.detail else ''}")
     return status
 
 
-class ProgressBarFor:
+class ProgressReporter:
     """Turns monitor updates into a Prefect progress artifact, a loss table and log lines."""
 
     TABLE_EVERY_S = 15.0  # table artifacts cannot be updated in place: each refresh is a new version
