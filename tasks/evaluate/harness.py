@@ -83,11 +83,9 @@ class _Read(BaseModel):
     generated_tokens: int
 
 
-def read_task(source: str) -> _Read:
-    """One task YAML, checked for what the job needs offline: a task name, local data files
-    that exist, a split to evaluate, no Python code by reference."""
-    path = Path(source)
-    where = f"evaluation.tasks: {source}"
+def _load_config(path: Path, where: str) -> dict[str, Any]:
+    """The task YAML parsed, refusing what would not travel with the job: a missing file, bad
+    YAML, no task name, `include:` and YAML tags (Python code by reference)."""
     if not path.is_file():
         raise TaskError(
             f"{where} does not exist; give an lm-evaluation-harness task YAML (paths are relative to the spec)"
@@ -98,7 +96,6 @@ def read_task(source: str) -> _Read:
         raise TaskError(f"{where} is not valid YAML: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("task"), str):
         raise TaskError(f"{where} has no `task:` name; one task per file (groups are not supported)")
-    name = config["task"]
     if "include" in config:
         raise TaskError(
             f"{where}: `include:` is not supported (the included file would not travel with the job); copy its "
@@ -110,6 +107,13 @@ def read_task(source: str) -> _Read:
             f"{where}: YAML tags ({', '.join('!' + t for t in sorted(set(tags)))}) point at Python code that would "
             "not travel with the job; use the harness's template fields (doc_to_text, doc_to_target, doc_to_choice)"
         )
+    return config
+
+
+def _checked_splits(config: dict[str, Any], where: str) -> tuple[dict[str, list[str]], str, str]:
+    """The data files named per split, the output type and the split to evaluate, checked so the
+    task reads local files only and every split it names has files."""
+    name = config["task"]
     builder = config.get("dataset_path")
     named = _data_files((config.get("dataset_kwargs") or {}).get("data_files"))
     if builder not in LOCAL_BUILDERS or not named:
@@ -129,21 +133,38 @@ def read_task(source: str) -> _Read:
     for other in ("training_split", "validation_split", "fewshot_split"):
         if config.get(other) and config[other] not in named:
             raise TaskError(f"{where}: {other} '{config[other]}' is not a key of dataset_kwargs.data_files")
+    return named, output_type, split
+
+
+def _found_files(named: dict[str, list[str]], folder: Path, where: str) -> dict[str, list[Path]]:
+    """Each split's data files, relative ones found next to the task YAML; a missing one is refused
+    now rather than in the job."""
     files: dict[str, list[Path]] = {}
     for split_name, names in named.items():
         files[split_name] = []
         for file in names:
-            found = Path(file) if Path(file).is_absolute() else path.parent / file
+            found = Path(file) if Path(file).is_absolute() else folder / file
             if not found.is_file():
                 raise TaskError(f"{where}: data file {found} (split {split_name}) does not exist")
             files[split_name].append(found)
+    return files
+
+
+def read_task(source: str) -> _Read:
+    """One task YAML, checked for what the job needs offline: a task name, local data files
+    that exist, a split to evaluate, no Python code by reference."""
+    path = Path(source)
+    where = f"evaluation.tasks: {source}"
+    config = _load_config(path, where)
+    named, output_type, split = _checked_splits(config, where)
+    files = _found_files(named, path.parent, where)
     metrics = config.get("metric_list") or [{"metric": "acc" if output_type == "multiple_choice" else "exact_match"}]
     first = metrics[0] if isinstance(metrics[0], dict) else {"metric": str(metrics[0])}
     rows = sum(_rows(f) for f in files[split])
     text_bytes = sum(f.stat().st_size for f in files[split])
     gen_limit = int((config.get("generation_kwargs") or {}).get("max_gen_toks", 256))
     return _Read(
-        name=name,
+        name=config["task"],
         source=str(path),
         config=config,
         files=files,
