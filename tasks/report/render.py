@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.models import RunPlan, RunSummary
+from tasks.core.models import DatasetReport, HardwarePlan, RunPlan, RunSummary
 from tasks.core.money import usd
 from tasks.evaluate.summary import evaluation_lines
 from tasks.export.gguf_summary import fallback_text, gguf_cells
@@ -55,14 +55,10 @@ def length_histogram_png(bins: list[tuple[int, int, int]], max_length: int, path
     return path
 
 
-def plan_markdown(plan: RunPlan) -> str:
-    d, h, c = plan.dataset, plan.hardware, plan.cost
-    lines = [
-        f"# Plan for run `{plan.run_name}`",
-        "",
-        f"**{plan.method.upper()}** of `{plan.model}` on `{d.source}` ({d.rows} rows, format `{d.format}`)",
-        "",
-        *(f"> **Note:** {n}\n" for n in plan.notes),
+def _dataset_lines(d: DatasetReport) -> list[str]:
+    """The plan's dataset section: what was checked and measured, so a bad row or a truncation
+    is seen before anything is spent."""
+    return [
         "## Dataset",
         f"- rows: {d.rows}, every one checked in {d.check_seconds:.1f} s ({d.check_processes} process"
         f"{'es' if d.check_processes > 1 else ''}); tokens per row: min {d.tokens.min}, mean {d.tokens.mean}, "
@@ -74,7 +70,12 @@ def plan_markdown(plan: RunPlan) -> str:
         *([f"- evaluation rows (before/after, GGUF smoke test): {d.heldout_source}"] if d.heldout_source else []),
         *length_table(d.length_histogram, d.max_length),
         *(f"- warning: {w}" for w in d.warnings),
-        "",
+    ]
+
+
+def _hardware_lines(h: HardwarePlan) -> list[str]:
+    """The plan's hardware section: the machine, the parallelism and the memory estimate it rests on."""
+    return [
         "## Hardware",
         f"- {h.description} (`{h.flavor}`, {h.backend} backend, {h.dtype})",
         f"- parameters: {h.parameters:,}; trained: {h.trainable_parameters:,}; LoRA: {'yes' if h.use_lora else 'no'} ({h.lora_reason})",
@@ -88,7 +89,12 @@ def plan_markdown(plan: RunPlan) -> str:
         f"{_gb(h.estimated_peak_memory_gb)} of {_gb(h.available_memory_gb)} usable",
         "  (" + ", ".join(f"{k} {_gb(v)}" for k, v in h.memory_breakdown_gb.items()) + ")",
         *([f"- gradient checkpointing: {h.checkpointing_reason}"] if h.checkpointing_reason else []),
-        "",
+    ]
+
+
+def _speed_lines(h: HardwarePlan) -> list[str]:
+    """The plan's speed section: each throughput choice with its reason, so it can be overridden."""
+    return [
         "## Speed",
         "Each choice yields to the same key in the spec's `training`.",
         "",
@@ -101,6 +107,23 @@ def plan_markdown(plan: RunPlan) -> str:
         "",
         f"Padding: {h.padding_overhead:.2f} tokens computed per real token with this batching "
         "(simulated on the measured lengths).",
+    ]
+
+
+def plan_markdown(plan: RunPlan) -> str:
+    """The plan as markdown, section by section: what is checked, run and paid before approval."""
+    d, c = plan.dataset, plan.cost
+    lines = [
+        f"# Plan for run `{plan.run_name}`",
+        "",
+        f"**{plan.method.upper()}** of `{plan.model}` on `{d.source}` ({d.rows} rows, format `{d.format}`)",
+        "",
+        *(f"> **Note:** {n}\n" for n in plan.notes),
+        *_dataset_lines(d),
+        "",
+        *_hardware_lines(plan.hardware),
+        "",
+        *_speed_lines(plan.hardware),
         "",
         "## Cost",
         f"- time: {_duration(c.hours)} (range {_duration(c.hours_low)} - {_duration(c.hours_high)})",
@@ -141,7 +164,61 @@ def signal_lines(s: RunSummary) -> list[str]:
     return lines
 
 
+def _job_lines(s: RunSummary) -> list[str]:
+    """What the training job did: state, steps, cost, where it ran, and the loss and signal it logged."""
+    if not s.job:
+        return []
+    j = s.job
+    lines: list[str] = []
+    steps = f"{j.steps}/{j.max_steps}" if j.max_steps else str(j.steps)
+    lines.append(f"- training: {j.state}, {steps} steps in {j.duration_s:.1f} s, cost {usd(j.cost_usd)}")
+    where = f" ({j.url})" if j.url else ""
+    lines.append(f"- job: {j.backend} `{j.job_id}`{where}, {j.billed_s:.0f} s billed")
+    if j.tokens_per_s:
+        lines.append(f"- throughput: {j.tokens_per_s:.0f} tokens/s (last logged)")
+    lines += [f"- {a}" for a in j.attempts]
+    if j.losses:
+        lines.append(
+            f"- loss: {j.losses[0].loss:.4f} at step {j.losses[0].step} -> {j.losses[-1].loss:.4f} at step {j.losses[-1].step}"
+        )
+    lines += [f"- {line}" for line in signal_lines(s)]
+    return lines
+
+
+def _stage_lines(s: RunSummary) -> list[str]:
+    """The stages as a table; a detail too long for a cell is cut there and given in full below it."""
+    lines = ["", "## Stages", "| stage | status | detail |", "|---|---|---|"]
+    long = []  # a long detail would run the table off the page: it gets its own line below it
+    for st in s.stages:
+        detail = st.detail.replace("\n", " ").replace("|", "\\|")
+        if len(detail) > TABLE_CELL:
+            long.append(f"- **{st.stage}**: {st.detail}")
+            detail = detail[: TABLE_CELL - 20].rsplit(" ", 1)[0] + " ... (in full below)"
+        lines.append(f"| {st.stage} | {st.status} | {detail} |")
+    if long:
+        lines += ["", *long]
+    return lines
+
+
+def _gguf_lines(s: RunSummary) -> list[str]:
+    """The GGUF files as a table, one row per quantization with its checks; none when there are none."""
+    if s.gguf is None or not s.gguf.files:
+        return []
+    return [
+        "",
+        "## GGUF files",
+        "",
+        "| type | size | fallback tensors | perplexity (HF model) | top-1 agreement | tokenization | tok/s | published |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {row[0]} | {row[1]} | {row[7]} | {row[2]} | {row[3]} | {row[4]} | {row[5]} | {row[6]} |"
+            for row in gguf_rows(s)
+        ),
+    ]
+
+
 def summary_markdown(s: RunSummary) -> str:
+    """The final report as markdown: outcome, training, evaluation, estimates, stages, GGUF files, outputs."""
     p = s.plan
     lines = [f"# Run `{s.run_name}`", ""]
     if s.error:
@@ -156,20 +233,7 @@ def summary_markdown(s: RunSummary) -> str:
         f"on {h.description}, LoRA: {'yes' if h.use_lora else 'no'}"
         + (f", {h.processes} processes ({h.strategy}, global batch {h.global_batch})" if h.processes > 1 else "")
     )
-    if s.job:
-        j = s.job
-        steps = f"{j.steps}/{j.max_steps}" if j.max_steps else str(j.steps)
-        lines.append(f"- training: {j.state}, {steps} steps in {j.duration_s:.1f} s, cost {usd(j.cost_usd)}")
-        where = f" ({j.url})" if j.url else ""
-        lines.append(f"- job: {j.backend} `{j.job_id}`{where}, {j.billed_s:.0f} s billed")
-        if j.tokens_per_s:
-            lines.append(f"- throughput: {j.tokens_per_s:.0f} tokens/s (last logged)")
-        lines += [f"- {a}" for a in j.attempts]
-        if j.losses:
-            lines.append(
-                f"- loss: {j.losses[0].loss:.4f} at step {j.losses[0].step} -> {j.losses[-1].loss:.4f} at step {j.losses[-1].step}"
-            )
-        lines += [f"- {line}" for line in signal_lines(s)]
+    lines += _job_lines(s)
     if s.approval:
         lines.append(
             f"- approval: {'approved' if s.approval.approved else 'declined'} by {s.approval.by} ({s.approval.reason})"
@@ -177,28 +241,8 @@ def summary_markdown(s: RunSummary) -> str:
     if s.evaluation is not None:
         lines += ["", "## Did it help?", "", *evaluation_lines(s.evaluation)]
     lines += estimate_lines(s)
-    lines += ["", "## Stages", "| stage | status | detail |", "|---|---|---|"]
-    long = []  # a long detail would run the table off the page: it gets its own line below it
-    for st in s.stages:
-        detail = st.detail.replace("\n", " ").replace("|", "\\|")
-        if len(detail) > TABLE_CELL:
-            long.append(f"- **{st.stage}**: {st.detail}")
-            detail = detail[: TABLE_CELL - 20].rsplit(" ", 1)[0] + " ... (in full below)"
-        lines.append(f"| {st.stage} | {st.status} | {detail} |")
-    if long:
-        lines += ["", *long]
-    if s.gguf is not None and s.gguf.files:
-        lines += [
-            "",
-            "## GGUF files",
-            "",
-            "| type | size | fallback tensors | perplexity (HF model) | top-1 agreement | tokenization | tok/s | published |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {row[0]} | {row[1]} | {row[7]} | {row[2]} | {row[3]} | {row[4]} | {row[5]} | {row[6]} |"
-            for row in gguf_rows(s)
-        ]
+    lines += _stage_lines(s)
+    lines += _gguf_lines(s)
     lines += ["", "## Outputs", *(f"- {k}: `{v}`" for k, v in s.outputs.items())]
     return "\n".join(lines)
 
