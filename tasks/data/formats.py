@@ -328,8 +328,10 @@ def _first(rows: list[dict[str, Any]], names: tuple[str, ...], test: Callable[[A
     return next((n for n in names if n in columns and _all(rows, n, test)), None)
 
 
-def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
-    found = []
+def _sft_chats(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    """Conversation columns: {role, content} turns train as they are, ShareGPT {from, value}
+    turns through the `sharegpt` conversion."""
+    found: list[FormatCandidate] = []
     for col in CHAT_NAMES:
         if col in (rows[0] if rows else {}):
             if _all(rows, col, _role_turns):
@@ -352,15 +354,13 @@ def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
                         columns={} if col == "conversations" else {"conversations": col},
                     )
                 )
-    if _first(rows, ("instruction",), _is_text) and _first(rows, ("output",), _is_text):
-        found.append(
-            FormatCandidate(
-                format="Alpaca instruction/input/output",
-                verdict="NEEDS MAPPING",
-                trains_as="messages",
-                conversion="alpaca",
-            )
-        )
+    return found
+
+
+def _sft_pairs(rows: list[dict[str, Any]], alpaca: bool) -> list[FormatCandidate]:
+    """Prompt/answer columns, and preference pairs trained on their chosen answers; an Alpaca
+    dataset's instruction/output are left to its conversion rather than offered twice."""
+    found: list[FormatCandidate] = []
     prompt = _first(rows, PROMPT_NAMES, _text_or_turns)
     answer = _first(rows, ANSWER_NAMES, _text_or_turns)
     chosen = _first(rows, CHOSEN_NAMES, _text_or_turns)
@@ -374,7 +374,7 @@ def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
                 note="the rejected answers are left out",
             )
         )
-    if prompt and answer and not any(c.conversion == "alpaca" for c in found):
+    if prompt and answer and not alpaca:
         ready = (prompt, answer) == ("prompt", "completion")
         found.append(
             FormatCandidate(
@@ -384,6 +384,23 @@ def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
                 columns={} if ready else {"prompt": prompt, "completion": answer},
             )
         )
+    return found
+
+
+def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    """Every way SFT can read the rows, in order: conversations, Alpaca, prompt/answer pairs, plain text."""
+    found = _sft_chats(rows)
+    alpaca = bool(_first(rows, ("instruction",), _is_text) and _first(rows, ("output",), _is_text))
+    if alpaca:
+        found.append(
+            FormatCandidate(
+                format="Alpaca instruction/input/output",
+                verdict="NEEDS MAPPING",
+                trains_as="messages",
+                conversion="alpaca",
+            )
+        )
+    found += _sft_pairs(rows, alpaca)
     text = _first(rows, TEXT_NAMES, _is_text)
     if text:
         found.append(
