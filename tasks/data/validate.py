@@ -484,21 +484,17 @@ def _head(block: LineBlock | pd.DataFrame, rows: int) -> LineBlock | pd.DataFram
     return LineBlock(block.first, block.data[:cut])
 
 
-def validate_dataset(
+def _probe(
+    first_block: LineBlock | pd.DataFrame | None,
     source: str,
     method: MethodDefinition,
     tokenizer: Any,
-    max_length: int,
-    out_dir: Path,
-    split: str = "train",
-    columns: dict[str, str] | None = None,
-    conversion: str | None = None,
-    held_out: HeldOut | None = None,
-) -> DatasetReport:
-    """Check every row, measure the data, and write the canonical rows to ``out_dir/train.jsonl``
-    (converted first when the spec names a conversion: the job trains on what was checked)."""
-    blocks = iter_blocks(source, split)
-    first_block = next(blocks, None)
+    columns: dict[str, str] | None,
+    conversion: str | None,
+) -> tuple[BlockJob, list[str], dict[str, str]]:
+    """What every block is checked against, fixed from the first rows before the full pass: the
+    format and columns (with the user's extra columns), and the verdict per method. Refuses an
+    empty dataset, and conversations the tokenizer has no chat template for."""
     probe = _frame(_head(first_block, SAMPLE_ROWS), BlockResult()) if first_block is not None else None
     if probe is None or probe.empty:
         raise DatasetValidationError(f"{source}: the dataset has no rows")
@@ -515,6 +511,26 @@ def validate_dataset(
     if fmt != "text" and not getattr(tokenizer, "chat_template", None):
         if any(isinstance(v, list) for v in prepared[needed].head(1).map(plain).iloc[0].tolist()):
             raise _chat_template_refusal(source, method)
+    return job, extra, verdicts
+
+
+def validate_dataset(
+    source: str,
+    method: MethodDefinition,
+    tokenizer: Any,
+    max_length: int,
+    out_dir: Path,
+    split: str = "train",
+    columns: dict[str, str] | None = None,
+    conversion: str | None = None,
+    held_out: HeldOut | None = None,
+) -> DatasetReport:
+    """Check every row, measure the data, and write the canonical rows to ``out_dir/train.jsonl``
+    (converted first when the spec names a conversion: the job trains on what was checked)."""
+    blocks = iter_blocks(source, split)
+    first_block = next(blocks, None)
+    job, extra, verdicts = _probe(first_block, source, method, tokenizer, columns, conversion)
+    fmt, needed = job.fmt, job.needed
     state = _Pass(out_dir, source, held_out)
     ahead = list(itertools.islice(blocks, WORKERS_FROM_BLOCKS - 1))
     # starting workers costs about a second: worth it from a few blocks on (some 50k short rows)
