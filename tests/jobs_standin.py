@@ -8,6 +8,9 @@ PATH), as a container would. The job image is emulated: the uv images' `uv` is a
 runs `uv run [--with X] CMD...` with this interpreter, whose environment already holds the
 script's pinned dependencies (uv itself cannot install here: there is no internet).
 
+Durations are whole seconds rounded up, as a per-second bill counts them: a job that was
+created is billed at least 1 s, however fast the machine runs it.
+
 Knobs: `schedule_s` (time a job spends SCHEDULING), `can_pay` (whoami's canPay),
 `hardware` (the price list), `fail_next_jobs` (what the next jobs print before failing),
 and the Hub stand-in's `drop_next` / `fail_next` for faults on any route.
@@ -16,6 +19,7 @@ and the Hub stand-in's `drop_next` / `fail_next` for faults on any route.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -78,6 +82,11 @@ class Job:
     proc: subprocess.Popen | None = None
     workdir: str = ""
     cancel_requested: bool = False
+
+
+def _billed_secs(seconds: float) -> int:
+    """Whole seconds as a per-second bill counts them: any part of a second is a second."""
+    return max(math.ceil(seconds), 1) if seconds > 0 else 0
 
 
 def _iso(t: float | None) -> str | None:
@@ -198,10 +207,10 @@ class JobsStandin(HubStandin):
             "flavor": s.get("flavor"),
             "labels": s.get("labels"),
             "status": {"stage": job.stage, "message": job.message},
-            "durations": {
-                "schedulingSecs": int((job.started or end) - job.created),
-                "runningSecs": int(running) if running is not None else None,
-                "totalSecs": int(end - job.created),
+            "durations": {  # whole seconds, rounded up: never 0 for a job that ran
+                "schedulingSecs": _billed_secs((job.started or end) - job.created),
+                "runningSecs": _billed_secs(running) if running is not None else None,
+                "totalSecs": _billed_secs(end - job.created),
             },
             "owner": {"id": "0" * 24, "name": job.namespace, "type": "user"},
         }
