@@ -1,12 +1,13 @@
 # Two commands are all the set-up a newcomer needs:
 #   make demo   installs everything into .venv and runs the SFT lifecycle on the embedded default
 #   make test   installs everything into .venv and runs the tests
+# (`make test-fast` runs only the unit tests: no Prefect server, no training, no browser)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +25,18 @@ install: $(STAMP)
 demo: install
 	$(PY) -m flows.sft --spec examples/sft-tiny.yaml
 
+# the tests run in parallel processes (pytest-xdist): most of their time is spent waiting on
+# servers and subprocesses; tests sharing a trained run are kept on one worker (loadgroup)
+PYTEST_WORKERS ?= 4
+
 test: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+
+test-fast: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not server and not train and not browser"
 
 lint: install
 	$(PY) -m ruff check .
