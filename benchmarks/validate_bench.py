@@ -47,8 +47,8 @@ TARGET_PEAK_GB = 1.0
 VALIDATE_ONLY = """
 import sys
 from pathlib import Path
-from tasks.methods import SFT
-from tasks.model_source import load_tokenizer
+from tasks.core.methods import SFT
+from tasks.core.model_source import load_tokenizer
 from tasks.data.validate import validate_dataset
 from training.tiny_model import ensure_tiny_model
 

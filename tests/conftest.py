@@ -1,16 +1,22 @@
 """Shared fixtures: every test runs with its own run folder and Prefect home, and the
-tiny model is built once per session into a temporary cache."""
+tiny model is built once per session into a temporary cache.
+
+Markers come from the fixtures a test uses, so they cannot drift from what it does:
+`server` (a Prefect server: `prefect_server`, `served`, `own_server`), `train` (it trains the tiny model:
+`trains`, `sft_run`) and `browser` (headless Chromium: `browser`). `make test-fast` runs the
+tests with none of them. Tests that share one expensive session fixture are put in one
+xdist group, so that under `pytest -n` only one worker builds it."""
 
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,6 +53,10 @@ for _home in (os.environ["HF_HOME"], os.environ["PREFECT_HOME"]):  # nothing lef
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 
+# workers and `serve` started by a test poll for runs every second instead of every 10 s
+FAST_POLLS = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
@@ -58,9 +68,8 @@ def isolated(tmp_path: Path, tiny_cache: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FINETUNE_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("FINETUNE_CALIBRATION_FILE", str(tmp_path / "calibration.json"))  # each test starts uncorrected
     monkeypatch.delenv("HF_DEBUG", raising=False)
-    # workers and `serve` started by a test poll for runs every second instead of every 10 s
-    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
-    monkeypatch.setenv("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    for name, value in FAST_POLLS.items():
+        monkeypatch.setenv(name, value)
     return tmp_path
 
 
@@ -87,60 +96,49 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLES = REPO / "examples"
+from tests.helpers import EXAMPLES, SFT_SECRET, process_env, start_process, stop_process, wait_for_deployments  # noqa: E402
 
 
-# -- the deployment doors: processes a user starts beside a server ----------------------------
-from tests.processes import stop_process  # noqa: E402  (re-exported for the tests)
+@dataclass(frozen=True)
+class Served:
+    log: Path
+    runs: Path
+    calibration: Path
 
 
-def api_url() -> str:
-    from prefect.settings import get_current_settings
-
-    return str(get_current_settings().api.url)
-
-
-def process_env() -> dict[str, str]:
-    return {**os.environ, "PREFECT_API_URL": api_url(), "FINETUNE_FLOW_HOME": str(REPO)}
-
-
-def start_process(args: list[str], log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        return subprocess.Popen(
-            args, cwd=REPO, env=process_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _wait_for_deployments(names: set[str], proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
-    from prefect import get_client
-
-    deadline = time.monotonic() + timeout_s
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            found = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
-            if names <= found:
-                return
-            time.sleep(1)
-    raise AssertionError(f"deployments {names} did not appear: {log.read_text()[-3000:]}")
-
-
-@pytest.fixture
-def served(prefect_server, tmp_path: Path) -> Iterator[Path]:
-    """`python -m deployments.serve` as the README starts it; yields its log."""
+@pytest.fixture(scope="module")
+def serve_process(prefect_server, tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """`python -m deployments.serve` as the README starts it, once per test module, with run
+    folders of its own (each test's runs have names of their own)."""
     from prefect import get_client
 
     with get_client(sync_client=True) as client:  # a deployment from `prefect deploy` keeps its pool and pull steps
         for deployment in client.read_deployments():
             client.delete_deployment(deployment.id)
-    log = tmp_path / "serve.log"
-    proc = start_process([sys.executable, "-m", "deployments.serve"], log)
+    home = tmp_path_factory.mktemp("served")
+    served = Served(log=home / "serve.log", runs=home / "runs", calibration=home / "calibration.json")
+    env = {
+        **process_env(),
+        "FINETUNE_CACHE_DIR": str(tiny_cache),
+        "FINETUNE_RUNS_DIR": str(served.runs),
+        "FINETUNE_CALIBRATION_FILE": str(served.calibration),
+        **FAST_POLLS,
+    }
+    env.pop("HF_TOKEN", None)
+    proc = start_process([sys.executable, "-m", "deployments.serve"], served.log, env=env)
     try:
-        _wait_for_deployments({"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/recipe"}, proc, log)
-        yield log
+        wait_for_deployments({"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/recipe"}, proc, served.log)
+        yield served
     finally:
         stop_process(proc)
+
+
+@pytest.fixture
+def served(serve_process: Served, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The module's served deployments; the test sees the served runs' folder. Yields the log."""
+    monkeypatch.setenv("FINETUNE_RUNS_DIR", str(serve_process.runs))
+    monkeypatch.setenv("FINETUNE_CALIBRATION_FILE", str(serve_process.calibration))
+    return serve_process.log
 
 
 @pytest.fixture(scope="session")
@@ -182,3 +180,95 @@ def jobs_env(jobs_standin, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     jobs_standin.clear_faults()
     yield jobs_standin
     jobs_standin.clear_faults()
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The waits between attempts, recorded instead of slept: ours, and huggingface_hub's own
+    backoff, which downloads go through (it honours Retry-After too)."""
+    import types
+
+    from huggingface_hub.utils import _http
+
+    from tasks import faults
+
+    recorded: list[float] = []
+    monkeypatch.setattr(faults, "pause", recorded.append)
+    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fake_time.sleep = recorded.append
+    monkeypatch.setattr(_http, "time", fake_time)
+    return recorded
+
+
+# -- what a test does, said by a fixture: the markers below are derived from these ------------
+@pytest.fixture
+def trains() -> None:
+    """Requested by a test that trains the tiny model itself (through a flow or its script)."""
+
+
+@pytest.fixture
+def own_server() -> None:
+    """Requested by a test that starts a Prefect server of its own (as a user would)."""
+
+
+@dataclass(frozen=True)
+class SftRun:
+    summary: object  # flows.sft's RunSummary
+    runs: Path  # FINETUNE_RUNS_DIR it ran under
+    published: Path  # its local publish target
+    elapsed_s: float
+
+
+@pytest.fixture(scope="session")
+def sft_run(prefect_server, tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> SftRun:
+    """The demo's SFT (examples/sft-tiny.yaml) through the whole lifecycle, trained once for the
+    tests that only read it, in folders of its own. Those tests must not change it."""
+    from flows.sft import sft
+    from tasks.core.spec import load_spec
+
+    home = tmp_path_factory.mktemp("sft-run")
+    published = home / "published" / "tiny-sft"
+    with pytest.MonkeyPatch.context() as mp:  # the environment of this training only
+        mp.setenv("FINETUNE_CACHE_DIR", str(tiny_cache))
+        mp.setenv("FINETUNE_RUNS_DIR", str(home / "runs"))
+        mp.setenv("FINETUNE_CALIBRATION_FILE", str(home / "calibration.json"))
+        mp.setenv("HF_TOKEN", SFT_SECRET)
+        start = time.monotonic()
+        spec = load_spec(
+            EXAMPLES / "sft-tiny.yaml", {"name": "flow-test", "outputs": {"hub_repo": f"file://{published}"}}
+        )
+        summary = sft(spec=spec)
+        elapsed = time.monotonic() - start
+    return SftRun(summary=summary, runs=home / "runs", published=published, elapsed_s=elapsed)
+
+
+@pytest.fixture(scope="session")
+def browser() -> str:
+    """Debian's Chromium, driven through Playwright; the test is skipped where either is missing
+    (`.ci/run` installs chromium)."""
+    pytest.importorskip("playwright.sync_api")
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not shutil.which(chromium):
+        pytest.skip("no Chromium here (apt-get install chromium)")
+    return chromium
+
+
+MARKERS_FROM_FIXTURES = {
+    "server": {"prefect_server", "served", "own_server"},
+    "train": {"trains", "sft_run"},
+    "browser": {"browser"},
+}
+# tests sharing an expensive session fixture run on one xdist worker (`--dist loadgroup`)
+GROUPS_FROM_FIXTURES = {"sft_run": "sft_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))  # with every fixture they depend on
+        for marker, fixtures in MARKERS_FROM_FIXTURES.items():
+            if used & fixtures:
+                item.add_marker(marker)
+        for fixture, group in GROUPS_FROM_FIXTURES.items():
+            if fixture in used and not item.get_closest_marker("xdist_group"):
+                item.add_marker(pytest.mark.xdist_group(group))

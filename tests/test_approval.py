@@ -4,7 +4,6 @@ pre-approval; all against a real local Prefect server started for the test sessi
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import pytest
 from tasks.core.rundir import runs_root
 from tasks.core.spec import Budget
 from tasks.stages.approval import NotApproved, request_approval
-from tests.test_planning import _cost
+from tests.helpers import cost_estimate, when_paused
 
-pytestmark = pytest.mark.slow
 BUDGET = Budget(max_usd=20, auto_approve_usd=1)
 
 
@@ -27,39 +25,19 @@ def _gate(run_name: str, timeout_s: int = 60):
 
     @flow(name=f"gate-{run_name}")
     def gate():
-        return request_approval(_cost(5), BUDGET, run_name, run_dir, timeout_s, poll_s=1)
+        return request_approval(cost_estimate(5), BUDGET, run_name, run_dir, timeout_s, poll_s=1)
 
     return gate
-
-
-def _when_paused(action, within_s: float = 60) -> threading.Thread:
-    """Run `action(flow_run_id)` once a flow run is paused (within `within_s`)."""
-
-    def run() -> None:
-        from prefect import get_client
-
-        deadline = time.monotonic() + within_s
-        while time.monotonic() < deadline:
-            with get_client(sync_client=True) as client:
-                paused = [r for r in client.read_flow_runs() if r.state and r.state.is_paused()]
-            if paused:
-                action(paused[0].id)
-                return
-            time.sleep(0.5)
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
 
 
 def test_the_pause_takes_a_typed_answer_from_the_python_api(prefect_server):
     from prefect.flow_runs import resume_flow_run
 
-    _when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": True, "reason": "looks fine", "max_usd": 12}))
+    when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": True, "reason": "looks fine", "max_usd": 12}))
     approval = _gate("api")()
     assert approval.by == "user" and approval.reason == "looks fine" and approval.max_usd == 12
 
-    _when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": False, "reason": "too dear"}))
+    when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": False, "reason": "too dear"}))
     with pytest.raises(NotApproved, match="too dear"):
         _gate("api-no")()
 
@@ -68,13 +46,13 @@ def test_the_command_line_approves_by_run_name(prefect_server, capsys):
     from flows.approve import main
 
     results = []
-    _when_paused(lambda fid: results.append(main(["cli", "--reason", "go ahead"])))
+    when_paused(lambda fid: results.append(main(["cli", "--reason", "go ahead"])))
     approval = _gate("cli")()
     assert results == [0] and approval.reason == "go ahead"
     assert (runs_root() / "cli" / "approval.json").exists()
     assert "approved: flow run" in capsys.readouterr().out
 
-    _when_paused(lambda fid: main(["cli-no", "--reject", "--reason", "not now"]))
+    when_paused(lambda fid: main(["cli-no", "--reject", "--reason", "not now"]))
     with pytest.raises(NotApproved, match="not now"):
         _gate("cli-no")()
 
@@ -91,7 +69,7 @@ def test_the_rest_api_rejects_bad_input_and_accepts_good(prefect_server):
         good = httpx.post(f"{api}/flow_runs/{fid}/resume", json={"run_input": {"approve": True, "reason": "via REST"}})
         answers.append((bad.status_code, bad.json()["status"], good.status_code, good.json()["status"]))
 
-    _when_paused(post)
+    when_paused(post)
     approval = _gate("rest")()
     assert answers == [(200, "REJECT", 201, "ACCEPT")]  # an invalid answer is a 200 with REJECT
     assert approval.reason == "via REST"
@@ -109,31 +87,31 @@ def test_without_a_server_a_terminal_is_asked_and_a_script_fails_fast(monkeypatc
 
     monkeypatch.setattr(approval, "has_api_server", lambda: False)
     with pytest.raises(NotApproved, match=r"--approve-up-to 7.50"):
-        request_approval(_cost(5), BUDGET, "batch", tmp_path, 60, interactive=False)
+        request_approval(cost_estimate(5), BUDGET, "batch", tmp_path, 60, interactive=False)
     monkeypatch.setattr("builtins.input", lambda prompt: "y")
-    assert request_approval(_cost(5), BUDGET, "tty", tmp_path, 60, interactive=True).by == "terminal"
+    assert request_approval(cost_estimate(5), BUDGET, "tty", tmp_path, 60, interactive=True).by == "terminal"
     monkeypatch.setattr("builtins.input", lambda prompt: "")
     with pytest.raises(NotApproved, match="declined at the terminal"):
-        request_approval(_cost(5), BUDGET, "tty", tmp_path, 60, interactive=True)
+        request_approval(cost_estimate(5), BUDGET, "tty", tmp_path, 60, interactive=True)
 
 
 def test_a_command_line_pre_approval_covers_only_what_it_says(tmp_path):
-    ok = request_approval(_cost(5), BUDGET, "pre", tmp_path, 60, approve_up_to_usd=8)
+    ok = request_approval(cost_estimate(5), BUDGET, "pre", tmp_path, 60, approve_up_to_usd=8)
     assert ok.by == "command line" and "--approve-up-to" in ok.reason
     with pytest.raises(NotApproved, match="above --approve-up-to"):
-        request_approval(_cost(5), BUDGET, "pre", tmp_path, 60, approve_up_to_usd=7)
-    assert request_approval(_cost(0.5), BUDGET, "pre", tmp_path, 60).by == "auto"
+        request_approval(cost_estimate(5), BUDGET, "pre", tmp_path, 60, approve_up_to_usd=7)
+    assert request_approval(cost_estimate(0.5), BUDGET, "pre", tmp_path, 60).by == "auto"
 
 
 def test_a_cloud_run_without_a_token_stops_before_approval_and_before_any_upload(prefect_server, monkeypatch):
     from flows.sft import sft
+    from tasks.core import hub_access
     from tasks.core.spec import parse_spec
-    from tasks.export import hub
     from tasks.run.backends import BackendError
-    from tests.conftest import EXAMPLES
+    from tests.helpers import EXAMPLES
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(hub, "stored_token", lambda: None)  # no `hf auth login` token either
+    monkeypatch.setattr(hub_access, "stored_token", lambda: None)  # no `hf auth login` token either
     monkeypatch.setenv("FINETUNE_HF_TOKEN_BLOCK", "no-such-block")
     spec = parse_spec(
         {
@@ -172,6 +150,6 @@ def test_a_child_flow_run_pauses_and_is_answered_like_any_run(prefect_server):
     def parent():
         return gate()
 
-    _when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": True, "reason": "stage ok"}))
+    when_paused(lambda fid: resume_flow_run(fid, run_input={"approve": True, "reason": "stage ok"}))
     approval = parent()
     assert approval.by == "user" and approval.reason == "stage ok" and approval.max_usd == BUDGET.max_usd

@@ -12,7 +12,7 @@ from flows.calibrate import main as calibrate_main
 from flows.planning import plan_run
 from tasks.core.spec import load_spec
 from tasks.plan.calibration import load_table, observation, refresh, table_path
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 
 def _plan(tmp_path: Path, name: str):

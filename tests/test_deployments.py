@@ -14,16 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
-from tests.conftest import REPO, start_process, stop_process
-from tests.test_doors import QUICK_SFT
-
-pytestmark = pytest.mark.slow
+from tests.helpers import QUICK_SFT, REPO, start_process, stop_process
 
 
-def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_through_the_pool(prefect_server, tmp_path):
+def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_through_the_pool(
+    trains, prefect_server, tmp_path
+):
     from prefect import get_client
     from prefect.settings import get_current_settings
 

@@ -9,21 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, api_url, process_env
-
-pytestmark = pytest.mark.slow
-
-QUICK_SFT = {
-    "method": "sft",
-    "model": "tiny",
-    "dataset": str(REPO / "examples" / "data" / "sft_chat.jsonl"),
-    "training": {"max_steps": 6, "learning_rate": 3.0e-3, "per_device_train_batch_size": 8, "max_length": 96},
-    "evaluation": {"generations": 0},
-    "outputs": {"gguf": []},
-}
-# This machine at a price, as a team prices its own GPU box: a few tenths of a cent per run,
-# above an auto-approval of 0, so the run pauses for a person (or an agent's user).
-PRICED = {"flavors": {"local-cpu": {"price_per_hour": 2.0}}, "budget": {"max_usd": 2, "auto_approve_usd": 0}}
+from tests.helpers import PRICED, QUICK_SFT, REPO, api_url, process_env
 
 
 def test_the_typed_client_starts_follows_and_cancels_a_served_run_and_refuses_a_higher_cap(served):
@@ -61,7 +47,7 @@ def _docs_block(marker: str, page: str = "ways-in.md") -> str:
     return found.group(1)
 
 
-def test_the_docs_curl_sequence_runs_as_written(served, tmp_path):
+def test_the_docs_curl_sequence_runs_as_written(trains, served, tmp_path):
     """Every line of the REST section of docs/ways-in.md, run by bash against the served deployments,
     with the shipped JSON spec it names."""
     script = _docs_block("rest-sequence")

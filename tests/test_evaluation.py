@@ -95,7 +95,7 @@ def test_rows_scored_and_answered_in_batches_equal_each_row_alone(tiny_model_pat
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     loader = importlib.util.spec_from_file_location("script", REPO / "training" / "templates" / "finetune_eval.py")
     script = importlib.util.module_from_spec(loader)

@@ -13,7 +13,7 @@ from flows.planning import plan_run
 from tasks.core.spec import parse_spec
 from tasks.export.gguf import converter_architectures
 from tasks.plan.memory import Architecture
-from tests.conftest import EXAMPLES, REPO
+from tests.helpers import EXAMPLES, REPO
 
 CONFIGS = REPO / "tests" / "data" / "configs"
 

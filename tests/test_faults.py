@@ -7,7 +7,6 @@ answers the stage's request with the injected fault; no call is mocked."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ from tasks.data.reading import DatasetLoadError, load_frame
 from tasks.export.hub import PublishError, publish_to_hub
 from tasks.run.backends import BackendError
 from tasks.run.backends.hf_jobs import HfJobsBackend
+from tests.helpers import job_request, wait_until
 from tests.jobs_standin import STANDIN_TOKEN
-from tests.test_hf_jobs import _request
 
 pytestmark = pytest.mark.usefixtures("jobs_env")
 
@@ -71,10 +70,8 @@ def _finished_job(tmp_path: Path, case: str) -> Any:
     """A job that ran and pushed a train_result.json; ended before any fault is injected, so
     the job's own downloads cannot take the fault."""
     backend = HfJobsBackend(retry_delays_s=())
-    handle = backend.submit(_request(tmp_path, "print('hi')\n", name=f"fault-{case}"))
-    deadline = time.monotonic() + 60
-    while backend.status(handle).state not in ("completed", "failed") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    handle = backend.submit(job_request(tmp_path, "print('hi')\n", name=f"fault-{case}"))
+    wait_until(lambda: backend.status(handle).state in ("completed", "failed"), 300, f"job {handle.job_id} to end")
     make_api(STANDIN_TOKEN).upload_file(
         path_or_fileobj=b'{"train_loss": 1.0}', path_in_repo="train_result.json", repo_id=handle.staging_repo
     )
@@ -101,7 +98,7 @@ STAGES = {
     ),
     "submit_job": Stage(
         "POST /api/jobs/",
-        lambda p, c: _request(p, "print('hi')\n", name=f"fault-{c}"),
+        lambda p, c: job_request(p, "print('hi')\n", name=f"fault-{c}"),
         lambda request: _backend().submit(request),
         BackendError,
     ),
@@ -118,23 +115,6 @@ PERMANENT = {
     403: "403",
     404: "404",
 }
-
-
-@pytest.fixture
-def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The waits between attempts, recorded instead of slept: ours, and huggingface_hub's own
-    backoff, which downloads go through (it honours Retry-After too)."""
-    import time
-    import types
-
-    from huggingface_hub.utils import _http
-
-    recorded: list[float] = []
-    monkeypatch.setattr(faults, "pause", recorded.append)
-    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    fake_time.sleep = recorded.append
-    monkeypatch.setattr(_http, "time", fake_time)
-    return recorded
 
 
 def _hits(standin: Any, route: str) -> int:

@@ -6,16 +6,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from flows.dpo import dpo
 from tasks.core.spec import load_spec
-from tests.conftest import EXAMPLES
-
-pytestmark = pytest.mark.slow
+from tests.helpers import EXAMPLES
 
 
-def test_dpo_raises_the_preference_margin_and_accuracy(prefect_server, tmp_path):
+def test_dpo_raises_the_preference_margin_and_accuracy(trains, prefect_server, tmp_path):
     start = time.monotonic()
     spec = load_spec(
         EXAMPLES / "dpo-tiny.yaml", {"name": "dpo-test", "outputs": {"hub_repo": str(tmp_path / "published")}}

@@ -15,8 +15,7 @@ from flows.sft import sft
 from tasks.core.spec import load_spec, parse_spec
 from tasks.evaluate.verdict import evaluate
 from tasks.stages.approval import PublishStopped
-from tests.conftest import EXAMPLES
-from tests.test_approval import _when_paused
+from tests.helpers import EXAMPLES, when_paused
 
 CHAT = EXAMPLES / "data" / "sft_chat.jsonl"
 
@@ -30,7 +29,7 @@ def _train_by_hand(spec, out: Path, max_steps: int | None = None) -> Path:
     return out
 
 
-def test_a_learning_rate_of_zero_is_no_change(tmp_path):
+def test_a_learning_rate_of_zero_is_no_change(trains, tmp_path):
     spec = load_spec(
         EXAMPLES / "sft-tiny.yaml",
         {"name": "lr0", "training": {"learning_rate": 0.0}, "outputs": {"hub_repo": None, "gguf": []}},
@@ -41,12 +40,9 @@ def test_a_learning_rate_of_zero_is_no_change(tmp_path):
     assert [g.base for g in result.generations] == [g.trained for g in result.generations]
 
 
-def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefect_server, tmp_path):
-    # a competent base: the demo's training on the clean rows
-    base = _train_by_hand(
-        load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "clean-base", "outputs": {"hub_repo": None, "gguf": []}}),
-        tmp_path / "base",
-    )
+def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(sft_run, trains, prefect_server, tmp_path):
+    # a competent base: the demo's training on the clean rows (the session's shared run, read only)
+    base = Path(sft_run.summary.run_dir)
     # the harmful data: every question answered with the same useless words (answers shuffled
     # between rows keep the "a + b = c" form and moved the held-out loss within noise: measured)
     rows = [json.loads(line) for line in CHAT.read_text().splitlines()]
@@ -78,7 +74,7 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
         seen.append(run_state(runs_root() / "harmful"))  # what another terminal sees while it waits
         answered.append(answer(["harmful", "--reject", "--reason", "not this one"]))
 
-    _when_paused(decline, within_s=900)  # the harmful run trains first (minutes on a busy machine)
+    when_paused(decline, within_s=900)  # the harmful run trains first (minutes on a busy machine)
     with pytest.raises(PublishStopped, match="worse than its base.*Nothing was published.*declined: not this one"):
         sft(spec=spec, approval_timeout_s=900)
     assert answered == [0]
@@ -93,7 +89,7 @@ def test_a_run_that_harms_a_competent_model_is_worse_and_publishes_nothing(prefe
     assert "**Verdict: worse.**" in (runs_root() / "harmful" / "report.md").read_text()
 
     # the same run again (its training reused): this time the person publishes it anyway
-    _when_paused(lambda fid: answer(["harmful", "--publish", "--reason", "known trade-off"]), within_s=900)
+    when_paused(lambda fid: answer(["harmful", "--publish", "--reason", "known trade-off"]), within_s=900)
     summary = sft(spec=spec, approval_timeout_s=900)
     evaluate_stage = next(s for s in summary.stages if s.stage == "evaluate")
     assert evaluate_stage.status == "passed" and "published anyway: known trade-off" in evaluate_stage.detail

@@ -14,9 +14,8 @@ from tasks.core.recipe import load_recipe
 from tasks.core.rundir import runs_root
 from tasks.data.validate import DatasetValidationError, validate_dataset
 from tasks.plan.rewards import RewardError
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
-pytestmark = pytest.mark.slow
 SPEC = EXAMPLES / "grpo-tiny.yaml"
 
 

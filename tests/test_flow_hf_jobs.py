@@ -13,10 +13,10 @@ from flows.sft import sft
 from tasks.core.spec import load_spec
 from tasks.run.backends import JobRequest, get_backend
 from tasks.run.monitor import Guard, monitor_job
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 from tests.jobs_standin import STANDIN_TOKEN
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("jobs_env")]
+pytestmark = pytest.mark.usefixtures("jobs_env")
 
 TOKEN = STANDIN_TOKEN
 
@@ -41,7 +41,7 @@ def _files_with(root: Path, needle: str) -> list[str]:
 
 
 def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
-    prefect_server, jobs_standin, tmp_path, tiny_model_path, capfd
+    trains, prefect_server, jobs_standin, tmp_path, tiny_model_path, capfd
 ):
     summary = sft(spec=_spec(tmp_path, "hfjobs-e2e", gguf=["q8_0"]))
     assert summary.error is None, summary.stages
@@ -111,7 +111,7 @@ def test_tiny_sft_trains_on_hf_jobs_and_finishes_the_lifecycle_locally(
 
 
 def test_a_job_that_runs_out_of_memory_is_resubmitted_once_with_a_safer_plan(
-    prefect_server, jobs_standin, tmp_path, tiny_model_path
+    trains, prefect_server, jobs_standin, tmp_path, tiny_model_path
 ):
     jobs_standin.fail_next_jobs.append("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
     summary = sft(spec=_spec(tmp_path, "hfjobs-oom", gguf=[]))
@@ -128,7 +128,7 @@ def test_a_job_that_runs_out_of_memory_is_resubmitted_once_with_a_safer_plan(
 
 
 def test_cancelling_the_flow_run_in_prefect_cancels_the_remote_job(
-    prefect_server, jobs_standin, tmp_path, tiny_model_path
+    trains, prefect_server, jobs_standin, tmp_path, tiny_model_path
 ):
     import threading
     import time

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,19 +12,14 @@ import pytest
 from flows.planning import plan_run
 from flows.sft import sft
 from tasks.core.spec import load_spec, parse_spec
-from tests.conftest import EXAMPLES
-
-pytestmark = pytest.mark.slow
+from tests.helpers import EXAMPLES, SFT_SECRET
 
 
-def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_TOKEN", "hf_" + "S3cretT0ken" * 3)  # must never appear in any output
-    start = time.monotonic()
-    published = tmp_path / "published" / "tiny-sft"
-    spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "flow-test", "outputs": {"hub_repo": f"file://{published}"}})
-    summary = sft(spec=spec)
-    elapsed = time.monotonic() - start
-    assert elapsed < 600  # a hang guard; about a minute on an idle 2-core machine (benchmarks time it)
+def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(sft_run, monkeypatch, capsys):
+    # the demo's SFT, trained once for the session (conftest.sft_run) with a token set that must
+    # never appear in any output
+    summary, published = sft_run.summary, sft_run.published
+    assert sft_run.elapsed_s < 600  # a hang guard; about a minute on an idle 2-core machine (benchmarks time it)
 
     assert summary.error is None
     status = {s.stage: s.status for s in summary.stages}
@@ -125,11 +118,12 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(prefect_server, 
     # followed from another terminal, by name
     from cli.status import main as status_main
 
+    monkeypatch.setenv("FINETUNE_RUNS_DIR", str(sft_run.runs))
     assert status_main(["flow-test", "--json"]) == 0
     state = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (state["state"], state["stage"], state["verdict"]) == ("finished", "push_to_hub", "improved")
     assert state["report"].endswith("flow-test/report.md") and state["stages"]["evaluate"] == "passed"
-    secret = os.environ["HF_TOKEN"]
+    secret = SFT_SECRET
     for path in [*run_dir.rglob("*"), *published.rglob("*")]:
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert secret.encode() not in path.read_bytes(), path
@@ -168,7 +162,7 @@ def test_broken_data_fails_before_anything_is_submitted(prefect_server, tmp_path
     assert not (runs_root() / "broken" / "train.py").exists()
 
 
-def test_the_generated_script_runs_by_hand_with_lora_and_merges(tmp_path):
+def test_the_generated_script_runs_by_hand_with_lora_and_merges(trains, tmp_path):
     spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "by-hand", "lora": True, "training": {"learning_rate": 1e-2}})
     plan = plan_run(spec)
     out = tmp_path / "by-hand"

@@ -16,7 +16,7 @@ from tasks.data.formats import SPEAKERS, ConversionError, recognise
 from tasks.data.reading import load_frame
 from tasks.data.schemas import plain as _plain
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tests.conftest import EXAMPLES, REPO
+from tests.helpers import EXAMPLES, REPO
 
 FORMATS = EXAMPLES / "data" / "formats"
 

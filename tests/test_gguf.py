@@ -27,8 +27,6 @@ from tasks.export.gguf import (
 from tasks.export.gguf_converter import find_converter
 from tasks.export.gguf_smoke import smoke_test_all
 
-pytestmark = pytest.mark.slow
-
 
 def test_rows_that_cannot_take_a_k_quant_are_named_in_the_plan_and_refused_only_when_strict(tiny_model_path):
     from transformers import Qwen2Config

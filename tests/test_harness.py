@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tasks.evaluate.harness import TaskError, check_with_harness, compare_task, prepare_tasks, task_work
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 TASK = EXAMPLES / "evals" / "answer_form.yaml"
 

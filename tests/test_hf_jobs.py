@@ -5,17 +5,14 @@ process, so submission, upload, logs, progress, checkpoints, push and fetch are 
 from __future__ import annotations
 
 import json
-import re
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from tasks.core.models import TrainingScript
-from tasks.run.backends import BackendError, JobRequest, get_backend, load_handle
+from tasks.run.backends import BackendError, get_backend, load_handle
 from tasks.run.backends.hf_jobs import HfJobsBackend
 from tasks.run.monitor import Guard, monitor_job
+from tests.helpers import job_request, wait_until
 from tests.jobs_standin import STANDIN_TOKEN
 
 pytestmark = pytest.mark.usefixtures("jobs_env")
@@ -25,25 +22,6 @@ TOKEN = STANDIN_TOKEN
 
 def _backend() -> HfJobsBackend:
     return HfJobsBackend(retry_delays_s=(0.1, 0.2, 0.4))
-
-
-def _request(tmp_path: Path, body: str, name: str | None = None, timeout_s: int = 120) -> JobRequest:
-    """A run folder whose train.py is `body`: enough for the backend, without training.
-    Each test's run has its own name (the stand-in lives for the whole session)."""
-    name = name or re.sub(r"[^a-z0-9-]", "-", tmp_path.name.lower())[-40:].strip("-")
-    run_dir = tmp_path / "runs" / name
-    (run_dir / "data").mkdir(parents=True, exist_ok=True)
-    (run_dir / "data" / "train.jsonl").write_text('{"text": "1 + 1 = 2"}\n')
-    script = run_dir / "train.py"
-    script.write_text(textwrap.dedent(body))
-    return JobRequest(
-        run_name=name,
-        run_dir=str(run_dir),
-        script=TrainingScript(path=str(script), sha256=str(hash(body)), method="sft", trainer="SFTTrainer", config={}),
-        model_path="Qwen/Qwen2.5-0.5B",
-        flavor="cpu-basic",
-        timeout_s=timeout_s,
-    )
 
 
 PROGRESS = """
@@ -57,7 +35,7 @@ for step in range(1, {steps} + 1):
 
 def test_a_job_runs_remotely_and_its_progress_comes_back_through_the_log(jobs_standin, tmp_path):
     backend = _backend()
-    request = _request(tmp_path, PROGRESS.format(steps=4, total=4, sleep=0.05) + "print('done')\n", name="job-test")
+    request = job_request(tmp_path, PROGRESS.format(steps=4, total=4, sleep=0.05) + "print('done')\n", name="job-test")
     handle = backend.submit(request)
     assert load_handle(Path(request.run_dir)) == handle  # another process can find it
     assert handle.staging_repo == "standin-user/finetune-job-test" and handle.namespace == "standin-user"
@@ -93,7 +71,7 @@ def test_hf_debug_is_refused_while_a_token_is_in_use(jobs_standin, monkeypatch, 
     with pytest.raises(DebugSwitchRefused, match="HF_DEBUG"):
         _backend().preflight("cpu-basic")
     with pytest.raises(DebugSwitchRefused, match="HF_DEBUG"):
-        _backend().submit(_request(tmp_path, "print('hi')\n", name="debug-run"))
+        _backend().submit(job_request(tmp_path, "print('hi')\n", name="debug-run"))
     with pytest.raises(DebugSwitchRefused, match="HF_DEBUG"):
         publish_to_hub(tmp_path, "standin-user/debug", True, TOKEN, "publish")
     assert jobs_standin.log == [], "nothing was sent"
@@ -101,7 +79,7 @@ def test_hf_debug_is_refused_while_a_token_is_in_use(jobs_standin, monkeypatch, 
 
 def test_a_failed_job_reports_its_state_and_the_end_of_its_log(tmp_path):
     backend = _backend()
-    request = _request(tmp_path, "print('loading'); raise SystemExit('ValueError: dataset column missing')\n")
+    request = job_request(tmp_path, "print('loading'); raise SystemExit('ValueError: dataset column missing')\n")
     status = monitor_job(backend, backend.submit(request), Guard(max_usd=1.0, price_per_hour_usd=0.6), poll_s=0.2)
     assert status.state == "failed" and status.failure == "error"
     assert "exit code 1" in status.detail and "dataset column missing" in status.detail
@@ -109,14 +87,16 @@ def test_a_failed_job_reports_its_state_and_the_end_of_its_log(tmp_path):
 
 def test_out_of_memory_is_recognised_from_the_log(tmp_path):
     backend = _backend()
-    request = _request(tmp_path, "raise SystemExit('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate')\n")
+    request = job_request(
+        tmp_path, "raise SystemExit('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate')\n"
+    )
     status = monitor_job(backend, backend.submit(request), Guard(max_usd=1.0, price_per_hour_usd=0.6), poll_s=0.2)
     assert status.state == "failed" and status.failure == "oom"
 
 
 def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(jobs_standin, tmp_path):
     backend = _backend()
-    handle = backend.submit(_request(tmp_path, "import time\ntime.sleep(120)\n"))
+    handle = backend.submit(job_request(tmp_path, "import time\ntime.sleep(120)\n"))
     # $3600/h is $1 per billed second: with max_usd $2.5 the guard must stop it after ~2 s
     status = monitor_job(backend, handle, Guard(max_usd=2.5, price_per_hour_usd=3600.0), poll_s=0.25)
     assert status.state == "cancelled" and status.failure == "budget"
@@ -127,7 +107,7 @@ def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(jobs_standin, t
 def test_the_projection_stops_a_run_that_would_cost_too_much(jobs_standin, tmp_path):
     backend = _backend()
     body = PROGRESS.format(steps=1000, total=1000, sleep=0.1)
-    handle = backend.submit(_request(tmp_path, body))
+    handle = backend.submit(job_request(tmp_path, body))
     # ~0.1 s per step for 1000 steps at $36/h is ~$1 in all: far over max_usd $0.30
     guard = Guard(max_usd=0.30, price_per_hour_usd=36.0, projection_margin=0.1)
     status = monitor_job(backend, handle, guard, poll_s=0.3)
@@ -138,7 +118,7 @@ def test_the_projection_stops_a_run_that_would_cost_too_much(jobs_standin, tmp_p
 
 def test_a_job_that_prints_nothing_is_cancelled_as_stuck(jobs_standin, tmp_path):
     backend = _backend()
-    handle = backend.submit(_request(tmp_path, "import time\ntime.sleep(120)\n"))
+    handle = backend.submit(job_request(tmp_path, "import time\ntime.sleep(120)\n"))
     status = monitor_job(backend, handle, Guard(max_usd=5.0, price_per_hour_usd=0.01, stall_s=1.5), poll_s=0.25)
     assert status.state == "cancelled" and status.failure == "stalled"
     assert "no progress line" in status.detail
@@ -147,7 +127,7 @@ def test_a_job_that_prints_nothing_is_cancelled_as_stuck(jobs_standin, tmp_path)
 
 def test_a_cancel_request_cancels_the_remote_job(jobs_standin, tmp_path):
     backend = _backend()
-    handle = backend.submit(_request(tmp_path, "import time\ntime.sleep(120)\n"))
+    handle = backend.submit(job_request(tmp_path, "import time\ntime.sleep(120)\n"))
     asked = iter([None, None, "the flow run was cancelled"])
     status = monitor_job(
         backend, handle, Guard(max_usd=5.0, price_per_hour_usd=0.01), poll_s=0.2, stop_requested=lambda: next(asked)
@@ -162,20 +142,18 @@ def test_the_cancellation_hook_finds_the_job_of_a_flow_run(jobs_standin, tmp_pat
     from tasks.run.jobs import cancel_job_of_flow_run
 
     backend = _backend()
-    request = _request(tmp_path, "import time\ntime.sleep(120)\n").model_copy(update={"flow_run_id": "fr-123"})
+    request = job_request(tmp_path, "import time\ntime.sleep(120)\n").model_copy(update={"flow_run_id": "fr-123"})
     handle = backend.submit(request)
     cancel_job_of_flow_run(None, SimpleNamespace(id="fr-other"), None)
     assert jobs_standin.jobs[handle.job_id].stage in ("SCHEDULING", "RUNNING")
     cancel_job_of_flow_run(None, SimpleNamespace(id="fr-123"), None)
-    deadline = time.time() + 10
-    while jobs_standin.jobs[handle.job_id].stage != "CANCELED" and time.time() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: jobs_standin.jobs[handle.job_id].stage == "CANCELED", 120, "the job to be cancelled")
     assert jobs_standin.jobs[handle.job_id].stage == "CANCELED"
 
 
 def test_a_dropped_submission_is_found_by_its_label_and_never_sent_twice(jobs_standin, tmp_path):
     backend = _backend()
-    request = _request(tmp_path, PROGRESS.format(steps=2, total=2, sleep=0.05))
+    request = job_request(tmp_path, PROGRESS.format(steps=2, total=2, sleep=0.05))
     jobs_standin.drop_next("POST /api/jobs/", after_handling=True)  # the job is created, the answer lost
     handle = backend.submit(request)
     assert jobs_standin.counts["create_job"] == 1
@@ -188,7 +166,7 @@ def test_a_dropped_submission_is_found_by_its_label_and_never_sent_twice(jobs_st
 
 def test_dropped_log_streams_are_retried_and_no_line_is_lost(jobs_standin, tmp_path):
     backend = _backend()
-    handle = backend.submit(_request(tmp_path, PROGRESS.format(steps=5, total=5, sleep=0.1)))
+    handle = backend.submit(job_request(tmp_path, PROGRESS.format(steps=5, total=5, sleep=0.1)))
     jobs_standin.drop_next("/logs", times=3)
     jobs_standin.fail_next(f"/api/jobs/standin-user/{handle.job_id}", status=503, times=2)
     status = monitor_job(backend, handle, Guard(max_usd=1, price_per_hour_usd=0.6), poll_s=0.2)
@@ -200,10 +178,10 @@ def test_a_refused_token_fails_before_anything_is_uploaded(jobs_standin, monkeyp
     with pytest.raises(BackendError, match="HTTP 401.*invalid or expired") as err:
         _backend().preflight("cpu-basic")
     assert "hf_wrong" not in str(err.value)
-    from tasks.export import hub
+    from tasks.core import hub_access
 
     monkeypatch.delenv("HF_TOKEN")
-    monkeypatch.setattr(hub, "stored_token", lambda: None)  # no `hf auth login` token either
+    monkeypatch.setattr(hub_access, "stored_token", lambda: None)  # no `hf auth login` token either
     monkeypatch.setenv("FINETUNE_HF_TOKEN_BLOCK", "no-such-block")
     with pytest.raises(BackendError, match="no Hugging Face token"):
         _backend().preflight("cpu-basic")
@@ -227,12 +205,11 @@ def test_prices_come_from_the_jobs_hardware_list_with_the_catalogue_as_fallback(
     assert fallback.price_per_hour_usd is None and fallback.price_source.startswith("catalogue")
 
 
-def test_an_endpoint_that_is_down_gives_a_clear_error(monkeypatch):
+def test_an_endpoint_that_is_down_gives_a_clear_error(monkeypatch, waits):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    start = time.monotonic()
     with pytest.raises(BackendError, match=r"failed after 4 attempts \(http://127.0.0.1:9\)"):
         _backend().preflight("cpu-basic")
-    assert time.monotonic() - start < 30
+    assert sum(waits) < 30  # the error comes after the retry schedule's waits, not a long backoff
 
 
 def test_the_registry_is_the_only_place_that_knows_backends():
@@ -260,7 +237,7 @@ def test_checkpoints_of_other_inputs_are_set_aside_in_the_staging_repo_history(j
 
 def test_a_recipes_baseline_folder_and_the_task_data_travel_with_the_job(jobs_standin, tmp_path):
     backend = _backend()
-    request = _request(tmp_path, "print('done')\n", name="baseline-upload")
+    request = job_request(tmp_path, "print('done')\n", name="baseline-upload")
     baseline = tmp_path / "base-model"
     baseline.mkdir()
     (baseline / "config.json").write_text('{"model_type": "qwen2"}')
@@ -291,7 +268,7 @@ def test_the_files_the_script_imports_travel_with_the_job(jobs_standin, tmp_path
     user = tmp_path / "my_rewards.py"
     user.write_text("def brevity(completions, **kw):\n    return [0.0] * len(completions)\n")
     rewards = [src.model_dump() for _, src in resolve_rewards(["exact_answer", f"{user}:brevity"])]
-    request = _request(tmp_path, "print('placeholder')\n", name="script-files")
+    request = job_request(tmp_path, "print('placeholder')\n", name="script-files")
     run_dir = Path(request.run_dir)
     config = {"trainer": "GRPOTrainer", "config_class": "GRPOConfig", "method": "grpo", "seed": 0, "training": {}}
     script = build_script(GRPO, {**config, "rewards": rewards}, run_dir)

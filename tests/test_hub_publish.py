@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.core import hub_access
 from tasks.export import hub
 from tasks.export.hub import PublishError, publish_to_hub
 from tests.hub_standin import HubStandin
@@ -114,6 +115,6 @@ def test_a_bad_token_and_a_read_only_token_say_what_is_missing(tmp_path):
 
 def test_the_token_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert hub.resolve_token() == TOKEN
+    assert hub_access.resolve_token() == TOKEN
     monkeypatch.delenv("HF_TOKEN")
     os.environ.pop("HF_TOKEN", None)

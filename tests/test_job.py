@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from tasks.core.models import TrainingScript
@@ -14,6 +14,7 @@ from tasks.run.backends import JobRequest, load_handle
 from tasks.run.backends.local import LocalBackend
 from tasks.run.fetch import JobFailed, fetch_artifacts
 from tasks.run.monitor import Guard, monitor_job, read_trackio_metrics
+from tests.helpers import wait_until
 
 FREE = Guard(max_usd=1.0, price_per_hour_usd=0.0)
 
@@ -85,16 +86,45 @@ def test_a_failing_job_reports_the_end_of_its_log(tmp_path):
     assert "CUDA out of memory" in status.detail
 
 
-def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(tmp_path):
+class _FakeClock:
+    """Time that passes only when the monitor sleeps: the backend's billing clock and the
+    monitor's, so a guard's decision does not depend on how fast this machine polls."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.epoch = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def datetime(self) -> type[datetime]:
+        clock = self
+
+        class _Datetime(datetime):
+            @classmethod
+            def now(cls, tz=None):  # noqa: ANN001, ANN206
+                return clock.epoch + timedelta(seconds=clock.now)
+
+        return _Datetime
+
+
+def test_the_budget_guard_cancels_a_job_before_it_passes_max_usd(tmp_path, monkeypatch):
+    import tasks.run.backends.local as local
+
+    clock = _FakeClock()
+    monkeypatch.setattr(local, "datetime", clock.datetime())  # the job is billed by this clock
     run_dir = tmp_path / "run"
     script = _script(run_dir, "import time\ntime.sleep(120)\n")
     backend = LocalBackend()
     handle = backend.submit(script)
-    start = time.monotonic()
     # $3600/h is $1/s: with max_usd $1.5 the guard must stop it within about a second
-    status = monitor_job(backend, handle, Guard(max_usd=1.5, price_per_hour_usd=3600.0), poll_s=0.25)
+    guard = Guard(max_usd=1.5, price_per_hour_usd=3600.0)
+    status = monitor_job(backend, handle, guard, poll_s=0.25, clock=clock.monotonic, sleep=clock.sleep)
     assert status.state == "cancelled" and "budget guard" in status.detail
-    assert time.monotonic() - start < 15
+    assert status.duration_s <= 1.5  # stopped within the 1.5 s that max_usd buys, by the clock it was billed by
     assert status.cost_usd <= 1.5
     assert backend.status(handle).state == "cancelled"
 
@@ -168,7 +198,7 @@ def test_a_second_flow_on_a_run_that_is_being_driven_is_refused_at_once(prefect_
     from flows.sft import sft
     from tasks.core.locks import RunLocked, run_lock
     from tasks.core.spec import parse_spec
-    from tests.conftest import EXAMPLES
+    from tests.helpers import EXAMPLES
 
     spec = parse_spec({"dataset": str(EXAMPLES / "data" / "sft_chat.jsonl"), "name": "twice"})
     with run_lock("twice"), pytest.raises(RunLocked, match="run 'twice' is in use by another flow"):
@@ -203,10 +233,9 @@ def _stubborn_launch(run_dir: Path) -> JobRequest:
 
 def _launched(backend: LocalBackend, run_dir: Path):
     handle = backend.submit(_stubborn_launch(run_dir))
-    deadline = time.time() + 30
-    while not (run_dir / "workers").exists() and time.time() < deadline:
-        time.sleep(0.1)
-    return handle, [int(p) for p in (run_dir / "workers").read_text().split()]
+    workers = run_dir / "workers"  # written by the launcher once both have started: read it whole
+    pids = wait_until(lambda: workers.exists() and len(workers.read_text().split()) == 2 and workers.read_text(), 120)
+    return handle, [int(p) for p in pids.split()]
 
 
 def test_cancel_stops_training_processes_that_live_in_sessions_of_their_own(tmp_path):
@@ -217,7 +246,7 @@ def test_cancel_stops_training_processes_that_live_in_sessions_of_their_own(tmp_
     backend = LocalBackend()
     handle, workers = _launched(backend, tmp_path / "run")
     backend.cancel(handle)
-    time.sleep(0.5)
+    wait_until(lambda: not any(pid_alive(p) for p in workers), 60, f"the workers {workers} to stop")
     assert not any(pid_alive(p) for p in workers)
     assert backend.status(handle).state == "cancelled"
 
@@ -232,7 +261,7 @@ def test_an_interrupted_flow_cancels_the_job_it_follows(tmp_path):
     handle, workers = _launched(backend, tmp_path / "run")
     said: list[str] = []
     stop_on_interrupt(backend, handle, "run", said.append)
-    time.sleep(0.5)
+    wait_until(lambda: not any(pid_alive(p) for p in workers), 60, f"the workers {workers} to stop")
     assert not any(pid_alive(p) for p in workers)
     assert said[0].startswith(f"interrupted: cancelling job {handle.job_id}") and "resumes" in said[1]
     stop_on_interrupt(backend, handle, "run", said.append)

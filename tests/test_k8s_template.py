@@ -17,7 +17,7 @@ import pydantic
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 K8S = REPO / "deployments" / "k8s"
 POOL = "finetune-gpu"

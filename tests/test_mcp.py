@@ -12,19 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
-from tests.test_doors import PRICED, QUICK_SFT
-
-TOOLS = {
-    "validate_dataset",
-    "plan_run",
-    "start_run",
-    "run_status",
-    "approve_run",
-    "run_logs",
-    "cancel_run",
-    "run_results",
-}
+from tests.helpers import MCP_TOOLS as TOOLS
+from tests.helpers import PRICED, QUICK_SFT, REPO
 
 
 def _session(api_url: str, calls: Any) -> Any:
@@ -87,9 +76,8 @@ def test_planning_and_validation_need_no_server_and_bad_rows_come_back_with_a_co
     assert "prefect server start" in started.structured_content["fix"]
 
 
-@pytest.mark.slow
-def test_an_agent_plans_asks_its_user_and_runs_the_tiny_sft_to_the_end(served):
-    from tests.conftest import api_url
+def test_an_agent_plans_asks_its_user_and_runs_the_tiny_sft_to_the_end(trains, served):
+    from tests.helpers import api_url
 
     spec = {**QUICK_SFT, **PRICED, "name": "agent-run"}
 

@@ -18,11 +18,11 @@ from tasks.plan.flavors import load_catalogue
 from tasks.plan.hardware import HardwareError, select_hardware
 from tasks.plan.memory import COMM_BUFFERS_GB, GB, Architecture, Workload, flops_per_token, memory_breakdown_gb
 from tasks.report.render import plan_markdown
-from tests.test_planning import CONFIGS, _args, _load, _report, _spec
+from tests.helpers import CONFIGS, chat_spec, dataset_report, hf_config, sft_args
 
 
 def test_a_decoder_layer_is_the_unit_fsdp_gathers():
-    config = _load("llama-3.1-8b")
+    config = hf_config("llama-3.1-8b")
     arch = Architecture.from_config(config)
     root = 2 * config.vocab_size * config.hidden_size + config.hidden_size  # embeddings, untied head, final norm
     assert arch.layer_params * config.num_hidden_layers == arch.params - root
@@ -30,9 +30,9 @@ def test_a_decoder_layer_is_the_unit_fsdp_gathers():
 
 
 def test_an_8b_full_fine_tune_is_sharded_over_two_h200_with_the_memory_and_cost_worked_by_hand():
-    config, report = _load("llama-3.1-8b"), _report()
-    spec = _spec(backend="hf-jobs", hardware="h200x2", lora=False)
-    plan, cost = select_hardware(spec, config, _args(per_device_train_batch_size=1), report)
+    config, report = hf_config("llama-3.1-8b"), dataset_report()
+    spec = chat_spec(backend="hf-jobs", hardware="h200x2", lora=False)
+    plan, cost = select_hardware(spec, config, sft_args(per_device_train_batch_size=1), report)
     assert (plan.strategy, plan.processes) == ("fsdp", 2)
     assert "data parallel needs" in plan.strategy_reason and "sharded" in plan.strategy_reason
 
@@ -67,8 +67,8 @@ def test_an_8b_full_fine_tune_is_sharded_over_two_h200_with_the_memory_and_cost_
 
 
 def test_data_parallel_keeps_the_whole_model_state_on_every_gpu():
-    config = _load("qwen2.5-0.5b")
-    plan, _ = select_hardware(_spec(backend="hf-jobs", hardware="a100x4"), config, _args(), _report())
+    config = hf_config("qwen2.5-0.5b")
+    plan, _ = select_hardware(chat_spec(backend="hf-jobs", hardware="a100x4"), config, sft_args(), dataset_report())
     assert (plan.strategy, plan.processes, plan.mode) == ("ddp", 4, "full")
     assert "each process holds the whole model state" in plan.strategy_reason
     arch = Architecture.from_config(config)
@@ -80,11 +80,13 @@ def test_data_parallel_keeps_the_whole_model_state_on_every_gpu():
 
 
 def test_selection_weighs_single_and_multi_gpu_placements_by_total_cost_and_max_hours():
-    config, report = _load("qwen2.5-0.5b"), _report(rows=400_000)
-    cheapest, cost = select_hardware(_spec(backend="hf-jobs"), config, _args(), report)
+    config, report = hf_config("qwen2.5-0.5b"), dataset_report(rows=400_000)
+    cheapest, cost = select_hardware(chat_spec(backend="hf-jobs"), config, sft_args(), report)
     assert cheapest.processes == 1  # several GPUs buy time, not money: scaling below 1 costs more in total
-    in_time = _spec(backend="hf-jobs", budget={"max_usd": 500, "auto_approve_usd": 1, "max_hours": cost.hours_high / 3})
-    faster, fast_cost = select_hardware(in_time, config, _args(), report)
+    in_time = chat_spec(
+        backend="hf-jobs", budget={"max_usd": 500, "auto_approve_usd": 1, "max_hours": cost.hours_high / 3}
+    )
+    faster, fast_cost = select_hardware(in_time, config, sft_args(), report)
     assert faster.processes > 1 and fast_cost.hours_high <= cost.hours_high / 3
     assert fast_cost.usd > cost.usd
     fitting = [o for o in faster.alternatives if o.usd < fast_cost.usd - 1e-9]
@@ -94,13 +96,13 @@ def test_selection_weighs_single_and_multi_gpu_placements_by_total_cost_and_max_
 def test_a_70b_full_fine_tune_says_how_many_gpus_sharding_would_need_and_what_fits_instead():
     with pytest.raises(HardwareError) as e:
         select_hardware(
-            _spec(backend="hf-jobs", lora=False),
-            _load("llama-3.1-70b"),
-            _args(per_device_train_batch_size=1),
-            _report(),
+            chat_spec(backend="hf-jobs", lora=False),
+            hf_config("llama-3.1-70b"),
+            sft_args(per_device_train_batch_size=1),
+            dataset_report(),
         )
     msg = str(e.value)
-    arch = Architecture.from_config(_load("llama-3.1-70b"))
+    arch = Architecture.from_config(hf_config("llama-3.1-70b"))
     state_gb = arch.params * (2 + 2 + 8 + 4) / GB  # weights, gradients, AdamW moments, its step's temporary
     assert f"the model state is {state_gb:.0f} GB" in msg and "training across machines is not supported" in msg
     assert "fsdp over 8 processes" in msg
@@ -110,16 +112,16 @@ def test_a_70b_full_fine_tune_says_how_many_gpus_sharding_would_need_and_what_fi
 def test_processes_follow_the_gpus_of_the_flavor():
     with pytest.raises(HardwareError, match="a run uses one process per GPU"):
         select_hardware(
-            _spec(backend="hf-jobs", hardware="a100x4", distributed={"processes": 2}),
-            _load("qwen2.5-0.5b"),
-            _args(),
-            _report(),
+            chat_spec(backend="hf-jobs", hardware="a100x4", distributed={"processes": 2}),
+            hf_config("qwen2.5-0.5b"),
+            sft_args(),
+            dataset_report(),
         )
     plan, _ = select_hardware(
-        _spec(backend="hf-jobs", distributed={"processes": 8, "strategy": "fsdp"}),
-        _load("qwen2.5-0.5b"),
-        _args(),
-        _report(),
+        chat_spec(backend="hf-jobs", distributed={"processes": 8, "strategy": "fsdp"}),
+        hf_config("qwen2.5-0.5b"),
+        sft_args(),
+        dataset_report(),
     )
     assert plan.processes == 8 and plan.strategy == "fsdp" and "set in the spec" in plan.strategy_reason
     assert load_catalogue().get(plan.flavor).count == 8
@@ -129,9 +131,14 @@ def test_two_processes_on_this_cpu_hold_two_copies_in_its_memory(tiny_model_path
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_path)
-    one, _ = select_hardware(_spec(), config, _args(max_length=128), _report(rows=200, mean=60, longest=128))
+    one, _ = select_hardware(
+        chat_spec(), config, sft_args(max_length=128), dataset_report(rows=200, mean=60, longest=128)
+    )
     two, cost = select_hardware(
-        _spec(distributed={"processes": 2}), config, _args(max_length=128), _report(rows=200, mean=60, longest=128)
+        chat_spec(distributed={"processes": 2}),
+        config,
+        sft_args(max_length=128),
+        dataset_report(rows=200, mean=60, longest=128),
     )
     assert (two.processes, two.strategy) == (2, "ddp") and one.processes == 1
     assert "gloo" in two.strategy_reason and "no faster than one process" in two.strategy_reason
@@ -139,7 +146,10 @@ def test_two_processes_on_this_cpu_hold_two_copies_in_its_memory(tiny_model_path
     assert "shared by 2 processes" in cost.basis
     with pytest.raises(HardwareError, match="fsdp needs GPUs"):  # accelerate would quietly train it as DDP
         select_hardware(
-            _spec(distributed={"processes": 2, "strategy": "fsdp"}), config, _args(max_length=128), _report(rows=200)
+            chat_spec(distributed={"processes": 2, "strategy": "fsdp"}),
+            config,
+            sft_args(max_length=128),
+            dataset_report(rows=200),
         )
 
 
@@ -147,7 +157,7 @@ def test_a_multi_gpu_plan_writes_the_accelerate_config_next_to_the_script(tmp_pa
     model = tmp_path / "llama8"
     model.mkdir()
     shutil.copy(CONFIGS / "llama-3.1-8b.json", model / "config.json")
-    plan = plan_run(_spec(model=str(model), backend="hf-jobs", hardware="h200x2", lora=False, name="fsdp8"))
+    plan = plan_run(chat_spec(model=str(model), backend="hf-jobs", hardware="h200x2", lora=False, name="fsdp8"))
     run_dir = Path(plan.run_dir)
     launch = yaml.safe_load((run_dir / "accelerate.yaml").read_text())
     assert launch["num_processes"] == 2 and launch["distributed_type"] == "FSDP" and launch["use_cpu"] is False
@@ -159,6 +169,6 @@ def test_a_multi_gpu_plan_writes_the_accelerate_config_next_to_the_script(tmp_pa
     assert "'processes': 2" in source and "'strategy': 'fsdp'" in source
     markdown = plan_markdown(plan)
     assert "accelerate launch --config_file accelerate.yaml train.py" in markdown
-    single = plan_run(_spec(model=str(model), backend="hf-jobs", hardware="h200", name="one"))
+    single = plan_run(chat_spec(model=str(model), backend="hf-jobs", hardware="h200", name="one"))
     assert single.hardware.processes == 1 and not (Path(single.run_dir) / "accelerate.yaml").exists()
     assert "'launch': None" in Path(single.script.path).read_text()

@@ -4,7 +4,6 @@ decision and the generated script. Expected values are computed by hand in the t
 from __future__ import annotations
 
 import ast
-import json
 import re
 import shutil
 from pathlib import Path
@@ -12,72 +11,30 @@ from pathlib import Path
 import pytest
 
 from flows.planning import plan_run
-from tasks.core.methods import SFT, base_arguments
-from tasks.core.models import CostEstimate, DatasetReport, TokenStats
-from tasks.core.spec import Budget, SpecError, parse_spec
+from tasks.core.spec import Budget, SpecError
 from tasks.plan.cost import RANGE_HIGH, RANGE_LOW, training_tokens
 from tasks.plan.flavors import CatalogueError, load_catalogue
 from tasks.plan.hardware import LORA_AUTO_THRESHOLD, HardwareError, select_hardware
 from tasks.plan.memory import GB, LOGIT_BYTES_PER_ENTRY, RUNTIME_GB, Architecture, Workload, memory_breakdown_gb
 from tasks.stages.approval import ApprovalInput, BudgetExceeded, NotApproved, auto_decision, decision_from_input
-from tests.conftest import EXAMPLES, REPO
-
-CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")
-CONFIGS = REPO / "tests" / "data" / "configs"
-
-
-def _load(name: str):
-    from transformers import AutoConfig
-
-    data = json.loads((CONFIGS / f"{name}.json").read_text())
-    return AutoConfig.for_model(data.pop("model_type"), **data)
-
-
-def _report(rows: int = 10_000, mean: float = 512, longest: int = 1024) -> DatasetReport:
-    return DatasetReport(
-        source="x",
-        split="train",
-        format="messages",
-        rows=rows,
-        columns=["messages"],
-        column_mapping={},
-        tokens=TokenStats(min=10, max=longest, mean=mean, p50=int(mean), p95=longest),
-        total_tokens=int(rows * mean),
-        max_length=1024,
-        rows_over_max_length=0,
-        duplicates=0,
-        empty_turns=0,
-        warnings=[],
-        prepared_path="x",
-        train_rows=rows,
-        heldout_path="y",
-    )
-
-
-def _spec(**kw):
-    return parse_spec({"dataset": CHAT, "outputs": {"gguf": []}, **kw})
-
-
-def _args(**over):
-    return base_arguments(SFT, {"max_length": 1024, "per_device_train_batch_size": 4, **over})
-
+from tests.helpers import CONFIGS, chat_spec, cost_estimate, dataset_report, hf_config, sft_args
 
 # --- the architecture, from config.json --------------------------------------------------
 
 
 def test_gradient_checkpointing_is_chosen_only_when_the_memory_model_needs_it():
-    qwen = _load("qwen2.5-0.5b")
-    roomy, _ = select_hardware(_spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(), _report())
+    qwen = hf_config("qwen2.5-0.5b")
+    roomy, _ = select_hardware(chat_spec(backend="hf-jobs", hardware="a100-large"), qwen, sft_args(), dataset_report())
     assert not roomy.gradient_checkpointing and roomy.checkpointing_reason.startswith("off: the run fits without it")
     assert (roomy.micro_batch, roomy.accumulation) == (4, 1)
     # full fine-tuning, 8 rows of 4096 tokens a step on one 80 GB GPU: a smaller micro-batch with
     # accumulation keeps the global batch and fits without recomputing
-    long_rows = _args(max_length=4096, per_device_train_batch_size=8)
+    long_rows = sft_args(max_length=4096, per_device_train_batch_size=8)
     split, _ = select_hardware(
-        _spec(backend="hf-jobs", hardware="a100-large", lora={"enabled": False}),
+        chat_spec(backend="hf-jobs", hardware="a100-large", lora={"enabled": False}),
         qwen,
         long_rows,
-        _report(mean=3000, longest=4096),
+        dataset_report(mean=3000, longest=4096),
     )
     assert not split.gradient_checkpointing
     assert split.micro_batch < 8 and split.micro_batch * split.accumulation == 8
@@ -85,7 +42,7 @@ def test_gradient_checkpointing_is_chosen_only_when_the_memory_model_needs_it():
     assert split.estimated_peak_memory_gb <= split.available_memory_gb
     # the spec fixes the split (it sets gradient_accumulation_steps): only recomputing makes it fit
     tight, _ = select_hardware(
-        _spec(
+        chat_spec(
             backend="hf-jobs",
             hardware="a100-large",
             lora={"enabled": False},
@@ -93,21 +50,25 @@ def test_gradient_checkpointing_is_chosen_only_when_the_memory_model_needs_it():
         ),
         qwen,
         {**long_rows, "gradient_accumulation_steps": 1},
-        _report(mean=3000, longest=4096),
+        dataset_report(mean=3000, longest=4096),
     )
     assert (tight.micro_batch, tight.accumulation) == (8, 1) and tight.batch_reason.startswith("set in the spec")
     assert tight.gradient_checkpointing and tight.checkpointing_reason.startswith("on: without it even micro-batch 8")
     assert tight.estimated_peak_memory_gb <= tight.available_memory_gb
     forced, forced_cost = select_hardware(
-        _spec(backend="hf-jobs", hardware="a100-large", training={"gradient_checkpointing": True}),
+        chat_spec(backend="hf-jobs", hardware="a100-large", training={"gradient_checkpointing": True}),
         qwen,
-        _args(gradient_checkpointing=True),
-        _report(),
+        sft_args(gradient_checkpointing=True),
+        dataset_report(),
     )
     assert forced.gradient_checkpointing and forced.checkpointing_reason == "on: set in the spec"
-    unforced, unforced_cost = select_hardware(_spec(backend="hf-jobs", hardware="a100-large"), qwen, _args(), _report())
+    unforced, unforced_cost = select_hardware(
+        chat_spec(backend="hf-jobs", hardware="a100-large"), qwen, sft_args(), dataset_report()
+    )
     assert forced_cost.hours > unforced_cost.hours  # the estimate pays for the recomputed forward
-    local, _ = select_hardware(_spec(), _load("smollm2-135m"), _args(), _report(rows=50, mean=64, longest=128))
+    local, _ = select_hardware(
+        chat_spec(), hf_config("smollm2-135m"), sft_args(), dataset_report(rows=50, mean=64, longest=128)
+    )
     assert not local.gradient_checkpointing and "CPU" in local.checkpointing_reason
 
 
@@ -117,9 +78,9 @@ def test_parameter_counts_match_the_published_sizes():
     llama8 = 2 * 128256 * 4096 + 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096
     llama70 = 2 * 128256 * 8192 + 80 * (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192) + 8192
     assert (qwen, llama8, llama70) == (494_032_768, 8_030_261_248, 70_553_706_496)
-    assert Architecture.from_config(_load("qwen2.5-0.5b")).params == qwen
-    assert Architecture.from_config(_load("llama-3.1-8b")).params == llama8
-    assert Architecture.from_config(_load("llama-3.1-70b")).params == llama70
+    assert Architecture.from_config(hf_config("qwen2.5-0.5b")).params == qwen
+    assert Architecture.from_config(hf_config("llama-3.1-8b")).params == llama8
+    assert Architecture.from_config(hf_config("llama-3.1-70b")).params == llama70
 
 
 def test_lora_parameters_match_peft(tiny_model_path):
@@ -135,12 +96,12 @@ def test_lora_parameters_match_peft(tiny_model_path):
     )
     assert arch.lora_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     # Qwen2.5-0.5B, r=16 on every decoder linear: 24 x 16 x (q, k, v, o, gate, up, down in+out)
-    qwen = Architecture.from_config(_load("qwen2.5-0.5b"), 16, "all-linear")
+    qwen = Architecture.from_config(hf_config("qwen2.5-0.5b"), 16, "all-linear")
     assert qwen.lora_params == 24 * 16 * ((896 + 896) * 2 + (896 + 128) * 2 + (896 + 4864) * 3)
 
 
 def test_memory_of_a_full_bf16_run_is_the_sum_of_its_parts():
-    arch = Architecture.from_config(_load("qwen2.5-0.5b"))
+    arch = Architecture.from_config(hf_config("qwen2.5-0.5b"))
     w = Workload(mode="full", dtype_bytes=2, micro_batch=4, seq_len=1024, checkpointing=True)
     m = memory_breakdown_gb(arch, w, "gpu", 80)
     p, tokens = 494_032_768, 4 * 1024
@@ -156,7 +117,7 @@ def test_memory_of_a_full_bf16_run_is_the_sum_of_its_parts():
 
 
 def test_qlora_weights_are_four_bit_and_dpo_adds_a_reference_only_without_lora():
-    arch = Architecture.from_config(_load("llama-3.1-8b"))
+    arch = Architecture.from_config(hf_config("llama-3.1-8b"))
     q = memory_breakdown_gb(arch, Workload(mode="qlora"), "gpu", 24)
     linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     assert q["weights"] == pytest.approx((linear * 0.516 + (8_030_261_248 - linear) * 2) / GB, abs=1e-3)
@@ -174,7 +135,7 @@ def test_qlora_weights_are_four_bit_and_dpo_adds_a_reference_only_without_lora()
 
 
 def test_a_small_model_trains_fully_on_the_cheapest_flavor_that_fits():
-    plan, cost = select_hardware(_spec(backend="hf-jobs"), _load("qwen2.5-0.5b"), _args(), _report())
+    plan, cost = select_hardware(chat_spec(backend="hf-jobs"), hf_config("qwen2.5-0.5b"), sft_args(), dataset_report())
     assert plan.mode == "full" and plan.lora_reason == "auto: full fine-tuning fits"
     assert plan.estimated_peak_memory_gb <= plan.available_memory_gb
     cheaper_fitting = [o for o in plan.alternatives if o.usd < cost.usd]
@@ -186,14 +147,17 @@ def test_a_small_model_trains_fully_on_the_cheapest_flavor_that_fits():
 def test_above_the_size_threshold_auto_switches_to_lora_and_to_qlora_when_needed():
     assert 8_030_261_248 > LORA_AUTO_THRESHOLD
     plan8, _ = select_hardware(
-        _spec(backend="hf-jobs"), _load("llama-3.1-8b"), _args(per_device_train_batch_size=1), _report()
+        chat_spec(backend="hf-jobs"),
+        hf_config("llama-3.1-8b"),
+        sft_args(per_device_train_batch_size=1),
+        dataset_report(),
     )
     assert plan8.mode == "lora" and "threshold" in plan8.lora_reason
     plan70, _ = select_hardware(
-        _spec(backend="hf-jobs", hardware="h200"),
-        _load("llama-3.1-70b"),
-        _args(per_device_train_batch_size=1),
-        _report(),
+        chat_spec(backend="hf-jobs", hardware="h200"),
+        hf_config("llama-3.1-70b"),
+        sft_args(per_device_train_batch_size=1),
+        dataset_report(),
     )
     assert plan70.mode == "qlora" and "fits nowhere" in plan70.lora_reason
     assert plan70.accelerator is not None
@@ -202,10 +166,10 @@ def test_above_the_size_threshold_auto_switches_to_lora_and_to_qlora_when_needed
 def test_a_named_flavor_that_is_too_small_says_what_would_fit():
     with pytest.raises(HardwareError) as e:
         select_hardware(
-            _spec(backend="hf-jobs", hardware="t4-small", lora=False),
-            _load("llama-3.1-8b"),
-            _args(per_device_train_batch_size=1),
-            _report(),
+            chat_spec(backend="hf-jobs", hardware="t4-small", lora=False),
+            hf_config("llama-3.1-8b"),
+            sft_args(per_device_train_batch_size=1),
+            dataset_report(),
         )
     msg = str(e.value)
     assert msg.startswith("the run fits on nothing: not on the chosen flavor 't4-small'")
@@ -213,13 +177,13 @@ def test_a_named_flavor_that_is_too_small_says_what_would_fit():
 
 
 def test_max_hours_excludes_slow_placements():
-    spec = _spec(backend="hf-jobs", budget={"max_usd": 1000, "auto_approve_usd": 1, "max_hours": 0.05})
+    spec = chat_spec(backend="hf-jobs", budget={"max_usd": 1000, "auto_approve_usd": 1, "max_hours": 0.05})
     with pytest.raises(HardwareError, match="max_hours"):
-        select_hardware(spec, _load("llama-3.1-8b"), _args(), _report(rows=200_000))
+        select_hardware(spec, hf_config("llama-3.1-8b"), sft_args(), dataset_report(rows=200_000))
 
 
 def test_prices_can_be_overridden_and_flavors_added_in_the_spec():
-    base, cost = select_hardware(_spec(backend="hf-jobs"), _load("qwen2.5-0.5b"), _args(), _report())
+    base, cost = select_hardware(chat_spec(backend="hf-jobs"), hf_config("qwen2.5-0.5b"), sft_args(), dataset_report())
     cheap = {
         "mygpu": {
             "accelerator": "A100",
@@ -232,7 +196,9 @@ def test_prices_can_be_overridden_and_flavors_added_in_the_spec():
             "price_per_hour": 0.05,
         }
     }
-    plan, cost2 = select_hardware(_spec(backend="hf-jobs", flavors=cheap), _load("qwen2.5-0.5b"), _args(), _report())
+    plan, cost2 = select_hardware(
+        chat_spec(backend="hf-jobs", flavors=cheap), hf_config("qwen2.5-0.5b"), sft_args(), dataset_report()
+    )
     assert plan.flavor == "mygpu" and cost2.usd < cost.usd
     with pytest.raises(CatalogueError, match="flavor 'half' is incomplete"):
         load_catalogue({"half": {"price_per_hour": 1}})
@@ -263,17 +229,17 @@ def test_the_tiny_model_runs_fully_on_this_machine(tiny_model_path):
     from tasks.core.model_source import load_config
 
     plan, cost = select_hardware(
-        _spec(),
+        chat_spec(),
         load_config(tiny_model_path),
-        _args(max_length=128, per_device_train_batch_size=8),
-        _report(rows=384, mean=34, longest=36),
+        sft_args(max_length=128, per_device_train_batch_size=8),
+        dataset_report(rows=384, mean=34, longest=36),
     )
     assert plan.backend == "local" and plan.flavor in ("local-cpu", "local-cuda") and plan.mode == "full"
     assert cost.usd == 0 and cost.hours_low < cost.hours < cost.hours_high
 
 
 def test_training_tokens_follow_epochs_or_max_steps():
-    r = _report(rows=1000, mean=100)
+    r = dataset_report(rows=1000, mean=100)
     assert training_tokens(r, {"num_train_epochs": 2, "max_length": 1024}) == 200_000
     assert (
         training_tokens(
@@ -287,41 +253,23 @@ def test_training_tokens_follow_epochs_or_max_steps():
 # --- approval ---------------------------------------------------------------------------
 
 
-def _cost(usd: float) -> CostEstimate:
-    return CostEstimate(
-        flavor="x",
-        price_per_hour_usd=1,
-        tokens=1,
-        estimated_flops=1,
-        utilisation=0.3,
-        startup_s=0,
-        hours=usd,
-        hours_low=usd * 0.75,
-        hours_high=usd * 1.5,
-        usd=usd,
-        usd_low=usd * 0.75,
-        usd_high=usd * 1.5,
-        basis="test",
-    )
-
-
 def test_approval_is_automatic_only_when_the_high_estimate_is_under_the_threshold():
     budget = Budget(max_usd=20, auto_approve_usd=2)
-    approved = auto_decision(_cost(1.2), budget)
+    approved = auto_decision(cost_estimate(1.2), budget)
     assert approved is not None and approved.by == "auto" and "within auto_approve_usd" in approved.reason
-    assert auto_decision(_cost(1.5), budget) is None  # high end $2.25 > $2: a person decides
+    assert auto_decision(cost_estimate(1.5), budget) is None  # high end $2.25 > $2: a person decides
     with pytest.raises(BudgetExceeded, match=r"above budget.max_usd \$20.00"):
-        auto_decision(_cost(25), budget)
+        auto_decision(cost_estimate(25), budget)
 
 
 def test_a_persons_answer_decides():
     budget = Budget(max_usd=20, auto_approve_usd=2)
-    ok = decision_from_input(ApprovalInput(approve=True, reason="fine", max_usd=10), _cost(5), budget)
+    ok = decision_from_input(ApprovalInput(approve=True, reason="fine", max_usd=10), cost_estimate(5), budget)
     assert ok.by == "user" and ok.max_usd == 10
     with pytest.raises(NotApproved, match="declined: too dear"):
-        decision_from_input(ApprovalInput(approve=False, reason="too dear"), _cost(5), budget)
+        decision_from_input(ApprovalInput(approve=False, reason="too dear"), cost_estimate(5), budget)
     with pytest.raises(NotApproved, match="below the estimate"):
-        decision_from_input(ApprovalInput(approve=True, max_usd=3), _cost(5), budget)
+        decision_from_input(ApprovalInput(approve=True, max_usd=3), cost_estimate(5), budget)
 
 
 # --- the plan as a whole ----------------------------------------------------------------
@@ -329,7 +277,7 @@ def test_a_persons_answer_decides():
 
 def test_dry_run_plan_writes_a_self_contained_script(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
-    plan = plan_run(_spec(name="plan-test", lora=True, training={"max_length": 128}))
+    plan = plan_run(chat_spec(name="plan-test", lora=True, training={"max_length": 128}))
     run_dir = Path(plan.run_dir)
     assert {p.name for p in run_dir.iterdir()} >= {"spec.yaml", "plan.json", "train.py", "data"}
     source = Path(plan.script.path).read_text()
@@ -348,7 +296,7 @@ def test_cloud_plans_work_in_a_dry_run_from_a_config_only_model_folder(tmp_path)
     model = tmp_path / "llama8"
     model.mkdir()
     shutil.copy(CONFIGS / "llama-3.1-8b.json", model / "config.json")
-    plan = plan_run(_spec(model=str(model), backend="hf-jobs", name="cloud"))
+    plan = plan_run(chat_spec(model=str(model), backend="hf-jobs", name="cloud"))
     assert plan.hardware.accelerator and plan.hardware.mode == "lora" and plan.cost.usd > 0
     assert any("ESTIMATED at 4.0 characters per token (llama family)" in w for w in plan.dataset.warnings)
     source = Path(plan.script.path).read_text()
@@ -361,23 +309,23 @@ def test_qlora_plans_write_a_4bit_script(tmp_path):
     model = tmp_path / "llama70"
     model.mkdir()
     shutil.copy(CONFIGS / "llama-3.1-70b.json", model / "config.json")
-    plan = plan_run(_spec(model=str(model), backend="hf-jobs", hardware="h200", name="q70"))
+    plan = plan_run(chat_spec(model=str(model), backend="hf-jobs", hardware="h200", name="q70"))
     source = Path(plan.script.path).read_text()
     assert plan.hardware.mode == "qlora" and "'quantization': '4bit'" in source and '"bitsandbytes' in source
 
 
 def test_training_options_are_checked_against_the_trl_config():
     with pytest.raises(SpecError, match=r"'lerning_rate' \(did you mean 'learning_rate'"):
-        plan_run(_spec(training={"lerning_rate": 1e-3}))
+        plan_run(chat_spec(training={"lerning_rate": 1e-3}))
     with pytest.raises(SpecError, match="looks like a secret"):
-        plan_run(_spec(training={"hub_token": "abc"}))
+        plan_run(chat_spec(training={"hub_token": "abc"}))
 
 
 def test_reusing_a_run_name_with_another_spec_keeps_the_earlier_spec():
-    first = plan_run(_spec(name="same", training={"max_length": 128}))
-    plan_run(_spec(name="same", training={"max_length": 128}))  # identical spec: it resumes
+    first = plan_run(chat_spec(name="same", training={"max_length": 128}))
+    plan_run(chat_spec(name="same", training={"max_length": 128}))  # identical spec: it resumes
     run_dir = Path(first.run_dir)
     assert not (run_dir / "spec.previous.yaml").exists()
-    plan_run(_spec(name="same", seed=7, training={"max_length": 128}))  # changed: what depends on it runs again
+    plan_run(chat_spec(name="same", seed=7, training={"max_length": 128}))  # changed: what depends on it runs again
     assert "seed: 7" in (run_dir / "spec.yaml").read_text()
     assert "seed: 7" not in (run_dir / "spec.previous.yaml").read_text()

@@ -55,7 +55,7 @@ def test_the_model_card_has_hub_metadata_and_run_instructions(tmp_path):
     from tasks.core.spec import parse_spec
     from tasks.export.model_card import card_metadata
     from tasks.export.modelfile import modelfile
-    from tests.test_planning import CHAT
+    from tests.helpers import CHAT
 
     spec = parse_spec({"dataset": "someone/chats", "model": "Qwen/Qwen2.5-0.5B", "lora": True})
 

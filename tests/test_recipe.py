@@ -17,7 +17,7 @@ from tasks.core.rundir import runs_root
 from tasks.core.spec import Budget, SpecError, load_spec
 from tasks.data.validate import DatasetValidationError
 from tasks.stages.approval import BudgetExceeded
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")
 
@@ -136,8 +136,9 @@ def test_the_dry_run_prices_the_chain_as_json(capsys):
     assert status_main(["no-such-run"]) == 2 and "no run named 'no-such-run'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resumes_for_free(prefect_server, tmp_path):
+def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resumes_for_free(
+    trains, prefect_server, tmp_path
+):
     from prefect import get_client
 
     from tasks.run.monitor import read_trackio_metrics

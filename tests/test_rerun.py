@@ -10,9 +10,7 @@ import pytest
 
 from flows.sft import sft
 from tasks.core.spec import load_spec
-from tests.conftest import EXAMPLES
-
-pytestmark = pytest.mark.slow
+from tests.helpers import EXAMPLES
 
 
 def _spec(tmp_path: Path, name: str, **over: object) -> object:
@@ -32,7 +30,9 @@ def _training_starts(run_dir: Path) -> int:
     return log.read_text().count("training finished:") if log.exists() else 0
 
 
-def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports(prefect_server, tmp_path, monkeypatch):
+def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports(
+    trains, prefect_server, tmp_path, monkeypatch
+):
     import tasks.export.gguf
 
     real_convert = tasks.export.gguf.convert_to_gguf
@@ -89,7 +89,7 @@ def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports
     assert (run_dir / "spec.previous.yaml").exists()
 
 
-def test_changed_data_trains_again_and_the_earlier_training_is_set_aside(prefect_server, tmp_path):
+def test_changed_data_trains_again_and_the_earlier_training_is_set_aside(trains, prefect_server, tmp_path):
     data = tmp_path / "data.jsonl"
     rows = (EXAMPLES / "data" / "sft_chat.jsonl").read_text().splitlines()
     data.write_text("\n".join(rows[:200]) + "\n")

@@ -14,9 +14,7 @@ import pytest
 from flows.sft import sft
 from tasks.core.spec import load_spec
 from tasks.run.backends import load_handle
-from tests.conftest import EXAMPLES, REPO
-
-pytestmark = pytest.mark.slow
+from tests.helpers import EXAMPLES, REPO
 
 STEPS, SAVE, LOG = 24, 4, 2
 
@@ -77,7 +75,7 @@ def _check_resumed(first_losses: list[dict], summary: object, run_dir: Path) -> 
 
 
 def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_it(
-    prefect_server, tmp_path, monkeypatch
+    trains, prefect_server, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("FINETUNE_POLL_S", "0.2")
     spec = _spec(tmp_path, "sft-tiny.yaml", "killed-local")
@@ -97,7 +95,9 @@ def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_i
     _check_resumed(first_losses, sft(spec=spec), run_dir)
 
 
-def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushed(prefect_server, jobs_env, tmp_path):
+def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushed(
+    trains, prefect_server, jobs_env, tmp_path
+):
     jobs_env.kill_next_jobs_at.append(f"pushed checkpoints at step {SAVE * 2}")
     spec = _spec(tmp_path, "sft-tiny-hf-jobs.yaml", "killed-hf")
     run_dir = tmp_path / "runs" / "killed-hf"
@@ -109,7 +109,7 @@ def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushe
     assert jobs_env.counts["create_job"] == 2
 
 
-def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_over(prefect_server, tmp_path):
+def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_over(trains, prefect_server, tmp_path):
     """The orchestrator dies, the training does not: the next run of the same name follows
     that training to its end instead of starting a second one."""
     import subprocess

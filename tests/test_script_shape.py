@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ast
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TEMPLATES = REPO / "training" / "templates"
 SIBLINGS = {"finetune_eval", "finetune_callbacks"}

@@ -11,9 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SKILL = REPO / "docs" / "agent-skill"
 
@@ -32,8 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_every_command_of_the_skill_runs_as_written(tmp_path: Path):
+def test_every_command_of_the_skill_runs_as_written(trains, own_server, tmp_path: Path):
     port = _free_port()
     # The one substitution: the skill's default port, so a developer's own server is left alone.
     script = "\n".join(_blocks()).replace("127.0.0.1:4200", f"127.0.0.1:{port}")
@@ -76,7 +73,7 @@ def test_the_references_name_every_spec_field_and_every_error_code():
     for cls, (code, fix) in ERROR_CODES.items():
         assert f"| `{code}` | {cls} | {fix} |" in errors_doc
     mcp_doc = (SKILL / "references" / "mcp.md").read_text()
-    from tests.test_mcp import TOOLS
+    from tests.helpers import MCP_TOOLS as TOOLS
 
     for tool in TOOLS:
         assert f"| `{tool}` |" in mcp_doc

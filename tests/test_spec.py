@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from cli.run import parse_args
 from tasks.core.spec import RunSpec, SpecError, load_spec, parse_spec
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 
 def test_the_shipped_example_spec_loads_with_its_dataset_resolved():
@@ -115,7 +115,7 @@ def test_every_error_code_is_in_the_docs_and_the_cli_json_carries_it(capsys, tmp
     from flows.planning import plan_run
     from flows.sft import sft
     from tasks.core.errors import ERROR_CODES
-    from tests.conftest import EXAMPLES, REPO
+    from tests.helpers import EXAMPLES, REPO
 
     errors_page = (REPO / "docs" / "errors.md").read_text()
     for cls, (code, fix) in ERROR_CODES.items():

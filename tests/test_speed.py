@@ -15,7 +15,7 @@ from tasks.plan import speed
 from tasks.plan.flavors import load_catalogue
 from tasks.plan.speed import choose_speed, padding_overhead
 from tasks.report.render import plan_markdown
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 CATALOGUE = load_catalogue()
 

@@ -15,7 +15,7 @@ from tasks.core.spec import SpecError, parse_spec
 from tasks.data.token_stats import CharEstimateTokenizer
 from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tests.conftest import EXAMPLES, REPO
+from tests.helpers import EXAMPLES, REPO
 
 CHAT = str(EXAMPLES / "data" / "sft_chat.jsonl")
 

@@ -5,18 +5,10 @@ artifacts read. Needs Debian's chromium (`.ci/run` installs it; skipped where it
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 from pathlib import Path
 
-import pytest
-
-from tests.test_doors import PRICED, QUICK_SFT
-
-pytestmark = pytest.mark.slow
-pytest.importorskip("playwright.sync_api")
-if not shutil.which(os.environ.get("CHROMIUM", "/usr/bin/chromium")):
-    pytest.skip("no Chromium here (apt-get install chromium)", allow_module_level=True)
+from tests.helpers import PRICED, QUICK_SFT
 
 
 def _free_port() -> int:
@@ -25,7 +17,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(tmp_path: Path):
+def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(browser, trains, own_server, tmp_path: Path):
     """The rest of the run is what every other door's test checks; docs/take_screenshots.py
     follows this same walk-through to the finished run's artifacts."""
     from deployments.client import connect

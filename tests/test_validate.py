@@ -11,7 +11,7 @@ import pytest
 from tasks.core.methods import SFT
 from tasks.data.reading import DatasetLoadError
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 
 def _jsonl(path: Path, rows: list) -> str:

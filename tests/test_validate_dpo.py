@@ -10,7 +10,7 @@ import pytest
 
 from tasks.core.methods import DPO
 from tasks.data.validate import DatasetValidationError, validate_dataset
-from tests.conftest import EXAMPLES
+from tests.helpers import EXAMPLES
 
 
 def _turn(role: str, content: str) -> dict:
