@@ -13,7 +13,7 @@ from flows.sft import sft
 from tasks.core.spec import load_spec
 from tasks.run.backends import JobRequest, get_backend
 from tasks.run.monitor import Guard, monitor_job
-from tests.helpers import EXAMPLES
+from tests.helpers import EXAMPLES, wait_until
 from tests.jobs_standin import STANDIN_TOKEN
 
 pytestmark = pytest.mark.usefixtures("jobs_env")
@@ -131,7 +131,6 @@ def test_cancelling_the_flow_run_in_prefect_cancels_the_remote_job(
     trains, prefect_server, jobs_standin, tmp_path, tiny_model_path
 ):
     import threading
-    import time
 
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
@@ -142,9 +141,8 @@ def test_cancelling_the_flow_run_in_prefect_cancels_the_remote_job(
     flow_thread = threading.Thread(target=lambda: _run_collecting(spec, errors), daemon=True)
     flow_thread.start()
     run_dir = tmp_path / "runs" / "hfjobs-cancel"
-    deadline = time.time() + 180
-    while time.time() < deadline and "FINETUNE_PROGRESS" not in _text(run_dir / "logs" / "train.log"):
-        time.sleep(0.5)  # until the job trains
+    log = run_dir / "logs" / "train.log"
+    wait_until(lambda: "FINETUNE_PROGRESS" in _text(log), 600, "the job to train", poll_s=0.5)
     handle = json.loads((run_dir / "job.json").read_text())
     assert jobs_standin.jobs[handle["job_id"]].stage == "RUNNING"
     with get_client(sync_client=True) as client:  # what the UI's and the CLI's cancel do
