@@ -190,7 +190,7 @@ def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
     from huggingface_hub.utils import _http
 
-    from tasks import faults
+    from tasks.core import faults
 
     recorded: list[float] = []
     monkeypatch.setattr(faults, "pause", recorded.append)
