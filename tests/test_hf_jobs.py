@@ -213,10 +213,17 @@ def test_an_endpoint_that_is_down_gives_a_clear_error(monkeypatch, waits):
 
 
 def test_the_registry_is_the_only_place_that_knows_backends():
+    from typing import get_args
+
+    from tasks.core.spec import Backend, runs_on_this_machine
+
     assert get_backend("local").on_this_machine and not get_backend("hf-jobs").on_this_machine
+    for name in get_args(Backend):  # the planner's view of where a backend trains is each backend's own
+        assert runs_on_this_machine(name) == get_backend(name).on_this_machine
     assert get_backend("hf-jobs").model_reference("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-    pipeline = (Path(__file__).parent.parent / "flows" / "pipeline.py").read_text()
-    assert "backend ==" not in pipeline and '"hf-jobs"' not in pipeline and '"local"' not in pipeline
+    for part in ("lifecycle.py", "planning.py", "training.py"):  # the lifecycle's compositions
+        pipeline = (Path(__file__).parent.parent / "flows" / part).read_text()
+        assert "backend ==" not in pipeline and '"hf-jobs"' not in pipeline and '"local"' not in pipeline
 
 
 def test_checkpoints_of_other_inputs_are_set_aside_in_the_staging_repo_history(jobs_standin):
