@@ -17,7 +17,7 @@ from prefect import flow
 from prefect.context import FlowRunContext
 
 from flows.planning import plan_run
-from flows.training import train_task
+from flows.run_training import train_task
 from tasks.core.errors import quiet_refusals
 from tasks.core.locks import run_lock
 from tasks.core.methods import METHODS
@@ -137,7 +137,7 @@ def refuse_estimated_tokens(plan: RunPlan) -> None:
 
 
 def train(record: RunRecord, spec: RunSpec, plan: RunPlan, go: Cleared) -> TrainedModel:
-    """Submit, follow and fetch (`flows/training.py`), or the finished training on record."""
+    """Submit, follow and fetch (`flows/run_training.py`), or the finished training on record."""
     with record.stage("submit_job") as step:
         args = (spec, plan, go.cost, go.approval)
         trained, hit = call_cached(train_task, Path(plan.run_dir), go.key, go.refresh, *args)

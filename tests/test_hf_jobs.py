@@ -221,7 +221,7 @@ def test_the_registry_is_the_only_place_that_knows_backends():
     for name in get_args(Backend):  # the planner's view of where a backend trains is each backend's own
         assert runs_on_this_machine(name) == get_backend(name).on_this_machine
     assert get_backend("hf-jobs").model_reference("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
-    for part in ("lifecycle.py", "planning.py", "training.py"):  # the lifecycle's compositions
+    for part in ("lifecycle.py", "planning.py", "run_training.py"):  # the lifecycle's compositions
         pipeline = (Path(__file__).parent.parent / "flows" / part).read_text()
         assert "backend ==" not in pipeline and '"hf-jobs"' not in pipeline and '"local"' not in pipeline
 

@@ -1,7 +1,7 @@
 """What training needs beyond the backends: the job request, its time limit and budget guard,
 the out-of-memory retry decision, setting aside outputs made from other inputs (never resumed),
 and cancelling the job when the flow is interrupted. The composition (submit, follow, fetch)
-is `flows/training.py`.
+is `flows/run_training.py`.
 """
 
 from __future__ import annotations
