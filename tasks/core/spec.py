@@ -341,7 +341,7 @@ def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 
 
 # The backends that train on this machine: planning sizes this machine rather than a rented
-# flavor (each backend class says the same in its `on_this_machine`).
+# flavor (each backend class takes its `on_this_machine` from here).
 ON_THIS_MACHINE = frozenset({"local"})
 
 

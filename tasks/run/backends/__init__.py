@@ -21,7 +21,6 @@ __all__ = [
     "BackendError",
     "JobRequest",
     "get_backend",
-    "runs_on_this_machine",
     "load_handle",
     "save_handle",
 ]

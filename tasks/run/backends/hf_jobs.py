@@ -38,6 +38,7 @@ from tasks.core.atomic import replace_path
 from tasks.core.faults import attempts_of, is_offline, say_retry, status_of, with_retries
 from tasks.core.hub_access import make_api, resolve_token, scrub, uses_xet
 from tasks.core.models import InputUpload, JobHandle, JobSnapshot
+from tasks.core.spec import runs_on_this_machine
 from tasks.run.backends.base import (
     JOB_FILES,
     JOB_FOLDERS,
@@ -101,7 +102,7 @@ def staging_repo_name(namespace: str, run_name: str) -> str:
 
 class HfJobsBackend:
     name = "hf-jobs"
-    on_this_machine = False
+    on_this_machine = runs_on_this_machine(name)
     poll_s = 10.0  # each poll reads the job state and its log over HTTP
 
     def __init__(

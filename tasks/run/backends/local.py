@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks.core.models import InputUpload, JobHandle, JobSnapshot
+from tasks.core.spec import runs_on_this_machine
 from tasks.run.backends.base import Account, JobRequest, load_handle, save_handle, tail_lines
 
 EXIT_STATUS = "exit_status"
@@ -90,7 +91,7 @@ class LocalBackend:
     """Runs the script with this interpreter; its output goes to logs/train.log."""
 
     name = "local"
-    on_this_machine = True
+    on_this_machine = runs_on_this_machine(name)
     poll_s = 1.0
 
     def __init__(self) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from uuid import UUID
 
 from tasks.core.models import InputUpload, JobHandle, JobSnapshot
-from tasks.core.spec import PoolSettings
+from tasks.core.spec import PoolSettings, runs_on_this_machine
 from tasks.run.backends.base import (
     Account,
     BackendError,
@@ -57,7 +57,7 @@ CANCEL_WAIT_S = 60.0
 
 class PrefectPoolBackend:
     name = "prefect-pool"
-    on_this_machine = False
+    on_this_machine = runs_on_this_machine(name)
     poll_s = 2.0
     # the worker trains in a temporary folder: checkpoints do not outlive a cancelled or failed attempt
     keeps_checkpoints = False
