@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.atomic import write_text
+from tasks.core.methods import MethodDefinition
+from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import HeldOut, validate_dataset
@@ -19,7 +21,9 @@ def has_evaluation_set(spec: RunSpec) -> bool:
     return bool(spec.evaluation.dataset or spec.evaluation.split)
 
 
-def with_evaluation_rows(spec: RunSpec, method: Any, model_path: str, report: Any, args: dict[str, Any]) -> Any:
+def with_evaluation_rows(
+    spec: RunSpec, method: MethodDefinition, model_path: str, report: DatasetReport, args: dict[str, Any]
+) -> DatasetReport:
     """The evaluation rows from the spec's evaluation dataset or split, checked like the training
     rows (same format, columns and conversion) and sampled with the spec's seed."""
 
@@ -50,7 +54,7 @@ def with_evaluation_rows(spec: RunSpec, method: Any, model_path: str, report: An
     )
 
 
-def is_conversational(report: Any) -> bool:
+def is_conversational(report: DatasetReport) -> bool:
     """Whether the prepared rows are chat messages (chat models are evaluated in their template)."""
     if report.format in ("messages", "implicit_preference"):
         return True
