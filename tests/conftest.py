@@ -47,6 +47,20 @@ for _name in (
 ):
     os.environ.pop(_name, None)
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+
+def _thread_share() -> int:
+    """The cores one xdist worker may use: every process started from it (training jobs, served
+    flows, llama.cpp) inherits this share. Left to themselves, each process starts one OpenMP
+    thread per core, and four workers' trainings spin-wait against each other: four lifecycles
+    at once on 2 cores took 8 min instead of 2 (benchmarks/results/test-threads.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, cores // workers)
+
+
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read when torch is imported, so set first
+    os.environ[_name] = str(_thread_share())
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-hf-home-")  # no user token file
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-prefect-home-")
 for _home in (os.environ["HF_HOME"], os.environ["PREFECT_HOME"]):  # nothing left in /tmp afterwards
@@ -279,3 +293,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         mine = 0 if item.get_closest_marker("train") else 1 if item.get_closest_marker("server") else 2
         rank[item.module.__name__] = min(rank.get(item.module.__name__, 2), mine)
     items.sort(key=lambda item: rank[item.module.__name__])
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures are set up
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Under `--dist loadgroup` a grouped test carries its group in its node id; where it does
+    not, xdist no longer groups (pytest-xdist#1386, with pytest 9.2) and every worker would
+    build the shared run again: the test fails and says so instead of silently doubling work."""
+    if item.config.getvalue("loadgroup") and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+        pytest.fail(f"--dist loadgroup did not group {item.nodeid}: see the pytest pin in pyproject.toml")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core.model_source import load_config
-from tasks.core.models import JobResult
+from tasks.core.models import GgufFile, JobResult
 from tasks.core.spec import Outputs
 from tasks.export.gguf import (
     GgufError,
@@ -25,7 +25,7 @@ from tasks.export.gguf import (
     weight_row_sizes,
 )
 from tasks.export.gguf_converter import find_converter
-from tasks.export.gguf_smoke import smoke_test_all
+from tasks.export.gguf_smoke import SmokeCheck, default_thresholds, smoke_test_all, smoke_test_in_children
 
 
 def test_rows_that_cannot_take_a_k_quant_are_named_in_the_plan_and_refused_only_when_strict(tiny_model_path):
@@ -171,3 +171,52 @@ def test_half_written_files_of_a_killed_flow_are_cleared_and_never_shared(tmp_pa
     live.write_bytes(b"half")
     _remove_orphaned_partials(out)
     assert not dead.exists() and live.exists()
+
+
+def _child_that_crashes_on(crashing: str, calls: list[list[str]]):
+    """Stands in for the smoke test's child process: it measures the files in order and dies
+    of SIGSEGV on `crashing`, as llama.cpp does on a CPU path it gets wrong."""
+    import subprocess
+
+    def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        files = json.loads(cmd[-1])
+        calls.append([f["quant"] for f in files])
+        for file in files:
+            if file["quant"] == crashing:
+                return subprocess.CompletedProcess(cmd, -11, "", "Segmentation fault")
+            measured = GgufFile(quant=file["quant"], path=file["path"], size_mb=0.0, sha256="0" * 64, passed=True)
+            Path(file["path"]).with_suffix(".smoke.json").write_text(measured.model_dump_json())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def test_one_child_tests_every_file_and_a_crash_fails_only_the_file_it_was_on(tmp_path):
+    checks = [SmokeCheck(tmp_path / f"tiny-{q}.gguf", q, default_thresholds(q)) for q in ("f16", "q8_0", "q4_k_m")]
+    for check in checks:
+        check.path.write_bytes(b"GGUF")
+    calls: list[list[str]] = []
+    results = smoke_test_in_children(
+        checks, tmp_path, tmp_path / "rows.jsonl", run=_child_that_crashes_on("q8_0", calls)
+    )
+    # tried once more alone at the head of a new child, then the files after it go on without it
+    assert calls == [["f16", "q8_0", "q4_k_m"], ["q8_0", "q4_k_m"], ["q4_k_m"]]
+    assert [(r.quant, r.passed) for r in results] == [("f16", True), ("q8_0", False), ("q4_k_m", True)]
+    assert results[1].problems == ["the smoke test process died (signal 11): Segmentation fault"]
+
+
+def test_an_ordinary_error_in_the_child_fails_the_files_left_without_retrying(tmp_path):
+    import subprocess
+
+    checks = [SmokeCheck(tmp_path / f"tiny-{q}.gguf", q, default_thresholds(q)) for q in ("f16", "q8_0")]
+    for check in checks:
+        check.path.write_bytes(b"GGUF")
+    calls: list[list[str]] = []
+
+    def broken(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ModuleNotFoundError: No module named 'llama_cpp'")
+
+    results = smoke_test_in_children(checks, tmp_path, tmp_path / "rows.jsonl", run=broken)
+    assert len(calls) == 1 and not any(r.passed for r in results)
+    assert all("died (exit code 1): ModuleNotFoundError" in r.problems[0] for r in results)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Locator, Page, Response, expect, sync_playwright
 
 from tests.processes import running_until_ready
 
@@ -206,17 +206,11 @@ def approve_in_browser(
     if page is None:
         with ui_page() as fresh:
             return approve_in_browser(base_url, flow_run_id, approve, reason, max_usd, fresh, shots)
-    dialog = open_resume_form(page, base_url, flow_run_id)
-    if shots:
-        page.screenshot(path=str(shots / "resume-form.png"))
-    fill_approval(dialog, approve, reason, max_usd)
-    if shots:
-        page.screenshot(path=str(shots / "resume-form-filled.png"))
-    with page.expect_response(
-        lambda r: r.url.endswith(f"/flow_runs/{flow_run_id}/resume") and r.request.method == "POST"
-    ) as resumed:
-        dialog.get_by_role("button", name="Submit", exact=True).click()
-    response = resumed.value
+    for attempt in range(3):
+        dialog, response = _submit_resume_form(page, base_url, flow_run_id, approve, reason, max_usd, shots)
+        # 503: the server's SQLite database was busy (a loaded CI machine); a person submits again
+        if response.status != 503 or attempt == 2:
+            break
     body = response.request.post_data_json
     if not response.ok:
         raise RuntimeError(f"resume answered {response.status}: {response.text()[:500]}")
@@ -231,6 +225,28 @@ def approve_in_browser(
         _settle(page)
         page.screenshot(path=str(shots / "resumed.png"))
     return body
+
+
+def _submit_resume_form(
+    page: Page,
+    base_url: str,
+    flow_run_id: str,
+    approve: bool,
+    reason: str | None,
+    max_usd: float | None,
+    shots: Path | None,
+) -> tuple[Locator, Response]:
+    dialog = open_resume_form(page, base_url, flow_run_id)
+    if shots:
+        page.screenshot(path=str(shots / "resume-form.png"))
+    fill_approval(dialog, approve, reason, max_usd)
+    if shots:
+        page.screenshot(path=str(shots / "resume-form-filled.png"))
+    with page.expect_response(
+        lambda r: r.url.endswith(f"/flow_runs/{flow_run_id}/resume") and r.request.method == "POST"
+    ) as resumed:
+        dialog.get_by_role("button", name="Submit", exact=True).click()
+    return dialog, resumed.value
 
 
 # ---- (c) a finished run's Artifacts tab ------------------------------------------------------
