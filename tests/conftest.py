@@ -300,5 +300,5 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Under `--dist loadgroup` a grouped test carries its group in its node id; where it does
     not, xdist no longer groups (pytest-xdist#1386, with pytest 9.2) and every worker would
     build the shared run again: the test fails and says so instead of silently doubling work."""
-    if item.config.getvalue("loadgroup") and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+    if item.config.getoption("loadgroup", False) and item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
         pytest.fail(f"--dist loadgroup did not group {item.nodeid}: see the pytest pin in pyproject.toml")

@@ -196,9 +196,8 @@ def test_one_child_tests_every_file_and_a_crash_fails_only_the_file_it_was_on(tm
     for check in checks:
         check.path.write_bytes(b"GGUF")
     calls: list[list[str]] = []
-    results = smoke_test_in_children(
-        checks, tmp_path, tmp_path / "rows.jsonl", run=_child_that_crashes_on("q8_0", calls)
-    )
+    crashing = _child_that_crashes_on("q8_0", calls)
+    results = smoke_test_in_children(checks, tmp_path / "reference.json", run=crashing)
     # tried once more alone at the head of a new child, then the files after it go on without it
     assert calls == [["f16", "q8_0", "q4_k_m"], ["q8_0", "q4_k_m"], ["q4_k_m"]]
     assert [(r.quant, r.passed) for r in results] == [("f16", True), ("q8_0", False), ("q4_k_m", True)]
@@ -217,6 +216,6 @@ def test_an_ordinary_error_in_the_child_fails_the_files_left_without_retrying(tm
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ModuleNotFoundError: No module named 'llama_cpp'")
 
-    results = smoke_test_in_children(checks, tmp_path, tmp_path / "rows.jsonl", run=broken)
+    results = smoke_test_in_children(checks, tmp_path / "reference.json", run=broken)
     assert len(calls) == 1 and not any(r.passed for r in results)
     assert all("died (exit code 1): ModuleNotFoundError" in r.problems[0] for r in results)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from tasks.core.manifest import sha256_file
 from tasks.core.models import GgufFile
 
@@ -39,6 +41,7 @@ MIN_AGREEMENT = {
 # A quantized file may be this much more perplexed than the transformers model.
 MAX_PERPLEXITY_RATIO = {"f16": 1.02, "bf16": 1.05, "q8_0": 1.05}
 DEFAULT_MAX_PERPLEXITY_RATIO = 1.5
+N_CTX = 512  # llama.cpp's context for the smoke test; longer held-out rows are cut to it
 
 
 def _disable_extra_buffer_types() -> None:
@@ -78,16 +81,13 @@ def _log_softmax_nll(logits: Any, targets: list[int]) -> tuple[float, int]:
 def smoke_test(
     path: Path,
     quant: str,
-    hf_model: Any,
-    tokenizer: Any,
-    texts: list[str],
-    heldout: list[str],
-    chat_prompt: list[dict[str, str]],
+    reference: SmokeReference,
     threads: int | None = None,
     thresholds: dict[str, float] | None = None,
 ) -> GgufFile:
-    """Load the file with llama-cpp-python and measure it; never raises for a bad file.
-    `thresholds` ({"min_agreement": .., "max_perplexity_ratio": ..}) decide whether it passes."""
+    """Load the file with llama-cpp-python and measure it against the transformers model's
+    `reference`; never raises for a bad file. `thresholds` ({"min_agreement": ..,
+    "max_perplexity_ratio": ..}) decide whether it passes."""
     from llama_cpp import Llama
 
     _disable_extra_buffer_types()
@@ -95,7 +95,7 @@ def smoke_test(
     size_mb = path.stat().st_size / 1e6
     start = time.perf_counter()
     try:
-        llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=threads, seed=0)
+        llm = Llama(model_path=str(path), n_ctx=N_CTX, logits_all=True, verbose=False, n_threads=threads, seed=0)
     except Exception as e:  # a file llama.cpp cannot load fails the test, with the reason
         return GgufFile(
             quant=quant,
@@ -106,12 +106,13 @@ def smoke_test(
             problems=[f"llama.cpp could not load it: {e}"],
         )
     load_s = time.perf_counter() - start
-    matches, problems = tokenization_matches(llm, tokenizer, texts)
-    agreement, ppl, hf_ppl = agreement_and_perplexity(llm, hf_model, tokenizer, heldout)
-    generated, n_gen, gen_s = chat_answer(llm, chat_prompt)
+    matches, problems = tokenization_matches(llm, reference)
+    agreement, ppl, hf_ppl = agreement_and_perplexity(llm, reference)
+    generated, n_gen, gen_s = chat_answer(llm, reference.chat_prompt)
     del llm
     limits = thresholds or default_thresholds(quant)
-    problems += shortfalls(quant, limits, len(texts) - matches, len(texts), agreement, ppl, hf_ppl, n_gen)
+    checked = len(reference.texts)
+    problems += shortfalls(quant, limits, checked - matches, checked, agreement, ppl, hf_ppl, n_gen)
     return GgufFile(
         quant=quant,
         path=str(path),
@@ -119,7 +120,7 @@ def smoke_test(
         sha256=sha256_file(path),
         load_s=round(load_s, 3),
         tokenization_matches=matches,
-        tokenization_checked=len(texts),
+        tokenization_checked=checked,
         top1_agreement=round(agreement, 4) if agreement is not None else None,
         perplexity=round(ppl, 4) if ppl is not None else None,
         hf_perplexity=round(hf_ppl, 4) if hf_ppl is not None else None,
@@ -131,12 +132,11 @@ def smoke_test(
     )
 
 
-def tokenization_matches(llm: Any, tokenizer: Any, texts: list[str]) -> tuple[int, list[str]]:
+def tokenization_matches(llm: Any, reference: SmokeReference) -> tuple[int, list[str]]:
     """How many texts llama.cpp tokenizes exactly as the model's tokenizer, and the first differences."""
     matches, problems = 0, []
-    for text in texts:
+    for text, theirs in zip(reference.texts, reference.text_ids, strict=True):
         ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
         if ours == theirs:
             matches += 1
         elif len(problems) < 3:
@@ -144,31 +144,21 @@ def tokenization_matches(llm: Any, tokenizer: Any, texts: list[str]) -> tuple[in
     return matches, problems
 
 
-def agreement_and_perplexity(
-    llm: Any, hf_model: Any, tokenizer: Any, heldout: list[str]
-) -> tuple[float | None, float | None, float | None]:
+def agreement_and_perplexity(llm: Any, reference: SmokeReference) -> tuple[float | None, float | None, float | None]:
     """Top-1 agreement with the transformers model, and both perplexities, on the held-out texts."""
     import numpy as np
-    import torch
 
-    agree = positions = 0
-    nll_gguf = nll_hf = 0.0
-    for text in heldout:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: llm.n_ctx()]
-        if len(ids) < 2:
-            continue
+    if not reference.positions:
+        return None, None, None
+    agree, nll_gguf = 0, 0.0
+    for ids, theirs in zip(reference.heldout_ids, reference.hf_argmax, strict=True):
         llm.reset()
         llm.eval(ids)
         ours = np.asarray(llm.scores[: len(ids)])
-        with torch.no_grad():
-            theirs = hf_model(torch.tensor([ids])).logits[0].float().numpy()
-        agree += int((ours[:-1].argmax(-1) == theirs[:-1].argmax(-1)).sum())
-        positions += len(ids) - 1
+        agree += int((ours[:-1].argmax(-1) == np.asarray(theirs)).sum())
         nll_gguf += _log_softmax_nll(ours[:-1], ids[1:])[0]
-        nll_hf += _log_softmax_nll(theirs[:-1], ids[1:])[0]
-    if not positions:
-        return None, None, None
-    return agree / positions, math.exp(nll_gguf / positions), math.exp(nll_hf / positions)
+    positions = reference.positions
+    return agree / positions, math.exp(nll_gguf / positions), math.exp(reference.hf_nll / positions)
 
 
 def chat_answer(llm: Any, chat_prompt: list[dict[str, str]]) -> tuple[str, int, float]:
@@ -271,6 +261,52 @@ def _chat_prompt(rows: list[dict]) -> list[dict[str, str]]:
     return [{"role": "user", "content": "Hello! Who are you?"}]
 
 
+class SmokeReference(BaseModel):
+    """What the transformers model says about the sample texts, computed once in the caller's
+    process (which has torch loaded already), so the child that runs llama.cpp imports neither
+    torch nor transformers: its start-up was 6 of its 7 seconds. Only argmaxes and summed
+    log-likelihoods travel, never logits (a 150k vocabulary would make those gigabytes)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    texts: list[str]  # tokenized by both, and compared
+    text_ids: list[list[int]]
+    heldout_ids: list[list[int]]  # rendered rows, at most N_CTX tokens, two or more each
+    hf_argmax: list[list[int]]  # the transformers model's top-1 at each position but the last
+    hf_nll: float  # its summed negative log-likelihood of each next token
+    positions: int
+    chat_prompt: list[dict[str, str]]
+
+
+def reference_for(model_dir: Path, rows: list[dict]) -> SmokeReference:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    texts = _sample_texts(tokenizer, rows)
+    heldout, argmaxes, nll = [], [], 0.0
+    for text in _render_rows(tokenizer, rows):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:N_CTX]
+        if len(ids) < 2:
+            continue
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, :-1].float().numpy()
+        heldout.append(ids)
+        argmaxes.append(logits.argmax(-1).tolist())
+        nll += _log_softmax_nll(logits, ids[1:])[0]
+    del model
+    return SmokeReference(
+        texts=texts,
+        text_ids=[tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+        heldout_ids=heldout,
+        hf_argmax=argmaxes,
+        hf_nll=nll,
+        positions=sum(len(ids) - 1 for ids in heldout),
+        chat_prompt=_chat_prompt(rows),
+    )
+
+
 def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: Path, outputs: Any = None) -> Any:
     """Smoke-test every file of a GgufFiles against the spec's thresholds; returns a new
     GgufFiles with the measurements (and each file's fallback record kept)."""
@@ -279,11 +315,10 @@ def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: P
     rows = [json.loads(line) for line in heldout_path.read_text().splitlines() if line.strip()]
     if not rows:  # tiny datasets keep no held-out rows: fall back to a few training rows
         rows = [json.loads(line) for line in train_path.read_text().splitlines()[:8] if line.strip()]
-    rows = rows[:16]
-    rows_file = Path(gguf.files[0].path).parent / "smoke_rows.jsonl"
-    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reference = Path(gguf.files[0].path).parent / "smoke_reference.json"
+    reference.write_text(reference_for(model_dir, rows[:16]).model_dump_json())
     checks = [SmokeCheck(Path(f.path), f.quant, thresholds_for(f.quant, outputs)) for f in gguf.files]
-    measured = smoke_test_in_children(checks, model_dir, rows_file)
+    measured = smoke_test_in_children(checks, reference)
     tested = [
         result.model_copy(
             update={"fallback_tensors": f.fallback_tensors, "total_tensors": f.total_tensors, "fallbacks": f.fallbacks}
@@ -330,11 +365,9 @@ def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str
     return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=600)
 
 
-def smoke_test_in_children(
-    checks: list[SmokeCheck], model_dir: Path, rows_file: Path, run: Runner = _run
-) -> list[GgufFile]:
-    """The files are tested in order in one child process, which loads torch, transformers
-    and llama.cpp once (four files: 5 s instead of 20 s with a process each). A crash inside
+def smoke_test_in_children(checks: list[SmokeCheck], reference: Path, run: Runner = _run) -> list[GgufFile]:
+    """The files are tested in order in one child process, which loads llama.cpp once (the
+    demo's four files: 2 s instead of 20 s with a process each that loaded torch too). A crash inside
     llama.cpp fails only the file it was testing, with the signal named, instead of taking
     the flow down: that file is tried once more, and the files after it go on in a new child.
     An ordinary error (not a signal) would only repeat, so it fails the files left at once."""
@@ -344,7 +377,7 @@ def smoke_test_in_children(
     while pending:
         for check in pending:
             check.result_file.unlink(missing_ok=True)
-        proc = run(_child_command(pending, model_dir, rows_file), env)
+        proc = run(_child_command(pending, reference), env)
         for check in [c for c in pending if c.result_file.exists()]:
             results[check.path] = GgufFile.model_validate_json(check.result_file.read_text())
         pending = [c for c in pending if c.path not in results]
@@ -361,9 +394,9 @@ def smoke_test_in_children(
     return [results[c.path] for c in checks]
 
 
-def _child_command(checks: list[SmokeCheck], model_dir: Path, rows_file: Path) -> list[str]:
+def _child_command(checks: list[SmokeCheck], reference: Path) -> list[str]:
     files = [{"path": str(c.path), "quant": c.quant, "thresholds": c.thresholds} for c in checks]
-    return [sys.executable, "-m", "tasks.export.gguf_smoke", str(model_dir), str(rows_file), json.dumps(files)]
+    return [sys.executable, "-m", "tasks.export.gguf_smoke", str(reference), json.dumps(files)]
 
 
 def _died(check: SmokeCheck, proc: subprocess.CompletedProcess[str]) -> GgufFile:
@@ -380,26 +413,11 @@ def _died(check: SmokeCheck, proc: subprocess.CompletedProcess[str]) -> GgufFile
 
 def _main(argv: list[str]) -> None:
     """The child: every file in order, each result written as soon as it is measured."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir, rows_file, files = argv
-    rows = [json.loads(line) for line in Path(rows_file).read_text().splitlines() if line.strip()]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
-    texts = _sample_texts(tokenizer, rows)
-    heldout = _render_rows(tokenizer, rows)
+    reference_file, files = argv
+    reference = SmokeReference.model_validate_json(Path(reference_file).read_text())
     for file in json.loads(files):
         check = SmokeCheck(Path(file["path"]), file["quant"], file["thresholds"])
-        result = smoke_test(
-            check.path,
-            check.quant,
-            hf_model,
-            tokenizer,
-            texts,
-            heldout,
-            _chat_prompt(rows),
-            thresholds=check.thresholds,
-        )
+        result = smoke_test(check.path, check.quant, reference, thresholds=check.thresholds)
         check.result_file.write_text(result.model_dump_json(indent=2))
 
 
