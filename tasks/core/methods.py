@@ -120,14 +120,35 @@ def base_arguments(method: MethodDefinition, overrides: dict[str, Any]) -> dict[
 
 def unknown_training_keys(method: MethodDefinition, keys: list[str]) -> dict[str, list[str]]:
     """Keys the method's TRL config does not accept, each with close matches."""
-    import dataclasses
     import difflib
 
-    import trl
-
-    config_cls = getattr(trl, method.config_class)
-    valid = {f.name for f in dataclasses.fields(config_cls)}
+    valid = config_fields(method.config_class)
     return {k: difflib.get_close_matches(k, valid, n=3) for k in keys if k not in valid}
+
+
+def config_fields(config_class: str) -> list[str]:
+    """The field names of a TRL config class. Importing TRL's configs takes 6-7 s of CPU (they
+    import transformers' trainer, which imports peft), and a dry run, `flows.inspect` or an
+    agent's plan needs only the names: they are kept in the cache folder per installed trl and
+    transformers version, so another version is read afresh."""
+    import dataclasses
+    import json
+    from importlib.metadata import version
+
+    from tasks.core.atomic import write_text
+    from training.tiny_model import cache_root
+
+    path = cache_root() / "trl-config-fields" / f"trl-{version('trl')}-transformers-{version('transformers')}.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if config_class not in known:
+        import trl
+
+        known[config_class] = sorted(f.name for f in dataclasses.fields(getattr(trl, config_class)))
+        write_text(path, json.dumps(known, indent=1))  # atomic: a concurrent reader sees old or new
+    return known[config_class]
 
 
 SECRET_LIKE = ("token", "password", "secret", "api_key")
