@@ -321,6 +321,20 @@ def test_training_options_are_checked_against_the_trl_config():
         plan_run(chat_spec(training={"hub_token": "abc"}))
 
 
+def test_the_trl_config_fields_are_read_once_per_installed_version(tmp_path, monkeypatch):
+    import json
+
+    from tasks.core.methods import config_fields
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    assert {"learning_rate", "max_length", "packing"} <= set(config_fields("SFTConfig"))
+    (cached,) = (tmp_path / "trl-config-fields").glob("trl-*-transformers-*.json")
+    assert "beta" in config_fields("DPOConfig") and "beta" not in config_fields("SFTConfig")
+    assert set(json.loads(cached.read_text())) == {"SFTConfig", "DPOConfig"}  # one file per version
+    cached.write_text(json.dumps({"SFTConfig": ["only_this"]}))
+    assert config_fields("SFTConfig") == ["only_this"]  # read back, TRL not asked again
+
+
 def test_reusing_a_run_name_with_another_spec_keeps_the_earlier_spec():
     first = plan_run(chat_spec(name="same", training={"max_length": 128}))
     plan_run(chat_spec(name="same", training={"max_length": 128}))  # identical spec: it resumes
