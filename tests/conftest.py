@@ -52,15 +52,15 @@ os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
 def _thread_share() -> int:
     """The cores one xdist worker may use: every process started from it (training jobs, served
     flows, llama.cpp) inherits this share. Left to themselves, each process starts one OpenMP
-    thread per core, and four workers' trainings spin-wait against each other: four lifecycles
-    at once on 2 cores took 8 min instead of 2 (benchmarks/results/test-threads.md)."""
+    thread per core, and four workers' trainings spin-wait against each other: four demo
+    lifecycles at once on 2 cores took 260 s instead of 113 s (benchmarks/results/thread-share.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     return max(1, cores // workers)
 
 
-for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read when torch is imported, so set first
-    os.environ[_name] = str(_thread_share())
+# read when torch is imported, so set first
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_thread_share())
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-hf-home-")  # no user token file
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-prefect-home-")
 for _home in (os.environ["HF_HOME"], os.environ["PREFECT_HOME"]):  # nothing left in /tmp afterwards

@@ -178,7 +178,7 @@ def _child_that_crashes_on(crashing: str, calls: list[list[str]]):
     of SIGSEGV on `crashing`, as llama.cpp does on a CPU path it gets wrong."""
     import subprocess
 
-    def run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    def run(cmd: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
         files = json.loads(cmd[-1])
         calls.append([f["quant"] for f in files])
         for file in files:
@@ -212,7 +212,7 @@ def test_an_ordinary_error_in_the_child_fails_the_files_left_without_retrying(tm
         check.path.write_bytes(b"GGUF")
     calls: list[list[str]] = []
 
-    def broken(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    def broken(cmd: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ModuleNotFoundError: No module named 'llama_cpp'")
 

@@ -15,7 +15,7 @@ import os
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,17 @@ CHROMIUM_ARGS = [
 ]
 VIEWPORT = {"width": 1400, "height": 1000}
 TIMEOUT_MS = 30_000
-# Prefect on SQLite answers 503 when a write finds the database locked (a loaded machine); nothing
-# was changed, and a person submits the form again: so do the tests, twice at most
 SERVER_BUSY = 503
+
+
+def _again_while_busy(submit: Callable[[], Response]) -> Response:
+    """Prefect on SQLite answers 503 when a write finds the database locked (a loaded machine);
+    nothing was changed, and a person submits the form again: so do the tests, twice at most."""
+    for _ in range(2):
+        response = submit()
+        if response.status != SERVER_BUSY:
+            return response
+    return submit()
 
 
 @contextlib.contextmanager
@@ -131,7 +139,8 @@ def start_custom_run_in_browser(
 ) -> str:
     """Fill the Custom run form in JSON mode and submit; returns the new flow run's id (from the
     create_flow_run response)."""
-    for attempt in range(3):
+
+    def submit() -> Response:
         _goto(
             page, f"{base}/deployments/deployment/{deployment_id}/run", page.get_by_role("heading", name="Parameters")
         )
@@ -140,9 +149,9 @@ def start_custom_run_in_browser(
         page.locator("textarea.p-code-input__textarea").fill(json.dumps(parameters, indent=2))
         with page.expect_response(lambda r: "/create_flow_run" in r.url and r.request.method == "POST") as created:
             page.get_by_role("button", name="Submit", exact=True).click()
-        response = created.value
-        if response.status != SERVER_BUSY or attempt == 2:
-            break
+        return created.value
+
+    response = _again_while_busy(submit)
     if not response.ok:
         raise RuntimeError(f"create_flow_run answered {response.status}: {response.text()[:500]}")
     flow_run_id = response.json()["id"]
@@ -163,13 +172,17 @@ def start_custom_run_in_browser(
 # ---- (b) a paused run and its Resume form -----------------------------------------------------
 
 
+def resume_dialog(page: Page) -> Locator:
+    return page.get_by_role("dialog").filter(has_text="Resume Flow Run")
+
+
 def open_resume_form(page: Page, base: str, flow_run_id: str) -> Any:
     """The paused run's page has 'Resume' and 'Cancel' buttons top right. 'Resume' opens a modal
     (role=dialog, with no accessible name: its aria-labelledby points at nothing) titled
     'Resume Flow Run': the pause's description as markdown, then one field per RunInput field."""
     _goto(page, f"{base}/runs/flow-run/{flow_run_id}", page.get_by_role("button", name="Resume", exact=True))
     page.get_by_role("button", name="Resume", exact=True).click()
-    dialog = page.get_by_role("dialog").filter(has_text="Resume Flow Run")
+    dialog = resume_dialog(page)
     expect(dialog).to_be_visible()
     expect(dialog.get_by_role("button", name="Submit", exact=True)).to_be_visible()
     page.wait_for_timeout(300)  # modal fade-in
@@ -214,17 +227,16 @@ def approve_in_browser(
     if page is None:
         with ui_page() as fresh:
             return approve_in_browser(base_url, flow_run_id, approve, reason, max_usd, fresh, shots)
-    for attempt in range(3):
-        dialog, response = _submit_resume_form(page, base_url, flow_run_id, approve, reason, max_usd, shots)
-        if response.status != SERVER_BUSY or attempt == 2:
-            break
+    response = _again_while_busy(
+        lambda: _submit_resume_form(page, base_url, flow_run_id, approve, reason, max_usd, shots)
+    )
     body = response.request.post_data_json
     if not response.ok:
         raise RuntimeError(f"resume answered {response.status}: {response.text()[:500]}")
     answer = response.json()
     if answer.get("status") not in ("ACCEPT", None):
         raise RuntimeError(f"resume was not accepted: {answer}")
-    expect(dialog).to_be_hidden()
+    expect(resume_dialog(page)).to_be_hidden()
     # both UIs confirm with a toast (V1 renders each toast twice, hence .first); V1 then swaps
     # its 'Resume' button for 'Suspend'
     expect(page.get_by_text("Flow run resumed").first).to_be_visible()
@@ -242,7 +254,7 @@ def _submit_resume_form(
     reason: str | None,
     max_usd: float | None,
     shots: Path | None,
-) -> tuple[Locator, Response]:
+) -> Response:
     dialog = open_resume_form(page, base_url, flow_run_id)
     if shots:
         page.screenshot(path=str(shots / "resume-form.png"))
@@ -253,7 +265,7 @@ def _submit_resume_form(
         lambda r: r.url.endswith(f"/flow_runs/{flow_run_id}/resume") and r.request.method == "POST"
     ) as resumed:
         dialog.get_by_role("button", name="Submit", exact=True).click()
-    return dialog, resumed.value
+    return resumed.value
 
 
 # ---- (c) a finished run's Artifacts tab ------------------------------------------------------

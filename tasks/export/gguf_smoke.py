@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.atomic import write_text
 from tasks.core.manifest import sha256_file
 from tasks.core.models import GgufFile
 
@@ -274,8 +275,12 @@ class SmokeReference(BaseModel):
     heldout_ids: list[list[int]]  # rendered rows, at most N_CTX tokens, two or more each
     hf_argmax: list[list[int]]  # the transformers model's top-1 at each position but the last
     hf_nll: float  # its summed negative log-likelihood of each next token
-    positions: int
     chat_prompt: list[dict[str, str]]
+
+    @property
+    def positions(self) -> int:
+        """The next-token predictions compared: every held-out token but each row's first."""
+        return sum(len(ids) - 1 for ids in self.heldout_ids)
 
 
 def reference_for(model_dir: Path, rows: list[dict]) -> SmokeReference:
@@ -302,7 +307,6 @@ def reference_for(model_dir: Path, rows: list[dict]) -> SmokeReference:
         heldout_ids=heldout,
         hf_argmax=argmaxes,
         hf_nll=nll,
-        positions=sum(len(ids) - 1 for ids in heldout),
         chat_prompt=_chat_prompt(rows),
     )
 
@@ -358,16 +362,17 @@ class SmokeCheck:
         return self.path.with_suffix(".smoke.json")
 
 
-Runner = Callable[[list[str], dict[str, str]], "subprocess.CompletedProcess[str]"]
+CHILD_TIMEOUT_S_PER_FILE = 600  # what one process per file had, before the files shared one
+Runner = Callable[[list[str], dict[str, str], float], "subprocess.CompletedProcess[str]"]
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=600)
+def _run(cmd: list[str], env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=timeout_s)
 
 
 def smoke_test_in_children(checks: list[SmokeCheck], reference: Path, run: Runner = _run) -> list[GgufFile]:
     """The files are tested in order in one child process, which loads llama.cpp once (the
-    demo's four files: 2 s instead of 20 s with a process each that loaded torch too). A crash inside
+    demo's four files: 0.7 s instead of 20 s with a process each that loaded torch too). A crash inside
     llama.cpp fails only the file it was testing, with the signal named, instead of taking
     the flow down: that file is tried once more, and the files after it go on in a new child.
     An ordinary error (not a signal) would only repeat, so it fails the files left at once."""
@@ -377,7 +382,7 @@ def smoke_test_in_children(checks: list[SmokeCheck], reference: Path, run: Runne
     while pending:
         for check in pending:
             check.result_file.unlink(missing_ok=True)
-        proc = run(_child_command(pending, reference), env)
+        proc = run(_child_command(pending, reference), env, CHILD_TIMEOUT_S_PER_FILE * len(pending))
         for check in [c for c in pending if c.result_file.exists()]:
             results[check.path] = GgufFile.model_validate_json(check.result_file.read_text())
         pending = [c for c in pending if c.path not in results]
@@ -418,7 +423,7 @@ def _main(argv: list[str]) -> None:
     for file in json.loads(files):
         check = SmokeCheck(Path(file["path"]), file["quant"], file["thresholds"])
         result = smoke_test(check.path, check.quant, reference, thresholds=check.thresholds)
-        check.result_file.write_text(result.model_dump_json(indent=2))
+        write_text(check.result_file, result.model_dump_json(indent=2))  # whole, or not there
 
 
 if __name__ == "__main__":
