@@ -53,6 +53,16 @@ def api_url() -> str:
     return str(get_current_settings().api.url)
 
 
+def seed_prefect_home(home: Path, database: Path) -> Path:
+    """A PREFECT_HOME whose database is already migrated (conftest's `prefect_database`), for a
+    test that starts `prefect server start` as a user does."""
+    import shutil
+
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(database, home / "prefect.db")
+    return home
+
+
 def process_env() -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": api_url(), "FINETUNE_FLOW_HOME": str(REPO)}
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import REPO, seed_prefect_home
 
 SKILL = REPO / "docs" / "agent-skill"
 
@@ -30,7 +30,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_every_command_of_the_skill_runs_as_written(trains, own_server, tmp_path: Path):
+def test_every_command_of_the_skill_runs_as_written(trains, own_server, prefect_database: Path, tmp_path: Path):
     port = _free_port()
     # The one substitution: the skill's default port, so a developer's own server is left alone.
     script = "\n".join(_blocks()).replace("127.0.0.1:4200", f"127.0.0.1:{port}")
@@ -39,7 +39,7 @@ def test_every_command_of_the_skill_runs_as_written(trains, own_server, tmp_path
         **{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "PYTHONPATH": str(REPO),
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_HOME": str(seed_prefect_home(tmp_path / "prefect-home", prefect_database)),
         "PREFECT_SERVER_API_PORT": str(port),
         "FINETUNE_RUNS_DIR": str(tmp_path / "runs"),
     }

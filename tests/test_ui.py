@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from tests.helpers import PRICED, QUICK_SFT
+from tests.helpers import PRICED, QUICK_SFT, seed_prefect_home
 
 
 def _free_port() -> int:
@@ -17,7 +17,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(browser, trains, own_server, tmp_path: Path):
+def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(
+    browser, trains, own_server, prefect_database: Path, tmp_path: Path
+):
     """The rest of the run is what every other door's test checks; docs/take_screenshots.py
     follows this same walk-through to the finished run's artifacts."""
     from deployments.client import connect
@@ -25,7 +27,8 @@ def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(brows
     from tests.ui_browser import _api_json, deployments_served, server_with_ui, walkthrough
 
     spec = {**QUICK_SFT, **PRICED, "name": "ui-run"}
-    with server_with_ui(tmp_path / "prefect-home", _free_port(), tmp_path / "server.log") as base:
+    home = seed_prefect_home(tmp_path / "prefect-home", prefect_database)
+    with server_with_ui(home, _free_port(), tmp_path / "server.log") as base:
         with deployments_served(base, dict(os.environ), tmp_path / "serve.log"):
             done = walkthrough(base, spec, tmp_path, reason="approved in the browser test", to_the_end=False)
             run = _api_json(f"{base}/api/flow_runs/{done['flow_run_id']}")
