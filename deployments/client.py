@@ -27,10 +27,11 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.errors import UserFacingError
+from tasks.core.methods import METHODS
 from tasks.core.money import usd
 from tasks.stages.approval import PENDING_INPUT_KEY, PendingDecision
 
-METHOD_DEPLOYMENTS = {"sft": "sft/sft", "dpo": "dpo/dpo", "grpo": "grpo/grpo"}
+METHOD_DEPLOYMENTS = {method: f"{method}/{method}" for method in METHODS}
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 

@@ -38,6 +38,7 @@ from mcp.types import CallToolResult, TextContent  # noqa: E402
 
 from deployments.client import ArtifactView, RunRef, RunStatus, connect  # noqa: E402
 from tasks.core.errors import error_payload  # noqa: E402
+from tasks.core.methods import METHODS  # noqa: E402
 from tasks.core.models import DatasetReport  # noqa: E402
 from tasks.core.money import duration, usd  # noqa: E402
 from tasks.stages.approval import PendingDecision  # noqa: E402
@@ -170,7 +171,7 @@ server = MCPServer(
 @server.tool()
 def validate_dataset(
     dataset: Annotated[str, Field(description="a .jsonl/.json/.csv/.parquet file or folder (absolute path)")],
-    method: Annotated[str, Field(description="sft, dpo or grpo")],
+    method: Annotated[str, Field(description=" or ".join(METHODS))],
     model: Annotated[str, Field(description="the model whose tokenizer counts the tokens")] = "tiny",
     columns: Annotated[dict[str, str] | None, Field(description="column mapping, as in the spec")] = None,
     split: str = "train",

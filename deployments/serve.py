@@ -12,10 +12,8 @@ from pathlib import Path
 
 from prefect import serve
 
-from flows.dpo import dpo
-from flows.grpo import grpo
-from flows.recipe import recipe_flow
-from flows.sft import sft
+from flows.recipe import method_flow, recipe_flow
+from tasks.core.methods import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -26,8 +24,8 @@ def deployments() -> list:
     entrypoint, which loads the flow under the wrong name; each gets the module variable
     prefect.yaml declares instead."""
     found = []
-    for method, flow in (("sft", sft), ("dpo", dpo), ("grpo", grpo)):
-        deployment = flow.to_deployment(name=method, tags=["finetune", method])
+    for method in METHODS:
+        deployment = method_flow(method).to_deployment(name=method, tags=["finetune", method])
         deployment.entrypoint = f"flows/{method}.py:{method}"
         found.append(deployment)
     recipe = recipe_flow.to_deployment(name="recipe", tags=["finetune", "recipe"])

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 
 from flows.lifecycle import lifecycle
+from tasks.core.methods import method_definition
 
-dpo = lifecycle.with_options(
-    name="dpo", description="Direct preference optimisation, through the same lifecycle as SFT."
-)
+dpo = lifecycle.with_options(name="dpo", description=method_definition("dpo").title)
 
 if __name__ == "__main__":
     from cli.run import main

@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 
 from flows.lifecycle import lifecycle
+from tasks.core.methods import method_definition
 
-grpo = lifecycle.with_options(
-    name="grpo", description="Group relative policy optimisation with verifiable rewards, through the same lifecycle."
-)
+grpo = lifecycle.with_options(name="grpo", description=method_definition("grpo").title)
 
 if __name__ == "__main__":
     from cli.run import main

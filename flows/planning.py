@@ -42,7 +42,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None) -> RunPlan:
     model_path = resolve_model(spec.model)
     args = base_arguments(method, spec.training)
     report = validate(spec, method, model_path, args, run_dir)
-    rewards = check_rewards_task(spec.rewards, report) if spec.method == "grpo" else []
+    rewards = check_rewards_task(spec.rewards, report) if method.rewards else []
     hardware = select_hardware_task(spec, model_path, args, report)
     notes = gguf_notes(spec, model_path)
     cost = estimate_cost_task(spec, model_path, hardware, report, args)

@@ -36,17 +36,10 @@ quiet_refusals()
 
 
 def method_flow(method: str) -> Any:
-    if method == "sft":
-        from flows.sft import sft
+    """The method's flow, `flows/<method>.py`'s variable of the same name."""
+    import importlib
 
-        return sft
-    if method == "dpo":
-        from flows.dpo import dpo
-
-        return dpo
-    from flows.grpo import grpo
-
-    return grpo
+    return getattr(importlib.import_module(f"flows.{method}"), method)
 
 
 def plan_stages(recipe: RecipeSpec, name: str) -> list[RunPlan]:

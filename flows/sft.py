@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 
 from flows.lifecycle import lifecycle
+from tasks.core.methods import method_definition
 
-sft = lifecycle.with_options(name="sft", description="Supervised fine-tuning, through every lifecycle stage.")
+sft = lifecycle.with_options(name="sft", description=method_definition("sft").title)
 
 if __name__ == "__main__":
     from cli.run import main

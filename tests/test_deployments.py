@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.core.methods import METHODS
 from tests.helpers import QUICK_SFT, REPO, start_process, stop_process
 
 
@@ -48,7 +49,7 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
     declared = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     with get_client(sync_client=True) as client:
         found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
-    assert {"sft/sft", "dpo/dpo", "grpo/grpo", "recipe/sft-then-grpo", "finetune-train/train"} <= set(found)
+    assert {f"{m}/{m}" for m in METHODS} | {"recipe/sft-then-grpo", "finetune-train/train"} <= set(found)
     assert found["finetune-train/train"].work_pool_name == "finetune-train"
     for entry in declared:
         if entry["name"] == "train":  # the pool's training step: run below
@@ -62,7 +63,7 @@ def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_thr
     (schedule,) = sft.schedules
     assert schedule.schedule.cron == "0 3 * * *" and schedule.active is False  # declared inactive
     spec_schema = sft.parameter_openapi_schema["definitions"]["RunSpec"]["properties"]
-    assert "description" in spec_schema["conversion"] and spec_schema["method"]["enum"] == ["sft", "dpo", "grpo"]
+    assert "description" in spec_schema["conversion"] and spec_schema["method"]["enum"] == list(METHODS)
     # workers started as docs/backends.md starts them: one for the lifecycle flows, one for the training
     # pool. Two runs of the sft deployment go through the pool at once, with shared storage in a
     # local folder: one trains the tiny SFT as 2 processes (the launch every backend uses) and comes

@@ -105,14 +105,22 @@ def test_rows_scored_and_answered_in_batches_equal_each_row_alone(tiny_model_pat
     chat = (REPO / "examples" / "data" / "sft_chat.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in chat[:12]] + [{"text": "plain text " * n} for n in (1, 9)]  # spread lengths
     settings = {"max_new_tokens": 6, "generations": 3}
-    alone = script.evaluate_model(model, tokenizer, rows, "sft", [], {**settings, "batch_size": 1})
-    batched = script.evaluate_model(model, tokenizer, rows, "sft", [], {**settings, "batch_size": 5})
+    alone = script.evaluate_model(
+        model, tokenizer, rows, [], {**settings, "measure": "completion_loss", "batch_size": 1}
+    )
+    batched = script.evaluate_model(
+        model, tokenizer, rows, [], {**settings, "measure": "completion_loss", "batch_size": 5}
+    )
     for a, b in zip(alone["per_row"], batched["per_row"], strict=True):
         assert a["tokens"] == b["tokens"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     assert alone["generations"] == batched["generations"]
     pairs = [json.loads(line) for line in (REPO / "examples" / "data" / "dpo_pairs.jsonl").read_text().splitlines()[:6]]
-    one = script.evaluate_model(model, tokenizer, pairs, "dpo", [], {**settings, "batch_size": 1, "generations": 0})
-    four = script.evaluate_model(model, tokenizer, pairs, "dpo", [], {**settings, "batch_size": 4, "generations": 0})
+    one = script.evaluate_model(
+        model, tokenizer, pairs, [], {**settings, "measure": "preference_margin", "batch_size": 1, "generations": 0}
+    )
+    four = script.evaluate_model(
+        model, tokenizer, pairs, [], {**settings, "measure": "preference_margin", "batch_size": 4, "generations": 0}
+    )
     assert [r["margin"] for r in one["per_row"]] == pytest.approx([r["margin"] for r in four["per_row"]], abs=1e-4)
 
 

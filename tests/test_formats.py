@@ -29,9 +29,18 @@ EXPECTED = {
         "grpo": ("NEEDS MAPPING", ["columns: {prompt: question}"]),
         "dpo": ("INCOMPATIBLE", []),
     },
-    "hh_rlhf": {"dpo": ("NEEDS MAPPING", ["conversion: hh_rlhf"]), "sft": ("INCOMPATIBLE", []), "grpo": ("INCOMPATIBLE", [])},
-    "ultrafeedback": {"dpo": ("NEEDS MAPPING", ["conversion: ultrafeedback"]), "sft": ("INCOMPATIBLE", [])},
-    "kto": {"dpo": ("INCOMPATIBLE", []), "sft": ("INCOMPATIBLE", []), "grpo": ("READY", [])},
+    "hh_rlhf": {
+        "dpo": ("NEEDS MAPPING", ["conversion: hh_rlhf"]),
+        "orpo": ("NEEDS MAPPING", ["conversion: hh_rlhf"]),
+        "sft": ("INCOMPATIBLE", []),
+        "grpo": ("INCOMPATIBLE", []),
+    },
+    "ultrafeedback": {
+        "dpo": ("NEEDS MAPPING", ["conversion: ultrafeedback"]),
+        "orpo": ("NEEDS MAPPING", ["conversion: ultrafeedback"]),
+        "sft": ("INCOMPATIBLE", []),
+    },
+    "kto": {"dpo": ("INCOMPATIBLE", []), "orpo": ("INCOMPATIBLE", []), "sft": ("INCOMPATIBLE", []), "grpo": ("READY", [])},
     "math_solutions": {
         "sft": ("NEEDS MAPPING", ["columns: {prompt: problem, completion: solution}"]),
         "grpo": ("NEEDS MAPPING", ["columns: {prompt: problem, answer: solution}"]),
@@ -189,3 +198,6 @@ def test_a_run_on_rows_that_need_a_conversion_says_what_inspect_says(tiny_tokeni
     assert inspected.verdict == "NEEDS MAPPING" and inspected.text() in str(refused.value)
     assert "conversion: hh_rlhf" in str(refused.value) and "bad row" not in str(refused.value)
     assert not (tmp_path / "hh" / "train.jsonl").exists()
+    with pytest.raises(DatasetValidationError) as for_orpo:  # every pair method, the same answer
+        validate_dataset(str(FORMATS / "hh_rlhf.jsonl"), method_definition("orpo"), tiny_tokenizer, 512, tmp_path)
+    assert recognise(_rows("hh_rlhf"), "orpo").text() in str(for_orpo.value)

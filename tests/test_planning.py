@@ -11,11 +11,20 @@ from pathlib import Path
 import pytest
 
 from flows.planning import plan_run
+from tasks.core.methods import DPO, GRPO, ORPO, SFT
 from tasks.core.spec import Budget, SpecError
 from tasks.plan.cost import RANGE_HIGH, RANGE_LOW, training_tokens
 from tasks.plan.flavors import CatalogueError, load_catalogue
 from tasks.plan.hardware import LORA_AUTO_THRESHOLD, HardwareError, select_hardware
-from tasks.plan.memory import GB, LOGIT_BYTES_PER_ENTRY, RUNTIME_GB, Architecture, Workload, memory_breakdown_gb
+from tasks.plan.memory import (
+    GB,
+    LOGIT_BYTES_PER_ENTRY,
+    RUNTIME_GB,
+    Architecture,
+    Workload,
+    flops_per_token,
+    memory_breakdown_gb,
+)
 from tasks.stages.approval import ApprovalInput, BudgetExceeded, NotApproved, auto_decision, decision_from_input
 from tests.helpers import CONFIGS, chat_spec, cost_estimate, dataset_report, hf_config, sft_args
 
@@ -121,14 +130,27 @@ def test_qlora_weights_are_four_bit_and_dpo_adds_a_reference_only_without_lora()
     q = memory_breakdown_gb(arch, Workload(mode="qlora"), "gpu", 24)
     linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
     assert q["weights"] == pytest.approx((linear * 0.516 + (8_030_261_248 - linear) * 2) / GB, abs=1e-3)
-    full_dpo = memory_breakdown_gb(arch, Workload(method="dpo", mode="full"), "gpu", 141)
-    lora_dpo = memory_breakdown_gb(arch, Workload(method="dpo", mode="lora"), "gpu", 141)
+    full_dpo = memory_breakdown_gb(arch, Workload.of(DPO, mode="full"), "gpu", 141)
+    lora_dpo = memory_breakdown_gb(arch, Workload.of(DPO, mode="lora"), "gpu", 141)
     assert full_dpo["reference model"] == pytest.approx(8_030_261_248 * 2 / GB, abs=1e-3)
     assert "reference model" not in lora_dpo
-    sft = memory_breakdown_gb(arch, Workload(method="sft", mode="lora"), "gpu", 141)
+    sft = memory_breakdown_gb(arch, Workload.of(SFT, mode="lora"), "gpu", 141)
     assert lora_dpo["activations"] == pytest.approx(
         2 * sft["activations"], abs=2e-4
     )  # chosen + rejected (values rounded to 1e-4 GB)
+
+
+def test_orpo_plans_its_pairs_without_a_reference_model_and_so_below_dpo():
+    """ORPO's odds ratio needs no reference model: full fine-tuning holds one model, where DPO
+    holds two, and each step computes no reference forward; both put chosen and rejected through."""
+    arch = Architecture.from_config(hf_config("llama-3.1-8b"))
+    dpo, orpo = (memory_breakdown_gb(arch, Workload.of(m, mode="full"), "gpu", 141) for m in (DPO, ORPO))
+    assert "reference model" in dpo and "reference model" not in orpo
+    assert orpo["activations"] == dpo["activations"]  # the same pairs
+    assert sum(orpo.values()) < sum(dpo.values())
+    assert flops_per_token(arch, Workload.of(ORPO)) < flops_per_token(arch, Workload.of(DPO))
+    grpo_off, grpo_on = (Workload.of(GRPO, {"beta": beta}) for beta in (0.0, 0.04))
+    assert not grpo_off.reference_model and grpo_on.reference_model  # GRPO's reference hangs on beta
 
 
 # --- the selection rule -----------------------------------------------------------------

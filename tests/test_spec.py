@@ -32,7 +32,7 @@ def test_a_bad_choice_names_the_field_and_the_allowed_values():
     with pytest.raises(SpecError) as e:
         parse_spec({"dataset": "x.jsonl", "method": "sftt", "backend": "slurm"})
     msg = str(e.value)
-    assert "field 'method'" in msg and "'sft', 'dpo' or 'grpo'" in msg and "'sftt'" in msg
+    assert "field 'method'" in msg and "'sft', 'dpo', 'orpo' or 'grpo'" in msg and "'sftt'" in msg
     assert "field 'backend'" in msg and "'hf-jobs'" in msg
 
 
@@ -64,9 +64,11 @@ def test_run_names_must_be_safe_folder_names():
         parse_spec({"dataset": "x", "name": "../escape"})
 
 
-def test_rewards_belong_to_grpo_only():
-    with pytest.raises(SpecError, match="rewards.*grpo"):
-        parse_spec({"dataset": "x", "rewards": ["exact_answer"]})
+def test_rewards_belong_to_the_methods_that_take_them():
+    from tasks.core.methods import check_training_keys
+
+    with pytest.raises(SpecError, match="'rewards' applies to method grpo only .* method is sft"):
+        check_training_keys(parse_spec({"dataset": "x", "rewards": ["exact_answer"]}))
 
 
 def test_unknown_gguf_type_is_rejected_with_the_list():
@@ -106,7 +108,7 @@ def test_a_spec_for_another_method_is_refused_by_the_sft_command(tmp_path: Path)
 
 def test_the_spec_is_a_flow_parameter_schema():
     schema = RunSpec.model_json_schema()
-    assert schema["properties"]["method"]["enum"] == ["sft", "dpo", "grpo"]
+    assert schema["properties"]["method"]["enum"] == ["sft", "dpo", "orpo", "grpo"]
     assert "dataset" in schema["required"]
 
 

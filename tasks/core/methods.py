@@ -1,37 +1,62 @@
 """What differs between training methods, in one place per method.
 
-The pipeline is shared; a method contributes its dataset formats, the TRL trainer and
-config class its script uses, the script template, and training defaults.
+The lifecycle is shared; a method is one `MethodDefinition`: the TRL trainer and config class
+its script uses, what a row of its data is, what it puts through the model (the memory and
+time model read these), how its evaluation scores a held-out row, and what it exports. The
+stages read these fields; none of them asks which method it is. Adding a method is adding a
+definition here (and, for a new kind of data, its reader and schema in `tasks.data`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.spec import Method, RunSpec, SpecError
 
-if TYPE_CHECKING:
-    pass
+# what a row is: a conversation or text to imitate; a prompt with a chosen and a rejected
+# answer; a prompt with one answer labelled desirable or not; a prompt to answer and be rewarded
+DataKind = Literal["demonstrations", "pairs", "unpaired", "prompts"]
+# how the evaluation scores each held-out row, oriented so that higher is better (tasks.evaluate.verdict)
+Measure = Literal["completion_loss", "preference_margin", "rewards"]
 
 
 class MethodDefinition(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: Method
+    title: str  # the flow's description
     trainer: str
     config_class: str
-    template: str
+    trainer_module: str = "trl"  # where both classes live (ORPO: trl.experimental.orpo)
+    template: str = "train.py"
+    data: DataKind
     # dataset formats in detection order: format name -> canonical columns it needs
     formats: dict[str, tuple[str, ...]]
     # defaults chosen for correctness on any hardware; the spec's `training` overrides them
     training_defaults: dict[str, Any]
-    # keep dataset columns beyond the format's own (GRPO rewards read them)
+    # keep dataset columns beyond the format's own (reward functions read them)
     keep_extra_columns: bool = False
     # the Trackio metrics that show whether the method did what it claims
     # (the loss is always reported; these come beside it)
     signal_metrics: tuple[str, ...] = ("train/mean_token_accuracy",)
+    # --- what one training step puts through the model (tasks.plan.memory and cost) ---
+    sequences_per_row: int = 1  # pairs: the chosen and the rejected answer, each a forward and backward
+    # a frozen reference model beside the trained one: always (DPO), never (ORPO: its odds ratio
+    # needs none), or when `beta` > 0 (GRPO); with LoRA it is the base with the adapter off
+    reference: Literal["always", "never", "beta"] = "never"
+    generates: bool = False  # samples completions while training (GRPO)
+    rewards: bool = False  # the spec's `rewards:` apply
+    # on a CPU the time model picks the micro-batch among the splits of the global batch
+    # (SFT); the other trainers pad their batches their own way (`batching` says how)
+    cpu_split_search: bool = False
+    batching: str = ""
+    # --- evaluation ---
+    measure: Measure
+    check_by_hand: str  # the model card's sentence on how to recompute a held-out score
+    # why no format fits, for `flows.inspect` and every refusal of a dataset
+    incompatible: str
 
 
 _COMMON_DEFAULTS: dict[str, Any] = {
@@ -48,11 +73,22 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 0,
 }
 
+PAIR_FORMATS = {
+    "preference": ("prompt", "chosen", "rejected"),
+    # conversations that carry their prompt as a shared prefix of chosen and rejected
+    "implicit_preference": ("chosen", "rejected"),
+}
+MARGIN_BY_HAND = (
+    "`evaluation.json` holds every held-out pair's margin for both models: the summed log-probability of the "
+    "chosen answer minus that of the rejected one, each after the prompt rendered through the chat template."
+)
+
 SFT = MethodDefinition(
     name="sft",
+    title="Supervised fine-tuning, through every lifecycle stage.",
     trainer="SFTTrainer",
     config_class="SFTConfig",
-    template="train.py",
+    data="demonstrations",
     formats={
         "messages": ("messages",),
         "prompt_completion": ("prompt", "completion"),
@@ -60,27 +96,57 @@ SFT = MethodDefinition(
     },
     # counts real (non-padding) tokens, so the progress lines can report tokens/s
     training_defaults={**_COMMON_DEFAULTS, "include_num_input_tokens_seen": "non_padding"},
+    cpu_split_search=True,
+    measure="completion_loss",
+    check_by_hand="`evaluation.json` holds every held-out row's score for both models. To check one by hand: "
+    "render the row's conversation without its last turn through this model's chat template with the generation "
+    "prompt, then the whole conversation; the score is the mean negative log-likelihood per token of what the "
+    "second adds (the answer), under each model, in float32.",
+    incompatible="no conversation, prompt/response pair or text column",
 )
 
 DPO = MethodDefinition(
     name="dpo",
+    title="Direct preference optimisation, through the same lifecycle as SFT.",
     trainer="DPOTrainer",
     config_class="DPOConfig",
-    template="train.py",
-    formats={
-        "preference": ("prompt", "chosen", "rejected"),
-        # conversations that carry their prompt as a shared prefix of chosen and rejected
-        "implicit_preference": ("chosen", "rejected"),
-    },
+    data="pairs",
+    formats=PAIR_FORMATS,
     training_defaults={**_COMMON_DEFAULTS, "learning_rate": 1e-5, "beta": 0.1, "loss_type": ["sigmoid"]},
     signal_metrics=("train/rewards/margins", "train/rewards/accuracies"),
+    sequences_per_row=2,
+    reference="always",
+    batching="TRL's DPOTrainer pads its pairs (its padding_free is unavailable in TRL 1.16)",
+    measure="preference_margin",
+    check_by_hand=MARGIN_BY_HAND,
+    incompatible="no pairs of a chosen and a rejected answer (DPO learns from pairs)",
+)
+
+ORPO = MethodDefinition(
+    name="orpo",
+    title="Odds-ratio preference optimisation: SFT and preference in one loss, no reference model.",
+    trainer="ORPOTrainer",
+    config_class="ORPOConfig",
+    trainer_module="trl.experimental.orpo",
+    data="pairs",
+    formats=PAIR_FORMATS,
+    # ORPO's paper trains at SFT-like rates (8e-6 on 7B); its loss includes the chosen answer's NLL
+    training_defaults={**_COMMON_DEFAULTS, "learning_rate": 8e-6, "beta": 0.1},
+    signal_metrics=("train/rewards/margins", "train/rewards/accuracies", "train/nll_loss"),
+    sequences_per_row=2,
+    reference="never",
+    batching="TRL's ORPOTrainer pads its pairs",
+    measure="preference_margin",
+    check_by_hand=MARGIN_BY_HAND,
+    incompatible="no pairs of a chosen and a rejected answer (ORPO learns from pairs)",
 )
 
 GRPO = MethodDefinition(
     name="grpo",
+    title="Group relative policy optimisation with verifiable rewards, through the same lifecycle.",
     trainer="GRPOTrainer",
     config_class="GRPOConfig",
-    template="train.py",
+    data="prompts",
     # prompts only; every other column (answer, tests, ...) is kept for the reward functions
     formats={"prompt_only": ("prompt",)},
     keep_extra_columns=True,
@@ -94,9 +160,22 @@ GRPO = MethodDefinition(
         "use_vllm": False,
     },
     signal_metrics=("train/reward",),
+    reference="beta",
+    generates=True,
+    rewards=True,
+    batching="GRPO batches prompts and pads the completions it generates",
+    measure="rewards",
+    check_by_hand="`evaluation.json` holds every held-out prompt's rewards for both models: each reward function "
+    "applied to a greedy completion (and to a sampled one) of at most max_completion_length tokens.",
+    incompatible="no prompt column (GRPO generates from prompts)",
 )
 
-METHODS: dict[str, MethodDefinition] = {"sft": SFT, "dpo": DPO, "grpo": GRPO}
+METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, GRPO)}
+
+
+def uses_reference(method: MethodDefinition, args: dict[str, Any]) -> bool:
+    """Whether a frozen reference model is computed beside the trained one."""
+    return method.reference == "always" or (method.reference == "beta" and float(args.get("beta", 0.0)) > 0)
 
 
 def method_definition(method: str) -> MethodDefinition:
@@ -122,11 +201,11 @@ def unknown_training_keys(method: MethodDefinition, keys: list[str]) -> dict[str
     """Keys the method's TRL config does not accept, each with close matches."""
     import difflib
 
-    valid = config_fields(method.config_class)
+    valid = config_fields(method.config_class, method.trainer_module)
     return {k: difflib.get_close_matches(k, valid, n=3) for k in keys if k not in valid}
 
 
-def config_fields(config_class: str) -> list[str]:
+def config_fields(config_class: str, module: str = "trl") -> list[str]:
     """The field names of a TRL config class. Importing TRL's configs takes 6-7 s of CPU (they
     import transformers' trainer, which imports peft), and a dry run, `flows.inspect` or an
     agent's plan needs only the names: they are kept in the cache folder per installed trl and
@@ -144,9 +223,13 @@ def config_fields(config_class: str) -> list[str]:
     except (OSError, ValueError):
         known = {}
     if config_class not in known:
-        import trl
+        import importlib
+        import warnings
 
-        known[config_class] = sorted(f.name for f in dataclasses.fields(getattr(trl, config_class)))
+        with warnings.catch_warnings():  # trl.experimental says it is experimental; the plan names the module
+            warnings.simplefilter("ignore")
+            found = getattr(importlib.import_module(module), config_class)
+        known[config_class] = sorted(f.name for f in dataclasses.fields(found))
         write_text(path, json.dumps(known, indent=1))  # atomic: a concurrent reader sees old or new
     return known[config_class]
 
@@ -155,8 +238,12 @@ SECRET_LIKE = ("token", "password", "secret", "api_key")
 
 
 def check_training_keys(spec: RunSpec) -> None:
-    """Refuse a secret-looking or unknown `training` key before anything is written."""
+    """Refuse a secret-looking or unknown `training` key, or `rewards` for a method without
+    them, before anything is written."""
     method = method_definition(spec.method)
+    if spec.rewards and not method.rewards:
+        with_rewards = ", ".join(m.name for m in METHODS.values() if m.rewards)
+        raise SpecError(f"'rewards' applies to method {with_rewards} only (this spec's method is {spec.method})")
     secrets = [k for k in spec.training if any(s in k.lower() for s in SECRET_LIKE)]
     if secrets:
         raise SpecError(

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.core.errors import UserFacingError
 
-Method = Literal["sft", "dpo", "grpo"]
+Method = Literal["sft", "dpo", "orpo", "grpo"]
 Backend = Literal["local", "hf-jobs", "prefect-pool"]
 GgufType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k"]
 
@@ -198,12 +198,6 @@ class RunSpec(_Frozen):
                 "must be 1-64 characters of lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
             )
         return v
-
-    @model_validator(mode="after")
-    def _method_fields(self) -> RunSpec:
-        if self.rewards and self.method != "grpo":
-            raise ValueError(f"'rewards' applies to method grpo only (this spec's method is {self.method})")
-        return self
 
 
 def _describe(err: dict) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.errors import UserFacingError
+from tasks.core.methods import METHODS, DataKind, method_definition
 
 Verdict = Literal["READY", "NEEDS MAPPING", "INCOMPATIBLE"]
 SAMPLE_ROWS = 50
@@ -92,7 +93,7 @@ class MethodVerdict(BaseModel):
 # --- conversions ---------------------------------------------------------------------------
 
 
-def _sharegpt(row: dict[str, Any], method: str) -> dict[str, Any]:
+def _sharegpt(row: dict[str, Any], kind: str) -> dict[str, Any]:
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"conversations must be a non-empty list of {{from, value}} turns, got {_short(turns)}")
@@ -109,7 +110,7 @@ def _sharegpt(row: dict[str, Any], method: str) -> dict[str, Any]:
     return {"messages": messages, **_rest(row, "conversations")}
 
 
-def _alpaca(row: dict[str, Any], method: str) -> dict[str, Any]:
+def _alpaca(row: dict[str, Any], kind: str) -> dict[str, Any]:
     instruction, output = row["instruction"], row["output"]
     extra = row.get("input")
     prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
@@ -117,7 +118,7 @@ def _alpaca(row: dict[str, Any], method: str) -> dict[str, Any]:
     if isinstance(row.get("system"), str) and row["system"].strip():
         turns.insert(0, {"role": "system", "content": row["system"]})
     rest = _rest(row, "instruction", "input", "output", "system")
-    if method == "grpo":  # the output becomes the reference answer the rewards read
+    if kind == "prompts":  # the output becomes the reference answer the rewards read
         return {"prompt": turns, "answer": output, **rest}
     return {"messages": [*turns, {"role": "assistant", "content": output}], **rest}
 
@@ -133,7 +134,7 @@ def _hh_turns(text: str) -> list[dict[str, str]]:
     return turns
 
 
-def _hh_rlhf(row: dict[str, Any], method: str) -> dict[str, Any]:
+def _hh_rlhf(row: dict[str, Any], kind: str) -> dict[str, Any]:
     chosen, rejected = _hh_turns(row["chosen"]), _hh_turns(row["rejected"])
     if not chosen or chosen[-1]["role"] != "assistant" or not rejected or rejected[-1]["role"] != "assistant":
         raise ValueError(
@@ -156,7 +157,7 @@ def _score(completion: dict[str, Any]) -> float | None:
     return None
 
 
-def _ultrafeedback(row: dict[str, Any], method: str) -> dict[str, Any]:
+def _ultrafeedback(row: dict[str, Any], kind: str) -> dict[str, Any]:
     completions = row["completions"]
     if not isinstance(completions, list) or len(completions) < 2:
         raise ValueError(f"completions must list at least two rated responses, got {_short(completions)}")
@@ -182,7 +183,7 @@ class Conversion(BaseModel):
     reads: tuple[str, ...]
     optional: tuple[str, ...] = ()
     makes: str
-    methods: tuple[str, ...]
+    kinds: tuple[DataKind, ...]  # the kinds of data it makes (a method's `data`)
     describe: str
     fn: Callable[[dict[str, Any], str], dict[str, Any]]
 
@@ -194,7 +195,7 @@ CONVERSIONS: dict[str, Conversion] = {
             name="sharegpt",
             reads=("conversations",),
             makes="messages",
-            methods=("sft",),
+            kinds=("demonstrations",),
             describe="ShareGPT turns {from, value} (human/gpt/system/tool and variants) -> messages {role, content}",
             fn=_sharegpt,
         ),
@@ -203,7 +204,7 @@ CONVERSIONS: dict[str, Conversion] = {
             reads=("instruction", "output"),
             optional=("input", "system"),
             makes="messages (sft), prompt + answer (grpo)",
-            methods=("sft", "grpo"),
+            kinds=("demonstrations", "prompts"),
             describe="Alpaca instruction [+ input] -> user turn, output -> assistant turn (the answer for grpo)",
             fn=_alpaca,
         ),
@@ -211,7 +212,7 @@ CONVERSIONS: dict[str, Conversion] = {
             name="hh_rlhf",
             reads=("chosen", "rejected"),
             makes="preference",
-            methods=("dpo",),
+            kinds=("pairs",),
             describe="'Human:/Assistant:' dialogues -> the shared turns as prompt, the last answers as chosen/rejected",
             fn=_hh_rlhf,
         ),
@@ -219,7 +220,7 @@ CONVERSIONS: dict[str, Conversion] = {
             name="ultrafeedback",
             reads=("instruction", "completions"),
             makes="preference",
-            methods=("dpo",),
+            kinds=("pairs",),
             describe="rated completions -> the highest-rated as chosen, the lowest-rated as rejected",
             fn=_ultrafeedback,
         ),
@@ -240,10 +241,9 @@ def conversion_for(name: str, method: str) -> Conversion:
     conversion = CONVERSIONS.get(name)
     if conversion is None:
         raise ConversionError(f"conversion: '{name}' is not a known conversion; use one of {', '.join(CONVERSIONS)}")
-    if method not in conversion.methods:
-        raise ConversionError(
-            f"conversion: '{name}' makes {conversion.makes} data, for {'/'.join(conversion.methods)}, not {method}"
-        )
+    if method_definition(method).data not in conversion.kinds:
+        fits = [m.name for m in METHODS.values() if m.data in conversion.kinds]
+        raise ConversionError(f"conversion: '{name}' makes {conversion.makes} data, for {'/'.join(fits)}, not {method}")
     return conversion
 
 
@@ -262,7 +262,7 @@ def convert_chunk(
     out, kept, bad = [], [], []
     for number, row in zip(numbers, rows, strict=True):
         try:
-            out.append(conversion.fn(row, method))
+            out.append(conversion.fn(row, method_definition(method).data))
             kept.append(number)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             bad.append(f"row {number}: {e} (conversion '{conversion.name}': {conversion.describe})")
@@ -415,7 +415,7 @@ def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     return found
 
 
-def _dpo(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+def _pairs(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     found = []
     chosen = _first(rows, CHOSEN_NAMES, _text_or_turns)
     rejected = _first(rows, REJECTED_NAMES, _text_or_turns)
@@ -474,7 +474,7 @@ def _kto(rows: list[dict[str, Any]]) -> bool:
     )
 
 
-def _grpo(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+def _prompts(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     if _first(rows, ("instruction",), _is_text) and _first(rows, ("output",), _is_text):
         return [
             FormatCandidate(
@@ -506,31 +506,32 @@ def _grpo(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     ]
 
 
+# what each kind of data can be read from (a method's `data`)
+READERS: dict[str, Callable[[list[dict[str, Any]]], list[FormatCandidate]]] = {
+    "demonstrations": _sft,
+    "pairs": _pairs,
+    "prompts": _prompts,
+}
+KTO_ROWS = (
+    "this is KTO-style data (prompt, completion, label): the rows labelled false are answers not to learn, and "
+    "imitating the rows would learn them; keep only the rows labelled true (and drop `label`) to train on them"
+)
+KTO_NOT_PAIRS = (
+    "this is KTO-style unpaired data (prompt, completion, label): each answer is judged alone, and a pair method "
+    "needs a chosen and a rejected answer to the same prompt; pairing them would invent preferences"
+)
+
+
 def recognise(rows: list[dict[str, Any]], method: str) -> MethodVerdict:
     """What the rows are for `method`, judged on the first SAMPLE_ROWS rows."""
-    sample = rows[:SAMPLE_ROWS]
-    if method == "sft" and _kto(sample):
-        return MethodVerdict(
-            method=method,
-            verdict="INCOMPATIBLE",
-            candidates=[],
-            why="this is KTO-style data (prompt, completion, label): the rows labelled false are answers not to "
-            "learn, and SFT would learn them; keep only the rows labelled true (and drop `label`) to train on them",
-        )
-    candidates = {"sft": _sft, "dpo": _dpo, "grpo": _grpo}[method](sample)
+    sample, definition = rows[:SAMPLE_ROWS], method_definition(method)
+    if definition.data == "demonstrations" and _kto(sample):
+        return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=KTO_ROWS)
+    candidates = READERS[definition.data](sample)
     if any(c.verdict == "READY" for c in candidates):
         return MethodVerdict(method=method, verdict="READY", candidates=candidates)
     if candidates:
         return MethodVerdict(method=method, verdict="NEEDS MAPPING", candidates=candidates)
     columns = ", ".join(sample[0]) if sample else "none"
-    why = {
-        "sft": "no conversation, prompt/response pair or text column",
-        "dpo": "no pairs of a chosen and a rejected answer (DPO learns from pairs)",
-        "grpo": "no prompt column (GRPO generates from prompts)",
-    }[method]
-    if method == "dpo" and _kto(sample):
-        why = (
-            "this is KTO-style unpaired data (prompt, completion, label): each answer is judged alone, and DPO "
-            "needs a chosen and a rejected answer to the same prompt; pairing them would invent preferences"
-        )
+    why = KTO_NOT_PAIRS if definition.data == "pairs" and _kto(sample) else definition.incompatible
     return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=f"{why}; columns: {columns}")

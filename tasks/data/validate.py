@@ -33,7 +33,7 @@ import pandas as pd
 import pandera.pandas as pa
 
 from tasks.core.errors import UserFacingError
-from tasks.core.methods import MethodDefinition
+from tasks.core.methods import METHODS, MethodDefinition, config_fields
 from tasks.core.models import DatasetReport, TokenStats
 from tasks.data.formats import SAMPLE_ROWS, Conversion, ConversionError, conversion_for, convert_chunk, recognise
 from tasks.data.reading import LineBlock, UnreadableLines, iter_blocks, parse_block
@@ -411,7 +411,7 @@ def _chat_template_refusal(source: str, method: MethodDefinition) -> DatasetVali
     sft_fix = (
         "set training.chat_template_path (TRL's option) to a model that has one, e.g. "
         "Qwen/Qwen2.5-0.5B-Instruct, or to a .jinja file; "
-        if method.name == "sft"
+        if "chat_template_path" in config_fields(method.config_class, method.trainer_module)
         else "use a model that has one (its -Instruct variant), or "
     )
     return DatasetValidationError(
@@ -499,7 +499,7 @@ def _probe(
     if probe is None or probe.empty:
         raise DatasetValidationError(f"{source}: the dataset has no rows")
     given = sample_records(probe)
-    verdicts = {m: recognise(given, m).text() for m in ("sft", "dpo", "grpo")}
+    verdicts = {m: recognise(given, m).text() for m in METHODS}
     job = BlockJob(source, method, dict(columns or {}), conversion, "", [], [])
     prepared = _prepare(probe, job, BlockResult())
     fmt = detect_format(prepared, method)

@@ -1,10 +1,11 @@
 """The before/after comparison and its verdict, from the per-row numbers the training script
 measured on the held-out rows (the same rows, tokenizer and template for both models).
 
-Each method has one primary score per row, oriented so that higher is better:
-- SFT: minus the completion's mean token loss (perplexity is its exponential);
-- DPO: the log-probability margin of the chosen answer over the rejected one;
-- GRPO: the sum of the reward functions' scores for a greedy completion.
+Each method's definition names its measure, one primary score per row, oriented so that higher
+is better:
+- completion_loss (SFT): minus the completion's mean token loss (perplexity is its exponential);
+- preference_margin (DPO, ORPO): the log-probability margin of the chosen answer over the rejected one;
+- rewards (GRPO): the sum of the reward functions' scores for a greedy completion.
 The change is the mean over rows of (trained - base); its noise band is `sigmas` standard
 errors of that mean (rows paired, so what varies from row to row cancels). Beyond the band
 the verdict is improved or worse; within it, no change.
@@ -18,6 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tasks.core.methods import method_definition
 from tasks.core.models import EvaluationResult, GenerationPair, MetricComparison, TaskComparison, Verdict
 from tasks.evaluate.harness import compare_task
 
@@ -26,10 +28,10 @@ class EvaluationError(ValueError):
     """The script's evaluation record cannot be read."""
 
 
-def _primary(method: str, row: dict[str, Any]) -> float | None:
-    if method == "sft":
+def _primary(measure: str, row: dict[str, Any]) -> float | None:
+    if measure == "completion_loss":
         return None if row.get("loss") is None else -float(row["loss"])
-    if method == "dpo":
+    if measure == "preference_margin":
         return float(row["margin"])
     greedy = [v for k, v in row.items() if k.endswith("/greedy")]
     return None if not greedy or any(v is None for v in greedy) else float(sum(greedy))
@@ -39,8 +41,8 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def _metrics(method: str, before: list[dict], after: list[dict]) -> tuple[str, list[MetricComparison]]:
-    if method == "sft":
+def _metrics(measure: str, before: list[dict], after: list[dict]) -> tuple[str, list[MetricComparison]]:
+    if measure == "completion_loss":
 
         def weighted(rows: list[dict]) -> float | None:
             counted = [(r["loss"], r["tokens"]) for r in rows if r.get("loss") is not None and r.get("tokens")]
@@ -57,7 +59,7 @@ def _metrics(method: str, before: list[dict], after: list[dict]) -> tuple[str, l
                 better="lower",
             ),
         ]
-    if method == "dpo":
+    if measure == "preference_margin":
         return "chosen-over-rejected log-probability margin", [
             MetricComparison(
                 name="preference accuracy",
@@ -86,6 +88,7 @@ def _metrics(method: str, before: list[dict], after: list[dict]) -> tuple[str, l
 
 def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> EvaluationResult:
     """The comparison from train_result.json's `evaluation` record."""
+    measure = method_definition(method).measure
     try:
         before, after = record["before"]["per_row"], record["after"]["per_row"]
     except (KeyError, TypeError) as e:
@@ -94,7 +97,7 @@ def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Evaluatio
         raise EvaluationError(f"{len(before)} base rows but {len(after)} trained rows: not the same held-out rows")
     pairs = [
         (b, a)
-        for b, a in ((_primary(method, rb), _primary(method, ra)) for rb, ra in zip(before, after, strict=True))
+        for b, a in ((_primary(measure, rb), _primary(measure, ra)) for rb, ra in zip(before, after, strict=True))
         if b is not None and a is not None
     ]
     # a trained model whose scores are NaN or infinite (a diverged run) is worse on those rows,
@@ -114,7 +117,7 @@ def judge(method: str, record: dict[str, Any], sigmas: float = 2.0) -> Evaluatio
     relative = max(-1e6, min(1e6, change / max(abs(base_score), 1e-6)))
     if broken:
         verdict, relative = "worse", -1.0
-    primary, metrics = _metrics(method, before, after)
+    primary, metrics = _metrics(measure, before, after)
     generations = [
         GenerationPair(prompt=g["prompt"], base=g["text"], trained=t["text"])
         for g, t in zip(record["before"].get("generations", []), record["after"].get("generations", []), strict=False)

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tasks.core.methods import method_definition
 from tasks.core.models import EvaluationResult, GgufFiles, JobResult, JobStatus, RunPlan
 from tasks.core.money import usd
 from tasks.core.spec import RunSpec
@@ -111,18 +112,6 @@ def _gguf_table(gguf: GgufFiles) -> list[str]:
     return lines
 
 
-CHECK_BY_HAND = {
-    "sft": "`evaluation.json` holds every held-out row's score for both models. To check one by hand: render the "
-    "row's conversation without its last turn through this model's chat template with the generation prompt, then "
-    "the whole conversation; the score is the mean negative log-likelihood per token of what the second adds "
-    "(the answer), under each model, in float32.",
-    "dpo": "`evaluation.json` holds every held-out pair's margin for both models: the summed log-probability of the "
-    "chosen answer minus that of the rejected one, each after the prompt rendered through the chat template.",
-    "grpo": "`evaluation.json` holds every held-out prompt's rewards for both models: each reward function applied to "
-    "a greedy completion (and to a sampled one) of at most max_completion_length tokens.",
-}
-
-
 def model_card(
     spec: RunSpec,
     plan: RunPlan,
@@ -183,7 +172,7 @@ def result_lines(
         lines += ["", f"![training loss]({loss_png})"]
     if evaluation is not None:
         lines += ["", "## Evaluation against the model it started from", "", *evaluation_lines(evaluation)]
-        lines += ["", CHECK_BY_HAND[spec.method]]
+        lines += ["", method_definition(spec.method).check_by_hand]
     return lines
 
 

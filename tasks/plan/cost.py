@@ -1,7 +1,7 @@
 """What the run will take, in hours and dollars, as a range.
 
 hours = start-up + (training tokens x FLOPs per token) / (peak FLOP/s x utilisation)
-        [+ for GRPO, generating the completions, at a lower utilisation]
+        [+ for a generating method (GRPO), sampling the completions, at a lower utilisation]
 
 - training tokens come from the dataset report (rows x mean tokens x epochs, or max_steps
   x batch), FLOPs per token from the memory model's architecture (tasks/plan/memory.py);
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from tasks.core.methods import cut_length
+from tasks.core.methods import cut_length, method_definition
 from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan
 from tasks.core.money import usd
 from tasks.core.spec import runs_on_this_machine
@@ -77,14 +77,15 @@ def evaluation_work(
     method: str, report: DatasetReport, args: dict[str, Any], generations: int, models: int = 2
 ) -> tuple[int, int]:
     """Tokens the evaluation scores and generates, all `models` together (base and trained, and
-    a recipe's baseline): every held-out row once per model (DPO: chosen and rejected), plus the
-    side-by-side answers (GRPO: a greedy and a sampled completion per row)."""
+    a recipe's baseline): every held-out row once per model (pairs: chosen and rejected), plus
+    the side-by-side answers (a generating method: a greedy and a sampled completion per row)."""
+    definition = method_definition(method)
     held = report.heldout_rows
     per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
-    if method == "grpo":
+    if definition.generates:
         return 0, models * held * 2 * int(args.get("max_completion_length", 256))
     answers = min(generations, held) * int(args.get("max_completion_length", 48))
-    return int(models * held * per_row * (2 if method == "dpo" else 1)), models * answers
+    return int(models * held * per_row * definition.sequences_per_row), models * answers
 
 
 def evaluation_total(spec: Any, report: DatasetReport, args: dict[str, Any]) -> tuple[int, int]:
@@ -176,7 +177,7 @@ def _training_time(
     arch: Architecture, w: Workload, tokens: int, flavor: Flavor, steps: int, padding: float
 ) -> _TrainingTime:
     """The training's FLOPs over the peak it achieves (every GPU's, less what communication
-    costs; a CPU's processes share its cores), plus GRPO's generation and each micro-step's
+    costs; a CPU's processes share its cores), plus a generating method's sampling and each micro-step's
     fixed cost."""
     device = "gpu" if flavor.is_gpu else "cpu"
     utilisation = UTILISATION[device][w.mode]
@@ -184,7 +185,7 @@ def _training_time(
     scaling = SCALING_EFFICIENCY[device][w.strategy] if w.processes > 1 else 1.0
     train_peak = peak * (w.processes if flavor.is_gpu else 1) * scaling
     gen_tokens = 0.0
-    if w.method == "grpo":
+    if w.generates:
         # tokens counts prompts' tokens; each prompt gets num_generations completions
         prompts = tokens / max(w.seq_len - w.completion_len, 1)
         train_tokens = prompts * w.num_generations * w.seq_len
@@ -238,7 +239,7 @@ def _basis(
         + f" x {flops_per_token(arch, w):.3g} FLOPs/token = {training.flops:.3g} FLOPs"
         + (
             f", plus {int(training.generated):,} generated tokens ({training.generation_s / 60:.1f} min)"
-            if w.method == "grpo"
+            if w.generates
             else ""
         )
         + f"; {flavor.name} peak {flavor.peak_tflops:.3g} TFLOP/s"

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tasks.core.errors import UserFacingError
-from tasks.core.methods import cut_length
+from tasks.core.methods import cut_length, method_definition
 from tasks.core.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan, SpeedPlan
 from tasks.core.money import usd
 from tasks.core.spec import RunSpec, runs_on_this_machine
@@ -87,7 +87,7 @@ def _option(
         return _option_with(spec, flavor, mode, arch, placed, report, speed, strategy, processes)
 
     fastest = ""
-    if not flavor.is_gpu and spec.method == "sft" and len(micros) > 1:
+    if not flavor.is_gpu and method_definition(spec.method).cpu_split_search and len(micros) > 1:
         tried, fastest = _fastest_cpu_split(micros, attempt)
     else:
         tried = _largest_fitting_split(micros, _recompute_options(spec, flavor), attempt)

@@ -12,9 +12,10 @@ so parameter counts and layer shapes are exact for any architecture transformers
   checkpointing only each layer's input is kept, plus one layer being recomputed; without
   a fused attention kernel (the CPU) the attention probabilities too;
 - logits and their gradient in float32 (the loss is computed in float32);
-- method extras: DPO's chosen+rejected pairs and its reference model (none with LoRA:
-  the adapter is switched off instead); GRPO's generations, KV cache, reference model and
-  the share of the GPU given to vLLM;
+- method extras, from its definition: a pair method's chosen and rejected sequences (DPO,
+  ORPO), a reference model (DPO always, GRPO when beta > 0, ORPO never; none with LoRA: the
+  adapter is switched off instead), a generating method's KV cache and the share of the GPU
+  given to vLLM;
 - a runtime constant (CUDA context and workspace, or the Python process on a CPU).
 The constants marked "calibrated" are fitted by benchmarks/calibrate.py on real runs.
 """
@@ -27,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.core.methods import cut_length
+from tasks.core.methods import MethodDefinition, cut_length, method_definition, uses_reference
 from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.plan.flavors import Flavor
@@ -184,7 +185,6 @@ class Workload(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    method: Literal["sft", "dpo", "grpo"] = "sft"
     mode: Mode = "full"
     dtype_bytes: int = 2
     micro_batch: int = 1
@@ -194,16 +194,29 @@ class Workload(BaseModel):
     lora_dropout: bool = True  # PEFT keeps a dropped-out copy of each adapted layer's input
     strategy: Strategy = "single"
     processes: int = 1  # training processes (one per GPU; on a CPU they share the machine)
-    # GRPO only
+    # what the method puts through the model (its MethodDefinition; `Workload.of`)
+    sequences_per_row: int = 1  # pairs: chosen and rejected
+    reference_model: bool = False  # a frozen reference forward per sequence
+    generates: bool = False
+    # generating methods only
     num_generations: int = 8
     completion_len: int = 256
-    reference_model: bool = True  # beta > 0
     vllm_gpu_fraction: float = 0.0
+
+    @classmethod
+    def of(cls, method: MethodDefinition, args: dict[str, Any] | None = None, **shape: Any) -> Workload:
+        """The workload of `method` with its training arguments (the reference model may hang on `beta`)."""
+        traits = {
+            "sequences_per_row": method.sequences_per_row,
+            "reference_model": uses_reference(method, args or {}),
+            "generates": method.generates,
+        }
+        return cls(**traits, **shape)
 
 
 def _sequences(w: Workload) -> int:
     """Sequences in one micro-step's forward/backward."""
-    return 2 * w.micro_batch if w.method == "dpo" else w.micro_batch
+    return w.sequences_per_row * w.micro_batch
 
 
 def lora_rank(arch: Architecture) -> int:
@@ -254,9 +267,9 @@ def memory_breakdown_gb(
         "activations": activations / GB,
         "logits": logits / GB,
     }
-    if w.method in ("dpo", "grpo") and w.mode == "full" and (w.method == "dpo" or w.reference_model):
+    if w.reference_model and w.mode == "full":  # with LoRA, the base with the adapter switched off
         out["reference model"] = arch.params * b / GB
-    if w.method == "grpo":
+    if w.generates:
         kv_cache = w.micro_batch * w.seq_len * arch.layers * 2 * kv * b
         out["generation kv cache"] = kv_cache / GB
         if w.vllm_gpu_fraction and device == "gpu":
@@ -303,7 +316,7 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     backward = 2 * forward if w.mode == "full" else forward
     recompute = forward if w.checkpointing else 0
     total = forward + backward + recompute
-    if w.method == "dpo" or (w.method == "grpo" and w.reference_model):
+    if w.reference_model:
         total += forward  # the reference forward (with LoRA: the same model, adapter switched off)
     return float(total)
 
@@ -319,18 +332,19 @@ def workload_for(
 ) -> Workload:
     on_gpu = flavor.is_gpu
     seq_len = min(cut_length(args, report.max_length), report.tokens.max)
+    method = method_definition(spec.method)
     extra: dict[str, Any] = {}
-    if spec.method == "grpo":
+    if method.generates:
         completion = int(args.get("max_completion_length", 256))
         seq_len = min(report.tokens.max, cut_length(args, report.max_length)) + completion
         extra = {
             "num_generations": int(args.get("num_generations", 8)),
             "completion_len": completion,
-            "reference_model": float(args.get("beta", 0.0)) > 0,
             "vllm_gpu_fraction": float(args.get("vllm_gpu_memory_utilization", 0.3)) if args.get("use_vllm") else 0.0,
         }
-    return Workload(
-        method=spec.method,
+    return Workload.of(
+        method,
+        args,
         mode=mode,
         dtype_bytes=2 if (on_gpu and flavor.bf16) else 4,
         micro_batch=int(args.get("per_device_train_batch_size", 1)),

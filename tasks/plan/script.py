@@ -76,12 +76,17 @@ def script_config(
     return {
         "trainer": method.trainer,
         "config_class": method.config_class,
+        "trainer_module": method.trainer_module,
         "model": model_path,
         "method": spec.method,
         "data": "data/train.jsonl",
         "heldout": "data/heldout.jsonl",  # evaluated before and after training
         # rows scored and answered per forward pass: the planned micro-batch (no gradients kept)
-        "evaluation": {"generations": spec.evaluation.generations, "batch_size": plan.micro_batch},
+        "evaluation": {
+            "measure": method.measure,
+            "generations": spec.evaluation.generations,
+            "batch_size": plan.micro_batch,
+        },
         "split": spec.split,
         "seed": spec.seed,
         "dtype": plan.dtype,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, cast
 
+from tasks.core.methods import method_definition
 from tasks.core.models import Batching, SpeedChoice, SpeedPlan
 from tasks.core.spec import SpecError
 from tasks.plan.flavors import Flavor
@@ -122,10 +123,8 @@ def _batching(
     arguments: dict[str, Any] = {}
     if _spec_sets(training, "packing", "padding_free", "train_sampling_strategy"):
         batching, why, arguments = _given_batching(training, rows_over_max_length)
-    elif method == "dpo":
-        batching, why = "padded", "TRL's DPOTrainer pads its pairs (its padding_free is unavailable in TRL 1.16)"
-    elif method == "grpo":
-        batching, why = "padded", "GRPO batches prompts and pads the completions it generates"
+    elif method_definition(method).batching:  # the trainer batches its own way
+        batching, why = "padded", method_definition(method).batching
     elif not gpu:
         batching = "padded"
         why = (

@@ -153,17 +153,16 @@ def launch_processes() -> None:
 
 def trainer_classes(name: str) -> tuple:
     """The TRL trainer CONFIG["trainer"] names and its config class (CONFIG["config_class"]),
-    one entry per method; only the one used is imported."""
-    import trl
+    both from CONFIG["trainer_module"] (`trl`, or where TRL keeps the method, e.g. ORPO's
+    `trl.experimental.orpo`)."""
+    import importlib
 
-    classes = {
-        "SFTTrainer": lambda: (trl.SFTTrainer, trl.SFTConfig),
-        "DPOTrainer": lambda: (trl.DPOTrainer, trl.DPOConfig),
-        "GRPOTrainer": lambda: (trl.GRPOTrainer, trl.GRPOConfig),
-    }
-    if name not in classes:
-        raise SystemExit(f"CONFIG['trainer'] is {name!r}; this script knows {', '.join(classes)}")
-    return classes[name]()
+    module = importlib.import_module(CONFIG.get("trainer_module", "trl"))
+    if not hasattr(module, name):
+        raise SystemExit(
+            f"CONFIG['trainer'] is {name!r}, which {module.__name__} lacks: is TRL the version pinned above?"
+        )
+    return getattr(module, name), getattr(module, CONFIG["config_class"])
 
 
 def trainer_config(config_class, out: Path, max_steps: int | None):
