@@ -23,7 +23,12 @@ FORMATS = EXAMPLES / "data" / "formats"
 # sample -> the verdict per method, and the spec lines that make it READY where it needs them
 EXPECTED = {
     "sharegpt": {"sft": ("NEEDS MAPPING", ["conversion: sharegpt"]), "dpo": ("INCOMPATIBLE", []), "grpo": ("INCOMPATIBLE", [])},
-    "alpaca": {"sft": ("NEEDS MAPPING", ["conversion: alpaca"]), "dpo": ("INCOMPATIBLE", []), "grpo": ("NEEDS MAPPING", ["conversion: alpaca"])},
+    "alpaca": {
+        "sft": ("NEEDS MAPPING", ["conversion: alpaca"]),
+        "dpo": ("INCOMPATIBLE", []),
+        "kto": ("INCOMPATIBLE", []),
+        "grpo": ("NEEDS MAPPING", ["conversion: alpaca"]),
+    },
     "question_answer": {
         "sft": ("NEEDS MAPPING", ["columns: {prompt: question, completion: answer}"]),
         "grpo": ("NEEDS MAPPING", ["columns: {prompt: question}"]),
@@ -32,15 +37,23 @@ EXPECTED = {
     "hh_rlhf": {
         "dpo": ("NEEDS MAPPING", ["conversion: hh_rlhf"]),
         "orpo": ("NEEDS MAPPING", ["conversion: hh_rlhf"]),
+        "kto": ("NEEDS MAPPING", ["conversion: hh_rlhf"]),
         "sft": ("INCOMPATIBLE", []),
         "grpo": ("INCOMPATIBLE", []),
     },
     "ultrafeedback": {
         "dpo": ("NEEDS MAPPING", ["conversion: ultrafeedback"]),
         "orpo": ("NEEDS MAPPING", ["conversion: ultrafeedback"]),
+        "kto": ("NEEDS MAPPING", ["conversion: ultrafeedback"]),
         "sft": ("INCOMPATIBLE", []),
     },
-    "kto": {"dpo": ("INCOMPATIBLE", []), "orpo": ("INCOMPATIBLE", []), "sft": ("INCOMPATIBLE", []), "grpo": ("READY", [])},
+    "kto": {
+        "kto": ("READY", []),
+        "dpo": ("INCOMPATIBLE", []),
+        "orpo": ("INCOMPATIBLE", []),
+        "sft": ("INCOMPATIBLE", []),
+        "grpo": ("READY", []),
+    },
     "math_solutions": {
         "sft": ("NEEDS MAPPING", ["columns: {prompt: problem, completion: solution}"]),
         "grpo": ("NEEDS MAPPING", ["columns: {prompt: problem, answer: solution}"]),
@@ -84,7 +97,8 @@ def test_the_pasted_lines_make_the_dataset_validate(sample, method, tiny_tokeniz
         columns=fields.get("columns", {}),
         conversion=fields.get("conversion"),
     )
-    assert report.rows == 60 and report.conversion == fields.get("conversion")
+    splits = method_definition(method).data == "unpaired" and fields.get("conversion")  # a pair makes two rows
+    assert report.rows == 60 * (2 if splits else 1) and report.conversion == fields.get("conversion")
     trained = [json.loads(line) for line in Path(report.prepared_path).read_text().splitlines()]
     assert set(method_definition(method).formats[report.format]) <= set(trained[0])  # canonical columns
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from cli.run import parse_args
+from tasks.core.methods import METHODS
 from tasks.core.spec import RunSpec, SpecError, load_spec, parse_spec
 from tests.helpers import EXAMPLES
 
@@ -32,7 +33,11 @@ def test_a_bad_choice_names_the_field_and_the_allowed_values():
     with pytest.raises(SpecError) as e:
         parse_spec({"dataset": "x.jsonl", "method": "sftt", "backend": "slurm"})
     msg = str(e.value)
-    assert "field 'method'" in msg and "'sft', 'dpo', 'orpo' or 'grpo'" in msg and "'sftt'" in msg
+    assert (
+        "field 'method'" in msg
+        and ", ".join(f"'{m}'" for m in list(METHODS)[:-1]) + f" or '{list(METHODS)[-1]}'" in msg
+        and "'sftt'" in msg
+    )
     assert "field 'backend'" in msg and "'hf-jobs'" in msg
 
 
@@ -108,7 +113,7 @@ def test_a_spec_for_another_method_is_refused_by_the_sft_command(tmp_path: Path)
 
 def test_the_spec_is_a_flow_parameter_schema():
     schema = RunSpec.model_json_schema()
-    assert schema["properties"]["method"]["enum"] == ["sft", "dpo", "orpo", "grpo"]
+    assert schema["properties"]["method"]["enum"] == list(METHODS)
     assert "dataset" in schema["required"]
 
 

@@ -76,6 +76,27 @@ def dpo_pair_rows(n: int = 300, seed: int = SEED + 2) -> list[dict]:
     return rows
 
 
+def kto_rows(n: int = 300, seed: int = SEED + 7) -> list[dict]:
+    """Unpaired answers for KTO, each to its own question: the crisp `a + b = c` labelled
+    desirable, a hedging wrong answer labelled undesirable, in equal numbers (KTO weighs one
+    kind against the other); no prompt has both, so nothing here is a pair in disguise."""
+    rng = random.Random(seed)
+    hedges = ["I am not sure, maybe {w}.", "Hard to say. Perhaps {w}?", "I think it is {w}, but I cannot check."]
+    rows = []
+    for i, (a, b) in enumerate(_operands(rng, n)):
+        desirable = i % 2 == 0
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        answer = f"{a} + {b} = {a + b}" if desirable else rng.choice(hedges).format(w=wrong)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                "completion": [{"role": "assistant", "content": answer}],
+                "label": desirable,
+            }
+        )
+    return rows
+
+
 def grpo_prompt_rows(seed: int = SEED + 3) -> list[dict]:
     """Every single-digit addition as a prompt with its `answer`, for verifiable rewards."""
     rng = random.Random(seed)
@@ -214,6 +235,7 @@ def write_examples(out_dir: Path = EXAMPLES_DIR) -> list[Path]:
         "sft_chat.jsonl": sft_chat_rows(),
         "sft_prompt_completion.jsonl": sft_prompt_completion_rows(),
         "dpo_pairs.jsonl": dpo_pair_rows(),
+        "kto_rows.jsonl": kto_rows(),
         "grpo_prompts.jsonl": grpo_prompt_rows(),
         "answer_form.jsonl": answer_form_rows(),
     }

@@ -19,7 +19,7 @@ from tasks.core.spec import Method, RunSpec, SpecError
 # answer; a prompt with one answer labelled desirable or not; a prompt to answer and be rewarded
 DataKind = Literal["demonstrations", "pairs", "unpaired", "prompts"]
 # how the evaluation scores each held-out row, oriented so that higher is better (tasks.evaluate.verdict)
-Measure = Literal["completion_loss", "preference_margin", "rewards"]
+Measure = Literal["completion_loss", "preference_margin", "label_likelihood", "rewards"]
 
 
 class MethodDefinition(BaseModel):
@@ -52,6 +52,7 @@ class MethodDefinition(BaseModel):
     # (SFT); the other trainers pad their batches their own way (`batching` says how)
     cpu_split_search: bool = False
     batching: str = ""
+    min_micro_batch: int = 1  # the smallest per-device batch the trainer accepts (KTO: 2)
     # --- evaluation ---
     measure: Measure
     check_by_hand: str  # the model card's sentence on how to recompute a held-out score
@@ -141,6 +142,30 @@ ORPO = MethodDefinition(
     incompatible="no pairs of a chosen and a rejected answer (ORPO learns from pairs)",
 )
 
+KTO = MethodDefinition(
+    name="kto",
+    title="Kahneman-Tversky optimisation: single answers labelled desirable or not, no pairs needed.",
+    trainer="KTOTrainer",
+    config_class="KTOConfig",
+    data="unpaired",
+    formats={"unpaired": ("prompt", "completion", "label")},
+    training_defaults={**_COMMON_DEFAULTS, "learning_rate": 5e-6, "beta": 0.1},
+    signal_metrics=("train/rewards/margins", "train/kl"),
+    # each step also scores a KL batch (the same completions under mismatched prompts), policy
+    # and reference alike; the reference is the base with the adapter off under LoRA, as DPO's
+    sequences_per_row=2,
+    reference="always",
+    batching="TRL's KTOTrainer pads its rows and builds a KL batch of mismatched prompt/completion pairs",
+    # its KL term is estimated from the other rows of a micro-batch: with one row it is the
+    # implied reward itself, and TRL refuses it
+    min_micro_batch=2,
+    measure="label_likelihood",
+    check_by_hand="`evaluation.json` holds every held-out row's summed log-probability of its answer after the "
+    "prompt (rendered through the chat template), with its label, for both models; the score is that "
+    "log-probability for a desirable answer and minus it for an undesirable one.",
+    incompatible="no single answers labelled desirable or not (KTO learns from prompt, completion, label)",
+)
+
 GRPO = MethodDefinition(
     name="grpo",
     title="Group relative policy optimisation with verifiable rewards, through the same lifecycle.",
@@ -170,7 +195,7 @@ GRPO = MethodDefinition(
     incompatible="no prompt column (GRPO generates from prompts)",
 )
 
-METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, GRPO)}
+METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, KTO, GRPO)}
 
 
 def uses_reference(method: MethodDefinition, args: dict[str, Any]) -> bool:

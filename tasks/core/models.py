@@ -153,7 +153,9 @@ class TokenStats(Frozen):
 class DatasetReport(Frozen):
     source: str
     split: str
-    format: Literal["messages", "prompt_completion", "text", "preference", "implicit_preference", "prompt_only"]
+    format: Literal[
+        "messages", "prompt_completion", "text", "preference", "implicit_preference", "unpaired", "prompt_only"
+    ]
     rows: int
     columns: list[str]
     column_mapping: dict[str, str]

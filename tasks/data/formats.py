@@ -143,7 +143,37 @@ def _hh_rlhf(row: dict[str, Any], kind: str) -> dict[str, Any]:
         )
     if chosen[:-1] != rejected[:-1]:
         raise ValueError("chosen and rejected must share every turn but the last Assistant answer")
-    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], **_rest(row, "chosen", "rejected")}
+    pair = {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:], **_rest(row, "chosen", "rejected")}
+    return _split(pair) if kind == "unpaired" else pair
+
+
+def _split(pair: dict[str, Any]) -> list[dict[str, Any]]:
+    """A preference pair as two unpaired rows: the chosen answer desirable, the rejected one
+    not (KTO; what TRL's unpair_preference_dataset does, row by row here so that a bad row is
+    named). A pair whose prompt is the shared first turns of both sides is cut there."""
+    chosen, rejected = pair["chosen"], pair["rejected"]
+    prompt = pair.get("prompt")
+    if prompt is None:
+        if not (_role_turns(chosen) and _role_turns(rejected)):
+            raise ValueError(
+                "without a prompt column, chosen and rejected must be conversations sharing their first turns"
+            )
+        n = next(
+            (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
+            min(len(chosen), len(rejected)),
+        )
+        if n == 0 or n >= min(len(chosen), len(rejected)):
+            raise ValueError("chosen and rejected share no leading turns (the prompt), or one is the other's prefix")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    rest = _rest(pair, "prompt", "chosen", "rejected")
+    return [
+        {"prompt": prompt, "completion": chosen, "label": True, **rest},
+        {"prompt": prompt, "completion": rejected, "label": False, **rest},
+    ]
+
+
+def _unpair(row: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return _split(row)
 
 
 SCORE_KEYS = ("overall_score", "score", "rating", "fine-grained_score")
@@ -168,12 +198,13 @@ def _ultrafeedback(row: dict[str, Any], kind: str) -> dict[str, Any]:
     best, worst = max(scored, key=lambda x: x[0]), min(scored, key=lambda x: x[0])
     if best[0] == worst[0]:
         raise ValueError(f"every completion has the same score ({best[0]:g}): no preference to learn")
-    return {
+    pair = {
         "prompt": row["instruction"],
         "chosen": best[1],
         "rejected": worst[1],
         **_rest(row, "instruction", "completions"),
     }
+    return _split(pair) if kind == "unpaired" else pair
 
 
 class Conversion(BaseModel):
@@ -185,7 +216,7 @@ class Conversion(BaseModel):
     makes: str
     kinds: tuple[DataKind, ...]  # the kinds of data it makes (a method's `data`)
     describe: str
-    fn: Callable[[dict[str, Any], str], dict[str, Any]]
+    fn: Callable[[dict[str, Any], str], dict[str, Any] | list[dict[str, Any]]]  # a list: one row makes several
 
 
 CONVERSIONS: dict[str, Conversion] = {
@@ -211,18 +242,30 @@ CONVERSIONS: dict[str, Conversion] = {
         Conversion(
             name="hh_rlhf",
             reads=("chosen", "rejected"),
-            makes="preference",
-            kinds=("pairs",),
-            describe="'Human:/Assistant:' dialogues -> the shared turns as prompt, the last answers as chosen/rejected",
+            makes="preference (dpo, orpo), two unpaired rows (kto)",
+            kinds=("pairs", "unpaired"),
+            describe="'Human:/Assistant:' dialogues -> the shared turns as prompt, the last answers as chosen/rejected "
+            "(for kto: chosen labelled true, rejected false)",
             fn=_hh_rlhf,
         ),
         Conversion(
             name="ultrafeedback",
             reads=("instruction", "completions"),
-            makes="preference",
-            kinds=("pairs",),
-            describe="rated completions -> the highest-rated as chosen, the lowest-rated as rejected",
+            makes="preference (dpo, orpo), two unpaired rows (kto)",
+            kinds=("pairs", "unpaired"),
+            describe="rated completions -> the highest-rated as chosen, the lowest-rated as rejected "
+            "(for kto: the highest-rated labelled true, the lowest false)",
             fn=_ultrafeedback,
+        ),
+        Conversion(
+            name="unpair",
+            reads=("chosen", "rejected"),
+            optional=("prompt",),
+            makes="two unpaired rows per pair",
+            kinds=("unpaired",),
+            describe="a preference pair -> its prompt with the chosen answer labelled true, and with the rejected "
+            "answer labelled false (a pair without a prompt column is cut at its shared first turns)",
+            fn=_unpair,
         ),
     )
 }
@@ -260,10 +303,13 @@ def convert_chunk(
             "Rename yours in the spec, e.g. `columns: {" + f"{missing[0]}: your_column" + "}`"
         )
     out, kept, bad = [], [], []
+    kind = method_definition(method).data
     for number, row in zip(numbers, rows, strict=True):
         try:
-            out.append(conversion.fn(row, method_definition(method).data))
-            kept.append(number)
+            made = conversion.fn(row, kind)
+            made = made if isinstance(made, list) else [made]
+            out += made
+            kept += [number] * len(made)  # rows made from one row keep its number: errors name the user's row
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             bad.append(f"row {number}: {e} (conversion '{conversion.name}': {conversion.describe})")
     return out, kept, bad
@@ -466,6 +512,40 @@ def _pairs(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     return found
 
 
+LABEL_NAMES = ("label", "desirable", "is_desirable", "kto_label")
+
+
+def _unpaired(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    """Single answers with a label train as they are; pairs (and what becomes pairs) are split
+    into a desirable and an undesirable row. A label that is not a boolean is still read as
+    one here, so that validation names each row whose label is wrong instead of refusing the set."""
+    prompt = _first(rows, PROMPT_NAMES, _text_or_turns)
+    answer = _first(rows, ANSWER_NAMES, _text_or_turns)
+    label = _first(rows, LABEL_NAMES, lambda v: True)
+    if prompt and answer and label:
+        mapping = {k: v for k, v in (("prompt", prompt), ("completion", answer), ("label", label)) if k != v}
+        return [
+            FormatCandidate(
+                format=f"answers labelled desirable or not ('{prompt}', '{answer}', '{label}')",
+                verdict="NEEDS MAPPING" if mapping else "READY",
+                trains_as="unpaired",
+                columns=mapping,
+            )
+        ]
+    split = "each pair becomes two rows: the chosen answer labelled true, the rejected one false"
+    return [
+        c.model_copy(
+            update={
+                "trains_as": "unpaired",
+                "verdict": "NEEDS MAPPING",
+                "conversion": c.conversion or "unpair",
+                "note": (c.note + "; " if c.note else "") + split,
+            }
+        )
+        for c in _pairs(rows)
+    ]
+
+
 def _kto(rows: list[dict[str, Any]]) -> bool:
     return bool(
         _first(rows, PROMPT_NAMES, _text_or_turns)
@@ -510,6 +590,7 @@ def _prompts(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
 READERS: dict[str, Callable[[list[dict[str, Any]]], list[FormatCandidate]]] = {
     "demonstrations": _sft,
     "pairs": _pairs,
+    "unpaired": _unpaired,
     "prompts": _prompts,
 }
 KTO_ROWS = (

@@ -218,6 +218,52 @@ def _preference_schema(fmt: str) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(sides, checks=checks, strict=False, coerce=False)
 
 
+def _prompt_answer_order_ok(df: pd.DataFrame) -> pd.Series:
+    """prompt + completion, when given as turns, follow the chat role order."""
+
+    def ok(row: pd.Series) -> bool:
+        prompt, answer = row["prompt"], row["completion"]
+        return not (_is_turn_list(prompt) and _is_turn_list(answer)) or _role_order(prompt + answer)
+
+    return df.apply(ok, axis=1)
+
+
+def _unpaired_schema() -> pa.DataFrameSchema:
+    """KTO's rows: a prompt, one answer and whether it is desirable (a boolean, not 0/1 or text:
+    a label read the wrong way round would teach the opposite)."""
+    columns = {
+        "prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")),
+        "completion": pa.Column(
+            None,
+            nullable=False,
+            checks=_text_checks("completion")
+            + [pa.Check(_roles_known, element_wise=True, error=f"every turn's role must be one of {', '.join(ROLES)}")],
+        ),
+        "label": pa.Column(
+            None,
+            nullable=False,
+            checks=[
+                pa.Check(
+                    lambda v: isinstance(v, bool | np.bool_),
+                    element_wise=True,
+                    error="label must be true (a desirable answer) or false (an undesirable one)",
+                )
+            ],
+        ),
+    }
+    checks = [
+        pa.Check(
+            lambda df: _same_kind(df[["prompt", "completion"]]),
+            error="prompt and completion must both be text or both turns",
+        ),
+        pa.Check(
+            _prompt_answer_order_ok,
+            error="prompt + completion turns break the role order [system], user, assistant, ...",
+        ),
+    ]
+    return pa.DataFrameSchema(columns, checks=checks, strict=False, coerce=False)
+
+
 def schema_for(fmt: str) -> pa.DataFrameSchema:
     """The pandera schema of one SFT dataset format (canonical column names).
 
@@ -235,6 +281,8 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
         }
     elif fmt in ("preference", "implicit_preference"):
         return _preference_schema(fmt)
+    elif fmt == "unpaired":
+        return _unpaired_schema()
     elif fmt == "prompt_only":
         columns = {
             "prompt": pa.Column(

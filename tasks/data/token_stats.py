@@ -99,7 +99,7 @@ def _texts(tokenizer: Any, fmt: str, row: dict) -> list[str]:
         return [render(row["prompt"])]
     if fmt == "messages":
         return [render(row["messages"])]
-    if fmt == "prompt_completion":
+    if fmt in ("prompt_completion", "unpaired"):
         return [render(row["prompt"]) + render(row["completion"])]
     return [row["text"]]
 

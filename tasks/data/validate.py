@@ -306,6 +306,7 @@ class BlockResult:
     empty_turns: int = 0
     anomalies: dict[str, int] = field(default_factory=dict)
     hashes: bytes = b""
+    labels: dict[bool, int] = field(default_factory=dict)  # unpaired rows: how many desirable, how many not
 
 
 def _frame(block: LineBlock | pd.DataFrame, result: BlockResult, raw: list[bytes] | None = None) -> pd.DataFrame:
@@ -354,6 +355,8 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
         for bit, what in ANOMALIES.items():
             if n := int(((codes & bit) != 0).sum()):
                 result.anomalies[f"messages {what}"] = n
+    if job.fmt == "unpaired":
+        result.labels = {bool(k): int(n) for k, n in df["label"].value_counts().items()}
     columns = [df[c].tolist() for c in job.kept]
     option = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
     for number, *values in zip(df.index, *columns, strict=True):
@@ -381,6 +384,7 @@ class _Pass:
         self.hashes = bytearray()  # 8 bytes a row, grown in place: the one cost that scales with rows
         self.empty_turns = 0
         self.anomalies: dict[str, int] = {}
+        self.labels: dict[bool, int] = {}
         self.sample = Reservoir(MAX_TOKENIZED_ROWS, seed=0)
         self.writer = SplitWriter(out_dir, held_out)
         self.check_seconds, self.check_processes = 0.0, 1
@@ -393,7 +397,7 @@ class _Pass:
         self.conversion_bad += result.conversion_bad[: MAX_ROWS_SHOWN - len(self.conversion_bad)]
         self.conversion_bad_count += result.conversion_bad_count
         self.unreadable.merge(result.unreadable)
-        if fmt in ("preference", "implicit_preference") and result.lines and not self.too_long:
+        if fmt in ("preference", "implicit_preference", "unpaired") and result.lines and not self.too_long:
             lengths = prompt_lengths(tokenizer, [orjson.loads(line) for line in result.lines])
             self.too_long += [r for r, n in zip(result.numbers, lengths, strict=True) if n >= max_length]
         if not self.ok():
@@ -403,6 +407,8 @@ class _Pass:
         self.empty_turns += result.empty_turns
         for what, n in result.anomalies.items():
             self.anomalies[what] = self.anomalies.get(what, 0) + n
+        for label, n in result.labels.items():
+            self.labels[label] = self.labels.get(label, 0) + n
         self.sample.offer(lines)
         self.writer.write(lines)
 
@@ -543,6 +549,8 @@ def validate_dataset(
             state.merge(result, fmt, tokenizer, max_length)
         if not state.ok():
             raise _refusal(state, source, fmt, max_length)
+        if fmt == "unpaired":
+            _refuse_one_label(state.labels, source)
         held = state.writer.finish()
         state.check_seconds, state.check_processes = time.perf_counter() - started, max(1, workers)
         report = _report(
@@ -566,6 +574,21 @@ def validate_dataset(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return report
+
+
+def _refuse_one_label(labels: dict[bool, int], source: str) -> None:
+    """KTO weighs desirable answers against undesirable ones: a set of only one kind has nothing
+    to weigh (TRL would train on it, and learn only to raise or only to lower likelihoods)."""
+    good, bad = labels.get(True, 0), labels.get(False, 0)
+    if good and bad:
+        return
+    only = "true (desirable)" if good else "false (undesirable)"
+    raise DatasetValidationError(
+        f"{source}: every one of the {good + bad} rows has label {only}; KTO needs answers of both kinds. Add rows "
+        "labelled "
+        + ("false" if good else "true")
+        + (", or train on these rows with SFT (drop `label`)" if good else "")
+    )
 
 
 def _refusal(state: _Pass, source: str, fmt: str, max_length: int) -> UserFacingError:

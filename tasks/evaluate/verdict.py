@@ -5,6 +5,7 @@ Each method's definition names its measure, one primary score per row, oriented 
 is better:
 - completion_loss (SFT): minus the completion's mean token loss (perplexity is its exponential);
 - preference_margin (DPO, ORPO): the log-probability margin of the chosen answer over the rejected one;
+- label_likelihood (KTO): a desirable answer's summed log-probability, minus an undesirable one's;
 - rewards (GRPO): the sum of the reward functions' scores for a greedy completion.
 The change is the mean over rows of (trained - base); its noise band is `sigmas` standard
 errors of that mean (rows paired, so what varies from row to row cancels). Beyond the band
@@ -33,6 +34,8 @@ def _primary(measure: str, row: dict[str, Any]) -> float | None:
         return None if row.get("loss") is None else -float(row["loss"])
     if measure == "preference_margin":
         return float(row["margin"])
+    if measure == "label_likelihood":
+        return float(row["logp"]) if row["label"] else -float(row["logp"])
     greedy = [v for k, v in row.items() if k.endswith("/greedy")]
     return None if not greedy or any(v is None for v in greedy) else float(sum(greedy))
 
@@ -74,6 +77,8 @@ def _metrics(measure: str, before: list[dict], after: list[dict]) -> tuple[str, 
                 better="higher",
             ),
         ]
+    if measure == "label_likelihood":
+        return "label-signed answer log-probability (desirable up, undesirable down)", _labelled(before, after)
     names = sorted({k for r in before + after for k in r})
     return "sum of greedy rewards", [
         MetricComparison(
@@ -83,6 +88,28 @@ def _metrics(measure: str, before: list[dict], after: list[dict]) -> tuple[str, 
             better="higher",
         )
         for name in names
+    ]
+
+
+def _labelled(before: list[dict], after: list[dict]) -> list[MetricComparison]:
+    """KTO's rows, desirable and undesirable apart: the first should rise, the second fall."""
+
+    def mean_logp(rows: list[dict], label: bool) -> float | None:
+        return _mean([float(r["logp"]) for r in rows if r["label"] is label])
+
+    return [
+        MetricComparison(
+            name="desirable answers' log-probability (mean)",
+            base=mean_logp(before, True),
+            trained=mean_logp(after, True),
+            better="higher",
+        ),
+        MetricComparison(
+            name="undesirable answers' log-probability (mean)",
+            base=mean_logp(before, False),
+            trained=mean_logp(after, False),
+            better="lower",
+        ),
     ]
 
 

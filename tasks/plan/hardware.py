@@ -30,7 +30,7 @@ from tasks.core.errors import UserFacingError
 from tasks.core.methods import cut_length, method_definition
 from tasks.core.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan, SpeedPlan
 from tasks.core.money import usd
-from tasks.core.spec import RunSpec, runs_on_this_machine
+from tasks.core.spec import RunSpec, SpecError, runs_on_this_machine
 from tasks.plan.calibration import load_table
 from tasks.plan.cost import SCALING_EFFICIENCY, estimate_run, planned_batch
 from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
@@ -54,10 +54,22 @@ def _global_batch(spec: RunSpec, args: dict[str, Any], processes: int = 1) -> tu
     (then every process takes that split and the global batch grows with the process count)."""
     micro = int(args.get("per_device_train_batch_size", 1))
     total = micro * int(args.get("gradient_accumulation_steps", 1))
+    least = method_definition(spec.method).min_micro_batch
+    if micro < least:
+        raise SpecError(
+            f"training.per_device_train_batch_size is {micro}, and {spec.method} needs at least {least} rows per "
+            f"micro-batch ({method_definition(spec.method).trainer} estimates a term from the other rows of it); "
+            f"raise it to {least} or more"
+        )
     if "gradient_accumulation_steps" in spec.training:
         return total, [micro]
     share = max(1, math.ceil(total / processes))
-    return share, [m for m in range(share, 0, -1) if share % m == 0]
+    if share < least:
+        raise SpecError(
+            f"the global batch of {total} rows gives each of {processes} processes {share}, and {spec.method} needs "
+            f"at least {least} per micro-batch; raise training.per_device_train_batch_size"
+        )
+    return share, [m for m in range(share, 0, -1) if share % m == 0 and m >= least]
 
 
 Attempt = Callable[[int, bool], tuple[FlavorOption, CostEstimate]]  # (micro-batch, recompute) -> the placement
