@@ -195,7 +195,22 @@ GRPO = MethodDefinition(
     incompatible="no prompt column (GRPO generates from prompts)",
 )
 
-METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, KTO, GRPO)}
+# RLOO reads GRPO's data and rewards and generates as GRPO does; what differs is its advantage
+# (each completion's reward against the mean of the others for the same prompt, no std scaling)
+# and TRL's defaults: a KL penalty (beta 0.05, so a reference model) and 2 generations per prompt
+RLOO = GRPO.model_copy(
+    update={
+        "name": "rloo",
+        "title": "REINFORCE leave-one-out with verifiable rewards, through the same lifecycle.",
+        "trainer": "RLOOTrainer",
+        "config_class": "RLOOConfig",
+        "training_defaults": {**GRPO.training_defaults, "num_generations": 4, "beta": 0.05},
+        "batching": "RLOO batches prompts and pads the completions it generates",
+        "incompatible": "no prompt column (RLOO generates from prompts)",
+    }
+)
+
+METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, KTO, GRPO, RLOO)}
 
 
 def uses_reference(method: MethodDefinition, args: dict[str, Any]) -> bool:
