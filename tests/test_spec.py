@@ -72,7 +72,7 @@ def test_run_names_must_be_safe_folder_names():
 def test_rewards_belong_to_the_methods_that_take_them():
     from tasks.core.methods import check_training_keys
 
-    with pytest.raises(SpecError, match="'rewards' applies to method grpo only .* method is sft"):
+    with pytest.raises(SpecError, match="'rewards' applies to grpo and rloo only .* method is sft"):
         check_training_keys(parse_spec({"dataset": "x", "rewards": ["exact_answer"]}))
 
 

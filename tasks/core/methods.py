@@ -282,8 +282,8 @@ def check_training_keys(spec: RunSpec) -> None:
     them, before anything is written."""
     method = method_definition(spec.method)
     if spec.rewards and not method.rewards:
-        with_rewards = ", ".join(m.name for m in METHODS.values() if m.rewards)
-        raise SpecError(f"'rewards' applies to method {with_rewards} only (this spec's method is {spec.method})")
+        with_rewards = " and ".join(m.name for m in METHODS.values() if m.rewards)
+        raise SpecError(f"'rewards' applies to {with_rewards} only (this spec's method is {spec.method})")
     secrets = [k for k in spec.training if any(s in k.lower() for s in SECRET_LIKE)]
     if secrets:
         raise SpecError(
