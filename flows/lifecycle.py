@@ -20,8 +20,17 @@ from flows.planning import plan_run
 from flows.run_training import train_task
 from tasks.core.errors import quiet_refusals
 from tasks.core.locks import run_lock
-from tasks.core.methods import METHODS
-from tasks.core.models import Approval, CostEstimate, EvaluationResult, GgufFiles, RunPlan, RunSummary, TrainedModel
+from tasks.core.methods import METHODS, method_definition, outputs_for_method
+from tasks.core.models import (
+    Approval,
+    CostEstimate,
+    EvaluationResult,
+    GgufFiles,
+    RunPlan,
+    RunSummary,
+    StageOutcome,
+    TrainedModel,
+)
 from tasks.core.rundir import flow_run_name, named
 from tasks.core.spec import RunSpec, SpecError
 from tasks.evaluate.verdict import blocks_publish
@@ -59,7 +68,7 @@ def lifecycle(
     """Above the spec's auto_approve_usd the run pauses for approval (at most
     approval_timeout_s); approve_up_to_usd pre-approves any estimate up to that amount."""
     check_method(spec)
-    spec = named(spec)
+    spec = outputs_for_method(named(spec))
     with run_lock(str(spec.name)):  # one flow per run name
         plan = plan_run(spec)
         artifacts.markdown(artifacts.artifact_key("plan", plan.run_name), plan_markdown(plan), description="the plan")
@@ -168,6 +177,11 @@ def evaluate(record: RunRecord, spec: RunSpec, plan: RunPlan, timeout_s: int) ->
 
 def convert(record: RunRecord, spec: RunSpec, plan: RunPlan, trained: TrainedModel) -> GgufFiles:
     with record.stage("convert_gguf") as step:
+        if method_definition(spec.method).no_gguf:  # the plan said why; so does the stage
+            why = f"no GGUF files: {method_definition(spec.method).no_gguf}"
+            gguf = GgufFiles(outcome=StageOutcome(stage="convert_gguf", status="skipped", detail=why))
+            step.reported(gguf.outcome, False)
+            return gguf
         run_dir, result = Path(plan.run_dir), trained.result
         key = gguf_key(result, spec.outputs)
         gguf, hit = run_cached(

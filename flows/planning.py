@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.atomic import write_text
-from tasks.core.methods import MethodDefinition, base_arguments, check_training_keys, cut_length, method_definition
+from tasks.core.methods import (
+    MethodDefinition,
+    base_arguments,
+    check_training_keys,
+    cut_length,
+    method_definition,
+    outputs_for_method,
+)
 from tasks.core.model_source import baseline_path, context_length, load_config, resolve_model
 from tasks.core.models import CostEstimate, DatasetReport, InputUpload, RunPlan
 from tasks.core.rundir import default_run_name, prepare_run_dir
@@ -36,6 +43,7 @@ from tasks.stages.planning import (
 def plan_run(spec: RunSpec, runs_root: Path | None = None) -> RunPlan:
     """Validate, size, price and script the run; nothing is submitted. Written to plan.json."""
     method = method_definition(spec.method)
+    spec = outputs_for_method(spec)
     check_training_keys(spec)
     run_name = spec.name or default_run_name(spec)
     run_dir = prepare_run_dir(spec, run_name, runs_root)
@@ -137,6 +145,8 @@ def with_upload(cost: CostEstimate, inputs: InputUpload | None) -> CostEstimate:
 
 def gguf_notes(spec: RunSpec, model_path: str) -> list[str]:
     """What the plan says ahead about GGUF export of this architecture and quant types."""
+    if method_definition(spec.method).no_gguf:
+        return [f"no GGUF files: {method_definition(spec.method).no_gguf}"]
     config = load_config(model_path)
     types = list(spec.outputs.gguf)
     return check_converter_knows(config, types) + check_quant_types(

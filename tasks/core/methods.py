@@ -19,7 +19,7 @@ from tasks.core.spec import Method, RunSpec, SpecError
 # answer; a prompt with one answer labelled desirable or not; a prompt to answer and be rewarded
 DataKind = Literal["demonstrations", "pairs", "unpaired", "prompts"]
 # how the evaluation scores each held-out row, oriented so that higher is better (tasks.evaluate.verdict)
-Measure = Literal["completion_loss", "preference_margin", "label_likelihood", "rewards"]
+Measure = Literal["completion_loss", "preference_margin", "label_likelihood", "rewards", "pair_accuracy"]
 
 
 class MethodDefinition(BaseModel):
@@ -53,6 +53,10 @@ class MethodDefinition(BaseModel):
     cpu_split_search: bool = False
     batching: str = ""
     min_micro_batch: int = 1  # the smallest per-device batch the trainer accepts (KTO: 2)
+    # --- the model it makes, and what is exported ---
+    # a causal LM, or a sequence classifier with one score per sequence (a reward model)
+    head: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    no_gguf: str = ""  # why GGUF files are not made ("" = they are)
     # --- evaluation ---
     measure: Measure
     check_by_hand: str  # the model card's sentence on how to recompute a held-out score
@@ -195,6 +199,28 @@ GRPO = MethodDefinition(
     incompatible="no prompt column (GRPO generates from prompts)",
 )
 
+REWARD = MethodDefinition(
+    name="reward",
+    title="A reward model from preference pairs: a sequence classifier that scores an answer to a prompt.",
+    trainer="RewardTrainer",
+    config_class="RewardConfig",
+    data="pairs",
+    formats=PAIR_FORMATS,
+    training_defaults={**_COMMON_DEFAULTS, "learning_rate": 1e-4},
+    signal_metrics=("train/accuracy", "train/margin"),
+    sequences_per_row=2,
+    reference="never",
+    batching="TRL's RewardTrainer pads its pairs",
+    head="sequence_classification",
+    no_gguf="a reward model is a sequence classifier (one score per sequence), not a chat model: llama.cpp's "
+    "converter writes causal language models, and nothing would chat with it; load it with transformers",
+    measure="pair_accuracy",
+    check_by_hand="`evaluation.json` holds every held-out pair's scores under both models: the model's single "
+    "output for the prompt and chosen answer rendered through the chat template, and for the prompt and rejected "
+    "answer; a pair counts as right when the chosen answer scores higher.",
+    incompatible="no pairs of a chosen and a rejected answer (a reward model learns from pairs)",
+)
+
 # RLOO reads GRPO's data and rewards and generates as GRPO does; what differs is its advantage
 # (each completion's reward against the mean of the others for the same prompt, no std scaling)
 # and TRL's defaults: a KL penalty (beta 0.05, so a reference model) and 2 generations per prompt
@@ -210,7 +236,7 @@ RLOO = GRPO.model_copy(
     }
 )
 
-METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, KTO, GRPO, RLOO)}
+METHODS: dict[str, MethodDefinition] = {m.name: m for m in (SFT, DPO, ORPO, KTO, REWARD, GRPO, RLOO)}
 
 
 def uses_reference(method: MethodDefinition, args: dict[str, Any]) -> bool:
@@ -272,6 +298,18 @@ def config_fields(config_class: str, module: str = "trl") -> list[str]:
         known[config_class] = sorted(f.name for f in dataclasses.fields(found))
         write_text(path, json.dumps(known, indent=1))  # atomic: a concurrent reader sees old or new
     return known[config_class]
+
+
+def outputs_for_method(spec: RunSpec) -> RunSpec:
+    """The spec with only the outputs its method makes: GGUF files asked for by default are
+    dropped for a method that makes none (a reward model); asked for in the spec, they are
+    refused with the reason, rather than silently not made."""
+    method = method_definition(spec.method)
+    if not method.no_gguf or not spec.outputs.gguf:
+        return spec
+    if "gguf" in spec.outputs.model_fields_set:
+        raise SpecError(f"outputs.gguf: {method.name} makes no GGUF files: {method.no_gguf}. Remove outputs.gguf")
+    return spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"gguf": []})})
 
 
 SECRET_LIKE = ("token", "password", "secret", "api_key")

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.core.errors import UserFacingError
 
-Method = Literal["sft", "dpo", "orpo", "kto", "grpo", "rloo"]
+Method = Literal["sft", "dpo", "orpo", "kto", "reward", "grpo", "rloo"]
 Backend = Literal["local", "hf-jobs", "prefect-pool"]
 GgufType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k"]
 

@@ -6,6 +6,7 @@ is better:
 - completion_loss (SFT): minus the completion's mean token loss (perplexity is its exponential);
 - preference_margin (DPO, ORPO): the log-probability margin of the chosen answer over the rejected one;
 - label_likelihood (KTO): a desirable answer's summed log-probability, minus an undesirable one's;
+- pair_accuracy (reward models): 1 when the model scores the chosen answer above the rejected one, else 0;
 - rewards (GRPO): the sum of the reward functions' scores for a greedy completion.
 The change is the mean over rows of (trained - base); its noise band is `sigmas` standard
 errors of that mean (rows paired, so what varies from row to row cancels). Beyond the band
@@ -36,6 +37,8 @@ def _primary(measure: str, row: dict[str, Any]) -> float | None:
         return float(row["margin"])
     if measure == "label_likelihood":
         return float(row["logp"]) if row["label"] else -float(row["logp"])
+    if measure == "pair_accuracy":
+        return float(row["chosen"] > row["rejected"])
     greedy = [v for k, v in row.items() if k.endswith("/greedy")]
     return None if not greedy or any(v is None for v in greedy) else float(sum(greedy))
 
@@ -79,6 +82,15 @@ def _metrics(measure: str, before: list[dict], after: list[dict]) -> tuple[str, 
         ]
     if measure == "label_likelihood":
         return "label-signed answer log-probability (desirable up, undesirable down)", _labelled(before, after)
+    if measure == "pair_accuracy":
+        return "held-out pair accuracy (the chosen answer scored above the rejected one)", [
+            MetricComparison(
+                name="mean score margin (chosen - rejected)",
+                base=_mean([r["chosen"] - r["rejected"] for r in before]),
+                trained=_mean([r["chosen"] - r["rejected"] for r in after]),
+                better="higher",
+            )
+        ]
     names = sorted({k for r in before + after for k in r})
     return "sum of greedy rewards", [
         MetricComparison(

@@ -43,14 +43,15 @@ def loss_curve_png(status: JobStatus, path: Path, title: str) -> Path | None:
 
 
 def card_metadata(spec: RunSpec, plan: RunPlan, gguf: GgufFiles | None, license_id: str) -> dict[str, Any]:
-    tags = ["finetune-flow", spec.method, "trl", "text-generation"]
+    classifier = method_definition(spec.method).head == "sequence_classification"
+    tags = ["finetune-flow", spec.method, "trl", "reward-model" if classifier else "text-generation"]
     if plan.hardware.use_lora:
         tags += ["peft", "lora"]
     if gguf is not None and any(f.passed for f in gguf.files):
         tags.append("gguf")
     meta: dict[str, Any] = {
         "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "text-classification" if classifier else "text-generation",
         "license": license_id,
         "tags": tags,
     }
@@ -152,6 +153,8 @@ def model_card(
             "transformers model; tokenization is compared with the Hugging Face tokenizer.",
             "",
         ]
+    if method_definition(spec.method).head == "sequence_classification":
+        return "\n".join(lines + how_to_score(repo_id, method_definition(spec.method).no_gguf))
     return "\n".join(lines + how_to_run(repo_id, name, [Path(f.path).name for f in files]))
 
 
@@ -174,6 +177,30 @@ def result_lines(
         lines += ["", "## Evaluation against the model it started from", "", *evaluation_lines(evaluation)]
         lines += ["", method_definition(spec.method).check_by_hand]
     return lines
+
+
+def how_to_score(repo_id: str, no_gguf: str) -> list[str]:
+    """A reward model: load it, score an answer, and hand it to a TRL trainer as the reward."""
+    return [
+        "## How to use it",
+        "",
+        "A reward model: one score per conversation, higher for a better answer. With transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'model = AutoModelForSequenceClassification.from_pretrained("{repo_id}")',
+        'chat = [{"role": "user", "content": "What is 3 + 4?"}, {"role": "assistant", "content": "3 + 4 = 7"}]',
+        "ids = tok.apply_chat_template(chat, tokenize=False)",
+        'print(model(**tok(ids, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item())',
+        "```",
+        "",
+        "As the reward of TRL's GRPO or RLOO trainer, which loads a sequence classifier given its name or folder "
+        f'and scores each prompt and completion with its own tokenizer: `GRPOTrainer(..., reward_funcs="{repo_id}")`.',
+        "",
+        f"No GGUF files: {no_gguf}.",
+        "",
+    ]
 
 
 def how_to_run(repo_id: str, name: str, gguf_names: list[str]) -> list[str]:

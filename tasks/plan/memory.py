@@ -198,6 +198,7 @@ class Workload(BaseModel):
     sequences_per_row: int = 1  # pairs: chosen and rejected
     reference_model: bool = False  # a frozen reference forward per sequence
     generates: bool = False
+    lm_logits: bool = True  # a vocabulary of logits per token; a classifier (reward model) has one score
     # generating methods only
     num_generations: int = 8
     completion_len: int = 256
@@ -210,6 +211,7 @@ class Workload(BaseModel):
             "sequences_per_row": method.sequences_per_row,
             "reference_model": uses_reference(method, args or {}),
             "generates": method.generates,
+            "lm_logits": method.head == "causal_lm",
         }
         return cls(**traits, **shape)
 
@@ -256,7 +258,7 @@ def memory_breakdown_gb(
         activations = tokens * h * b * arch.layers + per_layer
     else:
         activations = per_layer * arch.layers
-    logits = tokens * arch.vocab * LOGIT_BYTES_PER_ENTRY
+    logits = (tokens * arch.vocab if w.lm_logits else seqs) * LOGIT_BYTES_PER_ENTRY
 
     out = {
         "weights": weights / GB,

@@ -77,6 +77,7 @@ def script_config(
         "trainer": method.trainer,
         "config_class": method.config_class,
         "trainer_module": method.trainer_module,
+        "head": method.head,
         "model": model_path,
         "method": spec.method,
         "data": "data/train.jsonl",

@@ -5,7 +5,8 @@ project that wrote it. Per held-out row it records the numbers the comparison is
 the same tokenizer and template for both models, by the method's measure: completion_loss (SFT),
 the completion's mean token loss; preference_margin (DPO, ORPO), the log-probability margin of
 chosen over rejected (no reference model: each model judged by itself); label_likelihood (KTO),
-the answer's summed log-probability with its label; rewards (GRPO), each
+the answer's summed log-probability with its label; pair_accuracy (reward models), the model's
+own score of the chosen and of the rejected answer; rewards (GRPO, RLOO), each
 reward function's score for a greedy and a sampled completion. Plus greedy
 generations for the first few prompts, to read side by side, and the spec's task evaluations
 (EleutherAI's lm-evaluation-harness) on the model in memory.
@@ -93,7 +94,9 @@ def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: d
     shown = rows[: settings.get("generations", 3)]
     measure = settings["measure"]  # the method's, from CONFIG["evaluation"]
     scorers = {"completion_loss": score_sft, "preference_margin": score_dpo, "label_likelihood": score_labelled}
-    if measure in scorers:
+    if measure == "pair_accuracy":  # a reward model scores; it does not write answers to show
+        per_row, prompts, answers = score_pairs_with_head(model, tokenizer, rows, batch), [], []
+    elif measure in scorers:
         per_row = scorers[measure](model, tokenizer, rows, batch)
         # plain text: its opening, continued
         prompts = [prompt_and_completions(r, tokenizer, ())[0] or r.get("text", "")[:40] for r in shown]
@@ -135,6 +138,26 @@ def score_labelled(model, tokenizer, rows: list, batch: int) -> list:
         pairs.append((prompt, completion))
     scored = completion_logprobs(model, tokenizer, pairs, batch)
     return [{"logp": logp, "label": bool(row["label"])} for (logp, _), row in zip(scored, rows, strict=True)]
+
+
+def score_pairs_with_head(model, tokenizer, rows: list, batch: int) -> list:
+    """A reward model's own scores for each held-out pair: its single output for the prompt with
+    the chosen answer and with the rejected one, each rendered whole through the chat template."""
+    import torch
+
+    texts = []
+    for row in rows:
+        prompt, (chosen, rejected) = prompt_and_completions(row, tokenizer, ("chosen", "rejected"))
+        texts += [prompt + chosen, prompt + rejected]
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch * 2):
+            enc = tokenizer(
+                texts[start : start + batch * 2], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            enc = {k: v.to(model.device) for k, v in enc.items()}
+            scores += model(**enc).logits[:, 0].float().tolist()
+    return [{"chosen": scores[at], "rejected": scores[at + 1]} for at in range(0, len(scores), 2)]
 
 
 def score_rewards(model, tokenizer, rows: list, reward_funcs: list, settings: dict, batch: int) -> tuple:

@@ -233,12 +233,18 @@ def load_pretrained(source: str):
     """A model as the plan has it: its dtype, its quantization, and what from_pretrained gets
     beyond them, e.g. the planned attention kernel (TRL's own `model_init_kwargs`, applied here
     because this script instantiates the model itself)."""
-    from transformers import AutoModelForCausalLM
-
     init_kwargs = dict(CONFIG["training"].get("model_init_kwargs") or {})
-    return AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype(), quantization_config=quantization(), **init_kwargs
-    )
+    return from_pretrained(source, dtype=torch_dtype(), quantization_config=quantization(), **init_kwargs)
+
+
+def from_pretrained(source: str, **kwargs):
+    """The model class CONFIG["head"] names: a causal LM, or (a reward model) a sequence
+    classifier with one score, whose head starts untrained on a causal LM's weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if CONFIG.get("head") == "sequence_classification":
+        return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
 def load_model(source: str) -> tuple:
@@ -249,6 +255,7 @@ def load_model(source: str) -> tuple:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_pretrained(source)
+    model.config.pad_token_id = tokenizer.pad_token_id  # a classifier scores each row's last real token
     if CONFIG.get("quantization") == "4bit":
         from peft import prepare_model_for_kbit_training
 
@@ -262,7 +269,9 @@ def load_model(source: str) -> tuple:
     if CONFIG["lora"]:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(task_type="CAUSAL_LM", **CONFIG["lora"])
+        # SEQ_CLS: PEFT also trains (and saves) the new score head beside the adapter
+        task = "SEQ_CLS" if CONFIG.get("head") == "sequence_classification" else "CAUSAL_LM"
+        peft_config = LoraConfig(task_type=task, **CONFIG["lora"])
     return model, tokenizer, peft_config
 
 
@@ -349,15 +358,13 @@ def unshard(trainer, out: Path, source: str, peft_config, main_process: bool) ->
     trainer.save_model(str(gathered))
     if not main_process:
         return
-    from transformers import AutoModelForCausalLM
-
     if peft_config is not None:
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype())
+        base = from_pretrained(source, dtype=torch_dtype())
         trainer.model = PeftModel.from_pretrained(base, str(gathered), is_trainable=False)
     else:
-        trainer.model = AutoModelForCausalLM.from_pretrained(str(gathered), dtype=torch_dtype())
+        trainer.model = from_pretrained(str(gathered), dtype=torch_dtype())
     trainer.model.to(trainer.args.device)
 
 
@@ -370,9 +377,8 @@ def save_model(model, tokenizer, out: Path, source: str, peft_config) -> None:
         if CONFIG.get("quantization") == "4bit":  # merge into 16-bit base weights, not the 4-bit ones
             import torch
             from peft import PeftModel
-            from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+            base = from_pretrained(source, dtype=torch.bfloat16)
             model = PeftModel.from_pretrained(base, str(out / "adapter.tmp"))
         model = model.merge_and_unload()
     model.save_pretrained(str(out / "model.tmp"), safe_serialization=True)
