@@ -29,6 +29,7 @@ from tasks.evaluate.harness import HarnessTask, harness_tasks
 from tasks.export.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.export.hub import publish_target
 from tasks.plan.cost import planned_arguments
+from tasks.plan.rewards import check_reward_models_reachable
 from tasks.plan.script import script_config
 from tasks.run.backends import Backend, get_backend
 from tasks.stages.planning import (
@@ -59,6 +60,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None) -> RunPlan:
     if args.get("use_vllm") and not on_gpu:
         raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
     backend = get_backend(spec.backend, spec.pool)
+    check_reward_models_reachable(rewards, spec.backend, backend.on_this_machine)
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)
     config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args)

@@ -87,3 +87,44 @@ def test_reward_files_are_found_next_to_the_spec(tmp_path):
     )
     spec = load_spec(tmp_path / "run.yaml")
     assert spec.rewards == ["exact_answer", f"{tmp_path / 'my_rewards.py'}:brevity"]
+
+
+@pytest.fixture(scope="module")
+def reward_model_run(tiny_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder as `method: reward` leaves it (model/ a one-score classifier), untrained."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path_factory.mktemp("reward-run")
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1).save_pretrained(run / "model")
+    AutoTokenizer.from_pretrained(tiny_model_path).save_pretrained(run / "model")
+    return run
+
+
+def test_a_reward_model_is_a_reward_scored_with_its_own_tokenizer(reward_model_run):
+    """A run folder (or its model folder) names a reward model; it is loaded and scores real
+    rows before any spend, and travels to the script as its folder beside the scoring class."""
+    from tasks.plan.script import reward_modules
+
+    rows = [{"prompt": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"}] * 2
+    resolved = resolve_rewards([str(reward_model_run), "answer_format"])
+    check_rewards(resolved, rows)  # finite scores, one per completion
+    scorer, source = resolved[0]
+    assert source.model == str(reward_model_run / "model") and source.function == "RewardModel"
+    assert scorer.__name__ == f"reward_model_{reward_model_run.name.replace('-', '_')}"
+    entries, files = reward_modules([src.model_dump() for _, src in resolved])
+    assert entries[0]["model"] == source.model and entries[0]["module"] == entries[1]["module"]  # one copied file
+    assert "class RewardModel" in files[f"finetune_rewards/{entries[0]['module'].split('.')[-1]}.py"]
+
+
+def test_what_is_not_a_reward_model_is_refused_before_any_spend(tiny_model_path, reward_model_run, tmp_path):
+    from tasks.plan.rewards import check_reward_models_reachable
+
+    with pytest.raises(RewardError, match="not a reward model .* train a reward model from preference pairs"):
+        resolve_rewards([tiny_model_path])  # a causal LM
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RewardError, match="holds no model"):
+        resolve_rewards([str(tmp_path / "empty")])
+    _, source = resolve_rewards([str(reward_model_run)])[0]
+    with pytest.raises(RewardError, match="push the reward model to the Hub"):
+        check_reward_models_reachable([source], "hf-jobs", on_this_machine=False)
+    check_reward_models_reachable([source], "local", on_this_machine=True)

@@ -85,4 +85,50 @@ def code_tests(completions, tests, **kwargs):
     return scores
 
 
+class RewardModel:
+    """A trained reward model (a sequence classifier with one score, such as `method: reward`
+    makes) as a reward function: each prompt and completion rendered through the reward
+    model's own tokenizer and chat template, scored a batch at a time. `source` is its folder
+    or Hub id; TRL logs a reward under its `__name__`."""
+
+    def __init__(self, source, batch_size=8):
+        import os
+
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(source).eval()
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.batch_size = batch_size
+        folder = str(source).rstrip("/")
+        name = os.path.basename(os.path.dirname(folder)) if os.path.basename(folder) == "model" else folder
+        self.__name__ = "reward_model_" + os.path.basename(name).replace("-", "_")  # a run folder's model/: the run
+
+    def text(self, prompt, completion):
+        if isinstance(prompt, list):  # conversational: the whole exchange through the chat template
+            turns = prompt + (
+                completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            )
+            return self.tokenizer.apply_chat_template(turns, tokenize=False)
+        return prompt + (completion[-1]["content"] if isinstance(completion, list) else completion)
+
+    def __call__(self, prompts, completions, **kwargs):
+        import torch
+
+        texts = [self.text(p, c) for p, c in zip(prompts, completions, strict=True)]
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(
+                    texts[start : start + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(self.model.device)
+                scores += self.model(**enc).logits[:, 0].float().tolist()
+        return scores
+
+
 BUILT_IN = {f.__name__: f for f in (exact_answer, answer_format, length_penalty, code_tests)}

@@ -2,9 +2,11 @@
 source code for the self-contained training script.
 
 A name is a built-in (training/rewards.py), a file (`my_rewards.py:brevity`, relative to
-the working directory or absolute) or a module (`package.module:function`). The whole
-file or module travels with the script (a module of finetune_rewards/ next to it, which
-the script imports), so its helpers and imports come along.
+the working directory or absolute), a module (`package.module:function`), or a trained reward
+model: a run folder of `method: reward`, a model folder, or a Hub id, scored by
+training/rewards.py's RewardModel with the model's own tokenizer. The whole file or module
+travels with the script (a module of finetune_rewards/ next to it, which the script imports),
+so its helpers and imports come along; a reward model is named by its folder or id.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,9 +37,58 @@ class RewardSource(BaseModel):
     function: str
     filename: str
     source: str
+    model: str | None = None  # a reward model's folder or Hub id: `function` is the class that scores with it
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def reward_model_source(name: str) -> str | None:
+    """The folder or Hub id of the reward model a spec entry names; None when it names a function."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for folder in (path / "model", path):  # a run folder of `method: reward`, or the model itself
+            if (folder / "config.json").is_file():
+                return str(folder.resolve())
+        raise RewardError(
+            f"reward '{name}': folder {path.resolve()} holds no model (no config.json, nor model/config.json of a run folder)"
+        )
+    if ":" not in name and name not in BUILT_IN and HUB_ID.match(name):
+        return name
+    return None
+
+
+def _load_reward_model(name: str, source: str) -> tuple[Callable[..., Any], RewardSource]:
+    """Load it as TRL would and refuse anything but a sequence classifier with one score."""
+    from transformers import AutoConfig
+
+    import training.rewards as built_ins
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except Exception as e:
+        where = "the Hub" if not Path(source).exists() else source
+        raise RewardError(
+            f"reward '{name}': no model could be read from {where} ({type(e).__name__}: {str(e)[:200]}); name a run "
+            "folder of `method: reward`, a model folder, or a Hub id"
+        ) from None
+    kinds = config.architectures or [config.model_type]
+    if not any(k.endswith("ForSequenceClassification") for k in kinds) or config.num_labels != 1:
+        raise RewardError(
+            f"reward '{name}': {source} is {', '.join(kinds)} with {config.num_labels} label(s), not a reward model "
+            "(a sequence classifier with one score); a causal language model cannot score answers: train a reward "
+            "model from preference pairs with `method: reward` and name its run folder here"
+        )
+    source_text = inspect.getsource(built_ins)
+    return built_ins.RewardModel(source), RewardSource(
+        name=name, function="RewardModel", filename="training/rewards.py", source=source_text, model=source
+    )
 
 
 def _load(name: str) -> tuple[Callable[..., Any], RewardSource]:
+    model = reward_model_source(name)
+    if model is not None:
+        return _load_reward_model(name, model)
     if name in BUILT_IN:
         fn = BUILT_IN[name]
         source = inspect.getsource(inspect.getmodule(fn))  # the built-ins' file, whole: one module for them all
@@ -44,7 +96,8 @@ def _load(name: str) -> tuple[Callable[..., Any], RewardSource]:
     target, sep, function = name.rpartition(":")
     if not sep or not target or not function:
         raise RewardError(
-            f"reward '{name}' is not a built-in ({', '.join(BUILT_IN)}) nor 'file.py:function' nor 'module:function'"
+            f"reward '{name}' is not a built-in ({', '.join(BUILT_IN)}) nor 'file.py:function' nor 'module:function', "
+            "nor a reward model's folder or Hub id"
         )
     if target.endswith(".py"):
         path = Path(target).expanduser()
@@ -109,3 +162,14 @@ def check_rewards(rewards: list[tuple[Callable[..., Any], RewardSource]], rows: 
         bad = [v for v in out if v is not None and not (isinstance(v, int | float) and math.isfinite(v))]
         if bad:
             raise RewardError(f"reward '{src.name}' returned {bad[0]!r}; rewards must be finite numbers or None")
+
+
+def check_reward_models_reachable(rewards: list[RewardSource], backend: str, on_this_machine: bool) -> None:
+    """A reward model in a local folder is read where the job runs: on this machine it is, on
+    another it is not (only the model being trained is uploaded), so that is refused before spend."""
+    local = [r for r in rewards if r.model and Path(r.model).exists()]
+    if local and not on_this_machine:
+        raise RewardError(
+            f"reward '{local[0].name}' is a folder on this machine ({local[0].model}), and backend {backend} runs the "
+            "job elsewhere: push the reward model to the Hub (its run's outputs.hub_repo) and name it by its id"
+        )

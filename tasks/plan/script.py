@@ -128,7 +128,8 @@ def reward_modules(rewards: list[dict[str, Any]]) -> tuple[list[dict[str, str]],
                 name, n = f"{stem}_{n}", n + 1
             files[f"{REWARDS_PACKAGE}/{name}.py"] = reward["source"]
             modules[key] = f"{REWARDS_PACKAGE}.{name}"
-        entries.append({"name": reward["name"], "module": modules[key], "function": reward["function"]})
+        entry = {"name": reward["name"], "module": modules[key], "function": reward["function"]}
+        entries.append({**entry, "model": reward["model"]} if reward.get("model") else entry)
     return entries, files if entries else {}
 
 

@@ -286,11 +286,16 @@ def load_baseline(source: str, here: Path, device):
 
 
 def load_rewards(rewards: list | None) -> list:
-    """GRPO: the reward functions CONFIG["rewards"] names, each a function of a module in the
-    finetune_rewards folder next to this script (the spec's reward files, copied whole)."""
+    """GRPO, RLOO: the reward functions CONFIG["rewards"] names, each a function of a module in
+    the finetune_rewards folder next to this script (the spec's reward files, copied whole), or
+    a reward model (its folder or Hub id) scored by that folder's RewardModel."""
     import importlib
 
-    return [getattr(importlib.import_module(r["module"]), r["function"]) for r in rewards or []]
+    found = []
+    for r in rewards or []:
+        reward = getattr(importlib.import_module(r["module"]), r["function"])
+        found.append(reward(r["model"]) if r.get("model") else reward)  # a reward model: its scorer, loaded
+    return found
 
 
 def waiting_room(trainer):
