@@ -134,6 +134,21 @@ class FinetuneClient:
             ) from None
         return DeploymentRef(id=str(d.id), name=full, work_pool=d.work_pool_name, parameters=d.parameters)
 
+    def recipe_deployment(self) -> str:
+        """The recipe flow's deployment: `recipe/recipe` as deployments.serve names it, or the one
+        prefect.yaml declares (`recipe/sft-then-grpo`); any of them runs any recipe it is given."""
+        names = []
+        for d in self._client.read_deployments():
+            flow = self._client.read_flow(d.flow_id).name
+            if flow == "recipe":
+                names.append(f"recipe/{d.name}")
+        if not names:
+            raise DeploymentNotFound(
+                f"no deployment of the recipe flow on {self.api_url}. Create them with `prefect deploy --all` (and a "
+                "worker) or `python -m deployments.serve`"
+            )
+        return "recipe/recipe" if "recipe/recipe" in names else sorted(names)[0]
+
     def start_run(
         self,
         deployment: str,
@@ -148,10 +163,9 @@ class FinetuneClient:
         Parameters left out keep the deployment's defaults."""
         d = self.find_deployment(deployment)
         parameters: dict[str, Any] = {"dry_run": dry_run}
-        if spec is not None:
-            parameters["spec"] = (
-                spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, BaseModel) else spec
-            )
+        if spec is not None:  # a recipe deployment's parameter is `recipe`, a method's `spec`
+            key = "recipe" if d.name.startswith("recipe/") else "spec"
+            parameters[key] = spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, BaseModel) else spec
         if approve_up_to_usd is not None:
             parameters["approve_up_to_usd"] = approve_up_to_usd
         if approval_timeout_s is not None:

@@ -47,7 +47,8 @@ SpecArg = Annotated[
     dict[str, Any],
     Field(
         description="a run spec as JSON, the same fields as a YAML spec (docs/spec.md): method, model, "
-        "dataset (an absolute path, or relative to the engine's checkout), training, budget, outputs, ..."
+        "dataset (an absolute path, or relative to the engine's checkout), training, budget, outputs, ...; "
+        "or a recipe: model, budget, defaults and `stages`, a list of such specs run in order"
     ),
 ]
 RunIdArg = Annotated[str, Field(description="the flow run id that start_run returned")]
@@ -120,9 +121,42 @@ def _api_url() -> str:
 
 
 def _spec(data: dict[str, Any]) -> Any:
+    """A run spec, or a recipe (a mapping with `stages`), paths relative to the engine's checkout."""
+    from tasks.core.recipe import parse_recipe
     from tasks.core.spec import parse_spec, resolve_spec_paths
 
+    if isinstance(data, dict) and "stages" in data:
+        return parse_recipe(data, "the spec argument", base=REPO)
     return parse_spec(resolve_spec_paths(data, REPO), "the spec argument")
+
+
+def _plan_recipe(recipe: Any) -> PlanResult:
+    """Every stage planned and priced, the chain refused over its budget: what `flows.recipe --dry-run` says."""
+    from flows.recipe import check_total, plan_stages, recipe_name_of
+
+    name = recipe_name_of(recipe)
+    plans = plan_stages(recipe, name)
+    check_total(recipe, plans)
+    low, high = sum(p.cost.usd for p in plans), sum(p.cost.usd_high for p in plans)
+    hours, budget = sum(p.cost.hours for p in plans), recipe.budget
+    needs = high > budget.auto_approve_usd
+    stages = ", ".join(f"{s.name} ({s.method}) {usd(p.cost.usd)}" for s, p in zip(recipe.stages, plans, strict=True))
+    summary = (
+        f"{name}: {len(plans)} stages, {stages}; {duration(hours)} in all, estimated {usd(low)} (up to {usd(high)}, "
+        f"cap {usd(budget.max_usd)}); "
+        + ("each stage over what is left of auto_approve_usd asks the user" if needs else "auto-approved")
+    )
+    return PlanResult(
+        run_name=name,
+        summary=summary,
+        estimated_usd=low,
+        estimated_usd_high=high,
+        hours=hours,
+        flavor=", ".join(dict.fromkeys(p.cost.flavor for p in plans)),
+        needs_approval=needs,
+        max_usd=budget.max_usd,
+        plan={"stages": [p.model_dump(mode="json") for p in plans]},
+    )
 
 
 def _local_state(name: str) -> dict[str, Any] | None:
@@ -210,12 +244,14 @@ def validate_dataset(
 
 @server.tool()
 def plan_run(spec: SpecArg) -> Annotated[CallToolResult, PlanResult]:
-    """Validate, size and price a run without starting it (the `--dry-run --json` plan). Show
-    the user the summary and the estimate before start_run."""
+    """Validate, size and price a run (or every stage of a recipe) without starting it (the
+    `--dry-run --json` plan). Show the user the summary and the estimate before start_run."""
     try:
         from flows.planning import plan_run as plan
 
         parsed = _spec(spec)
+        if hasattr(parsed, "stages"):
+            return _ok(_plan_recipe(parsed))
         found = plan(parsed)
         cost, budget = found.cost, parsed.budget
         needs = cost.usd_high > budget.auto_approve_usd
@@ -243,12 +279,17 @@ def plan_run(spec: SpecArg) -> Annotated[CallToolResult, PlanResult]:
 
 @server.tool()
 def start_run(spec: SpecArg) -> Annotated[CallToolResult, StartedRun]:
-    """Start the run on the Prefect server (the method's deployment). Plan it first."""
+    """Start the run on the Prefect server (the method's deployment, or for a recipe the recipe
+    flow's). Plan it first."""
     try:
         parsed = _spec(spec)
         with connect(_api_url()) as api:
-            _wait_for_served(api, parsed.method)
-            run = api.start_run(parsed.method, parsed)
+            if hasattr(parsed, "stages"):  # a recipe: the recipe flow's deployment runs it
+                _wait_for_served(api, "recipe/recipe")
+                run = api.start_run(api.recipe_deployment(), parsed)
+            else:
+                _wait_for_served(api, parsed.method)
+                run = api.start_run(parsed.method, parsed)
         return _ok(StartedRun(run=run, next="run_status until it pauses (ask the user) or ends; then run_results"))
     except Exception as e:
         return _failed(e)

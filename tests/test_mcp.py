@@ -48,6 +48,22 @@ def test_every_tool_is_listed_with_typed_documented_json():
     assert "USER" in tools["approve_run"].description  # the agent is told whose decision it is
 
 
+RECIPE = {
+    "name": "agent-chain",
+    "model": "tiny",
+    "budget": {"max_usd": 2, "auto_approve_usd": 1},
+    "stages": [
+        {**{k: v for k, v in QUICK_SFT.items() if k != "model"}, "name": "warmup"},
+        {
+            "name": "kto",
+            "method": "kto",
+            "dataset": str(REPO / "examples/data/kto_rows.jsonl"),
+            "training": {"max_steps": 4},
+        },
+    ],
+}
+
+
 def test_planning_and_validation_need_no_server_and_bad_rows_come_back_with_a_code(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n' * 40)
@@ -61,9 +77,10 @@ def test_planning_and_validation_need_no_server_and_bad_rows_come_back_with_a_co
         plan = await s.call_tool("plan_run", {"spec": {**QUICK_SFT, **PRICED, "name": "agent-plan"}})
         wrong = await s.call_tool("plan_run", {"spec": {**QUICK_SFT, "methd": "sft"}})
         started = await s.call_tool("start_run", {"spec": {**QUICK_SFT, "name": "nowhere"}})
-        return ok, broken, plan, wrong, started
+        chain = await s.call_tool("plan_run", {"spec": RECIPE})
+        return ok, broken, plan, wrong, started, chain
 
-    ok, broken, plan, wrong, started = _session("http://127.0.0.1:9/api", calls)  # nothing listens there
+    ok, broken, plan, wrong, started, chain = _session("http://127.0.0.1:9/api", calls)  # nothing listens there
     assert not ok.is_error and ok.structured_content["ok"] and ok.structured_content["report"]["rows"] == 400
     assert broken.is_error and broken.structured_content["code"] == "dataset_invalid"
     assert "row 41 has role 'robot'" in broken.structured_content["error"]  # 1-based, as an editor shows it
@@ -74,6 +91,12 @@ def test_planning_and_validation_need_no_server_and_bad_rows_come_back_with_a_co
     assert wrong.is_error and wrong.structured_content["code"] == "spec_invalid"
     assert started.is_error and started.structured_content["code"] == "no_server"
     assert "prefect server start" in started.structured_content["fix"]
+    assert not chain.is_error, chain.content[0].text  # a recipe is planned stage by stage, as flows.recipe does
+    stages = chain.structured_content["plan"]["stages"]
+    assert [p["method"] for p in stages] == [
+        "sft",
+        "kto",
+    ] and "2 stages, warmup (sft)" in chain.structured_content["summary"]
 
 
 def test_an_agent_plans_asks_its_user_and_runs_the_tiny_sft_to_the_end(trains, served):
