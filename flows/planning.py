@@ -41,7 +41,7 @@ from tasks.stages.planning import (
 )
 
 
-def plan_run(spec: RunSpec, runs_root: Path | None = None) -> RunPlan:
+def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: frozenset[str] = frozenset()) -> RunPlan:
     """Validate, size, price and script the run; nothing is submitted. Written to plan.json."""
     method = method_definition(spec.method)
     spec = outputs_for_method(spec)
@@ -51,7 +51,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None) -> RunPlan:
     model_path = resolve_model(spec.model)
     args = base_arguments(method, spec.training)
     report = validate(spec, method, model_path, args, run_dir)
-    rewards = check_rewards_task(spec.rewards, report) if method.rewards else []
+    rewards = check_rewards_task(spec.rewards, report, pending_rewards) if method.rewards else []
     hardware = select_hardware_task(spec, model_path, args, report)
     notes = gguf_notes(spec, model_path)
     cost = estimate_cost_task(spec, model_path, hardware, report, args)

@@ -22,9 +22,17 @@ from prefect import flow
 from flows.planning import plan_run
 from tasks.core.atomic import write_text
 from tasks.core.errors import UserFacingError, quiet_refusals
+from tasks.core.methods import method_definition
 from tasks.core.models import RecipeStageResult, RecipeSummary, RunPlan, RunSummary
 from tasks.core.money import usd
-from tasks.core.recipe import MAX_RECIPE_NAME, RecipeSpec, chained_stage, default_recipe_name
+from tasks.core.recipe import (
+    MAX_RECIPE_NAME,
+    RecipeSpec,
+    chained_stage,
+    chat_model_from,
+    default_recipe_name,
+    stage_reward_folders,
+)
 from tasks.core.rundir import runs_root
 from tasks.core.spec import RUN_NAME_PATTERN
 from tasks.report.recipe import recipe_markdown
@@ -50,15 +58,17 @@ def plan_stages(recipe: RecipeSpec, name: str) -> list[RunPlan]:
     plans = []
     for i in range(len(recipe.stages)):
         spec = chained_stage(recipe, name, i, recipe.model, 0.0)
+        pending = frozenset(stage_reward_folders(recipe, name, i).values())  # trained by an earlier stage first
         try:
             with run_lock(str(spec.name)):  # a plan rewrites the stage's run folder
-                plan = plan_run(spec)
+                plan = plan_run(spec, pending_rewards=pending)
         except UserFacingError as e:  # the same refusal, saying which stage it is about
             e.args = (f"stage '{recipe.stages[i].name}' ({spec.method}): {e}", *e.args[1:])
             raise
-        if i > 0:
+        start = chat_model_from(recipe, i)
+        if start is not None:
             note = (
-                f"starts from the model stage '{recipe.stages[i - 1].name}' trains; planned with the recipe's base "
+                f"starts from the model stage '{recipe.stages[start].name}' trains; planned with the recipe's base "
                 f"{recipe.model} (the same architecture), so sizes and costs hold"
             )
             plan = plan.model_copy(update={"notes": [note, *plan.notes]})
@@ -82,7 +92,9 @@ def planned_stage(recipe: RecipeSpec, name: str, i: int, plan: RunPlan) -> Recip
         stage=str(stage.name),
         method=stage.method,
         run_name=plan.run_name,
-        started_from=recipe.model if i == 0 else f"stage {recipe.stages[i - 1].name}",
+        started_from=recipe.model
+        if chat_model_from(recipe, i) is None
+        else f"stage {recipe.stages[chat_model_from(recipe, i)].name}",
         status="planned",
         estimated_usd=plan.cost.usd,
         estimated_usd_high=plan.cost.usd_high,
@@ -203,7 +215,8 @@ def run_recipe(
             results[i] = finished_stage(results[i], done, started_from)
             if done.result is None:
                 raise RuntimeError(f"stage {recipe.stages[i].name} finished without a trained model")
-            model = done.result.model_dir
+            if method_definition(spec.method).head == "causal_lm":  # a reward model is scored with, not trained on
+                model = done.result.model_dir
         return summary()
 
 

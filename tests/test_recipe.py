@@ -210,3 +210,35 @@ def test_the_first_failure_stops_the_chain_and_the_report_says_where(monkeypatch
     assert [s["status"] for s in report["stages"]] == ["failed", "not run"]
     assert report["error"] == "stage first: job of chain-first failed: out of memory"
     assert report["final_model"] is None and "FAILED" in (runs_root() / "chain" / "report.md").read_text()
+
+
+def test_rlhf_chains_a_reward_model_into_grpo_which_starts_from_the_warm_up(tmp_path):
+    """SFT, then a reward model, then GRPO scored by it (examples/rlhf-tiny.yaml): the reward
+    stage is no starting point, so GRPO starts from the warm-up's model; `stage:rm` becomes the
+    reward stage's run folder, which is checked when GRPO starts (it does not exist at planning)."""
+    from tasks.core.recipe import chat_model_from
+
+    recipe = load_recipe(EXAMPLES / "rlhf-tiny.yaml", {"name": "rlhf"})
+    assert [chat_model_from(recipe, i) for i in range(3)] == [None, 0, 0]  # rm and rl both from the warm-up
+    rl = chained_stage(recipe, "rlhf", 2, "/runs/rlhf-warmup/model", 0.0)
+    assert rl.rewards == [str(runs_root() / "rlhf-rm"), "answer_format"]
+    plans = plan_stages(recipe, "rlhf")  # before anything has trained
+    assert "starts from the model stage 'warmup' trains" in plans[2].notes[0]
+    assert [r["model"] for r in plans[2].script.config["rewards"] if r.get("model")] == [
+        str(runs_root() / "rlhf-rm" / "model")
+    ]
+    assert "no GGUF files" in " ".join(plans[1].notes)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "message"),
+    [
+        (["stage:warmup"], "reward 'stage:warmup' must name an earlier stage with method: reward"),
+        (["stage:later"], "the earlier ones that train a reward model: rm"),
+    ],
+)
+def test_a_stage_reward_must_name_an_earlier_reward_model_stage(rewards, message):
+    recipe = yaml.safe_load((EXAMPLES / "rlhf-tiny.yaml").read_text())
+    recipe["stages"][2]["rewards"] = rewards
+    with pytest.raises(SpecError, match=message):
+        parse_recipe(recipe)

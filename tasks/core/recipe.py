@@ -1,5 +1,7 @@
 """Recipes: stages (an SFT warm-up, then DPO or GRPO, say) run in order, each starting from
-the model the stage before made, all paid from one budget.
+the chat model the stages before made last, all paid from one budget. A stage that trains a
+reward model (`method: reward`) is no starting point: a later stage names it as a reward,
+`rewards: [stage:<name>]` (RLHF: SFT, then a reward model, then GRPO scored by it).
 
 A recipe is written once, with `defaults` shared by every stage and a stage list of partial
 run specs; each stage becomes a full `RunSpec` here, so every rule of a single run (fields,
@@ -14,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.core.methods import method_definition
+from tasks.core.rundir import runs_root
 from tasks.core.spec import (
     RUN_NAME_PATTERN,
     Budget,
@@ -88,7 +92,10 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
     for i, (stage, name) in enumerate(zip(stages, names, strict=True)):
         where = f"{source}, stage {i + 1} ({name})"
         for key, why in (
-            ("model", "each stage starts from the model of the stage before; set the recipe's `model` for the first"),
+            (
+                "model",
+                "each stage starts from the chat model the stages before made; set the recipe's `model` for the first",
+            ),
             ("budget", "the budget is the recipe's, shared by all the stages"),
         ):
             if key in stage or key in defaults:
@@ -104,6 +111,7 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
             merged = resolve_spec_paths(merged, base)
             merged["model"] = model
         built.append(parse_spec(merged, source=where))
+    check_stage_rewards(built, source)
     try:
         return RecipeSpec.model_validate({"name": data.get("name"), "model": model, "budget": budget, "stages": built})
     except ValidationError as e:
@@ -111,6 +119,44 @@ def parse_recipe(data: Any, source: str = "recipe", base: Path | None = None) ->
             f"{source} is not a valid recipe:\n  - "
             + "\n  - ".join(f"{'.'.join(map(str, x['loc'])) or 'recipe'}: {x['msg']}" for x in e.errors())
         ) from None
+
+
+STAGE_REWARD = "stage:"
+
+
+def check_stage_rewards(stages: list[RunSpec], source: str) -> None:
+    """`stage:<name>` in a stage's rewards names an earlier stage that trains a reward model."""
+    for i, stage in enumerate(stages):
+        for reward in (r for r in stage.rewards if r.startswith(STAGE_REWARD)):
+            name = reward.removeprefix(STAGE_REWARD)
+            earlier = {str(s.name): s for s in stages[:i]}
+            if name not in earlier or method_definition(earlier[name].method).head != "sequence_classification":
+                makers = [
+                    n for n, s in earlier.items() if method_definition(s.method).head == "sequence_classification"
+                ]
+                raise SpecError(
+                    f"{source}, stage {i + 1} ({stage.name}): reward '{reward}' must name an earlier stage with "
+                    f"method: reward; the earlier ones that train a reward model: {', '.join(makers) or 'none'}"
+                )
+
+
+def chat_model_from(recipe: RecipeSpec, index: int) -> int | None:
+    """The stage whose model stage `index` starts from: the last earlier one that makes a chat
+    model (a reward model scores; it is not trained further); None: the recipe's base."""
+    found = [i for i in range(index) if method_definition(recipe.stages[i].method).head == "causal_lm"]
+    return found[-1] if found else None
+
+
+def stage_reward_folders(recipe: RecipeSpec, recipe_name: str, index: int) -> dict[str, str]:
+    """Each `stage:<name>` reward of stage `index`, and the run folder that stage trains it in."""
+    return {
+        r: str(
+            runs_root()
+            / stage_run_name(recipe_name, next(s for s in recipe.stages if s.name == r.removeprefix(STAGE_REWARD)))
+        )
+        for r in recipe.stages[index].rewards
+        if r.startswith(STAGE_REWARD)
+    }
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> RecipeSpec:
@@ -161,11 +207,13 @@ def chained_stage(recipe: RecipeSpec, recipe_name: str, index: int, model: str, 
     evaluation = stage.evaluation
     if index > 0 and evaluation.baseline is None:
         evaluation = evaluation.model_copy(update={"baseline": recipe.model})
+    folders = stage_reward_folders(recipe, recipe_name, index)
     return stage.model_copy(
         update={
             "name": stage_run_name(recipe_name, stage),
             "model": model,
             "budget": remaining_budget(recipe.budget, spent_usd),
             "evaluation": evaluation,
+            "rewards": [folders.get(r, r) for r in stage.rewards],
         }
     )

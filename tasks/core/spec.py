@@ -329,6 +329,8 @@ def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
             if sep and file.endswith(".py") and not Path(file).is_absolute() and not Path(file).exists():
                 candidate = (base / file).resolve()
                 r = f"{candidate}:{fn}" if candidate.exists() else r
+            elif not sep and not Path(str(r)).exists() and (base / str(r)).is_dir():  # a reward model's folder
+                r = str((base / str(r)).resolve())
             resolved.append(r)
         data["rewards"] = resolved
     return data

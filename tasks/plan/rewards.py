@@ -122,10 +122,24 @@ def _load(name: str) -> tuple[Callable[..., Any], RewardSource]:
     return fn, RewardSource(name=name, function=function, filename=filename, source=source)
 
 
-def resolve_rewards(names: list[str]) -> list[tuple[Callable[..., Any], RewardSource]]:
+def resolve_rewards(
+    names: list[str], pending: frozenset[str] = frozenset()
+) -> list[tuple[Callable[..., Any] | None, RewardSource]]:
+    """`pending`: reward models a recipe's earlier stage has yet to train (their run folders):
+    named in the plan, checked when this stage starts, once they exist."""
     if not names:
         raise RewardError(f"a grpo spec needs `rewards:` (built-ins: {', '.join(BUILT_IN)}, or file.py:function)")
-    return [_load(n) for n in names]
+    return [_pending(n) if n in pending else _load(n) for n in names]
+
+
+def _pending(folder: str) -> tuple[None, RewardSource]:
+    import training.rewards as built_ins
+
+    source = inspect.getsource(built_ins)
+    model = str(Path(folder) / "model")
+    return None, RewardSource(
+        name=folder, function="RewardModel", filename="training/rewards.py", source=source, model=model
+    )
 
 
 def _dummy_completions(row: dict, conversational: bool) -> list[Any]:
@@ -134,7 +148,9 @@ def _dummy_completions(row: dict, conversational: bool) -> list[Any]:
     return [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
 
 
-def check_rewards(rewards: list[tuple[Callable[..., Any], RewardSource]], rows: list[dict], sample: int = 4) -> None:
+def check_rewards(
+    rewards: list[tuple[Callable[..., Any] | None, RewardSource]], rows: list[dict], sample: int = 4
+) -> None:
     """Call every reward as GRPOTrainer would, on real rows with dummy completions; fail
     before any spend if one raises or returns the wrong shape."""
     rows = rows[:sample]
@@ -149,6 +165,8 @@ def check_rewards(rewards: list[tuple[Callable[..., Any], RewardSource]], rows: 
                     columns.setdefault(key, []).append(value)
     n = len(completions)
     for fn, src in rewards:
+        if fn is None:  # pending: a recipe stage trains it first, and this stage's own plan checks it
+            continue
         try:
             out = fn(prompts=prompts, completions=completions, completion_ids=[[0]] * n, **columns)
         except Exception as e:

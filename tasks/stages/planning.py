@@ -63,15 +63,22 @@ def validate_dataset_task(
 
 
 @stage(name="check_rewards", cache_policy=NO_CACHE)
-def check_rewards_task(names: list[str], report: DatasetReport) -> list[RewardSource]:
-    """GRPO: resolve the spec's reward functions and call each on real rows before any spend."""
+def check_rewards_task(
+    names: list[str], report: DatasetReport, pending: frozenset[str] = frozenset()
+) -> list[RewardSource]:
+    """GRPO, RLOO: resolve the spec's rewards and call each on real rows before any spend (a
+    reward model an earlier recipe stage has yet to train is checked when this stage starts)."""
 
     from tasks.plan.rewards import check_rewards, resolve_rewards
 
-    rewards = resolve_rewards(names)
+    rewards = resolve_rewards(names, pending)
     rows = [json.loads(line) for line in Path(report.prepared_path).read_text().splitlines()[:4] if line.strip()]
     check_rewards(rewards, rows)
-    say(f"rewards ok: {', '.join(src.name for _, src in rewards)}")
+    later = [src.name for fn, src in rewards if fn is None]
+    say(
+        f"rewards ok: {', '.join(src.name for fn, src in rewards if fn is not None) or 'none yet'}"
+        + (f"; checked when their stage has trained them: {', '.join(later)}" if later else "")
+    )
     return [src for _, src in rewards]
 
 
