@@ -49,6 +49,12 @@ EXPECTED = {
         "reward": ("NEEDS MAPPING", ["conversion: ultrafeedback"]),
         "sft": ("INCOMPATIBLE", []),
     },
+    "ultrafeedback_binarized": {
+        "dpo": ("NEEDS MAPPING", ["conversion: repeated_prompt"]),
+        "kto": ("NEEDS MAPPING", ["conversion: repeated_prompt"]),
+        "reward": ("NEEDS MAPPING", ["conversion: repeated_prompt"]),
+        "grpo": ("READY", []),
+    },
     "kto": {
         "kto": ("READY", []),
         "dpo": ("INCOMPATIBLE", []),

@@ -176,6 +176,21 @@ def _unpair(row: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return _split(row)
 
 
+def _repeated_prompt(row: dict[str, Any], kind: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """chosen and rejected as whole conversations that begin with the prompt (UltraFeedback
+    binarized): the prompt column is dropped and the conversations' shared first turns are the
+    prompt, so it is not given twice."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not (_role_turns(chosen) and _role_turns(rejected)):
+        raise ValueError(f"chosen and rejected must be conversations of {{role, content}} turns, got {_short(chosen)}")
+    if chosen[0].get("content") != row["prompt"] and not isinstance(row["prompt"], list):
+        raise ValueError(
+            "chosen does not begin with the prompt; without this conversion the rows may be ready as they are"
+        )
+    pair = {"chosen": chosen, "rejected": rejected, **_rest(row, "prompt", "chosen", "rejected")}
+    return _split(pair) if kind == "unpaired" else pair
+
+
 SCORE_KEYS = ("overall_score", "score", "rating", "fine-grained_score")
 
 
@@ -256,6 +271,15 @@ CONVERSIONS: dict[str, Conversion] = {
             describe="rated completions -> the highest-rated as chosen, the lowest-rated as rejected "
             "(for kto: the highest-rated labelled true, the lowest false)",
             fn=_ultrafeedback,
+        ),
+        Conversion(
+            name="repeated_prompt",
+            reads=("prompt", "chosen", "rejected"),
+            makes="implicit preference (dpo, orpo, reward), two unpaired rows (kto)",
+            kinds=("pairs", "unpaired"),
+            describe="conversations that repeat the prompt column as their first turn (UltraFeedback binarized) -> "
+            "the prompt column dropped, the shared first turns as the prompt",
+            fn=_repeated_prompt,
         ),
         Conversion(
             name="unpair",
@@ -476,6 +500,16 @@ def _pairs(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
                 columns={k: v for k, v in (("chosen", chosen), ("rejected", rejected)) if k != v},
             )
         )
+    elif chosen and rejected and prompt and _repeats_prompt(rows, prompt, chosen):
+        found.append(
+            FormatCandidate(
+                format=f"conversations in '{chosen}'/'{rejected}' that repeat '{prompt}' (UltraFeedback binarized)",
+                verdict="NEEDS MAPPING",
+                trains_as="implicit_preference",
+                conversion="repeated_prompt",
+                columns={k: v for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if k != v},
+            )
+        )
     elif chosen and rejected and prompt:
         mapping = {k: v for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if k != v}
         found.append(
@@ -544,6 +578,13 @@ def _unpaired(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
         )
         for c in _pairs(rows)
     ]
+
+
+def _repeats_prompt(rows: list[dict[str, Any]], prompt: str, chosen: str) -> bool:
+    """A text prompt that the chosen conversation repeats as its first turn."""
+    return _all(rows, prompt, _is_text) and all(
+        _role_turns(r.get(chosen)) and r[chosen][0].get("content") == r.get(prompt) for r in rows if r.get(chosen)
+    )
 
 
 def _kto(rows: list[dict[str, Any]]) -> bool:
