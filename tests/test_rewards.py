@@ -128,3 +128,23 @@ def test_what_is_not_a_reward_model_is_refused_before_any_spend(tiny_model_path,
     with pytest.raises(RewardError, match="push the reward model to the Hub"):
         check_reward_models_reachable([source], "hf-jobs", on_this_machine=False)
     check_reward_models_reachable([source], "local", on_this_machine=True)
+
+
+def test_a_reward_model_is_planned_in_memory_and_time_beside_the_policy(reward_model_run, tiny_model_path, tmp_path):
+    """GRPO holds each reward model beside the policy and scores every sequence with it; a
+    reward function takes neither; a recipe stage's reward model not yet trained counts as the
+    policy's size (it is trained from the same base)."""
+    from tasks.core.methods import GRPO
+    from tasks.plan.memory import Architecture, Workload, flops_per_token, memory_breakdown_gb, reward_model_sizes
+    from tests.helpers import hf_config
+
+    arch = Architecture.from_config(hf_config("llama-3.1-8b"))
+    sizes = reward_model_sizes([str(reward_model_run), "answer_format", str(tmp_path / "not-trained-yet")])
+    assert sizes[0] and sizes[0] > 2_000_000 and sizes[1] is None and len(sizes) == 2
+    plain = Workload.of(GRPO, mode="lora")
+    scored = Workload.of(GRPO, mode="lora", reward_models=(None,))
+    assert memory_breakdown_gb(arch, scored, "gpu", 80)["reward models"] == pytest.approx(
+        arch.params * 2 / 1024**3, abs=1e-3
+    )
+    assert "reward models" not in memory_breakdown_gb(arch, plain, "gpu", 80)
+    assert flops_per_token(arch, scored) > flops_per_token(arch, plain)

@@ -138,6 +138,27 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
+def _binarized_rows(wrong: list[tuple[int, int, int]]) -> list[dict]:
+    """HuggingFaceH4/ultrafeedback_binarized's layout: the prompt as text, and chosen and rejected
+    as whole conversations that repeat it, with their scores."""
+    return [
+        {
+            "prompt": f"What is {a} + {b}?",
+            "chosen": [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
+            ],
+            "rejected": [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": f"It is {w}."},
+            ],
+            "score_chosen": 9.0,
+            "score_rejected": 2.5,
+        }
+        for a, b, w in wrong
+    ]
+
+
 def format_sample_rows(seed: int = SEED + 4, n: int = 60) -> dict[str, list[dict]]:
     """The same arithmetic task in the formats users bring (shipped under examples/data/formats/
     to test recognition and conversion; none is downloaded)."""
@@ -178,24 +199,7 @@ def format_sample_rows(seed: int = SEED + 4, n: int = 60) -> dict[str, list[dict
             }
             for a, b, w in wrong
         ],
-        # HuggingFaceH4/ultrafeedback_binarized's layout: the prompt as text, and chosen and
-        # rejected as whole conversations that repeat it, with their scores
-        "ultrafeedback_binarized.jsonl": [
-            {
-                "prompt": f"What is {a} + {b}?",
-                "chosen": [
-                    {"role": "user", "content": f"What is {a} + {b}?"},
-                    {"role": "assistant", "content": f"{a} + {b} = {a + b}"},
-                ],
-                "rejected": [
-                    {"role": "user", "content": f"What is {a} + {b}?"},
-                    {"role": "assistant", "content": f"It is {w}."},
-                ],
-                "score_chosen": 9.0,
-                "score_rejected": 2.5,
-            }
-            for a, b, w in wrong
-        ],
+        "ultrafeedback_binarized.jsonl": _binarized_rows(wrong),
         "kto.jsonl": [
             {"prompt": f"What is {a} + {b}?", "completion": f"{a + b}" if i % 2 else f"{w}", "label": bool(i % 2)}
             for i, (a, b, w) in enumerate(wrong)

@@ -15,7 +15,7 @@ so parameter counts and layer shapes are exact for any architecture transformers
 - method extras, from its definition: a pair method's chosen and rejected sequences (DPO,
   ORPO), a reference model (DPO always, GRPO when beta > 0, ORPO never; none with LoRA: the
   adapter is switched off instead), a generating method's KV cache and the share of the GPU
-  given to vLLM;
+  given to vLLM, and the reward models that score its completions;
 - a runtime constant (CUDA context and workspace, or the Python process on a CPU).
 The constants marked "calibrated" are fitted by benchmarks/calibrate.py on real runs.
 """
@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from tasks.core.methods import MethodDefinition, cut_length, method_definition, uses_reference
+from tasks.core.model_source import load_config
 from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.plan.flavors import Flavor
@@ -199,6 +201,9 @@ class Workload(BaseModel):
     reference_model: bool = False  # a frozen reference forward per sequence
     generates: bool = False
     lm_logits: bool = True  # a vocabulary of logits per token; a classifier (reward model) has one score
+    # reward models scoring the completions, held beside the policy for forwards only: each one's
+    # parameters, or None for one a recipe stage has yet to train (planned at the policy's size)
+    reward_models: tuple[int | None, ...] = ()
     # generating methods only
     num_generations: int = 8
     completion_len: int = 256
@@ -271,6 +276,8 @@ def memory_breakdown_gb(
     }
     if w.reference_model and w.mode == "full":  # with LoRA, the base with the adapter switched off
         out["reference model"] = arch.params * b / GB
+    if w.reward_models:
+        out["reward models"] = sum(p or arch.params for p in w.reward_models) * b / GB
     if w.generates:
         kv_cache = w.micro_batch * w.seq_len * arch.layers * 2 * kv * b
         out["generation kv cache"] = kv_cache / GB
@@ -319,8 +326,30 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     recompute = forward if w.checkpointing else 0
     total = forward + backward + recompute
     if w.reference_model:
-        total += forward  # the reference forward (with LoRA: the same model, adapter switched off)
+        total += forward
+    total += sum(
+        2 * (p or arch.matmul_params) for p in w.reward_models
+    )  # each reward model scores every sequence  # the reference forward (with LoRA: the same model, adapter switched off)
     return float(total)
+
+
+def reward_model_sizes(rewards: list[str]) -> tuple[int | None, ...]:
+    """The parameters of each reward model among a spec's rewards, read from its config (the
+    reward functions are not models and take no memory); None for a recipe stage's run folder
+    that is not trained yet."""
+    from tasks.plan.rewards import RewardError, reward_model_source
+
+    sizes: list[int | None] = []
+    for name in rewards:
+        try:
+            source = reward_model_source(name)
+        except RewardError:  # a folder without a model yet: `stage:<name>` of a recipe, planned
+            source = None  # before its stage trains (anything else the reward check has refused)
+        if source is not None:
+            sizes.append(Architecture.from_config(load_config(source)).params)
+        elif ":" not in name and Path(name).is_absolute():
+            sizes.append(None)
+    return tuple(sizes)
 
 
 def workload_for(
@@ -344,6 +373,8 @@ def workload_for(
             "completion_len": completion,
             "vllm_gpu_fraction": float(args.get("vllm_gpu_memory_utilization", 0.3)) if args.get("use_vllm") else 0.0,
         }
+    if method.rewards:
+        extra["reward_models"] = reward_model_sizes(spec.rewards)
     return Workload.of(
         method,
         args,
