@@ -148,3 +148,21 @@ def test_a_reward_model_is_planned_in_memory_and_time_beside_the_policy(reward_m
     )
     assert "reward models" not in memory_breakdown_gb(arch, plain, "gpu", 80)
     assert flops_per_token(arch, scored) > flops_per_token(arch, plain)
+
+
+def test_a_reward_model_on_the_hub_is_named_by_its_id(jobs_env, reward_model_run):
+    """A Hub id (here the stand-in of the Hub's API) is downloaded through huggingface_hub and
+    checked like a folder: it loads, it is a one-score classifier, it scores real rows."""
+    from tasks.core.hub_access import make_api
+    from tests.jobs_standin import STANDIN_TOKEN
+
+    repo = "standin-user/tiny-reward"
+    api = make_api(STANDIN_TOKEN)
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=str(reward_model_run / "model"))
+    rows = [{"prompt": [{"role": "user", "content": "What is 1 + 2?"}], "answer": "3"}]
+    resolved = resolve_rewards([repo])
+    check_rewards(resolved, rows)
+    assert resolved[0][1].model == repo  # the job downloads it by its id, wherever it runs
+    with pytest.raises(RewardError, match="no model could be read from the Hub"):
+        resolve_rewards(["standin-user/no-such-reward-model"])
