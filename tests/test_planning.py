@@ -365,3 +365,23 @@ def test_reusing_a_run_name_with_another_spec_keeps_the_earlier_spec():
     plan_run(chat_spec(name="same", seed=7, training={"max_length": 128}))  # changed: what depends on it runs again
     assert "seed: 7" in (run_dir / "spec.yaml").read_text()
     assert "seed: 7" not in (run_dir / "spec.previous.yaml").read_text()
+
+
+def test_an_architecture_is_measured_once_per_config_and_read_back(monkeypatch):
+    """Measuring needs transformers' modeling code on the meta device (3.5 s of a dry run): it is
+    done once per config, LoRA settings and transformers version, and read from the cache folder after."""
+    from tasks.export.gguf import config_row_sizes
+
+    config = hf_config("qwen2.5-7b")
+    first = Architecture.from_config(config, 16, "auto")
+    assert first == Architecture.measured(config, 16, "auto")
+    rows = config_row_sizes(config)
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(Architecture, "measured", classmethod(not_again))
+    monkeypatch.setattr("torch.device", not_again)  # the meta model for row sizes is not built either
+    assert Architecture.from_config(config, 16, "auto") == first and config_row_sizes(config) == rows
+    with pytest.raises(AssertionError, match="measured again"):
+        Architecture.from_config(config, 8, "auto")  # another LoRA rank is another measurement

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.core.atomic import write_text
+from tasks.core.derived_cache import config_key, derived
 from tasks.core.errors import UserFacingError
 from tasks.core.manifest import sha256_file
 from tasks.core.models import GgufFile, GgufFiles, JobResult, StageOutcome
@@ -94,13 +95,17 @@ def weight_row_sizes(model_dir: Path) -> dict[str, int]:
 
 def config_row_sizes(config: Any) -> dict[str, int]:
     """Row lengths of every 2-D weight of an architecture, from its config on the meta device
-    (so the check can run at planning time, before any weights exist)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    (so the check can run at planning time, before any weights exist), once per config."""
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2}
+    def measure() -> dict[str, int]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2}
+
+    return derived("row-sizes", {"config": config_key(config)}, measure)
 
 
 def check_quant_types(rows: dict[str, int], types: list[str], strict: bool = False) -> list[str]:

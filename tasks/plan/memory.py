@@ -22,6 +22,7 @@ The constants marked "calibrated" are fitted by benchmarks/calibrate.py on real 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks.core.derived_cache import config_key, derived
 from tasks.core.methods import MethodDefinition, cut_length, method_definition, uses_reference
 from tasks.core.model_source import load_config
 from tasks.core.models import DatasetReport
@@ -66,6 +68,14 @@ class Architecture:
 
     @classmethod
     def from_config(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "auto") -> Architecture:
+        """Measured on the meta device once per config (tasks/core/derived_cache.py), then read."""
+        key = {"config": config_key(config), "lora_r": lora_r, "targets": target_modules}
+        found = derived("architecture", key, lambda: dataclasses.asdict(cls.measured(config, lora_r, target_modules)))
+        tuples = {k: tuple(v) for k, v in found.items() if isinstance(v, list)}  # JSON gave lists back
+        return cls(**{**found, **tuples})
+
+    @classmethod
+    def measured(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "auto") -> Architecture:
         import torch
         from transformers import AutoModelForCausalLM
 
