@@ -50,6 +50,7 @@ EXPECTED = {
         "sft": ("INCOMPATIBLE", []),
     },
     "ultrafeedback_binarized": {
+        "sft": ("NEEDS MAPPING", ["columns: {messages: chosen}"]),  # not prompt + a chosen that repeats it
         "dpo": ("NEEDS MAPPING", ["conversion: repeated_prompt"]),
         "kto": ("NEEDS MAPPING", ["conversion: repeated_prompt"]),
         "reward": ("NEEDS MAPPING", ["conversion: repeated_prompt"]),

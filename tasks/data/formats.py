@@ -434,7 +434,17 @@ def _sft_pairs(rows: list[dict[str, Any]], alpaca: bool) -> list[FormatCandidate
     prompt = _first(rows, PROMPT_NAMES, _text_or_turns)
     answer = _first(rows, ANSWER_NAMES, _text_or_turns)
     chosen = _first(rows, CHOSEN_NAMES, _text_or_turns)
-    if prompt and chosen and not answer:
+    if chosen and _all(rows, chosen, _whole_chat):  # the chosen side is a whole conversation, prompt included
+        found.append(
+            FormatCandidate(
+                format=f"preference pairs: train on the chosen conversations ('{chosen}')",
+                verdict="NEEDS MAPPING",
+                trains_as="messages",
+                columns={"messages": chosen},
+                note="the rejected answers are left out",
+            )
+        )
+    elif prompt and chosen and not answer:
         found.append(
             FormatCandidate(
                 format=f"preference pairs: train on the chosen answers ('{prompt}', '{chosen}')",
@@ -455,6 +465,11 @@ def _sft_pairs(rows: list[dict[str, Any]], alpaca: bool) -> list[FormatCandidate
             )
         )
     return found
+
+
+def _whole_chat(v: Any) -> bool:
+    """A conversation with its own user turn and an assistant answer last."""
+    return _role_turns(v) and any(t.get("role") == "user" for t in v) and v[-1].get("role") == "assistant"
 
 
 def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
