@@ -87,14 +87,12 @@ def check_total(recipe: RecipeSpec, plans: list[RunPlan]) -> None:
 
 
 def planned_stage(recipe: RecipeSpec, name: str, i: int, plan: RunPlan) -> RecipeStageResult:
-    stage = recipe.stages[i]
+    stage, start = recipe.stages[i], chat_model_from(recipe, i)
     return RecipeStageResult(
         stage=str(stage.name),
         method=stage.method,
         run_name=plan.run_name,
-        started_from=recipe.model
-        if chat_model_from(recipe, i) is None
-        else f"stage {recipe.stages[chat_model_from(recipe, i)].name}",
+        started_from=recipe.model if start is None else f"stage {recipe.stages[start].name}",
         status="planned",
         estimated_usd=plan.cost.usd,
         estimated_usd_high=plan.cost.usd_high,

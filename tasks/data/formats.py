@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.errors import UserFacingError
 from tasks.core.methods import METHODS, DataKind, method_definition
+from tasks.data.schemas import shared_prefix
 
 Verdict = Literal["READY", "NEEDS MAPPING", "INCOMPATIBLE"]
 SAMPLE_ROWS = 50
@@ -158,10 +159,7 @@ def _split(pair: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(
                 "without a prompt column, chosen and rejected must be conversations sharing their first turns"
             )
-        n = next(
-            (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
-            min(len(chosen), len(rejected)),
-        )
+        n = shared_prefix(chosen, rejected)
         if n == 0 or n >= min(len(chosen), len(rejected)):
             raise ValueError("chosen and rejected share no leading turns (the prompt), or one is the other's prefix")
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]

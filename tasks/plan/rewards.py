@@ -58,11 +58,20 @@ def reward_model_source(name: str) -> str | None:
     return None
 
 
+def _built_in(name: str, function: str, model: str | None = None) -> RewardSource:
+    """A reward whose code is training/rewards.py, copied whole: one module for every built-in
+    function and for RewardModel, which scores with a reward model."""
+    import training.rewards as built_ins
+
+    source = inspect.getsource(built_ins)
+    return RewardSource(name=name, function=function, filename="training/rewards.py", source=source, model=model)
+
+
 def _load_reward_model(name: str, source: str) -> tuple[Callable[..., Any], RewardSource]:
     """Load it as TRL would and refuse anything but a sequence classifier with one score."""
     from transformers import AutoConfig
 
-    import training.rewards as built_ins
+    from training.rewards import RewardModel
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -79,10 +88,7 @@ def _load_reward_model(name: str, source: str) -> tuple[Callable[..., Any], Rewa
             "(a sequence classifier with one score); a causal language model cannot score answers: train a reward "
             "model from preference pairs with `method: reward` and name its run folder here"
         )
-    source_text = inspect.getsource(built_ins)
-    return built_ins.RewardModel(source), RewardSource(
-        name=name, function="RewardModel", filename="training/rewards.py", source=source_text, model=source
-    )
+    return RewardModel(source), _built_in(name, "RewardModel", model=source)
 
 
 def _load(name: str) -> tuple[Callable[..., Any], RewardSource]:
@@ -90,9 +96,7 @@ def _load(name: str) -> tuple[Callable[..., Any], RewardSource]:
     if model is not None:
         return _load_reward_model(name, model)
     if name in BUILT_IN:
-        fn = BUILT_IN[name]
-        source = inspect.getsource(inspect.getmodule(fn))  # the built-ins' file, whole: one module for them all
-        return fn, RewardSource(name=name, function=name, filename="training/rewards.py", source=source)
+        return BUILT_IN[name], _built_in(name, name)
     target, sep, function = name.rpartition(":")
     if not sep or not target or not function:
         raise RewardError(
@@ -133,13 +137,7 @@ def resolve_rewards(
 
 
 def _pending(folder: str) -> tuple[None, RewardSource]:
-    import training.rewards as built_ins
-
-    source = inspect.getsource(built_ins)
-    model = str(Path(folder) / "model")
-    return None, RewardSource(
-        name=folder, function="RewardModel", filename="training/rewards.py", source=source, model=model
-    )
+    return None, _built_in(folder, "RewardModel", model=str(Path(folder) / "model"))
 
 
 def _dummy_completions(row: dict, conversational: bool) -> list[Any]:

@@ -111,12 +111,14 @@ def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: d
 
 def score_sft(model, tokenizer, rows: list, batch: int) -> list:
     """Each row's completion: its mean token loss and its number of tokens."""
-    pairs = []
-    for row in rows:
-        prompt, (completion,) = prompt_and_completions(row, tokenizer, ("completion",))
-        pairs.append((prompt, completion))
-    scored = completion_logprobs(model, tokenizer, pairs, batch)
+    scored = completion_logprobs(model, tokenizer, [completion_of(row, tokenizer) for row in rows], batch)
     return [{"loss": -logp / n if n else None, "tokens": n} for logp, n in scored]
+
+
+def completion_of(row: dict, tokenizer) -> tuple:
+    """The row's prompt text and the text of its one answer after it."""
+    prompt, (completion,) = prompt_and_completions(row, tokenizer, ("completion",))
+    return prompt, completion
 
 
 def score_dpo(model, tokenizer, rows: list, batch: int) -> list:
@@ -132,11 +134,7 @@ def score_dpo(model, tokenizer, rows: list, batch: int) -> list:
 def score_labelled(model, tokenizer, rows: list, batch: int) -> list:
     """Each labelled answer: the summed log-probability of the completion after its prompt, and
     its label (the verdict counts it up for a desirable answer, down for an undesirable one)."""
-    pairs = []
-    for row in rows:
-        prompt, (completion,) = prompt_and_completions(row, tokenizer, ("completion",))
-        pairs.append((prompt, completion))
-    scored = completion_logprobs(model, tokenizer, pairs, batch)
+    scored = completion_logprobs(model, tokenizer, [completion_of(row, tokenizer) for row in rows], batch)
     return [{"logp": logp, "label": bool(row["label"])} for (logp, _), row in zip(scored, rows, strict=True)]
 
 
