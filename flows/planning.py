@@ -25,6 +25,7 @@ from tasks.core.rundir import default_run_name, prepare_run_dir
 from tasks.core.spec import RunSpec, SpecError
 from tasks.data.evaluation import has_evaluation_set, is_conversational, with_evaluation_rows
 from tasks.data.validate import HeldOut
+from tasks.data.vision import is_vision_model
 from tasks.evaluate.harness import HarnessTask, harness_tasks
 from tasks.export.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.export.hub import publish_target
@@ -63,7 +64,8 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: froz
     check_reward_models_reachable(rewards, spec.backend, backend.on_this_machine)
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)
-    config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args)
+    vision = is_vision_model(load_config(model_path))
+    config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args, vision)
     config = job_settings(config, spec, backend, rewards, baseline, eval_tasks, report)
     script = build_script_task(method, config, run_dir)
     inputs = backend.planned_inputs(run_dir, model_path, baseline)

@@ -96,6 +96,14 @@ def tiny_model_path(tiny_cache: Path) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm_path(tiny_cache: Path) -> str:
+    """The tiny vision-language default, built once: its tests share one xdist worker (`vision`)."""
+    from training.tiny_vlm import ensure_tiny_vlm
+
+    return str(ensure_tiny_vlm(tiny_cache))
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path: str):
     from tasks.core.model_source import load_tokenizer
 
@@ -300,8 +308,10 @@ MARKERS_FROM_FIXTURES = {
     "train": {"trains", "sft_run"},
     "browser": {"browser"},
 }
-# tests sharing an expensive session fixture run on one xdist worker (`--dist loadgroup`)
-GROUPS_FROM_FIXTURES = {"sft_run": "sft_run"}
+# tests sharing an expensive fixture run on one xdist worker (`--dist loadgroup`): the session's
+# trained run, a module's served deployments (one `deployments.serve` per module, not per worker),
+# and the tiny vision-language model (built once)
+GROUPS_FROM_FIXTURES = {"sft_run": "sft_run", "served": "served-{module}", "tiny_vlm_path": "vision"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -313,7 +323,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(marker)
         for fixture, group in GROUPS_FROM_FIXTURES.items():
             if fixture in used and not item.get_closest_marker("xdist_group"):
-                item.add_marker(pytest.mark.xdist_group(group))
+                item.add_marker(pytest.mark.xdist_group(group.format(module=item.module.__name__)))
     # the modules that train first, then those with a server, then the rest (each module's tests
     # stay together and in order): under xdist the long tests start early instead of ending last
     rank: dict[str, int] = {}

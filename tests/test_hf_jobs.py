@@ -283,13 +283,14 @@ def test_the_files_the_script_imports_travel_with_the_job(jobs_standin, tmp_path
         "train.py",
         "finetune_eval.py",
         "finetune_callbacks.py",
+        "finetune_vision.py",
         "finetune_rewards/__init__.py",
         "finetune_rewards/rewards.py",
         "finetune_rewards/my_rewards.py",
     ]
     assert set(script.files) <= {name for _, name in job_inputs(run_dir, request.model_path)[0]}  # prefect-pool
     (run_dir / "train.py").write_text(
-        "import finetune_callbacks, finetune_eval\n"
+        "import finetune_callbacks, finetune_eval, finetune_vision\n"
         "from finetune_rewards.my_rewards import brevity\n"
         "from finetune_rewards.rewards import exact_answer\n"
         "print('imported', brevity.__name__, exact_answer.__name__, finetune_eval.Evaluation.__name__)\n"

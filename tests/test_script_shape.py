@@ -9,7 +9,7 @@ import ast
 from tests.helpers import REPO
 
 TEMPLATES = REPO / "training" / "templates"
-SIBLINGS = {"finetune_eval", "finetune_callbacks"}
+SIBLINGS = {"finetune_eval", "finetune_callbacks", "finetune_vision"}
 
 
 def _trees() -> dict[str, ast.Module]:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from training.example_data import tokenizer_corpus
@@ -136,19 +137,23 @@ def _build_into(target: Path) -> None:
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:
-    """Return the cached tiny model folder, building it first if it is missing.
+    """Return the cached tiny model folder, building it first if it is missing."""
+    return build_once(tiny_model_dir(root), _build_into)
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, built by `build` unless a finished build is there (its tiny_recipe.json).
 
     Built in a temporary sibling folder and renamed into place, so a crash never leaves a
-    half-written model that later runs would trust.
+    half-written model that later runs would trust, and concurrent builders do not collide.
     """
-    target = tiny_model_dir(root)
     if (target / "config.json").exists() and (target / "tiny_recipe.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     tmp.chmod(0o755)
     try:
-        _build_into(tmp)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:

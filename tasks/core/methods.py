@@ -94,7 +94,8 @@ SFT = MethodDefinition(
     trainer="SFTTrainer",
     config_class="SFTConfig",
     data="demonstrations",
-    formats={
+    formats={  # in the order they are tried: conversations with images before those without
+        "vision": ("messages", "images"),
         "messages": ("messages",),
         "prompt_completion": ("prompt", "completion"),
         "text": ("text",),

@@ -10,6 +10,7 @@ from typing import Any
 from tasks.core.errors import UserFacingError
 from tasks.core.spec import RunSpec
 from training.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from training.tiny_vlm import TINY_VLM_NAME, ensure_tiny_vlm
 
 
 class ModelSourceError(UserFacingError, ValueError):
@@ -20,6 +21,8 @@ def resolve_model(model: str) -> str:
     """A local folder path for `tiny` and folders; the Hub id unchanged otherwise."""
     if model == TINY_MODEL_NAME:
         return str(ensure_tiny_model())
+    if model == TINY_VLM_NAME:
+        return str(ensure_tiny_vlm())
     path = Path(model).expanduser()
     if model.startswith(("/", "./", "../", "~")) and not path.exists():
         raise ModelSourceError(
@@ -33,7 +36,7 @@ def resolve_model(model: str) -> str:
         return str(path.resolve())
     if model.count("/") != 1:
         raise ModelSourceError(
-            f"model '{model}' is neither 'tiny', an existing folder, nor a Hub id of the form 'owner/name'"
+            f"model '{model}' is neither 'tiny', 'tiny-vl', an existing folder, nor a Hub id of the form 'owner/name'"
         )
     return model
 
@@ -77,6 +80,25 @@ def load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
     return _read("tokenizer", model_path, lambda: AutoTokenizer.from_pretrained(model_path))
+
+
+@lru_cache(maxsize=4)
+def load_processor(model_path: str) -> Any:
+    """A vision-language model's processor: its image processor, tokenizer and chat template."""
+    from training.templates.finetune_vision import patch_no_torchvision
+
+    patch_no_torchvision()
+    from transformers import AutoProcessor
+
+    return _read("processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
+
+
+def auto_model_class(config: Any) -> Any:
+    """The transformers Auto class a model trains with: a vision-language model (its config nests
+    a vision tower) as image-text-to-text, anything else as a causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
 
 
 def context_length(config: Any) -> int:

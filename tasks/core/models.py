@@ -150,11 +150,33 @@ class TokenStats(Frozen):
     p95: int
 
 
+class ImageStats(Frozen):
+    """The images of a vision dataset, as the model's processor will see them."""
+
+    images: int
+    rows_with_images: int
+    rows_without_images: int = Field(description="text-only rows in a vision set: allowed, and counted")
+    tokens_per_image_min: int
+    tokens_per_image_max: int
+    tokens_per_image_mean: float
+    image_tokens: int = Field(description="the tokens all images become, counted by the model's processor")
+    far_larger: int = Field(0, description="images with many times the pixels the processor keeps (resized down)")
+    far_larger_example: str = ""
+    staged: str = Field(description="the folder the checked images were copied to, beside the prepared rows")
+
+
 class DatasetReport(Frozen):
     source: str
     split: str
     format: Literal[
-        "messages", "prompt_completion", "text", "preference", "implicit_preference", "unpaired", "prompt_only"
+        "vision",
+        "messages",
+        "prompt_completion",
+        "text",
+        "preference",
+        "implicit_preference",
+        "unpaired",
+        "prompt_only",
     ]
     rows: int
     columns: list[str]
@@ -192,6 +214,7 @@ class DatasetReport(Frozen):
     prepared_path: str = Field(description="the validated training rows in canonical columns, as JSONL")
     train_rows: int
     heldout_path: str = Field(description="rows held out of training, to evaluate exported models")
+    images: ImageStats | None = Field(None, description="vision rows: their images, counted by the processor")
 
 
 class FlavorOption(Frozen):

@@ -14,6 +14,7 @@ from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import HeldOut, validate_dataset
+from tasks.data.vision import model_inputs
 
 
 def has_evaluation_set(spec: RunSpec) -> bool:
@@ -40,8 +41,11 @@ def with_evaluation_rows(
         dict(spec.columns),
         spec.conversion,
         HeldOut(share=0),
+        model_inputs(model_path),
     )
     lines = Path(checked.prepared_path).read_text(encoding="utf-8").splitlines()
+    if checked.images:  # its images were staged beside its own rows, a folder below the held-out file's
+        lines = [_images_under(line, out / "evaluation", out) for line in lines]
     keep = sorted(random.Random(spec.seed).sample(range(len(lines)), min(len(lines), spec.evaluation.held_out_max)))
     write_text(Path(report.heldout_path), "".join(lines[i] + "\n" for i in keep))
     where = f"{source} (split {split})"
@@ -54,9 +58,15 @@ def with_evaluation_rows(
     )
 
 
+def _images_under(line: str, staged_from: Path, heldout_dir: Path) -> str:
+    row = json.loads(line)
+    row["images"] = [str((staged_from / p).relative_to(heldout_dir)) for p in row["images"]]
+    return json.dumps(row)
+
+
 def is_conversational(report: DatasetReport) -> bool:
     """Whether the prepared rows are chat messages (chat models are evaluated in their template)."""
-    if report.format in ("messages", "implicit_preference"):
+    if report.format in ("messages", "vision", "implicit_preference"):
         return True
     try:
         first = json.loads(Path(report.prepared_path).read_text(encoding="utf-8").split("\n", 1)[0])

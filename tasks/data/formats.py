@@ -124,6 +124,45 @@ def _alpaca(row: dict[str, Any], kind: str) -> dict[str, Any]:
     return {"messages": [*turns, {"role": "assistant", "content": output}], **rest}
 
 
+IMAGE_MARK = "<image>"  # LLaVA's placeholder: where in a turn's text its image goes
+
+
+def _parts(text: str) -> list[dict[str, str]]:
+    """A LLaVA turn's text as content parts, an image part where each <image> stood."""
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(text.split(IMAGE_MARK)):
+        if i:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+def _image_list(value: Any) -> list[Any]:
+    return [] if value is None else list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _llava(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    turns = _sharegpt(row, kind)["messages"]
+    images = _image_list(row.get("images", row.get("image")))
+    messages = [
+        {"role": t["role"], "content": _parts(t["content"]) if isinstance(t["content"], str) else t["content"]}
+        for t in turns
+    ]
+    return {"messages": messages, "images": images, **_rest(row, "conversations", "image", "images")}
+
+
+def _image_text(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    prompt, answer = row.get("prompt"), row["completion"]
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"the answer must be non-empty text, got {_short(answer)}")
+    user: list[dict[str, str]] = [{"type": "image"}]
+    if isinstance(prompt, str) and prompt.strip():
+        user.append({"type": "text", "text": prompt})
+    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return {"messages": messages, "images": [row["image"]], **_rest(row, "image", "prompt", "completion")}
+
+
 _HH_MARKER = re.compile(r"\n\n(Human|Assistant):[ ]?")
 
 
@@ -242,6 +281,26 @@ CONVERSIONS: dict[str, Conversion] = {
             kinds=("demonstrations",),
             describe="ShareGPT turns {from, value} (human/gpt/system/tool and variants) -> messages {role, content}",
             fn=_sharegpt,
+        ),
+        Conversion(
+            name="llava",
+            reads=("conversations",),
+            optional=("image", "images"),
+            makes="vision (messages + images)",
+            kinds=("demonstrations",),
+            describe="LLaVA rows: ShareGPT turns with <image> in their text, and image (or images) -> messages whose "
+            "content parts put an image where each <image> stood, and the images",
+            fn=_llava,
+        ),
+        Conversion(
+            name="image_text",
+            reads=("image", "completion"),
+            optional=("prompt",),
+            makes="vision (messages + images)",
+            kinds=("demonstrations",),
+            describe="one image per row with its answer (a caption, or the answer to the row's question) -> a user "
+            "turn of the image [and the question], and the answer as the assistant's turn",
+            fn=_image_text,
         ),
         Conversion(
             name="alpaca",
@@ -470,8 +529,63 @@ def _whole_chat(v: Any) -> bool:
     return _role_turns(v) and any(t.get("role") == "user" for t in v) and v[-1].get("role") == "assistant"
 
 
+def _image_parts(v: Any) -> bool:
+    """A conversation with at least one {type: image} part."""
+    return _role_turns(v) and any(
+        isinstance(t["content"], list) and any(isinstance(p, dict) and p.get("type") == "image" for p in t["content"])
+        for t in v
+    )
+
+
+def _llava_turns(v: Any) -> bool:
+    return _sharegpt_turns(v) and any(IMAGE_MARK in str(t["value"]) for t in v)
+
+
+def _vision(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    """Rows with images: conversations with image parts (TRL's own form), LLaVA rows, and one image
+    with its caption or question and answer (an image folder's metadata)."""
+    columns = set(rows[0]) if rows else set()
+    if {"messages", "images"} <= columns and any(_image_parts(v) for v in _values(rows, "messages")):
+        return [
+            FormatCandidate(
+                format="conversations with images ('messages' + 'images')", verdict="READY", trains_as="vision"
+            )
+        ]
+    chat = _first(rows, CHAT_NAMES, _sharegpt_turns)
+    if chat and columns & {"image", "images"} and any(_llava_turns(v) for v in _values(rows, chat)):
+        return [
+            FormatCandidate(
+                format=f"LLaVA conversations with <image> in '{chat}'",
+                verdict="NEEDS MAPPING",
+                trains_as="vision",
+                conversion="llava",
+                columns={} if chat == "conversations" else {"conversations": chat},
+            )
+        ]
+    answer = _first(rows, (*ANSWER_NAMES, "caption", "text"), _is_text)
+    if "image" in columns and answer:
+        prompt = _first(rows, PROMPT_NAMES, _is_text)
+        mapping = {"completion": answer} | ({"prompt": prompt} if prompt else {})
+        return [
+            FormatCandidate(
+                format=f"one image per row with {'a question and answer' if prompt else 'its text'} ('image', "
+                + ", ".join(f"'{c}'" for c in mapping.values())
+                + ")",
+                verdict="NEEDS MAPPING",
+                trains_as="vision",
+                conversion="image_text",
+                columns={k: v for k, v in mapping.items() if k != v},
+            )
+        ]
+    return []
+
+
 def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
-    """Every way SFT can read the rows, in order: conversations, Alpaca, prompt/answer pairs, plain text."""
+    """Every way SFT can read the rows, in order: images with their text, conversations, Alpaca,
+    prompt/answer pairs, plain text. Rows with images are read with them or not at all: leaving
+    them out is the user's choice to make (drop the image column), not a reading to offer."""
+    if vision := _vision(rows):
+        return vision
     found = _sft_chats(rows)
     alpaca = bool(_first(rows, ("instruction",), _is_text) and _first(rows, ("output",), _is_text))
     if alpaca:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 import pandas as pd
@@ -195,12 +195,31 @@ def _datasets_chunks(source: str, split: str, rows: int, local: bool) -> Iterato
             f"dataset {source}",
             local=local,
         )
-        for batch in ds.iter(batch_size=rows):
+        for batch in _undecoded(ds).iter(batch_size=rows):
             yield pd.DataFrame(batch)
     except DatasetLoadError:
         raise
     except Exception as e:  # datasets raises many types; the kind and message matter
         raise _load_refusal(source, split, local, e) from None
+
+
+def _undecoded(ds: Any) -> Any:
+    """Image columns as {bytes, path} rather than decoded pictures: validation decodes each image
+    once, where a bad one can be named by its row (an image folder gives paths, the Hub bytes)."""
+    from datasets import Image, List, Sequence
+
+    for name, feature in (ds.features or {}).items():
+        if isinstance(feature, Image):
+            ds = ds.cast_column(name, Image(decode=False))
+        elif isinstance(feature, List | Sequence) and isinstance(feature.feature, Image):
+            ds = ds.cast_column(name, List(Image(decode=False)))
+    return ds
+
+
+def dataset_folder(source: str) -> Path:
+    """Where a dataset's relative image paths resolve: the file's folder, or the dataset folder."""
+    path = Path(source).expanduser()
+    return path.resolve() if path.is_dir() else path.resolve().parent if path.is_file() else Path.cwd()
 
 
 def load_frame(source: str, split: str = "train") -> pd.DataFrame:

@@ -44,8 +44,24 @@ TURN_RULES = {
 CODE_COLUMNS = {"_turns": "messages"}  # code column -> the column whose values it judges
 
 
-def turn_code(v: Any) -> int:
+def part_text(content: list) -> str | None:
+    """A turn's content given as parts ({type: text, text} / {type: image}) as the text the
+    rules judge: its text, with an image standing for content; None when a part is malformed."""
+    text = []
+    for part in content:
+        kind = part.get("type") if part.__class__ is dict else None
+        if kind == "image":
+            text.append("\0")
+        elif kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        else:
+            return None
+    return "".join(text)
+
+
+def turn_code(v: Any, parts: bool = False) -> int:
     """The rule bits a conversation breaks (0 when it is good); null is left to not-nullable.
+    With `parts`, a turn's content may be a list of text and image parts (vision rows).
     One pass over the turns, written for speed: it runs once per row of every dataset."""
     if v is None or (v.__class__ is float and v != v):
         return 0
@@ -59,6 +75,10 @@ def turn_code(v: Any) -> int:
         role, content = t.get("role", t), t.get("content", t)
         if role is t or content is t:  # a key is missing
             return NOT_TURNS
+        if parts and content.__class__ is list:
+            content = part_text(content)
+            if content is None:
+                return NOT_TURNS
         if role == "user" or role == "assistant":
             if content.__class__ is not str or not content or content.isspace():
                 code |= EMPTY_TEXT
@@ -102,9 +122,9 @@ def _role_order(v: Any) -> bool:
     return not turn_code(v) & BAD_ORDER
 
 
-def with_turn_codes(df: pd.DataFrame) -> pd.DataFrame:
+def with_turn_codes(df: pd.DataFrame, parts: bool = False) -> pd.DataFrame:
     """The frame with its `_turns` code column, which the messages schema checks."""
-    codes = np.fromiter(map(turn_code, df["messages"].tolist()), dtype=np.int64, count=len(df))
+    codes = np.fromiter((turn_code(v, parts) for v in df["messages"].tolist()), dtype=np.int64, count=len(df))
     return df.assign(_turns=codes)
 
 
@@ -269,11 +289,19 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
 
     No dtype is pinned: pandas may store text as object or string dtype, and a cell may hold
     text or a list of turns; the element checks decide what is acceptable."""
-    if fmt == "messages":
+    if fmt in ("messages", "vision"):
         columns = {
             "messages": pa.Column(None, nullable=False),
             "_turns": pa.Column(int, checks=_turn_code_checks()),  # from with_turn_codes
         }
+        if fmt == "vision":  # what each image is, and whether it opens, is checked per row (tasks/data/images.py)
+            columns["images"] = pa.Column(
+                None,
+                nullable=True,
+                checks=pa.Check(
+                    lambda v: v is None or isinstance(v, list), element_wise=True, error="images must be a list"
+                ),
+            )
     elif fmt == "prompt_completion":
         columns = {
             "prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")),

@@ -97,7 +97,7 @@ def _texts(tokenizer: Any, fmt: str, row: dict) -> list[str]:
         return [render(prompt + row[side]) for side in ("chosen", "rejected")]
     if fmt == "prompt_only":
         return [render(row["prompt"])]
-    if fmt == "messages":
+    if fmt in ("messages", "vision"):  # an image counts here as its placeholder; its tokens are added apart
         return [render(row["messages"])]
     if fmt in ("prompt_completion", "unpaired"):
         return [render(row["prompt"]) + render(row["completion"])]

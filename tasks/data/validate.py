@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from hashlib import blake2b
 from multiprocessing import get_context
 from pathlib import Path
@@ -36,7 +37,8 @@ from tasks.core.errors import UserFacingError
 from tasks.core.methods import METHODS, MethodDefinition, config_fields
 from tasks.core.models import DatasetReport, TokenStats
 from tasks.data.formats import SAMPLE_ROWS, Conversion, ConversionError, conversion_for, convert_chunk, recognise
-from tasks.data.reading import LineBlock, UnreadableLines, iter_blocks, parse_block
+from tasks.data.images import STAGED, ImageSource, check_block_images
+from tasks.data.reading import LineBlock, UnreadableLines, dataset_folder, iter_blocks, parse_block
 from tasks.data.schemas import (
     ANOMALIES,
     CODE_COLUMNS,
@@ -48,6 +50,7 @@ from tasks.data.schemas import (
     with_turn_codes,
 )
 from tasks.data.token_stats import CharEstimateTokenizer, Reservoir, histogram, prompt_lengths, token_lengths
+from tasks.data.vision import ImageTally, ModelInputs
 
 MAX_ROWS_SHOWN = 10
 MAX_TOKENIZED_ROWS = 10_000  # a seeded uniform sample: the mean to well under 1%, and ~8 s of the tiny tokenizer
@@ -220,6 +223,8 @@ class SplitWriter:
     def __init__(self, out_dir: Path, held_out: HeldOut | None = None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.train, self.heldout = out_dir / "train.jsonl", out_dir / "heldout.jsonl"
+        self.images, self.staging = out_dir / STAGED, out_dir / f"{STAGED}.partial"  # vision rows' images
+        shutil.rmtree(self.staging, ignore_errors=True)
         self.held_out = held_out or HeldOut()
         self._tmp = out_dir / "rows.jsonl.tmp"
         self._f = self._tmp.open("wb")
@@ -244,11 +249,15 @@ class SplitWriter:
         held_tmp.replace(self.heldout)
         train_tmp.replace(self.train)
         self._tmp.unlink()
+        shutil.rmtree(self.images, ignore_errors=True)
+        if self.staging.exists():
+            self.staging.rename(self.images)
         return held
 
     def abort(self) -> None:
         self._f.close()
         self._tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def _empty_turns(row: dict) -> int:
@@ -291,6 +300,7 @@ class BlockJob:
     fmt: str
     needed: list[str]
     kept: list[str]
+    images: ImageSource | None = None  # vision rows: where their images resolve and are staged
 
 
 @dataclass
@@ -307,6 +317,7 @@ class BlockResult:
     anomalies: dict[str, int] = field(default_factory=dict)
     hashes: bytes = b""
     labels: dict[bool, int] = field(default_factory=dict)  # unpaired rows: how many desirable, how many not
+    image_sizes: list[list[tuple[int, int]]] = field(default_factory=list)  # vision rows: per line, its images
 
 
 def _frame(block: LineBlock | pd.DataFrame, result: BlockResult, raw: list[bytes] | None = None) -> pd.DataFrame:
@@ -340,16 +351,21 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
     # Rows that need no change are written as they are in the file: serialising them again
     # costs a fifth of the check. (Duplicates are then found by their text as written.)
     as_written = bool(raw) and not job.mapping and not job.conversion and set(df.columns) == set(job.kept)
+    as_written = as_written and job.images is None  # vision rows name their staged images instead
     line_of = dict(zip(df.index, raw, strict=True)) if as_written else {}
     df = _prepare(df, job, result).reindex(columns=job.kept)
-    checked = with_turn_codes(df) if job.fmt == "messages" else df
+    checked = with_turn_codes(df, parts=job.fmt == "vision") if job.fmt in ("messages", "vision") else df
     try:
         schema_for(job.fmt).validate(checked, lazy=True)
     except pa.errors.SchemaErrors as e:
         bad = result.failures.add_schema_errors(e, checked, job.needed)
         keep = ~checked.index.isin(list(bad))
         df, checked = df[keep], checked[keep]
-    if job.fmt == "messages":
+    if job.images is not None:
+        df, result.image_sizes, bad_images = check_block_images(df, job.images, result.failures.add)
+        result.failures.bad_rows += bad_images
+        checked = checked.loc[df.index]
+    if job.fmt in ("messages", "vision"):
         codes = checked["_turns"].to_numpy()
         result.empty_turns = int((codes >> EMPTY_OTHER_SHIFT).sum())
         for bit, what in ANOMALIES.items():
@@ -363,7 +379,7 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
         record = dict(zip(job.kept, values, strict=True))
         line = line_of.get(number)
         result.lines.append(line.rstrip() if line is not None else orjson.dumps(record, option=option, default=str))
-        if job.fmt != "messages":
+        if job.fmt not in ("messages", "vision"):
             result.empty_turns += _empty_turns(record)
             _role_anomalies(record, result.anomalies)
     result.numbers = [int(i) for i in df.index]
@@ -375,7 +391,9 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
 class _Pass:
     """What one pass over the data gathers, merged block by block in file order."""
 
-    def __init__(self, out_dir: Path, source: str, held_out: HeldOut | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, source: str, held_out: HeldOut | None = None, images: ImageTally | None = None
+    ) -> None:
         self.failures = Failures()
         self.conversion_bad: list[str] = []
         self.conversion_bad_count = 0
@@ -385,7 +403,9 @@ class _Pass:
         self.empty_turns = 0
         self.anomalies: dict[str, int] = {}
         self.labels: dict[bool, int] = {}
-        self.sample = Reservoir(MAX_TOKENIZED_ROWS, seed=0)
+        self.sample = Reservoir(MAX_TOKENIZED_ROWS, seed=0)  # (line, its tokens beyond the text: images)
+        self.images = images
+        self.notes: list[str] = []  # warnings decided outside the rows
         self.writer = SplitWriter(out_dir, held_out)
         self.check_seconds, self.check_processes = 0.0, 1
 
@@ -409,7 +429,8 @@ class _Pass:
             self.anomalies[what] = self.anomalies.get(what, 0) + n
         for label, n in result.labels.items():
             self.labels[label] = self.labels.get(label, 0) + n
-        self.sample.offer(lines)
+        extra = self.images.add(result.image_sizes, result.numbers) if self.images else [0] * len(lines)
+        self.sample.offer(list(zip(lines, extra, strict=True)))
         self.writer.write(lines)
 
 
@@ -530,14 +551,16 @@ def validate_dataset(
     columns: dict[str, str] | None = None,
     conversion: str | None = None,
     held_out: HeldOut | None = None,
+    inputs: ModelInputs | None = None,
 ) -> DatasetReport:
     """Check every row, measure the data, and write the canonical rows to ``out_dir/train.jsonl``
-    (converted first when the spec names a conversion: the job trains on what was checked)."""
+    (converted first when the spec names a conversion: the job trains on what was checked).
+    Vision rows have their images checked and copied to ``out_dir/images``."""
     blocks = iter_blocks(source, split)
     first_block = next(blocks, None)
     job, extra, verdicts = _probe(first_block, source, method, tokenizer, columns, conversion)
     fmt, needed = job.fmt, job.needed
-    state = _Pass(out_dir, source, held_out)
+    state, job = _start(job, out_dir, held_out, inputs)
     ahead = list(itertools.islice(blocks, WORKERS_FROM_BLOCKS - 1))
     # starting workers costs about a second: worth it from a few blocks on (some 50k short rows)
     workers = _workers() if len(ahead) == WORKERS_FROM_BLOCKS - 1 else 0
@@ -553,6 +576,8 @@ def validate_dataset(
             _refuse_one_label(state.labels, source)
         held = state.writer.finish()
         state.check_seconds, state.check_processes = time.perf_counter() - started, max(1, workers)
+        if inputs and inputs.image_tokens and not (state.images and state.images.images):
+            state.notes.append(inputs.text_only_warning())
         report = _report(
             state,
             source,
@@ -574,6 +599,20 @@ def validate_dataset(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     return report
+
+
+def _start(
+    job: BlockJob, out_dir: Path, held_out: HeldOut | None, inputs: ModelInputs | None
+) -> tuple[_Pass, BlockJob]:
+    """The pass's state, and the job with where its images go when the rows have images; image
+    rows for a model that cannot see them are refused here, before any row is checked."""
+    image_tokens = inputs.image_tokens if inputs else None
+    if job.fmt != "vision":
+        return _Pass(out_dir, job.source, held_out), job
+    if image_tokens is None:
+        raise DatasetValidationError((inputs or ModelInputs("unknown", None)).refuse_images(job.source))
+    state = _Pass(out_dir, job.source, held_out, ImageTally(image_tokens))
+    return state, replace(job, images=ImageSource(dataset_folder(job.source), state.writer.staging))
 
 
 def _refuse_one_label(labels: dict[bool, int], source: str) -> None:
@@ -632,7 +671,7 @@ def _report(
     held: int,
 ) -> DatasetReport:
     rows = state.writer.rows
-    lengths = sorted(token_lengths(tokenizer, fmt, [orjson.loads(line) for line in state.sample.items]))
+    lengths = _sample_lengths(state.sample.items, tokenizer, fmt)
     scale = rows / len(lengths)  # 1 when every row was measured
     over = round(sum(1 for n in lengths if n > max_length) * scale)
     cut = round(sum(n - max_length for n in lengths if n > max_length) * scale)
@@ -675,7 +714,14 @@ def _report(
         heldout_rows=held,
         heldout_source=f"{held} training rows chosen at random (seed {state.writer.held_out.seed})" if held else "",
         heldout_path=str(state.writer.heldout),
+        images=state.images.stats(str(state.writer.images)) if state.images else None,
     )
+
+
+def _sample_lengths(items: list[tuple[bytes, int]], tokenizer: Any, fmt: str) -> list[int]:
+    """The sampled rows' token lengths, sorted: their text, plus their images' tokens."""
+    texts = token_lengths(tokenizer, fmt, [orjson.loads(line) for line, _ in items])
+    return sorted(n + extra for n, (_, extra) in zip(texts, items, strict=True))
 
 
 def _warnings(
@@ -706,6 +752,8 @@ def _warnings(
     if state.empty_turns:
         warnings.append(f"{state.empty_turns} empty system/tool turn(s)")
     warnings += [f"{n} row(s): {what}" for what, n in state.anomalies.items()]
+    warnings += state.images.warnings() if state.images else []
+    warnings += state.notes
     if scale > 1:
         warnings.append(
             f"token statistics measured on a seeded uniform sample of {measured} of {rows} rows "

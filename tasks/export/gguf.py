@@ -99,10 +99,11 @@ def config_row_sizes(config: Any) -> dict[str, int]:
 
     def measure() -> dict[str, int]:
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from tasks.core.model_source import auto_model_class
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_model_class(config).from_config(config)
         return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2}
 
     return derived("row-sizes", {"config": config_key(config)}, measure)

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core.derived_cache import config_key, derived
 from tasks.core.methods import MethodDefinition, cut_length, method_definition, uses_reference
-from tasks.core.model_source import load_config
+from tasks.core.model_source import auto_model_class, load_config
 from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.plan.flavors import Flavor
@@ -77,10 +77,9 @@ class Architecture:
     @classmethod
     def measured(cls, config: Any, lora_r: int = 16, target_modules: list[str] | str = "auto") -> Architecture:
         import torch
-        from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_model_class(config).from_config(config)
         output = model.get_output_embeddings()
         params = sum(p.numel() for p in model.parameters())
         text = getattr(config, "text_config", None) or config

@@ -28,7 +28,7 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "training" / "templates"
 CONFIG_MARKER = "CONFIG: dict = {}  # @@CONFIG@@"
 DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
 # the template's siblings: copied next to train.py unchanged, imported by it
-SIBLINGS = ("finetune_eval.py", "finetune_callbacks.py")
+SIBLINGS = ("finetune_eval.py", "finetune_callbacks.py", "finetune_vision.py")
 REWARDS_PACKAGE = "finetune_rewards"  # GRPO: the spec's reward files, one module each
 SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio", "huggingface_hub")
 
@@ -64,6 +64,7 @@ def script_config(
     model_path: str,
     plan: HardwarePlan,
     training_args: dict[str, Any],
+    vision: bool = False,
 ) -> dict[str, Any]:
     lora = None
     if plan.mode != "full":
@@ -78,6 +79,7 @@ def script_config(
         "config_class": method.config_class,
         "trainer_module": method.trainer_module,
         "head": method.head,
+        "vision": vision,  # a vision-language model: loaded with its processor, rows with their images
         "model": model_path,
         "method": spec.method,
         "data": "data/train.jsonl",

@@ -20,6 +20,7 @@ from tasks.core.money import usd
 from tasks.core.spec import RunSpec
 from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import HeldOut, validate_dataset
+from tasks.data.vision import model_inputs
 from tasks.plan.cost import estimate_cost
 from tasks.plan.hardware import select_hardware
 from tasks.plan.rewards import RewardSource
@@ -42,7 +43,10 @@ def validate_dataset_task(
     held_out: HeldOut | None = None,
 ) -> DatasetReport:
     tokenizer = planning_tokenizer(model_path, chat_template_path)
-    report = validate_dataset(source, method, tokenizer, max_length, out_dir, split, columns, conversion, held_out)
+    inputs = model_inputs(model_path)
+    report = validate_dataset(
+        source, method, tokenizer, max_length, out_dir, split, columns, conversion, held_out, inputs
+    )
     from tasks.report.render import length_histogram_png
 
     png = length_histogram_png(
@@ -59,6 +63,9 @@ def validate_dataset_task(
     )
     what = "ESTIMATED" if report.token_counts == "estimated" else "measured"
     say(f"dataset ok: {report.rows} rows, format {report.format}, mean {report.tokens.mean} tokens/row ({what})")
+    if report.images:
+        i = report.images
+        say(f"images ok: {i.images} in {i.rows_with_images} rows, {i.tokens_per_image_mean} tokens each on average")
     return report
 
 

@@ -33,6 +33,7 @@ class Evaluation:
             **config.get("evaluation", {}),
         }
         heldout = here / config["heldout"] if config.get("heldout") else None
+        self.settings["images"] = str(heldout.parent) if heldout else str(here)  # where rows' images lie
         self.rows = []
         if heldout is not None and heldout.exists() and heldout.stat().st_size:
             lines = heldout.read_text(encoding="utf-8").splitlines()
@@ -94,7 +95,11 @@ def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: d
     shown = rows[: settings.get("generations", 3)]
     measure = settings["measure"]  # the method's, from CONFIG["evaluation"]
     scorers = {"completion_loss": score_sft, "preference_margin": score_dpo, "label_likelihood": score_labelled}
-    if measure == "pair_accuracy":  # a reward model scores; it does not write answers to show
+    if hasattr(tokenizer, "image_processor") and measure == "completion_loss":  # a vision model's processor
+        folder = Path(settings["images"])
+        per_row = score_with_images(model, tokenizer, rows, folder)
+        prompts, answers = answer_with_images(model, tokenizer, shown, folder, settings["max_new_tokens"])
+    elif measure == "pair_accuracy":  # a reward model scores; it does not write answers to show
         per_row, prompts, answers = score_pairs_with_head(model, tokenizer, rows, batch), [], []
     elif measure in scorers:
         per_row = scorers[measure](model, tokenizer, rows, batch)
@@ -324,3 +329,57 @@ def task_score(task: dict, found: dict) -> dict:
         "score": float(results[key]),
         "stderr": float(stderr) if isinstance(stderr, int | float) else None,
     }
+
+
+# --- vision-language models: each row scored and answered with its images ---------------------
+
+
+def open_images(paths: list[str], folder: Path) -> list:
+    """The row's images as RGB PIL images; paths are relative to the dataset file's folder."""
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(folder / path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+def _encode(processor, messages: list, images: list, generation_prompt: bool):
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return text, processor(text=[text], images=images or None, return_tensors="pt")
+
+
+def score_with_images(model, processor, rows: list, folder: Path) -> list:
+    """Each conversation's last turn, after its images and earlier turns: its mean token loss
+    and its number of tokens (one row a forward: the processor lays out each row's images)."""
+    import torch
+
+    scored = []
+    for row in rows:
+        images = open_images(row.get("images") or [], folder)
+        _, prompt = _encode(processor, row["messages"][:-1], images, True)
+        _, full = _encode(processor, row["messages"], images, False)
+        start, ids = prompt["input_ids"].shape[1], full["input_ids"]
+        with torch.no_grad():
+            logits = model(**full.to(model.device), use_cache=False).logits[:, :-1].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None].to(model.device))[0, :, 0]
+        n = ids.shape[1] - start
+        scored.append({"loss": float(-picked[start - 1 :].sum()) / n if n else None, "tokens": n})
+    return scored
+
+
+def answer_with_images(model, processor, rows: list, folder: Path, max_new_tokens: int) -> tuple:
+    """Greedy answers to the rows' questions, each with its images: (prompts, answers)."""
+    import torch
+
+    prompts, answers = [], []
+    for row in rows:
+        images = open_images(row.get("images") or [], folder)
+        text, encoded = _encode(processor, row["messages"][:-1], images, True)
+        with torch.no_grad():
+            out = model.generate(**encoded.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, encoded["input_ids"].shape[1] :]
+        prompts.append(text)
+        answers.append(processor.batch_decode(new, skip_special_tokens=True)[0])
+    return prompts, answers

@@ -14,6 +14,7 @@ writes). Nothing is imported from the project that wrote this script; what it ne
 to it and travels with it:
   finetune_eval.py       the evaluation before and after training
   finetune_callbacks.py  the progress lines, the measurement, the checkpoint pushes
+  finetune_vision.py     vision-language models: the processor, the rows' images as the trainer reads them
   finetune_rewards/      GRPO only: the reward functions CONFIG["rewards"] names
   accelerate.yaml        several processes only: how they are launched
   data/                  the training and held-out rows
@@ -180,14 +181,17 @@ def trainer_config(config_class, out: Path, max_steps: int | None):
 
 
 def load_data(data: str, here: Path, out: Path):
-    """A JSON-lines file (relative to this script) or a Hub dataset id (`hf://` optional)."""
+    """A JSON-lines file (relative to this script) or a Hub dataset id (`hf://` optional); a
+    vision row's images are files relative to the data file."""
     from datasets import load_dataset
+    from finetune_vision import with_images
 
     if not data.startswith(("hf://",)) and not Path(data).is_absolute():
         data = str((here / data).resolve())
     if Path(data).exists():
         # its Arrow cache stays in the run folder, not in the user's ~/.cache (one per run otherwise)
-        return load_dataset("json", data_files=data, split="train", cache_dir=str(out / ".cache" / "datasets"))
+        rows = load_dataset("json", data_files=data, split="train", cache_dir=str(out / ".cache" / "datasets"))
+        return with_images(rows, Path(data).parent) if CONFIG.get("vision") else rows
     return load_dataset(data.removeprefix("hf://"), split=CONFIG.get("split", "train"))
 
 
@@ -239,19 +243,25 @@ def load_pretrained(source: str):
 
 def from_pretrained(source: str, **kwargs):
     """The model class CONFIG["head"] names: a causal LM, or (a reward model) a sequence
-    classifier with one score, whose head starts untrained on a causal LM's weights."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    classifier with one score, whose head starts untrained on a causal LM's weights; a
+    vision-language model (CONFIG["vision"]) as image-text-to-text."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     if CONFIG.get("head") == "sequence_classification":
         return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, **kwargs)
+    if CONFIG.get("vision"):
+        return AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
 def load_model(source: str) -> tuple:
-    """The model to train (its towers frozen), its tokenizer, and the LoRA config (None: all weights train)."""
+    """The model to train (its towers frozen), its tokenizer (a vision model's processor, which
+    holds it), and the LoRA config (None: all weights train)."""
+    from finetune_vision import load_processor
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    processing = load_processor(source) if CONFIG.get("vision") else AutoTokenizer.from_pretrained(source)
+    tokenizer = getattr(processing, "tokenizer", processing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_pretrained(source)
@@ -272,7 +282,7 @@ def load_model(source: str) -> tuple:
         # SEQ_CLS: PEFT also trains (and saves) the new score head beside the adapter
         task = "SEQ_CLS" if CONFIG.get("head") == "sequence_classification" else "CAUSAL_LM"
         peft_config = LoraConfig(task_type=task, **CONFIG["lora"])
-    return model, tokenizer, peft_config
+    return model, processing, peft_config
 
 
 def load_baseline(source: str, here: Path, device):

@@ -115,11 +115,13 @@ JOB_FILES = (
     "train.py",
     "finetune_eval.py",
     "finetune_callbacks.py",
+    "finetune_vision.py",
     "accelerate.yaml",
     "data/train.jsonl",
     "data/heldout.jsonl",
 )
-JOB_FOLDERS = ("finetune_rewards",)
+# the spec's reward files (GRPO, RLOO); the checked images of vision rows, and of an evaluation set's
+JOB_FOLDERS = ("finetune_rewards", "data/images", "data/evaluation/images")
 
 
 def job_inputs(

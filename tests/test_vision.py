@@ -1,0 +1,175 @@
+"""Vision-language SFT: rows with images recognised as users have them, every image checked
+before spend (row and path named), and image tokens counted by the model's own processor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cli.run import main as run_main
+from flows.planning import plan_run
+from flows.sft import sft
+from tasks.core.spec import load_spec
+from tasks.data.formats import recognise
+from tasks.data.validate import DatasetValidationError
+from tests.helpers import EXAMPLES
+
+SHAPES = EXAMPLES / "data" / "shapes_vqa.jsonl"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _shapes_copy(tmp_path: Path, rows: int = 60) -> tuple[Path, list[dict]]:
+    """The shipped rows and their images in a folder of the test's own."""
+    shutil.copytree(EXAMPLES / "data" / "shapes", tmp_path / "shapes")
+    return tmp_path / "vqa.jsonl", _rows(SHAPES)[:rows]
+
+
+def _plan(dataset: Path, model: str = "tiny-vl", **over):
+    return plan_run(load_spec(EXAMPLES / "sft-vision-tiny.yaml", {"dataset": str(dataset), "model": model, **over}))
+
+
+def test_the_tiny_vision_model_counts_image_tokens_as_its_processor_lays_them_out(tiny_vlm_path):
+    from PIL import Image
+
+    from tasks.data.vision import image_tokens_for
+
+    tokens = image_tokens_for(tiny_vlm_path)
+    processor = tokens.processor
+    for size in [(100, 80), (112, 112), (40, 40), (1000, 600)]:
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], tokenize=False
+        )
+        ids = processor(text=[text], images=[Image.new("RGB", size)], return_tensors="pt")["input_ids"][0].tolist()
+        assert ids.count(processor.image_token_id) == tokens(size), size
+    assert tokens((100, 80)) == 12 and tokens((112, 112)) == 16  # 56x56 to 112x112 pixels: 4 to 16 tokens
+
+
+def test_images_with_conversations_llava_rows_and_image_folders_are_recognised():
+    shipped = recognise(_rows(SHAPES), "sft")
+    assert shipped.verdict == "READY" and shipped.candidates[0].trains_as == "vision"
+    llava = [
+        {
+            "id": "1",
+            "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}],
+        }
+    ]
+    found = recognise(llava, "sft")
+    assert found.verdict == "NEEDS MAPPING" and found.candidates[0].conversion == "llava"
+    folder = [{"image": {"bytes": None, "path": "/x/a.png"}, "question": "What colour?", "answer": "Red."}]
+    found = recognise(folder, "sft")
+    assert found.candidates[0].conversion == "image_text"
+    assert found.candidates[0].columns == {"completion": "answer", "prompt": "question"}
+    assert recognise(_rows(SHAPES), "dpo").verdict == "INCOMPATIBLE"
+
+
+def test_the_shipped_set_plans_with_its_image_tokens_and_a_frozen_vision_tower(tiny_vlm_path):
+    plan = plan_run(load_spec(EXAMPLES / "sft-vision-tiny.yaml", {"name": "vision-plan"}))
+    report = plan.dataset
+    assert report.format == "vision" and report.rows == 120
+    assert report.images.images == 120 and report.images.tokens_per_image_mean == 16  # 112x112 shapes
+    assert report.images.rows_without_images == 0
+    # every row's length counts its 16 image tokens: the chat text alone is about 40
+    assert report.tokens.min > 16 + 30
+    data = Path(report.prepared_path).parent
+    staged = [json.loads(line)["images"][0] for line in Path(report.prepared_path).read_text().splitlines()]
+    assert all((data / p).is_file() for p in staged) and len(list((data / "images").iterdir())) == 120
+    assert plan.hardware.frozen_tower_parameters > 0
+    assert plan.hardware.trainable_parameters == plan.hardware.parameters - plan.hardware.frozen_tower_parameters
+    assert plan.script.config["vision"] is True
+
+
+def test_broken_image_rows_are_refused_at_the_dry_run_with_the_row_and_path(tiny_vlm_path, tmp_path, capsys):
+    dataset, rows = _shapes_copy(tmp_path)
+    rows[3]["images"] = ["shapes/missing.png"]  # line 4
+    rows[7]["messages"][0]["content"].append({"type": "image"})  # line 8: two image parts, one image
+    (tmp_path / "shapes" / "0010.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")  # line 11
+    (tmp_path / "shapes" / "0012.png").write_bytes((EXAMPLES / "data" / "shapes" / "0012.png").read_bytes()[:200])
+    _write(dataset, rows)
+    code = run_main(
+        "sft", sft, plan_run, ["--spec", str(EXAMPLES / "sft-vision-tiny.yaml"), "--dataset", str(dataset), "--dry-run"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "4 bad row(s) for format 'vision'" in err
+    assert "rows 4: image file not found (row 4: 'shapes/missing.png', looked for at" in err
+    assert "rows 8: the image parts in messages must match the images given" in err and "2 image part(s), 1" in err
+    # a file that is no image, and one cut short
+    assert "rows 11, 13: Pillow cannot open the image (row 11: 'shapes/0010.png': not in an image format" in err
+    run = next((tmp_path / "runs").iterdir())
+    assert not (run / "data" / "train.jsonl").exists() and not (run / "data" / "images").exists()
+    assert not (run / "data" / "images.partial").exists()
+
+
+def test_a_text_model_refuses_image_rows_and_a_vision_model_takes_text_rows_with_a_warning(tiny_vlm_path, tmp_path):
+    with pytest.raises(DatasetValidationError, match=r"the model is text-only \(Qwen2ForCausalLM\)"):
+        _plan(SHAPES, model="tiny")
+    plan = _plan(EXAMPLES / "data" / "sft_chat.jsonl", name="text-on-vision")
+    assert plan.dataset.format == "messages" and plan.dataset.images is None
+    assert any("vision-language model (Qwen2_5_VLForConditionalGeneration)" in w for w in plan.dataset.warnings)
+
+
+def test_text_only_rows_in_a_vision_set_are_counted_and_large_images_warned(tiny_vlm_path, tmp_path):
+    from PIL import Image
+
+    dataset, rows = _shapes_copy(tmp_path)
+    rows[0] = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hi."}]},
+        ],
+        "images": [],
+    }
+    Image.new("RGB", (900, 700), (220, 40, 40)).save(tmp_path / "big.png")
+    rows[1]["images"] = [str(tmp_path / "big.png")]  # an absolute path
+    plan = _plan(_write(dataset, rows), name="mixed")
+    images = plan.dataset.images
+    assert images.rows_without_images == 1 and images.images == 59 and images.far_larger == 1
+    assert "row 2: 900x700 px" in images.far_larger_example
+    assert any("1 row(s) have no image" in w for w in plan.dataset.warnings)
+    assert any("resized down" in w for w in plan.dataset.warnings)
+
+
+def test_llava_rows_and_an_image_folder_train_as_conversations_with_images(tiny_vlm_path, tmp_path):
+    dataset, rows = _shapes_copy(tmp_path, rows=45)
+    llava = [
+        {
+            "image": r["images"][0],
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + r["messages"][0]["content"][1]["text"]},
+                {"from": "gpt", "value": r["messages"][1]["content"][0]["text"]},
+            ],
+        }
+        for r in rows
+    ]
+    plan = _plan(_write(dataset, llava), name="llava", conversion="llava")
+    assert plan.dataset.format == "vision" and plan.dataset.images.images == 45
+    first = json.loads(Path(plan.dataset.prepared_path).read_text().splitlines()[0])
+    assert first["messages"][0]["content"][0] == {"type": "image"} and len(first["images"]) == 1
+
+    folder = tmp_path / "folder"
+    shutil.copytree(tmp_path / "shapes", folder)
+    _write(
+        folder / "metadata.jsonl",
+        [
+            {
+                "file_name": Path(r["images"][0]).name,
+                "question": r["messages"][0]["content"][1]["text"],
+                "answer": r["messages"][1]["content"][0]["text"],
+            }
+            for r in rows
+        ],
+    )
+    plan = _plan(folder, name="folder", conversion="image_text", columns={"completion": "answer", "prompt": "question"})
+    assert plan.dataset.format == "vision" and plan.dataset.images.images == 45
