@@ -12,6 +12,15 @@ from tasks.core.spec import RunSpec
 from training.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from training.tiny_vlm import TINY_VLM_NAME, ensure_tiny_vlm
 
+# where a multimodal model keeps its vision/audio towers and projectors: frozen in training,
+# written to the projector file (not the language model's GGUF)
+TOWER_MARKERS = ("vision", "visual", "audio", "multi_modal_projector", "mm_projector", "image_newline")
+
+
+def in_tower(name: str) -> bool:
+    """A parameter or module of a multimodal model's towers, by its name."""
+    return any(m in name for m in TOWER_MARKERS)
+
 
 class ModelSourceError(UserFacingError, ValueError):
     """The model's config or tokenizer could not be read; says where it looked."""

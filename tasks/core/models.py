@@ -466,6 +466,15 @@ class GgufFile(Frozen):
     total_tensors: int | None = None
     fallbacks: dict[str, int] = Field(default_factory=dict, description='e.g. {"q4_K -> q5_0": 120}')
     thresholds: dict[str, float] = Field(default_factory=dict, description="what the smoke test required")
+    # a vision-language model: a held-out image question, answered by llama.cpp with the projector
+    image_question: str | None = None
+    image: str | None = Field(None, description="the held-out image it was asked about")
+    image_answer: str | None = None
+    hf_image_answer: str | None = Field(None, description="the transformers model's greedy answer to the same")
+    image_answer_agreement: float | None = Field(
+        None, description="share of the transformers answer's tokens llama.cpp's greedy answer repeats, in order"
+    )
+    image_prompt_tokens: int | None = Field(None, description="the question's tokens in llama.cpp, image included")
 
 
 class GgufFiles(Frozen):
@@ -473,6 +482,14 @@ class GgufFiles(Frozen):
     files: list[GgufFile] = Field(default_factory=list)
     modelfile: str | None = None
     convert_s: float | None = None
+    mmproj: GgufFile | None = Field(
+        None, description="a vision-language model's projector (llama.cpp's --mmproj), used with every file"
+    )
+
+    @property
+    def every_file(self) -> list[GgufFile]:
+        """The model files and the projector: what is checked, tested and published."""
+        return [*self.files, *([self.mmproj] if self.mmproj else [])]
 
 
 class PublishedModel(Frozen):

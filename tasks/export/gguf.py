@@ -36,6 +36,7 @@ from tasks.core.atomic import write_text
 from tasks.core.derived_cache import config_key, derived
 from tasks.core.errors import UserFacingError
 from tasks.core.manifest import sha256_file
+from tasks.core.model_source import in_tower
 from tasks.core.models import GgufFile, GgufFiles, JobResult, StageOutcome
 from tasks.core.spec import Outputs
 from tasks.export.gguf_converter import CHKTXT_PREFIX, ConverterUnavailable, find_converter
@@ -80,7 +81,8 @@ class GgufError(UserFacingError, RuntimeError):
 
 
 def weight_row_sizes(model_dir: Path) -> dict[str, int]:
-    """Length of each 2-D weight's rows (its last dimension), read from safetensors headers."""
+    """Length of each 2-D weight's rows (its last dimension), read from safetensors headers; the
+    language model's only (a multimodal model's towers go to its projector file)."""
     from safetensors import safe_open
 
     sizes = {}
@@ -88,7 +90,7 @@ def weight_row_sizes(model_dir: Path) -> dict[str, int]:
         with safe_open(str(f), "np") as st:
             for name in st.keys():
                 shape = st.get_slice(name).get_shape()
-                if len(shape) == 2:
+                if len(shape) == 2 and not in_tower(name):  # a tower goes to the projector, kept f16
                     sizes[name] = int(shape[-1])
     return sizes
 
@@ -104,7 +106,7 @@ def config_row_sizes(config: Any) -> dict[str, int]:
 
         with torch.device("meta"):
             model = auto_model_class(config).from_config(config)
-        return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2}
+        return {n: int(p.shape[-1]) for n, p in model.named_parameters() if p.dim() == 2 and not in_tower(n)}
 
     return derived("row-sizes", {"config": config_key(config)}, measure)
 
@@ -235,8 +237,9 @@ def hash_registrations(model_dir: Path, converter: Path) -> dict[str, str]:
 # --- conversion and quantization ----------------------------------------------------------
 
 
-def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, log_path: Path) -> float:
-    """Run the converter through our driver; returns the seconds it took."""
+def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, log_path: Path, *extra: str) -> float:
+    """Run the converter through our driver (`extra`: its further options, e.g. --mmproj);
+    returns the seconds it took."""
     converter = find_converter()
     registrations = hash_registrations(model_dir, converter)
     partial = outfile.with_name(f"{outfile.name}.{os.getpid()}.partial")  # one writer each, a killed flow too
@@ -253,6 +256,7 @@ def convert_to_gguf(model_dir: Path, outfile: Path, outtype: str, log_path: Path
         outtype,
         "--outfile",
         str(partial),
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "NO_LOCAL_GGUF": ""}
     start = time.perf_counter()
@@ -370,9 +374,10 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
         )
     if base_type not in types:
         base.unlink()
+    mmproj = projector(model_dir, out_dir, run_name, timings)
     preferred = next((f for f in files if f.quant == "q4_k_m"), files[0])
     mf = out_dir / "Modelfile"
-    write_text(mf, modelfile(Path(preferred.path).name, model_dir))
+    write_text(mf, modelfile(Path(preferred.path).name, model_dir, Path(mmproj.path).name if mmproj else None))
     detail = f"{len(files)} file(s): " + ", ".join(
         f"{f.quant} {f.size_mb:.1f} MB" + (f" ({fallback_text(f)})" if f.fallback_tensors else "") for f in files
     )
@@ -381,4 +386,24 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
         files=files,
         modelfile=str(mf),
         convert_s=round(convert_s, 2),
+        mmproj=mmproj,
+    )
+
+
+def is_vision_folder(model_dir: Path) -> bool:
+    """A saved vision-language model: its config nests a vision tower."""
+    return "vision_config" in json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+
+
+def projector(model_dir: Path, out_dir: Path, run_name: str, timings: list[str]) -> GgufFile | None:
+    """A vision-language model's multimodal projector (vision tower and merger), as llama.cpp's
+    converter writes it with --mmproj; kept in f16, as llama.cpp publishes projectors, whatever
+    the language model's types. None for a text model."""
+    if not is_vision_folder(model_dir):
+        return None
+    path = out_dir / f"{run_name}-mmproj-f16.gguf"  # "mmproj" in the name: the converter adds no prefix
+    seconds = convert_to_gguf(model_dir, path, "f16", out_dir / "convert-mmproj.log", "--mmproj")
+    timings.append(f"projector (mmproj) f16: {seconds:.1f} s")
+    return GgufFile(
+        quant="mmproj-f16", path=str(path), size_mb=round(path.stat().st_size / 1e6, 3), sha256=sha256_file(path)
     )

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.atomic import write_text
 from tasks.core.manifest import sha256_file
 from tasks.core.models import GgufFile
+from tasks.export.gguf_vision import ImageQuestion, ask, chat_handler, flattened, image_questions
 
 # Minimum top-1 agreement with the transformers model, by quantization type. Lossless types
 # must agree almost everywhere; lower-bit types lose some argmax ties on tiny models.
@@ -85,18 +86,17 @@ def smoke_test(
     reference: SmokeReference,
     threads: int | None = None,
     thresholds: dict[str, float] | None = None,
+    mmproj: Path | None = None,
 ) -> GgufFile:
     """Load the file with llama-cpp-python and measure it against the transformers model's
     `reference`; never raises for a bad file. `thresholds` ({"min_agreement": ..,
-    "max_perplexity_ratio": ..}) decide whether it passes."""
-    from llama_cpp import Llama
-
-    _disable_extra_buffer_types()
+    "max_perplexity_ratio": ..}) decide whether it passes. With a vision model's projector
+    (`mmproj`), the reference's image questions are asked too."""
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 2)  # the share a caller gave this process
     size_mb = path.stat().st_size / 1e6
     start = time.perf_counter()
     try:
-        llm = Llama(model_path=str(path), n_ctx=N_CTX, logits_all=True, verbose=False, n_threads=threads, seed=0)
+        llm = _load(path, threads, mmproj)
     except Exception as e:  # a file llama.cpp cannot load fails the test, with the reason
         return GgufFile(
             quant=quant,
@@ -110,6 +110,7 @@ def smoke_test(
     matches, problems = tokenization_matches(llm, reference)
     agreement, ppl, hf_ppl = agreement_and_perplexity(llm, reference)
     generated, n_gen, gen_s = chat_answer(llm, reference.chat_prompt)
+    seen = image_answers(llm, reference, problems) if mmproj else {}
     del llm
     limits = thresholds or default_thresholds(quant)
     checked = len(reference.texts)
@@ -130,7 +131,45 @@ def smoke_test(
         passed=not problems,
         problems=problems,
         thresholds=limits,
+        **seen,
     )
+
+
+def _load(path: Path, threads: int, mmproj: Path | None) -> Any:
+    """The file in llama.cpp, every position's logits kept; with the projector's chat handler."""
+    from llama_cpp import Llama
+
+    _disable_extra_buffer_types()
+    handler = chat_handler(mmproj) if mmproj else None
+    return Llama(
+        model_path=str(path),
+        n_ctx=N_CTX,
+        logits_all=True,
+        verbose=False,
+        n_threads=threads,
+        seed=0,
+        chat_handler=handler,
+    )
+
+
+def image_answers(llm: Any, reference: SmokeReference, problems: list[str]) -> dict[str, Any]:
+    """The image questions asked with the projector: the first one's answer, and the mean agreement."""
+    if not reference.image_questions:
+        return {}
+    try:
+        asked = [ask(llm, q) for q in reference.image_questions]
+    except Exception as e:  # libmtmd's errors come as many types; the message says what failed
+        problems.append(f"llama.cpp could not answer an image question with the projector: {e}")
+        return {}
+    first = reference.image_questions[0]
+    return {
+        "image_question": first.question,
+        "image": first.image,
+        "image_answer": asked[0][0][:200],
+        "hf_image_answer": first.hf_answer[:200],
+        "image_prompt_tokens": asked[0][1],
+        "image_answer_agreement": round(sum(a for _, _, a in asked) / len(asked), 4),
+    }
 
 
 def tokenization_matches(llm: Any, reference: SmokeReference) -> tuple[int, list[str]]:
@@ -276,6 +315,7 @@ class SmokeReference(BaseModel):
     hf_argmax: list[list[int]]  # the transformers model's top-1 at each position but the last
     hf_nll: float  # its summed negative log-likelihood of each next token
     chat_prompt: list[dict[str, str]]
+    image_questions: list[ImageQuestion] = []  # a vision-language model's, asked with the projector
 
     @property
     def positions(self) -> int:
@@ -283,12 +323,18 @@ class SmokeReference(BaseModel):
         return sum(len(ids) - 1 for ids in self.heldout_ids)
 
 
-def reference_for(model_dir: Path, rows: list[dict]) -> SmokeReference:
+def reference_for(model_dir: Path, rows: list[dict], images: Path | None = None) -> SmokeReference:
+    """`images`: where a vision-language model's rows keep their images (its questions are asked
+    with them; its language model is compared on the rows' text alone)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from tasks.core.model_source import auto_model_class, load_config, load_processor
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    model = auto_model_class(load_config(str(model_dir))).from_pretrained(model_dir, dtype="float32").eval()
+    asked = image_questions(model, load_processor(str(model_dir)), rows, images) if images else []
+    rows = flattened(rows) if images else rows
     texts = _sample_texts(tokenizer, rows)
     heldout, argmaxes, nll = [], [], 0.0
     for text in _render_rows(tokenizer, rows):
@@ -308,6 +354,7 @@ def reference_for(model_dir: Path, rows: list[dict]) -> SmokeReference:
         hf_argmax=argmaxes,
         hf_nll=nll,
         chat_prompt=_chat_prompt(rows),
+        image_questions=asked,
     )
 
 
@@ -320,8 +367,10 @@ def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: P
     if not rows:  # tiny datasets keep no held-out rows: fall back to a few training rows
         rows = [json.loads(line) for line in train_path.read_text().splitlines()[:8] if line.strip()]
     reference = Path(gguf.files[0].path).parent / "smoke_reference.json"
-    reference.write_text(reference_for(model_dir, rows[:16]).model_dump_json())
-    checks = [SmokeCheck(Path(f.path), f.quant, thresholds_for(f.quant, outputs)) for f in gguf.files]
+    images = heldout_path.parent if gguf.mmproj else None
+    reference.write_text(reference_for(model_dir, rows[:16], images).model_dump_json())
+    mmproj = Path(gguf.mmproj.path) if gguf.mmproj else None
+    checks = [SmokeCheck(Path(f.path), f.quant, thresholds_for(f.quant, outputs), mmproj) for f in gguf.files]
     measured = smoke_test_in_children(checks, reference)
     tested = [
         result.model_copy(
@@ -341,12 +390,34 @@ def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: P
             for f in tested
         )
         status = "passed"
+    projector = projector_tested(gguf.mmproj, tested)
+    if projector is not None:
+        detail += "; on the rows' text alone" if status == "passed" else ""
+        detail += (
+            f"; with the projector, asked {projector.image_question!r}: {projector.image_answer!r} "
+            f"(transformers: {projector.hf_image_answer!r})"
+            if projector.passed
+            else f"; projector: {'; '.join(projector.problems)}"
+        )
     return GgufFiles(
         outcome=StageOutcome(stage="smoke_test_gguf", status=status, detail=detail),
         files=tested,
         modelfile=gguf.modelfile,
         convert_s=gguf.convert_s,
+        mmproj=projector,
     )
+
+
+def projector_tested(mmproj: GgufFile | None, tested: list[GgufFile]) -> GgufFile | None:
+    """The projector passes with the first model file that answered an image question through it."""
+    if mmproj is None:
+        return None
+    answered = next((f for f in tested if f.image_answer is not None), None)
+    if answered is None:
+        return mmproj.model_copy(update={"passed": False, "problems": ["no model file answered an image question"]})
+    fields = ("image_question", "image", "image_answer", "hf_image_answer", "image_answer_agreement")
+    fields += ("image_prompt_tokens",)
+    return mmproj.model_copy(update={"passed": True, **{k: getattr(answered, k) for k in fields}})
 
 
 @dataclass(frozen=True)
@@ -356,6 +427,7 @@ class SmokeCheck:
     path: Path
     quant: str
     thresholds: dict[str, float]
+    mmproj: Path | None = None  # a vision model's projector, loaded with the file
 
     @property
     def result_file(self) -> Path:
@@ -400,7 +472,10 @@ def smoke_test_in_children(checks: list[SmokeCheck], reference: Path, run: Runne
 
 
 def _child_command(checks: list[SmokeCheck], reference: Path) -> list[str]:
-    files = [{"path": str(c.path), "quant": c.quant, "thresholds": c.thresholds} for c in checks]
+    files = [
+        {"path": str(c.path), "quant": c.quant, "thresholds": c.thresholds, "mmproj": str(c.mmproj or "")}
+        for c in checks
+    ]
     return [sys.executable, "-m", "tasks.export.gguf_smoke", str(reference), json.dumps(files)]
 
 
@@ -421,8 +496,9 @@ def _main(argv: list[str]) -> None:
     reference_file, files = argv
     reference = SmokeReference.model_validate_json(Path(reference_file).read_text())
     for file in json.loads(files):
-        check = SmokeCheck(Path(file["path"]), file["quant"], file["thresholds"])
-        result = smoke_test(check.path, check.quant, reference, thresholds=check.thresholds)
+        check = SmokeCheck(Path(file["path"]), file["quant"], file["thresholds"], Path(file["mmproj"] or "."))
+        mmproj = check.mmproj if file["mmproj"] else None
+        result = smoke_test(check.path, check.quant, reference, thresholds=check.thresholds, mmproj=mmproj)
         write_text(check.result_file, result.model_dump_json(indent=2))  # whole, or not there
 
 

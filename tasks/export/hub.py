@@ -22,6 +22,7 @@ from tasks.core.manifest import record, sha256_file
 from tasks.core.models import EvaluationResult, GgufFiles, JobResult, JobStatus, PublishedModel, RunPlan, StageOutcome
 from tasks.core.spec import RunSpec
 from tasks.data.reading import HUB_ID
+from tasks.export.model_card import example_image
 
 RETRY_DELAYS_S = (2.0, 5.0, 15.0, 30.0)
 
@@ -65,11 +66,14 @@ def stage_release(run_dir: Path, result: JobResult, gguf: GgufFiles | None, card
             if f.is_file():
                 _copy_into(f, release / "adapter" / f.name)
     if gguf is not None:
-        for g in gguf.files:
+        for g in gguf.every_file:
             if g.passed:
                 _copy_into(Path(g.path), release / "gguf" / Path(g.path).name)
         if gguf.modelfile and any(g.passed for g in gguf.files):
             _copy_into(Path(gguf.modelfile), release / "gguf" / "Modelfile")
+        example = example_image(gguf)
+        if example is not None:  # the held-out image the card's example asks about
+            _copy_into(Path(gguf.mmproj.image), release / example)  # type: ignore[union-attr]
     if loss_png is not None:
         _copy_into(loss_png, release / "loss.png")
     scores = evaluation_scores(run_dir)

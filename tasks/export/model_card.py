@@ -42,16 +42,25 @@ def loss_curve_png(status: JobStatus, path: Path, title: str) -> Path | None:
     return path
 
 
+def example_image(gguf: GgufFiles | None) -> str | None:
+    """The name in the release of the held-out image a vision model's card shows, asked about."""
+    if gguf is None or gguf.mmproj is None or not gguf.mmproj.passed or not gguf.mmproj.image:
+        return None
+    return "example" + Path(gguf.mmproj.image).suffix
+
+
 def card_metadata(spec: RunSpec, plan: RunPlan, gguf: GgufFiles | None, license_id: str) -> dict[str, Any]:
     classifier = method_definition(spec.method).head == "sequence_classification"
-    tags = ["finetune-flow", spec.method, "trl", "reward-model" if classifier else "text-generation"]
+    vision = bool(plan.script.config.get("vision"))
+    kind = "reward-model" if classifier else "image-text-to-text" if vision else "text-generation"
+    tags = ["finetune-flow", spec.method, "trl", kind, *(["vision"] if vision else [])]
     if plan.hardware.use_lora:
         tags += ["peft", "lora"]
     if gguf is not None and any(f.passed for f in gguf.files):
         tags.append("gguf")
     meta: dict[str, Any] = {
         "library_name": "transformers",
-        "pipeline_tag": "text-classification" if classifier else "text-generation",
+        "pipeline_tag": "text-classification" if classifier else kind,
         "license": license_id,
         "tags": tags,
     }
@@ -64,11 +73,14 @@ def card_metadata(spec: RunSpec, plan: RunPlan, gguf: GgufFiles | None, license_
     return meta
 
 
+BUILT_IN = {"tiny": "embedded tiny Qwen2 (random init)", "tiny-vl": "embedded tiny Qwen2.5-VL (random init)"}
+
+
 def _settings_rows(spec: RunSpec, plan: RunPlan, status: JobStatus) -> list[tuple[str, str]]:
     t = plan.script.config["training"]
     rows = [
         ("method", f"{spec.method.upper()} ({plan.script.trainer})"),
-        ("base model", "embedded tiny Qwen2 (random init)" if spec.model == "tiny" else spec.model),
+        ("base model", BUILT_IN.get(spec.model, spec.model)),
         (
             "dataset",
             f"{Path(spec.dataset).name if Path(spec.dataset).exists() else spec.dataset} "
@@ -152,9 +164,13 @@ def model_card(
             "Perplexity and top-1 agreement are measured on held-out rows of the training data against the "
             "transformers model; tokenization is compared with the Hugging Face tokenizer.",
             "",
+            *projector_lines(gguf),
         ]
     if method_definition(spec.method).head == "sequence_classification":
         return "\n".join(lines + how_to_score(repo_id, method_definition(spec.method).no_gguf))
+    names = [Path(f.path).name for f in files if f.passed]
+    if plan.script.config.get("vision"):
+        return "\n".join(lines + how_to_run_vision(repo_id, name, names, gguf))
     return "\n".join(lines + how_to_run(repo_id, name, [Path(f.path).name for f in files]))
 
 
@@ -242,5 +258,78 @@ def how_to_run(repo_id: str, name: str, gguf_names: list[str]) -> list[str]:
         "```bash",
         f"lms import gguf/{gguf_names[0]}",
         "```",
+        "",
+    ]
+
+
+def projector_lines(gguf: GgufFiles) -> list[str]:
+    """A vision model's projector, and the held-out image question it answered (with the image)."""
+    p = gguf.mmproj
+    if p is None:
+        return []
+    lines = [
+        f"`{Path(p.path).name}` ({p.size_mb:.1f} MB, f16) is the vision tower and its projector (llama.cpp's "
+        "`--mmproj`): load it beside any file above. The language model's numbers above are measured on the rows' "
+        "text without their images.",
+        "",
+    ]
+    example = example_image(gguf)
+    if example is None:
+        return lines + [f"It was not used: {'; '.join(p.problems) or 'no image question was asked'}.", ""]
+    agreement = f"{p.image_answer_agreement:.0%}" if p.image_answer_agreement is not None else "n/a"
+    return lines + [
+        f"![a held-out image]({example})",
+        "",
+        f"Asked of llama.cpp with the projector: *{p.image_question}* -> `{p.image_answer}` (the transformers "
+        f"model: `{p.hf_image_answer}`; {agreement} of its answer's tokens repeated, {p.image_prompt_tokens} "
+        "prompt tokens with the image).",
+        "",
+    ]
+
+
+def how_to_run_vision(repo_id: str, name: str, gguf_names: list[str], gguf: GgufFiles | None) -> list[str]:
+    """A vision-language model: transformers with its processor, llama.cpp's multimodal CLI and
+    server with the projector, Ollama with both files."""
+    question = (gguf.mmproj.image_question if gguf and gguf.mmproj else None) or "What is in this image?"
+    example = example_image(gguf) or "photo.png"
+    lines = [
+        "## How to run it",
+        "",
+        "With transformers (its processor lays out the image's tokens):",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from transformers import AutoModelForImageTextToText, AutoProcessor",
+        f'processor = AutoProcessor.from_pretrained("{repo_id}")',
+        f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}")',
+        f'messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "{question}"}}]}}]',
+        "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        f'inputs = processor(text=[text], images=[Image.open("{example}")], return_tensors="pt")',
+        'out = model.generate(**inputs, max_new_tokens=32)[0, inputs["input_ids"].shape[1]:]',
+        "print(processor.decode(out, skip_special_tokens=True))",
+        "```",
+        "",
+    ]
+    if not gguf_names or gguf is None or gguf.mmproj is None or not gguf.mmproj.passed:
+        return lines
+    mmproj = Path(gguf.mmproj.path).name
+    return lines + [
+        "With llama.cpp: its multimodal CLI, or its server (OpenAI-style `image_url` parts), each with the projector:",
+        "",
+        "```bash",
+        *(f'llama-mtmd-cli -m gguf/{f} --mmproj gguf/{mmproj} --image {example} -p "{question}"' for f in gguf_names),
+        f"llama-server -m gguf/{gguf_names[0]} --mmproj gguf/{mmproj}",
+        "```",
+        "",
+        "With Ollama (the `Modelfile` names both files; whether Ollama runs an imported projector of this family "
+        "depends on its version):",
+        "",
+        "```bash",
+        "cd gguf",
+        f"ollama create {name.lower()} -f Modelfile",
+        f"ollama run {name.lower()}",
+        "```",
+        "",
+        "With LM Studio: put a model file and the projector in one folder of LM Studio's models folder.",
         "",
     ]

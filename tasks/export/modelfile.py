@@ -24,9 +24,17 @@ def _special_tokens(model_dir: Path) -> list[str]:
     return stops
 
 
-def modelfile(gguf_name: str, model_dir: Path, temperature: float = 0.7) -> str:
-    """An Ollama Modelfile for one GGUF file: template, stop tokens, parameters."""
-    lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{OLLAMA_CHATML_TEMPLATE}"""', ""]
+def modelfile(gguf_name: str, model_dir: Path, mmproj: str | None = None, temperature: float = 0.7) -> str:
+    """An Ollama Modelfile for one GGUF file: template, stop tokens, parameters; a vision model's
+    projector as a second FROM, the form Ollama imports a separate projector from."""
+    lines = [f"FROM ./{gguf_name}"]
+    if mmproj:
+        lines += [
+            f"FROM ./{mmproj}",
+            "# the vision projector: whether Ollama runs an imported projector of this family depends on its",
+            "# version; llama.cpp's llama-mtmd-cli runs both files as they are (see the model card)",
+        ]
+    lines += ["", f'TEMPLATE """{OLLAMA_CHATML_TEMPLATE}"""', ""]
     for stop in [*_special_tokens(model_dir), "<|im_start|>"]:
         lines.append(f'PARAMETER stop "{stop}"')
     lines += [f"PARAMETER temperature {temperature}", "PARAMETER num_ctx 2048", ""]

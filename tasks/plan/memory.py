@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.core.derived_cache import config_key, derived
 from tasks.core.methods import MethodDefinition, cut_length, method_definition, uses_reference
-from tasks.core.model_source import auto_model_class, load_config
+from tasks.core.model_source import TOWER_MARKERS, auto_model_class, in_tower, load_config
 from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.plan.flavors import Flavor
@@ -88,16 +88,16 @@ class Architecture:
         targets = resolve_lora_targets(model, target_modules)
         decoder_linear = matmul = lora = lora_inputs = lora_outputs = lora_count = expert = tower = layered = 0
         for name, p in model.named_parameters():
-            if re.search(r"\.layers\.\d+\.", name) and not _in_tower(name):
+            if re.search(r"\.layers\.\d+\.", name) and not in_tower(name):
                 layered += p.numel()
-            if _in_tower(name):
+            if in_tower(name):
                 tower += p.numel()
             elif p.dim() == 3 and ".experts." in name and experts:
                 # fused MoE experts (transformers 5): every expert is held, top-k compute per token
                 expert += p.numel()
                 matmul += p.numel() * top_k // experts
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or _in_tower(name):
+            if not isinstance(module, torch.nn.Linear) or in_tower(name):
                 continue
             size = module.in_features * module.out_features
             matmul += size
@@ -135,12 +135,7 @@ class Architecture:
         )
 
 
-TOWER_MARKERS = ("vision", "visual", "audio", "multi_modal_projector", "mm_projector", "image_newline")
 ROUTER_LEAVES = ("gate", "router")  # MoE routers: a LoRA there would change which experts are chosen
-
-
-def _in_tower(name: str) -> bool:
-    return any(m in name for m in TOWER_MARKERS)
 
 
 def _active_intermediate(text: Any, top_k: int) -> int:
@@ -165,7 +160,7 @@ def resolve_lora_targets(model: Any, requested: list[str] | str) -> tuple[str, .
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is output:
             continue
-        if _in_tower(name):
+        if in_tower(name):
             towers = True
             continue
         leaf = name.rsplit(".", 1)[-1]

@@ -19,10 +19,10 @@ from typing import Any
 
 from tasks.core.atomic import replace_path, write_text
 from tasks.core.methods import MethodDefinition
+from tasks.core.model_source import TOWER_MARKERS
 from tasks.core.models import HardwarePlan, TrainingScript
 from tasks.core.spec import RunSpec
 from tasks.plan.launch import LAUNCH_CONFIG, accelerate_config, render_launch_config
-from tasks.plan.memory import TOWER_MARKERS
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "training" / "templates"
 CONFIG_MARKER = "CONFIG: dict = {}  # @@CONFIG@@"

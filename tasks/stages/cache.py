@@ -132,7 +132,7 @@ def gguf_key(result: Any, outputs: Any) -> str:
 def smoke_key(gguf: Any, result: Any, report: Any, outputs: Any) -> str:
     return key_of(
         "smoke",
-        [(f.quant, f.sha256) for f in gguf.files],
+        [(f.quant, f.sha256) for f in gguf.every_file],
         _model_record(result),
         file_hashes(report.heldout_path, report.prepared_path),
         outputs.gguf_min_agreement,
@@ -141,14 +141,14 @@ def smoke_key(gguf: Any, result: Any, report: Any, outputs: Any) -> str:
 
 
 def publish_key(spec: Any, job: Any, result: Any, gguf: Any) -> str:
-    files = [(f.quant, f.sha256, f.passed) for f in gguf.files] if gguf is not None else []
+    files = [(f.quant, f.sha256, f.passed) for f in gguf.every_file] if gguf is not None else []
     return key_of("publish", spec.model_dump(mode="json"), job.job_id, _model_record(result), files)
 
 
 def gguf_problems(gguf: Any) -> list[str]:
     """GGUF files that are missing or differ from what conversion wrote."""
     found = []
-    for f in gguf.files:
+    for f in gguf.every_file:
         path = Path(f.path)
         if not path.is_file():
             found.append(f"{path.name} is missing")
