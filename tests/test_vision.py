@@ -173,3 +173,35 @@ def test_llava_rows_and_an_image_folder_train_as_conversations_with_images(tiny_
     )
     plan = _plan(folder, name="folder", conversion="image_text", columns={"completion": "answer", "prompt": "question"})
     assert plan.dataset.format == "vision" and plan.dataset.images.images == 45
+
+
+def test_the_tiny_vision_model_learns_the_shapes_and_its_gguf_pair_answers_an_image_question(
+    tiny_vlm_path, trains, prefect_server, tmp_path, monkeypatch
+):
+    published = tmp_path / "published"
+    overrides = {"name": "vision", "training": {"num_train_epochs": 2}, "outputs": {"hub_repo": str(published)}}
+    summary = sft(spec=load_spec(EXAMPLES / "sft-vision-tiny.yaml", overrides))
+    assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
+    assert summary.evaluation.verdict == "improved"
+    projector = summary.gguf.mmproj
+    assert projector.passed and projector.image_answer and projector.image_prompt_tokens > 16  # the image's 16 tokens
+    assert projector.image_answer_agreement >= 0.5, (projector.image_answer, projector.hf_image_answer)
+    names = {p.name for p in (published / "gguf").iterdir()}
+    assert {"vision-f16.gguf", "vision-q8_0.gguf", "vision-mmproj-f16.gguf", "Modelfile"} <= names
+    assert "FROM ./vision-mmproj-f16.gguf" in (published / "gguf" / "Modelfile").read_text()
+    assert {"processor_config.json", "chat_template.jinja", "example.png"} <= {p.name for p in published.iterdir()}
+    card = (published / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "![a held-out image](example.png)" in card
+    assert "llama-mtmd-cli -m gguf/vision-q8_0.gguf --mmproj gguf/vision-mmproj-f16.gguf --image example.png" in card
+
+    # the card's transformers example, as written, against the published folder
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count('from_pretrained("published")') == 2  # the folder's name, as the repo's
+    snippet = snippet.replace('from_pretrained("published")', f'from_pretrained("{published}")')
+    from training.templates.finetune_vision import patch_no_torchvision
+
+    patch_no_torchvision()  # no torchvision here (docs/vision-language-probe.md)
+    monkeypatch.chdir(published)
+    printed: list[str] = []
+    exec(compile(snippet, "README.md", "exec"), {"print": printed.append})
+    assert printed and printed[0].strip() == projector.hf_image_answer.strip()
