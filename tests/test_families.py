@@ -11,7 +11,7 @@ import pytest
 
 from flows.planning import plan_run
 from tasks.core.spec import parse_spec
-from tasks.export.gguf import converter_architectures
+from tasks.export.gguf import converted_architectures, converter_architectures
 from tasks.plan.memory import Architecture
 from tests.helpers import EXAMPLES, REPO
 
@@ -100,3 +100,72 @@ def test_a_config_only_folder_of_each_family_plans_on_a_gpu_with_its_lora_target
     assert plan.script.config["lora"]["target_modules"] == h.lora_target_modules
     if name == "mixtral-8x7b":
         assert h.expert_parameters > 40e9 and "gate" not in h.lora_target_modules
+
+
+# vision-language models: the parameter counts their Hub pages state, to the parameter
+VISION = [
+    ("qwen2.5-vl-3b", 3_754_622_976, 4),
+    ("qwen2.5-vl-7b", 8_292_166_656, 4),
+    ("smolvlm-256m", 256_484_928, 16),
+    ("gemma-3-4b", 4_300_079_472, 16),
+]
+
+
+@pytest.mark.parametrize(("name", "published", "patches"), VISION)
+def test_vision_models_are_counted_exactly_with_their_towers_frozen_and_left_out_of_lora(name, published, patches):
+    arch = Architecture.from_config(_config(name))
+    assert arch.params == published
+    assert 0.02 * published < arch.tower_params < 0.4 * published  # the tower and its projector
+    assert arch.tower_matmul_params > 0.9 * arch.tower_params and arch.patches_per_image_token == patches
+    assert isinstance(arch.lora_targets, str) and "(?!.*(vision|visual" in arch.lora_targets  # the language model's
+    tables = converted_architectures(_config(name))  # the language model's GGUF, and the --mmproj projector
+    assert all(arch in converter_architectures(table) for table, arch in tables.items()) and len(tables) == 2
+
+
+def _vision_folder(name: str, tmp_path) -> str:
+    folder = tmp_path / name
+    folder.mkdir()
+    shutil.copy(CONFIGS / f"{name}.json", folder / "config.json")
+    for extra in ("preprocessor_config.json", "processor_config.json"):
+        if (CONFIGS / f"{name}.{extra}").exists():
+            shutil.copy(CONFIGS / f"{name}.{extra}", folder / extra)
+    return str(folder)
+
+
+def _photos(tmp_path, size: tuple[int, int]) -> str:
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (EXAMPLES / "data" / "shapes_vqa.jsonl").read_text().splitlines()][:40]
+    Image.new("RGB", size, (40, 80, 220)).save(tmp_path / "photo.png")
+    for row in rows:
+        row["images"] = ["photo.png"]
+    (tmp_path / "photos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp_path / "photos.jsonl")
+
+
+@pytest.mark.parametrize(("name", "tokens"), [("qwen2.5-vl-7b", 999), ("gemma-3-4b", 256)])
+def test_a_vision_config_folder_plans_its_photos_image_tokens_on_a_gpu(name, tokens, tmp_path):
+    """A 1024x768 photo: Qwen2.5-VL resizes it to 1036x756 (multiples of 28), 74 x 54 patches of 14
+    merged 2x2 = 999 tokens; Gemma 3 pools any image to 256."""
+    spec = parse_spec(
+        {"dataset": _photos(tmp_path, (1024, 768)), "model": _vision_folder(name, tmp_path), "backend": "hf-jobs"}
+        | {"name": name}
+    )
+    plan = plan_run(spec)
+    images = plan.dataset.images
+    assert images.tokens_per_image_min == images.tokens_per_image_max == tokens and images.images == 40
+    h = plan.hardware
+    assert h.accelerator and h.frozen_tower_parameters == Architecture.from_config(_config(name)).tower_params
+    assert "vision tower (forward)" in h.memory_breakdown_gb
+    assert plan.script.config["vision"] is True and plan.script.config["lora"]["target_modules"].startswith("^(?!")
+
+
+def test_a_vision_config_whose_image_tokens_need_its_tokenizer_refuses_image_rows_and_says_why(tmp_path):
+    from tasks.data.validate import DatasetValidationError
+
+    spec = parse_spec(
+        {"dataset": _photos(tmp_path, (512, 512)), "model": _vision_folder("smolvlm-256m", tmp_path)}
+        | {"backend": "hf-jobs", "name": "smolvlm"}
+    )
+    with pytest.raises(DatasetValidationError, match="the tokens they become cannot be counted: .*tokenizer"):
+        plan_run(spec)

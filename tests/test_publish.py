@@ -63,6 +63,9 @@ def test_the_model_card_has_hub_metadata_and_run_instructions(tmp_path):
         class hardware:
             use_lora = True
 
+        class script:
+            config: dict = {}  # a text model's (a vision model's says "vision": True)
+
     meta = card_metadata(spec, Plan, None, "apache-2.0")
     assert meta["base_model"] == "Qwen/Qwen2.5-0.5B" and meta["datasets"] == ["someone/chats"]
     assert {"peft", "lora", "sft", "trl"} <= set(meta["tags"]) and "gguf" not in meta["tags"]

@@ -14,7 +14,7 @@ from training.tiny_vlm import TINY_VLM_NAME, ensure_tiny_vlm
 
 # where a multimodal model keeps its vision/audio towers and projectors: frozen in training,
 # written to the projector file (not the language model's GGUF)
-TOWER_MARKERS = ("vision", "visual", "audio", "multi_modal_projector", "mm_projector", "image_newline")
+TOWER_MARKERS = ("vision", "visual", "audio", "multi_modal_projector", "mm_projector", "connector", "image_newline")
 
 
 def in_tower(name: str) -> bool:

@@ -576,7 +576,7 @@ def validate_dataset(
             _refuse_one_label(state.labels, source)
         held = state.writer.finish()
         state.check_seconds, state.check_processes = time.perf_counter() - started, max(1, workers)
-        if inputs and inputs.image_tokens and not (state.images and state.images.images):
+        if inputs and inputs.vision and not (state.images and state.images.images):
             state.notes.append(inputs.text_only_warning())
         report = _report(
             state,

@@ -57,12 +57,56 @@ class ImageTokens:
         return None
 
 
+class ImagesOnly:
+    """A processor's image counts where only its image processor can be read (a folder with the
+    config and preprocessor_config.json but no tokenizer): the counts that need no tokenizer,
+    as the processor computes them. Qwen2-VL's family: its image processor's patches over the
+    merge size squared; Gemma 3: its processor_config's fixed `image_seq_length`."""
+
+    def __init__(self, image_processor: Any, processor_config: dict[str, Any]) -> None:
+        self.image_processor = image_processor
+        self.fixed = processor_config.get("image_seq_length")
+        if not (self.fixed or getattr(image_processor, "merge_size", None)):
+            raise ValueError(
+                f"{type(image_processor).__name__}'s image tokens depend on the tokenizer, which could not be read"
+            )
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[tuple[int, int]]) -> Any:
+        from types import SimpleNamespace
+
+        if self.fixed:
+            return SimpleNamespace(num_image_tokens=[int(self.fixed)] * len(image_sizes))
+        merge = self.image_processor.merge_size
+        patches = [self.image_processor.get_number_of_image_patches(h, w, {}) for h, w in image_sizes]
+        return SimpleNamespace(num_image_tokens=[n // merge**2 for n in patches])
+
+
 @lru_cache(maxsize=4)
 def image_tokens_for(model_path: str) -> ImageTokens:
-    """The processor of a vision-language model (its folder or Hub id), read once."""
-    from tasks.core.model_source import load_processor
+    """The processor of a vision-language model (its folder or Hub id), read once; its image
+    processor alone where the tokenizer cannot be read (`ImagesOnly`)."""
+    from tasks.core.model_source import ModelSourceError, load_processor
 
-    return ImageTokens(load_processor(model_path))
+    try:
+        return ImageTokens(load_processor(model_path))
+    except ModelSourceError as e:
+        return ImageTokens(_images_only(model_path, e))
+
+
+def _images_only(model_path: str, why: Exception) -> ImagesOnly:
+    import json
+    from pathlib import Path
+
+    from transformers import AutoImageProcessor
+
+    from tasks.core.model_source import ModelSourceError
+
+    try:
+        images = AutoImageProcessor.from_pretrained(model_path)
+        extra = Path(model_path) / "processor_config.json"
+        return ImagesOnly(images, json.loads(extra.read_text()) if extra.is_file() else {})
+    except Exception as e:  # transformers raises many types; say what was tried
+        raise ModelSourceError(f"{why}; its image processor alone did not do either: {e}") from None
 
 
 class ImageTally:
@@ -121,12 +165,20 @@ class ImageTally:
 
 
 class ModelInputs:
-    """What a model takes in, as validation needs it: images (with their token counts) or text only."""
+    """What a model takes in, as validation needs it: images (with their token counts) or text
+    only; `unreadable` says why a vision model's image tokens cannot be counted."""
 
-    def __init__(self, architecture: str, image_tokens: ImageTokens | None) -> None:
-        self.architecture, self.image_tokens = architecture, image_tokens
+    def __init__(self, architecture: str, image_tokens: ImageTokens | None, unreadable: str = "") -> None:
+        self.architecture, self.image_tokens, self.unreadable = architecture, image_tokens, unreadable
+        self.vision = image_tokens is not None or bool(unreadable)
 
     def refuse_images(self, source: str) -> str:
+        if self.unreadable:
+            return (
+                f"{source}: the rows have images, and the tokens they become cannot be counted: {self.unreadable}. "
+                "Give the model as a folder (or Hub id) with its processor files (preprocessor_config.json and "
+                "the tokenizer)"
+            )
         return (
             f"{source}: the rows have images, and the model is text-only ({self.architecture}): it cannot see them. "
             "Use a vision-language model (`model: tiny-vl` here, or e.g. Qwen/Qwen2.5-VL-3B-Instruct, "
@@ -151,4 +203,7 @@ def model_inputs(model_path: str) -> ModelInputs:
         return ModelInputs("unknown (its config could not be read)", None)
     if not is_vision_model(config):
         return ModelInputs(architecture(config), None)
-    return ModelInputs(architecture(config), image_tokens_for(model_path))
+    try:
+        return ModelInputs(architecture(config), image_tokens_for(model_path))
+    except ModelSourceError as e:
+        return ModelInputs(architecture(config), None, str(e))

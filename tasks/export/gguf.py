@@ -137,9 +137,10 @@ def check_quant_types(rows: dict[str, int], types: list[str], strict: bool = Fal
     return notes
 
 
-def converter_architectures() -> set[str] | None:
-    """The architectures llama.cpp's converter can convert (its TEXT_MODEL_MAP, read from its
-    source, never copied here); None when the converter is not installed."""
+def converter_architectures(table: str = "TEXT_MODEL_MAP") -> set[str] | None:
+    """The architectures llama.cpp's converter can convert (its TEXT_MODEL_MAP, or with
+    MMPROJ_MODEL_MAP the projectors it writes; read from its source, never copied here); None
+    when the converter is not installed."""
     try:
         converter = find_converter()
     except ConverterUnavailable:
@@ -149,7 +150,7 @@ def converter_architectures() -> set[str] | None:
         target = node.target if isinstance(node, ast.AnnAssign) else None
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target = node.targets[0]
-        if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and node.value is not None:
+        if isinstance(target, ast.Name) and target.id == table and node.value is not None:
             return set(ast.literal_eval(node.value))
     return None
 
@@ -157,18 +158,32 @@ def converter_architectures() -> set[str] | None:
 def check_converter_knows(config: Any, types: list[str]) -> list[str]:
     """Refuse, at planning time, GGUF files of an architecture the converter cannot convert
     (before any money goes into training); a note when that cannot be checked here."""
-    architectures = list(getattr(config, "architectures", None) or [])
+    architectures = converted_architectures(config)
     if not types or not architectures:
         return []
-    known = converter_architectures()
-    if known is None:
-        return ["GGUF: llama.cpp's converter is not installed here, so the architecture could not be checked"]
-    if architectures[0] not in known:
-        raise GgufError(
-            f"llama.cpp's converter (the one pinned with llama-cpp-python) cannot convert {architectures[0]}, so "
-            "no GGUF file can be made for this model; set outputs.gguf: [] to train and publish without GGUF files"
-        )
+    for (table, arch), what in zip(architectures.items(), ("the model", "its vision projector"), strict=False):
+        known = converter_architectures(table)
+        if known is None:
+            return ["GGUF: llama.cpp's converter is not installed here, so the architecture could not be checked"]
+        if arch not in known:
+            raise GgufError(
+                f"llama.cpp's converter (the one pinned with llama-cpp-python) cannot convert {what} ({arch}), so "
+                "no GGUF file can be made for this model; set outputs.gguf: [] to train and publish without GGUF files"
+            )
     return []
+
+
+def converted_architectures(config: Any) -> dict[str, str]:
+    """The architecture llama.cpp's converter looks up for the language model (a multimodal
+    model's text_config names its own), and for a vision model's projector, by converter table."""
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        return {}
+    text = getattr(getattr(config, "text_config", None), "architectures", None) or names
+    found = {"TEXT_MODEL_MAP": text[0]}
+    if getattr(config, "vision_config", None) is not None:
+        found["MMPROJ_MODEL_MAP"] = names[0]
+    return found
 
 
 # --- the tokenizer's family ---------------------------------------------------------------

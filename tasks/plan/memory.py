@@ -62,6 +62,10 @@ class Architecture:
     lora_targets: tuple[str, ...] | str = "all-linear"  # what PEFT gets as target_modules
     expert_params: int = 0  # MoE experts' weights (all of them are held; top-k of them compute)
     tower_params: int = 0  # vision/audio towers and projectors of a multimodal model
+    tower_matmul_params: int = 0  # their Linears' in x out: a frozen tower's forward FLOPs per patch
+    patches_per_image_token: int = 1  # patches the vision tower computes for each token an image becomes
+    tower_hidden: int = 0  # the vision tower's width and its MLP's: what one patch holds in one block
+    tower_intermediate: int = 0
     model_type: str = ""  # the config's, e.g. qwen2: which fused kernels apply
     layer_params: int = 0  # one decoder layer: the unit FSDP gathers at a time
     layer_classes: tuple[str, ...] = ()  # the model's _no_split_modules: what FSDP wraps
@@ -129,6 +133,7 @@ class Architecture:
             lora_targets=targets,
             expert_params=expert,
             tower_params=tower,
+            **_tower(model, config),
             model_type=str(getattr(config, "model_type", "")),
             layer_params=layered // max(int(text.num_hidden_layers), 1),
             layer_classes=tuple(getattr(model, "_no_split_modules", None) or ()),
@@ -144,6 +149,42 @@ def _active_intermediate(text: Any, top_k: int) -> int:
         width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", None)
         return int(width) * top_k + int(getattr(text, "shared_expert_intermediate_size", 0) or 0)
     return int(getattr(text, "intermediate_size", None) or 4 * text.hidden_size)
+
+
+def _tower(model: Any, config: Any) -> dict[str, int]:
+    """A multimodal model's vision tower as the FLOP and memory models need it."""
+    import torch
+
+    vision = getattr(config, "vision_config", None)
+    hidden = int(getattr(vision, "hidden_size", None) or getattr(vision, "embed_dim", None) or 0)
+    matmul = sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and in_tower(name)
+    )
+    return {
+        "tower_matmul_params": matmul,
+        "patches_per_image_token": patches_per_image_token(config),
+        "tower_hidden": hidden,
+        "tower_intermediate": int(getattr(vision, "intermediate_size", 0) or 4 * hidden),
+    }
+
+
+def patches_per_image_token(config: Any) -> int:
+    """How many of the vision tower's patches make one image token: Qwen2-VL merges 2x2
+    (`spatial_merge_size`), Idefics3/SmolVLM shuffles pixels by `scale_factor` squared, Gemma 3
+    pools its patch grid to `mm_tokens_per_image`; 1 for a text model."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return 1
+    if getattr(vision, "spatial_merge_size", None):
+        return int(vision.spatial_merge_size) ** 2
+    if getattr(config, "scale_factor", None):
+        return int(config.scale_factor) ** 2
+    if getattr(config, "mm_tokens_per_image", None) and getattr(vision, "image_size", None):
+        grid = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        return max(1, grid // int(config.mm_tokens_per_image))
+    return 1
 
 
 def resolve_lora_targets(model: Any, requested: list[str] | str) -> tuple[str, ...] | str:
@@ -205,6 +246,7 @@ class Workload(BaseModel):
     reference_model: bool = False  # a frozen reference forward per sequence
     generates: bool = False
     lm_logits: bool = True  # a vocabulary of logits per token; a classifier (reward model) has one score
+    image_token_share: float = 0.0  # of the tokens, those images become (a vision-language model's rows)
     # reward models scoring the completions, held beside the policy for forwards only: each one's
     # parameters, or None for one a recipe stage has yet to train (planned at the policy's size)
     reward_models: tuple[int | None, ...] = ()
@@ -278,6 +320,10 @@ def memory_breakdown_gb(
         "activations": activations / GB,
         "logits": logits / GB,
     }
+    if w.image_token_share and arch.tower_hidden:
+        # the frozen tower runs without keeping activations: one block's working set over the micro-batch's patches
+        patches = tokens * w.image_token_share * arch.patches_per_image_token
+        out["vision tower (forward)"] = patches * (6 * arch.tower_hidden + 3 * arch.tower_intermediate) * b / GB
     if w.reference_model and w.mode == "full":  # with LoRA, the base with the adapter switched off
         out["reference model"] = arch.params * b / GB
     if w.reward_models:
@@ -329,6 +375,8 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     backward = 2 * forward if w.mode == "full" else forward
     recompute = forward if w.checkpointing else 0
     total = forward + backward + recompute
+    # the frozen vision tower: a forward only, over the patches behind each image token
+    total += w.image_token_share * arch.patches_per_image_token * 2 * arch.tower_matmul_params
     if w.reference_model:
         total += forward
     total += sum(
@@ -379,6 +427,8 @@ def workload_for(
         }
     if method.rewards:
         extra["reward_models"] = reward_model_sizes(spec.rewards)
+    if report.images is not None and report.total_tokens:
+        extra["image_token_share"] = min(1.0, report.images.image_tokens / report.total_tokens)
     return Workload.of(
         method,
         args,

@@ -68,8 +68,21 @@ def _dataset_lines(d: DatasetReport) -> list[str]:
         f"duplicates: {d.duplicates}; empty turns: {d.empty_turns}"
         + (f"; converted with `{d.conversion}`" if d.conversion else ""),
         *([f"- evaluation rows (before/after, GGUF smoke test): {d.heldout_source}"] if d.heldout_source else []),
+        *_image_lines(d),
         *length_table(d.length_histogram, d.max_length),
         *(f"- warning: {w}" for w in d.warnings),
+    ]
+
+
+def _image_lines(d: DatasetReport) -> list[str]:
+    i = d.images
+    if i is None:
+        return []
+    return [
+        f"- images: {i.images} in {i.rows_with_images} rows ({i.rows_without_images} rows without one), every one "
+        f"opened and copied to `{i.staged}`; tokens per image by the model's processor: min "
+        f"{i.tokens_per_image_min}, mean {i.tokens_per_image_mean}, max {i.tokens_per_image_max} "
+        f"({i.image_tokens:,} in all, counted in the tokens per row above)"
     ]
 
 
@@ -79,6 +92,15 @@ def _hardware_lines(h: HardwarePlan) -> list[str]:
         "## Hardware",
         f"- {h.description} (`{h.flavor}`, {h.backend} backend, {h.dtype})",
         f"- parameters: {h.parameters:,}; trained: {h.trainable_parameters:,}; LoRA: {'yes' if h.use_lora else 'no'} ({h.lora_reason})",
+        *(
+            [
+                f"- vision tower and projector: {h.frozen_tower_parameters:,} parameters, frozen: the language model "
+                "learns to read what the pretrained tower sees (most of the gain, and memory for neither its gradients "
+                "nor its optimizer state); the images' activations pass through it without being kept"
+            ]
+            if h.frozen_tower_parameters
+            else []
+        ),
         f"- processes: {h.processes} ({h.strategy}): {h.strategy_reason}",
         *(
             [f"- launch: `{launch_command(h)}` (`python train.py` runs it itself; the config is next to it)"]
