@@ -205,3 +205,28 @@ def test_the_tiny_vision_model_learns_the_shapes_and_its_gguf_pair_answers_an_im
     printed: list[str] = []
     exec(compile(snippet, "README.md", "exec"), {"print": printed.append})
     assert printed and printed[0].strip() == projector.hf_image_answer.strip()
+
+
+def test_the_vision_tower_stays_frozen_unless_the_spec_trains_it_beside_the_adapter(tiny_vlm_path, trains, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    frozen = _plan(SHAPES, name="frozen", lora=True)
+    h = frozen.hardware
+    assert h.frozen_tower_parameters > 0 and h.trained_tower_parameters == 0
+    assert "modules_to_save" not in frozen.script.config["lora"] and frozen.script.config["frozen"]
+    trained = _plan(SHAPES, name="trained", lora=True, vision_tower="trained", training={"max_steps": 2})
+    t = trained.hardware
+    assert t.trained_tower_parameters == h.frozen_tower_parameters and t.frozen_tower_parameters == 0
+    assert t.trainable_parameters == h.trainable_parameters + h.frozen_tower_parameters
+    assert "vision tower activations" in t.memory_breakdown_gb and trained.cost.estimated_flops > 0
+    assert trained.script.config["lora"]["modules_to_save"] == ["visual"] and trained.script.config["frozen"] == []
+    out = tmp_path / "by-hand"
+    proc = subprocess.run(
+        [sys.executable, trained.script.path, "--output-dir", str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "np") as saved:
+        assert any(".visual." in key for key in saved.keys())  # the tower, trained whole beside the adapter

@@ -17,7 +17,7 @@ from typing import Any
 
 from tasks.core.atomic import write_text
 
-VERSION = 2  # bump when what is derived changes (2: towers apart, their matmuls counted)
+VERSION = 3  # bump when what is derived changes (3: a tower's matmuls, widths and modules)
 
 
 def config_key(config: Any) -> str:

@@ -258,6 +258,8 @@ class HardwarePlan(Frozen):
     lora_target_modules: list[str] | str = "all-linear"
     expert_parameters: int = Field(0, description="MoE experts: all held in memory, top-k compute per token")
     frozen_tower_parameters: int = Field(0, description="vision/audio towers of a multimodal model, kept frozen")
+    trained_tower_parameters: int = Field(0, description="those towers when the spec's vision_tower is trained")
+    tower_modules: list[str] = Field(default_factory=list, description="the towers' outermost modules, by name")
     dtype: Literal["float32", "bfloat16", "float16"]
     mode: Literal["full", "lora", "qlora"]
     use_lora: bool

@@ -172,6 +172,11 @@ class RunSpec(_Frozen):
     distributed: Distributed = Field(default_factory=Distributed)
     pool: PoolSettings = Field(default_factory=PoolSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    vision_tower: Literal["frozen", "trained"] = Field(
+        "frozen",
+        description="a vision-language model's vision tower and projector: frozen (the language model learns to read "
+        "what the pretrained tower sees), or trained in full beside the language model (or its LoRA adapter)",
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="passed through to the TRL config")
     budget: Budget = Field(default_factory=Budget)
     outputs: Outputs = Field(default_factory=Outputs)

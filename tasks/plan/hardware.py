@@ -34,7 +34,7 @@ from tasks.core.spec import RunSpec, SpecError, runs_on_this_machine
 from tasks.plan.calibration import load_table
 from tasks.plan.cost import SCALING_EFFICIENCY, estimate_run, planned_batch
 from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
-from tasks.plan.memory import Architecture, Mode, Strategy, memory_breakdown_gb, workload_for
+from tasks.plan.memory import Architecture, Mode, Strategy, memory_breakdown_gb, trained_parameters, workload_for
 from tasks.plan.speed import choose_speed, padding_overhead
 
 GB = 1024**3
@@ -454,10 +454,12 @@ def _plan(
         price_per_hour_usd=flavor.price_per_hour,
         peak_tflops=flavor.peak_tflops,
         parameters=arch.params,
-        trainable_parameters=arch.params - arch.tower_params if best.mode == "full" else arch.lora_params,
+        trainable_parameters=trained_parameters(arch, best.mode, w.tower_trained),
         lora_target_modules=list(arch.lora_targets) if isinstance(arch.lora_targets, tuple) else arch.lora_targets,
         expert_parameters=arch.expert_params,
-        frozen_tower_parameters=arch.tower_params,
+        frozen_tower_parameters=0 if w.tower_trained else arch.tower_params,
+        trained_tower_parameters=arch.tower_params if w.tower_trained else 0,
+        tower_modules=list(arch.tower_modules),
         dtype=dtype,  # type: ignore[arg-type]
         mode=best.mode,
         use_lora=best.mode != "full",

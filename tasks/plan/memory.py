@@ -66,6 +66,8 @@ class Architecture:
     patches_per_image_token: int = 1  # patches the vision tower computes for each token an image becomes
     tower_hidden: int = 0  # the vision tower's width and its MLP's: what one patch holds in one block
     tower_intermediate: int = 0
+    tower_layers: int = 0
+    tower_modules: tuple[str, ...] = ()  # its outermost modules' names (PEFT's modules_to_save when it trains)
     model_type: str = ""  # the config's, e.g. qwen2: which fused kernels apply
     layer_params: int = 0  # one decoder layer: the unit FSDP gathers at a time
     layer_classes: tuple[str, ...] = ()  # the model's _no_split_modules: what FSDP wraps
@@ -157,16 +159,22 @@ def _tower(model: Any, config: Any) -> dict[str, int]:
 
     vision = getattr(config, "vision_config", None)
     hidden = int(getattr(vision, "hidden_size", None) or getattr(vision, "embed_dim", None) or 0)
+    names = [name for name, _ in model.named_modules()]
     matmul = sum(
         m.in_features * m.out_features
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and in_tower(name)
     )
+    outermost = {
+        n.rsplit(".", 1)[-1] for n in names if in_tower(n) and not in_tower(n.rsplit(".", 1)[0] if "." in n else "")
+    }
     return {
         "tower_matmul_params": matmul,
         "patches_per_image_token": patches_per_image_token(config),
         "tower_hidden": hidden,
         "tower_intermediate": int(getattr(vision, "intermediate_size", 0) or 4 * hidden),
+        "tower_layers": int(getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None) or 0),
+        "tower_modules": tuple(sorted(outermost)),
     }
 
 
@@ -247,6 +255,7 @@ class Workload(BaseModel):
     generates: bool = False
     lm_logits: bool = True  # a vocabulary of logits per token; a classifier (reward model) has one score
     image_token_share: float = 0.0  # of the tokens, those images become (a vision-language model's rows)
+    tower_trained: bool = False  # the spec's vision_tower: trained (frozen otherwise)
     # reward models scoring the completions, held beside the policy for forwards only: each one's
     # parameters, or None for one a recipe stage has yet to train (planned at the policy's size)
     reward_models: tuple[int | None, ...] = ()
@@ -272,6 +281,13 @@ def _sequences(w: Workload) -> int:
     return w.sequences_per_row * w.micro_batch
 
 
+def trained_parameters(arch: Architecture, mode: Mode, tower_trained: bool = False) -> int:
+    """What the optimizer updates: every weight but the towers (full), the adapter (LoRA), and
+    the towers too when the spec trains them."""
+    base = arch.params - arch.tower_params if mode == "full" else arch.lora_params
+    return base + (arch.tower_params if tower_trained else 0)
+
+
 def lora_rank(arch: Architecture) -> int:
     per_linear = arch.lora_in_features_per_layer + arch.lora_out_features_per_layer
     return round(arch.lora_params / max(per_linear * arch.layers, 1))
@@ -285,7 +301,7 @@ def memory_breakdown_gb(
         weights = arch.decoder_linear_params * NF4_BYTES_PER_PARAM + (arch.params - arch.decoder_linear_params) * b
     else:
         weights = arch.params * b
-    trained = arch.params - arch.tower_params if w.mode == "full" else arch.lora_params  # towers stay frozen
+    trained = trained_parameters(arch, w.mode, w.tower_trained)
     adapter = 0 if w.mode == "full" else arch.lora_params * 4
     gradients = trained * (b if w.mode == "full" else 4)
     optimizer = trained * ADAM_BYTES
@@ -321,9 +337,14 @@ def memory_breakdown_gb(
         "logits": logits / GB,
     }
     if w.image_token_share and arch.tower_hidden:
-        # the frozen tower runs without keeping activations: one block's working set over the micro-batch's patches
+        # a frozen tower keeps no activations: one block's working set over the micro-batch's patches;
+        # a trained one keeps every block's for its backward pass
         patches = tokens * w.image_token_share * arch.patches_per_image_token
-        out["vision tower (forward)"] = patches * (6 * arch.tower_hidden + 3 * arch.tower_intermediate) * b / GB
+        per_block = patches * (6 * arch.tower_hidden + 3 * arch.tower_intermediate) * b
+        if w.tower_trained:
+            out["vision tower activations"] = per_block * max(arch.tower_layers, 1) / GB
+        else:
+            out["vision tower (forward)"] = per_block / GB
     if w.reference_model and w.mode == "full":  # with LoRA, the base with the adapter switched off
         out["reference model"] = arch.params * b / GB
     if w.reward_models:
@@ -375,8 +396,9 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     backward = 2 * forward if w.mode == "full" else forward
     recompute = forward if w.checkpointing else 0
     total = forward + backward + recompute
-    # the frozen vision tower: a forward only, over the patches behind each image token
-    total += w.image_token_share * arch.patches_per_image_token * 2 * arch.tower_matmul_params
+    # the vision tower over the patches behind each image token: a forward when frozen, and its backward when trained
+    tower_passes = 3 if w.tower_trained else 1
+    total += w.image_token_share * arch.patches_per_image_token * 2 * arch.tower_matmul_params * tower_passes
     if w.reference_model:
         total += forward
     total += sum(
@@ -427,6 +449,7 @@ def workload_for(
         }
     if method.rewards:
         extra["reward_models"] = reward_model_sizes(spec.rewards)
+    extra["tower_trained"] = spec.vision_tower == "trained"
     if report.images is not None and report.total_tokens:
         extra["image_token_share"] = min(1.0, report.images.image_tokens / report.total_tokens)
     return Workload.of(

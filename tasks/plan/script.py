@@ -74,6 +74,8 @@ def script_config(
             "lora_dropout": spec.lora.dropout,
             "target_modules": plan.lora_target_modules,
         }
+        if plan.trained_tower_parameters:  # PEFT trains (and saves) these modules whole beside the adapter
+            lora["modules_to_save"] = plan.tower_modules
     return {
         "trainer": method.trainer,
         "config_class": method.config_class,
@@ -95,7 +97,8 @@ def script_config(
         "dtype": plan.dtype,
         "lora": lora,
         "quantization": "4bit" if plan.mode == "qlora" else None,
-        # a multimodal model's vision/audio towers are not trained (the plan's memory assumes so)
+        # a multimodal model's vision/audio towers are not trained (the plan's memory assumes so),
+        # unless the spec's vision_tower says trained: then in full, beside a LoRA adapter too
         "frozen": list(TOWER_MARKERS) if plan.frozen_tower_parameters else [],
         "project": run_name,
         "run_name": run_name,

@@ -99,6 +99,11 @@ def _hardware_lines(h: HardwarePlan) -> list[str]:
                 "nor its optimizer state); the images' activations pass through it without being kept"
             ]
             if h.frozen_tower_parameters
+            else [
+                f"- vision tower and projector: {h.trained_tower_parameters:,} parameters, trained in full "
+                "(vision_tower: trained), with their gradients, optimizer state and activations"
+            ]
+            if h.trained_tower_parameters
             else []
         ),
         f"- processes: {h.processes} ({h.strategy}): {h.strategy_reason}",
