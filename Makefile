@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-slow test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ PYTEST_WORKERS ?= 4
 test: install
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
+
+# the few tests that take over a minute alone (a real `prefect deploy --all` with workers, the GRPO
+# recipe as shipped, the docs' curl sequence, the fast path against TRL's defaults): CI runs them too
+test-slow: install
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m slow
 
 test-fast: install
 	$(PY) -m ruff check .

@@ -14,12 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tasks.core.methods import METHODS
 from tests.helpers import QUICK_SFT, REPO, start_process, stop_process
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_prefect_deploy_all_creates_every_deployment_and_workers_train_a_run_through_the_pool(
     trains, prefect_server, tmp_path
 ):

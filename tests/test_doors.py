@@ -47,6 +47,7 @@ def _docs_block(marker: str, page: str = "ways-in.md") -> str:
     return found.group(1)
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_the_docs_curl_sequence_runs_as_written(trains, served, tmp_path):
     """Every line of the REST section of docs/ways-in.md, run by bash against the served deployments,
     with the shipped JSON spec it names."""

@@ -136,6 +136,7 @@ def test_the_dry_run_prices_the_chain_as_json(capsys):
     assert status_main(["no-such-run"]) == 2 and "no run named 'no-such-run'" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_the_grpo_recipe_runs_with_one_command_each_stage_from_the_last_and_resumes_for_free(
     trains, prefect_server, tmp_path
 ):

@@ -261,6 +261,7 @@ def _train(model_path: str, data: Path, out: Path, **speed_args) -> tuple[list[f
     return [e["loss"] for e in trainer.state.log_history if "loss" in e], held_out_loss(model, tokenizer, held)
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_the_fast_path_learns_what_trl_defaults_learn(trains, tiny_model_path, tmp_path):
     """On the tiny model, an epoch of realistic chat rows (32 rows of mixed length, 4 steps of 8):
     padding-free batches, and micro-batches of one row with accumulation, give the defaults' losses

@@ -179,7 +179,7 @@ def test_the_tiny_vision_model_learns_the_shapes_and_its_gguf_pair_answers_an_im
     tiny_vlm_path, trains, prefect_server, tmp_path, monkeypatch
 ):
     published = tmp_path / "published"
-    overrides = {"name": "vision", "training": {"num_train_epochs": 2}, "outputs": {"hub_repo": str(published)}}
+    overrides = {"name": "vision", "training": {"num_train_epochs": 1}, "outputs": {"hub_repo": str(published)}}
     summary = sft(spec=load_spec(EXAMPLES / "sft-vision-tiny.yaml", overrides))
     assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
     assert summary.evaluation.verdict == "improved"
@@ -217,7 +217,7 @@ def test_the_vision_tower_stays_frozen_unless_the_spec_trains_it_beside_the_adap
     h = frozen.hardware
     assert h.frozen_tower_parameters > 0 and h.trained_tower_parameters == 0
     assert "modules_to_save" not in frozen.script.config["lora"] and frozen.script.config["frozen"]
-    trained = _plan(SHAPES, name="trained", lora=True, vision_tower="trained", training={"max_steps": 2})
+    trained = _plan(SHAPES, name="trained", lora=True, vision_tower="trained", training={"max_steps": 1})
     t = trained.hardware
     assert t.trained_tower_parameters == h.frozen_tower_parameters and t.frozen_tower_parameters == 0
     assert t.trainable_parameters == h.trainable_parameters + h.frozen_tower_parameters
