@@ -179,7 +179,7 @@ def test_the_tiny_vision_model_learns_the_shapes_and_its_gguf_pair_answers_an_im
     tiny_vlm_path, trains, prefect_server, tmp_path, monkeypatch
 ):
     published = tmp_path / "published"
-    overrides = {"name": "vision", "training": {"num_train_epochs": 1}, "outputs": {"hub_repo": str(published)}}
+    overrides = {"name": "vision", "training": {"num_train_epochs": 2}, "outputs": {"hub_repo": str(published)}}
     summary = sft(spec=load_spec(EXAMPLES / "sft-vision-tiny.yaml", overrides))
     assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
     assert summary.evaluation.verdict == "improved"
@@ -230,3 +230,30 @@ def test_the_vision_tower_stays_frozen_unless_the_spec_trains_it_beside_the_adap
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "np") as saved:
         assert any(".visual." in key for key in saved.keys())  # the tower, trained whole beside the adapter
+
+
+def test_image_parts_that_name_their_images_and_a_single_image_path_are_taken_as_they_are(tiny_vlm_path, tmp_path):
+    dataset, rows = _shapes_copy(tmp_path, rows=45)
+    inline = []
+    for i, r in enumerate(rows):
+        question, answer = r["messages"][0]["content"][1]["text"], r["messages"][1]["content"][0]["text"]
+        image = (
+            {"type": "image", "image": r["images"][0]}
+            if i % 2
+            else {"type": "image_url", "image_url": {"url": r["images"][0]}}  # OpenAI's form
+        )
+        inline.append(
+            {
+                "messages": [
+                    {"role": "user", "content": [image, {"type": "text", "text": question}]},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        )
+    found = recognise(inline, "sft")
+    assert found.verdict == "NEEDS MAPPING" and found.candidates[0].conversion == "inline_images"
+    plan = _plan(_write(dataset, inline), name="inline", conversion="inline_images")
+    assert plan.dataset.format == "vision" and plan.dataset.images.images == 45
+    single = [{**r, "images": r["images"][0]} for r in rows]  # one path, not a list
+    plan = _plan(_write(tmp_path / "single.jsonl", single), name="single")
+    assert plan.dataset.images.images == 45

@@ -152,6 +152,38 @@ def _llava(row: dict[str, Any], kind: str) -> dict[str, Any]:
     return {"messages": messages, "images": images, **_rest(row, "conversations", "image", "images")}
 
 
+INLINE_KEYS = ("image", "path", "url")  # where a part names its image, besides OpenAI's image_url
+
+
+def _inline_ref(part: dict[str, Any]) -> Any:
+    """The image an inline part names ({type: image, image|path|url: ...} or OpenAI's
+    {type: image_url, image_url: {url}}), or None for a bare placeholder."""
+    if part.get("type") == "image_url":
+        ref = part.get("image_url")
+        return ref.get("url") if isinstance(ref, dict) else ref
+    return next((part[k] for k in INLINE_KEYS if part.get(k) is not None), None)
+
+
+def _inline_images(row: dict[str, Any], kind: str) -> dict[str, Any]:
+    images: list[Any] = []
+    messages = []
+    for turn in row["messages"]:
+        content = turn.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                    ref = _inline_ref(part)
+                    if ref is None:
+                        raise ValueError("an image part names no image (give it image, path or url)")
+                    images.append(ref)
+                    part = {"type": "image"}
+                parts.append(part)
+            content = parts
+        messages.append({**turn, "content": content})
+    return {"messages": messages, "images": images, **_rest(row, "messages", "images")}
+
+
 def _image_text(row: dict[str, Any], kind: str) -> dict[str, Any]:
     prompt, answer = row.get("prompt"), row["completion"]
     if not isinstance(answer, str) or not answer.strip():
@@ -291,6 +323,15 @@ CONVERSIONS: dict[str, Conversion] = {
             describe="LLaVA rows: ShareGPT turns with <image> in their text, and image (or images) -> messages whose "
             "content parts put an image where each <image> stood, and the images",
             fn=_llava,
+        ),
+        Conversion(
+            name="inline_images",
+            reads=("messages",),
+            makes="vision (messages + images)",
+            kinds=("demonstrations",),
+            describe="conversations whose image parts name their image ({type: image, image: PATH}, or OpenAI's "
+            "{type: image_url, image_url: {url}}) -> {type: image} placeholders, and the images in a column",
+            fn=_inline_images,
         ),
         Conversion(
             name="image_text",
@@ -537,6 +578,16 @@ def _image_parts(v: Any) -> bool:
     )
 
 
+def _inline_parts(v: Any) -> bool:
+    """A conversation with an image part that names its image (no `images` column holds them)."""
+    return _role_turns(v) and any(
+        isinstance(p, dict) and p.get("type") in ("image", "image_url") and _inline_ref(p) is not None
+        for t in v
+        if isinstance(t["content"], list)
+        for p in t["content"]
+    )
+
+
 def _llava_turns(v: Any) -> bool:
     return _sharegpt_turns(v) and any(IMAGE_MARK in str(t["value"]) for t in v)
 
@@ -545,6 +596,15 @@ def _vision(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     """Rows with images: conversations with image parts (TRL's own form), LLaVA rows, and one image
     with its caption or question and answer (an image folder's metadata)."""
     columns = set(rows[0]) if rows else set()
+    if "messages" in columns and "images" not in columns and any(_inline_parts(v) for v in _values(rows, "messages")):
+        return [
+            FormatCandidate(
+                format="conversations whose image parts name their images ('messages')",
+                verdict="NEEDS MAPPING",
+                trains_as="vision",
+                conversion="inline_images",
+            )
+        ]
     if {"messages", "images"} <= columns and any(_image_parts(v) for v in _values(rows, "messages")):
         return [
             FormatCandidate(

@@ -299,7 +299,9 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
                 None,
                 nullable=True,
                 checks=pa.Check(
-                    lambda v: v is None or isinstance(v, list), element_wise=True, error="images must be a list"
+                    lambda v: v is None or isinstance(v, list | str),
+                    element_wise=True,
+                    error="images must be a list (or one path)",
                 ),
             )
     elif fmt == "prompt_completion":
