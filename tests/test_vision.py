@@ -133,11 +133,12 @@ def test_text_only_rows_in_a_vision_set_are_counted_and_large_images_warned(tiny
     }
     Image.new("RGB", (900, 700), (220, 40, 40)).save(tmp_path / "big.png")
     rows[1]["images"] = [str(tmp_path / "big.png")]  # an absolute path
+    rows[2] = {"messages": rows[0]["messages"]}  # a row without the images key: text only too
     plan = _plan(_write(dataset, rows), name="mixed")
     images = plan.dataset.images
-    assert images.rows_without_images == 1 and images.images == 59 and images.far_larger == 1
+    assert images.rows_without_images == 2 and images.images == 58 and images.far_larger == 1
     assert "row 2: 900x700 px" in images.far_larger_example
-    assert any("1 row(s) have no image" in w for w in plan.dataset.warnings)
+    assert any("2 row(s) have no image" in w for w in plan.dataset.warnings)
     assert any("resized down" in w for w in plan.dataset.warnings)
 
 
@@ -257,3 +258,19 @@ def test_image_parts_that_name_their_images_and_a_single_image_path_are_taken_as
     single = [{**r, "images": r["images"][0]} for r in rows]  # one path, not a list
     plan = _plan(_write(tmp_path / "single.jsonl", single), name="single")
     assert plan.dataset.images.images == 45
+
+
+def test_image_rows_in_a_form_or_for_a_method_that_cannot_read_them_are_refused_not_stripped():
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+            "chosen": [{"role": "assistant", "content": "Red."}],
+            "rejected": [{"role": "assistant", "content": "Blue."}],
+            "images": ["a.png"],
+        }
+    ]
+    for method in ("dpo", "orpo", "kto", "reward", "grpo"):
+        verdict = recognise(pairs, method)
+        assert verdict.verdict == "INCOMPATIBLE" and f"{method} does not train on images yet" in verdict.why
+    sft = recognise(pairs, "sft")  # not the chosen answers alone, without their picture
+    assert sft.verdict == "INCOMPATIBLE" and "not in a form SFT reads with them" in sft.why

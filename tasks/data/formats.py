@@ -831,12 +831,44 @@ KTO_NOT_PAIRS = (
 )
 
 
+IMAGES_NOT_HERE = (
+    "the rows have images, and {method} does not train on images yet (SFT does: docs/vision-language.md); "
+    "training without them would teach answers about pictures the model never sees"
+)
+IMAGES_UNREAD = (
+    "the rows have images, but not in a form SFT reads with them: messages with {type: image} parts and an images "
+    "column, LLaVA rows (image, and conversations with <image>), or one image per row with its text (an image folder)"
+)
+
+
+def _has_images(rows: list[dict[str, Any]]) -> bool:
+    """Rows that carry images: an image column with values, or image parts in a conversation."""
+    for row in rows:
+        if any(row.get(c) not in (None, [], "") for c in ("images", "image")):
+            return True
+        for value in row.values():
+            if isinstance(value, list) and any(
+                isinstance(t, dict)
+                and isinstance(t.get("content"), list)
+                and any(isinstance(p, dict) and p.get("type") in ("image", "image_url") for p in t["content"])
+                for t in value
+            ):
+                return True
+    return False
+
+
 def recognise(rows: list[dict[str, Any]], method: str) -> MethodVerdict:
     """What the rows are for `method`, judged on the first SAMPLE_ROWS rows."""
     sample, definition = rows[:SAMPLE_ROWS], method_definition(method)
     if definition.data == "demonstrations" and _kto(sample):
         return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=KTO_ROWS)
+    if _has_images(sample) and "vision" not in definition.formats:
+        return MethodVerdict(
+            method=method, verdict="INCOMPATIBLE", candidates=[], why=IMAGES_NOT_HERE.format(method=method)
+        )
     candidates = READERS[definition.data](sample)
+    if _has_images(sample) and not any(c.trains_as == "vision" for c in candidates):
+        return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=IMAGES_UNREAD)
     if any(c.verdict == "READY" for c in candidates):
         return MethodVerdict(method=method, verdict="READY", candidates=candidates)
     if candidates:

@@ -88,7 +88,8 @@ def check_row_images(messages: Any, images: Any, source: ImageSource) -> RowImag
     from PIL import Image, UnidentifiedImageError
 
     found = RowImages()
-    given = [] if images is None else [images] if isinstance(images, str | dict) else list(images)
+    missing = images is None or (isinstance(images, float) and images != images)  # no key in the row: NaN
+    given = [] if missing else [images] if isinstance(images, str | dict) else list(images)
     if len(given) != (parts := image_parts(messages)):
         found.problems.append((PLACEHOLDERS, f"{parts} image part(s), {len(given)} image(s)"))
     for value in given:

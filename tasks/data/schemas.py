@@ -299,7 +299,7 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
                 None,
                 nullable=True,
                 checks=pa.Check(
-                    lambda v: v is None or isinstance(v, list | str),
+                    lambda v: v is None or v != v or isinstance(v, list | str),  # NaN: a row without the key
                     element_wise=True,
                     error="images must be a list (or one path)",
                 ),

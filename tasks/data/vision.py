@@ -186,6 +186,19 @@ class ModelInputs:
             "{type: image} parts"
         )
 
+    def with_chat_template(self, tokenizer: Any) -> Any:
+        """The tokenizer, with its processor's chat template where only the processor has one (a
+        vision model may keep it in chat_template.json, which its tokenizer does not read)."""
+        processor = self.image_tokens.processor if self.image_tokens else None
+        template = getattr(processor, "chat_template", None)
+        if not template or getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer, "chat_template"):
+            return tokenizer
+        import copy
+
+        tokenizer = copy.copy(tokenizer)  # the cached tokenizer stays as the model has it
+        tokenizer.chat_template = template
+        return tokenizer
+
     def text_only_warning(self) -> str:
         return (
             f"the model is a vision-language model ({self.architecture}) and no row has an image: allowed, but only "

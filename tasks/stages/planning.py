@@ -42,8 +42,8 @@ def validate_dataset_task(
     conversion: str | None = None,
     held_out: HeldOut | None = None,
 ) -> DatasetReport:
-    tokenizer = planning_tokenizer(model_path, chat_template_path)
     inputs = model_inputs(model_path)
+    tokenizer = inputs.with_chat_template(planning_tokenizer(model_path, chat_template_path))
     report = validate_dataset(
         source, method, tokenizer, max_length, out_dir, split, columns, conversion, held_out, inputs
     )
