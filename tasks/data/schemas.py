@@ -284,6 +284,19 @@ def _unpaired_schema() -> pa.DataFrameSchema:
     return pa.DataFrameSchema(columns, checks=checks, strict=False, coerce=False)
 
 
+def _images_column() -> pa.Column:
+    """A vision row's images: a list, one path, or none (a row without the key: NaN)."""
+    return pa.Column(
+        None,
+        nullable=True,
+        checks=pa.Check(
+            lambda v: v is None or v != v or isinstance(v, list | str),
+            element_wise=True,
+            error="images must be a list (or one path)",
+        ),
+    )
+
+
 def schema_for(fmt: str) -> pa.DataFrameSchema:
     """The pandera schema of one SFT dataset format (canonical column names).
 
@@ -295,15 +308,7 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
             "_turns": pa.Column(int, checks=_turn_code_checks()),  # from with_turn_codes
         }
         if fmt == "vision":  # what each image is, and whether it opens, is checked per row (tasks/data/images.py)
-            columns["images"] = pa.Column(
-                None,
-                nullable=True,
-                checks=pa.Check(
-                    lambda v: v is None or v != v or isinstance(v, list | str),  # NaN: a row without the key
-                    element_wise=True,
-                    error="images must be a list (or one path)",
-                ),
-            )
+            columns["images"] = _images_column()
     elif fmt == "prompt_completion":
         columns = {
             "prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")),

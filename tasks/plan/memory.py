@@ -336,15 +336,7 @@ def memory_breakdown_gb(
         "activations": activations / GB,
         "logits": logits / GB,
     }
-    if w.image_token_share and arch.tower_hidden:
-        # a frozen tower keeps no activations: one block's working set over the micro-batch's patches;
-        # a trained one keeps every block's for its backward pass
-        patches = tokens * w.image_token_share * arch.patches_per_image_token
-        per_block = patches * (6 * arch.tower_hidden + 3 * arch.tower_intermediate) * b
-        if w.tower_trained:
-            out["vision tower activations"] = per_block * max(arch.tower_layers, 1) / GB
-        else:
-            out["vision tower (forward)"] = per_block / GB
+    out.update(_tower_activations(arch, w, tokens))
     if w.reference_model and w.mode == "full":  # with LoRA, the base with the adapter switched off
         out["reference model"] = arch.params * b / GB
     if w.reward_models:
@@ -358,6 +350,18 @@ def memory_breakdown_gb(
     if w.processes > 1:
         out = _per_process(out, arch, w, device, trained * (b if w.mode == "full" else 4))
     return {k: round(v, 4) for k, v in out.items() if v}
+
+
+def _tower_activations(arch: Architecture, w: Workload, tokens: int) -> dict[str, float]:
+    """A frozen tower keeps no activations: one block's working set over the micro-batch's
+    patches; a trained one keeps every block's for its backward pass."""
+    if not (w.image_token_share and arch.tower_hidden):
+        return {}
+    patches = tokens * w.image_token_share * arch.patches_per_image_token
+    per_block = patches * (6 * arch.tower_hidden + 3 * arch.tower_intermediate) * w.dtype_bytes
+    if w.tower_trained:
+        return {"vision tower activations": per_block * max(arch.tower_layers, 1) / GB}
+    return {"vision tower (forward)": per_block / GB}
 
 
 def _per_process(
