@@ -323,9 +323,12 @@ class SmokeReference(BaseModel):
         return sum(len(ids) - 1 for ids in self.heldout_ids)
 
 
-def reference_for(model_dir: Path, rows: list[dict], images: Path | None = None) -> SmokeReference:
+def reference_for(
+    model_dir: Path, rows: list[dict], images: Path | None = None, resized: Path | None = None
+) -> SmokeReference:
     """`images`: where a vision-language model's rows keep their images (its questions are asked
-    with them; its language model is compared on the rows' text alone)."""
+    with them, resized as its processor resizes them into `resized`; its language model is
+    compared on the rows' text alone)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -333,7 +336,8 @@ def reference_for(model_dir: Path, rows: list[dict], images: Path | None = None)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = auto_model_class(load_config(str(model_dir))).from_pretrained(model_dir, dtype="float32").eval()
-    asked = image_questions(model, load_processor(str(model_dir)), rows, images) if images else []
+    processor = load_processor(str(model_dir)) if images else None
+    asked = image_questions(model, processor, rows, images, resized or images) if images else []
     rows = flattened(rows) if images else rows
     texts = _sample_texts(tokenizer, rows)
     heldout, argmaxes, nll = [], [], 0.0
@@ -368,7 +372,7 @@ def smoke_test_all(gguf: Any, model_dir: Path, heldout_path: Path, train_path: P
         rows = [json.loads(line) for line in train_path.read_text().splitlines()[:8] if line.strip()]
     reference = Path(gguf.files[0].path).parent / "smoke_reference.json"
     images = heldout_path.parent if gguf.mmproj else None
-    reference.write_text(reference_for(model_dir, rows[:16], images).model_dump_json())
+    reference.write_text(reference_for(model_dir, rows[:16], images, reference.parent).model_dump_json())
     mmproj = Path(gguf.mmproj.path) if gguf.mmproj else None
     checks = [SmokeCheck(Path(f.path), f.quant, thresholds_for(f.quant, outputs), mmproj) for f in gguf.files]
     measured = smoke_test_in_children(checks, reference)

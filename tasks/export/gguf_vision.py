@@ -46,8 +46,12 @@ def flattened(rows: list[dict]) -> list[dict]:
     return out
 
 
-def image_questions(model: Any, processor: Any, rows: list[dict], folder: Path) -> list[ImageQuestion]:
-    """The first held-out rows with one image and a question: the transformers model's greedy answers."""
+def image_questions(model: Any, processor: Any, rows: list[dict], folder: Path, resized: Path) -> list[ImageQuestion]:
+    """The first held-out rows with one image and a question: the transformers model's greedy
+    answers, each image first resized as the processor resizes it (written under `resized`),
+    so that both sides see the same pixels: llama.cpp resizes a Qwen2.5-VL image by its own
+    limits, not the processor's (a 640x480 photo: 391 image tokens in llama.cpp, 12 in the tiny
+    model's processor), which would compare two inputs instead of two models."""
     import torch
     from PIL import Image
 
@@ -57,9 +61,10 @@ def image_questions(model: Any, processor: Any, rows: list[dict], folder: Path) 
             continue
         user = row["messages"][0]
         question = " ".join(p["text"] for p in user["content"] if p.get("type") == "text")
-        image = (folder / row["images"][0]).resolve()
         turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        with Image.open(folder / row["images"][0]) as picture:
+            image = as_processed(processor, picture.convert("RGB"), resized / f"asked-{len(found)}.png")
         with Image.open(image) as picture:
             inputs = processor(text=[text], images=[picture.convert("RGB")], return_tensors="pt")
         with torch.no_grad():
@@ -70,6 +75,19 @@ def image_questions(model: Any, processor: Any, rows: list[dict], folder: Path) 
         answer = processor.batch_decode([ids], skip_special_tokens=True)[0]
         found.append(ImageQuestion(question=question, image=str(image), hf_answer=answer, hf_answer_ids=ids))
     return found
+
+
+def as_processed(processor: Any, picture: Any, path: Path) -> Path:
+    """The picture at the size the processor turns it into (its patch grid times the patch size,
+    where it says: `image_grid_thw`), saved as PNG; unchanged where it does not say."""
+    grid = processor.image_processor(images=[picture], return_tensors="np").get("image_grid_thw")
+    patch = getattr(processor.image_processor, "patch_size", None)
+    if grid is not None and patch:
+        _, rows, columns = (int(n) for n in grid[0])
+        picture = picture.resize((columns * patch, rows * patch))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return path.resolve()
 
 
 def chat_handler(mmproj: Path) -> Any:

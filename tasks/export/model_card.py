@@ -282,7 +282,9 @@ def projector_lines(gguf: GgufFiles) -> list[str]:
         "",
         f"Asked of llama.cpp with the projector: *{p.image_question}* -> `{p.image_answer}` (the transformers "
         f"model: `{p.hf_image_answer}`; {agreement} of its answer's tokens repeated, {p.image_prompt_tokens} "
-        "prompt tokens with the image).",
+        "prompt tokens with the image). Both were given the image at the size the processor makes of it: llama.cpp "
+        "resizes a larger image by its own limits, not the processor's, so it may see it in more tokens than "
+        "training did; give it images at that size for the same answers.",
         "",
     ]
 
