@@ -269,8 +269,48 @@ def test_image_rows_in_a_form_or_for_a_method_that_cannot_read_them_are_refused_
             "images": ["a.png"],
         }
     ]
-    for method in ("dpo", "orpo", "kto", "reward", "grpo"):
+    assert recognise(pairs, "dpo").candidates[0].trains_as == "vision_preference"  # TRL's DPO reads them
+    for method in ("orpo", "kto", "reward", "grpo"):
         verdict = recognise(pairs, method)
         assert verdict.verdict == "INCOMPATIBLE" and f"{method} does not train on images yet" in verdict.why
     sft = recognise(pairs, "sft")  # not the chosen answers alone, without their picture
-    assert sft.verdict == "INCOMPATIBLE" and "not in a form SFT reads with them" in sft.why
+    assert sft.verdict == "INCOMPATIBLE" and "not in a form sft reads with them" in sft.why
+
+
+def test_dpo_pairs_after_their_pictures_are_planned_and_scored_with_their_images(tiny_vlm_path, trains, tmp_path):
+    import subprocess
+    import sys
+
+    from tasks.core.spec import load_spec as load
+
+    plan = plan_run(load(EXAMPLES / "dpo-vision-tiny.yaml", {"name": "dpo-vision-plan"}))
+    assert plan.dataset.format == "vision_preference" and plan.dataset.images.images == 120
+    assert plan.script.config["vision"] is True and "vision tower (forward)" in plan.hardware.memory_breakdown_gb
+    out = tmp_path / "by-hand"
+    proc = subprocess.run(
+        [sys.executable, plan.script.path, "--max-steps", "2", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    evaluation = json.loads((out / "train_result.json").read_text())["evaluation"]
+    assert len(evaluation["before"]["per_row"]) == 20 and all("margin" in r for r in evaluation["after"]["per_row"])
+    assert evaluation["after"]["generations"][0]["prompt"].count("<|image_pad|>") == 1  # asked with its picture
+
+
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
+def test_dpo_on_the_tiny_vision_model_prefers_answers_to_hedges_through_the_lifecycle(
+    tiny_vlm_path, trains, prefect_server, tmp_path
+):
+    from flows.dpo import dpo
+
+    published = tmp_path / "published"
+    summary = dpo(
+        spec=load_spec(
+            EXAMPLES / "dpo-vision-tiny.yaml", {"name": "dpo-vision", "outputs": {"hub_repo": str(published)}}
+        )
+    )
+    assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
+    assert summary.evaluation.verdict == "improved" and summary.evaluation.rows == 20
+    assert summary.gguf.mmproj.passed and (published / "gguf" / "dpo-vision-mmproj-f16.gguf").exists()

@@ -81,11 +81,35 @@ def shapes_rows(out: Path, n: int = IMAGES, seed: int = SEED) -> list[dict]:
     return rows
 
 
+HEDGES = ("I am not sure what the picture shows.", "It is hard to say from here.", "Maybe, I cannot tell.")
+
+
+def hedge(number: int) -> str:
+    """The answer the pairs teach against: a hedge that reads nothing from the picture."""
+    return HEDGES[number % len(HEDGES)]
+
+
+def shapes_pairs(rows: list[dict]) -> list[dict]:
+    """The same questions as preference pairs (DPO's form with images): the answer chosen over a
+    hedge (as the text DPO example prefers the crisp answer): a tiny model learns this in a few
+    dozen steps, where telling a right colour from a wrong one takes SFT first."""
+    return [
+        {
+            "prompt": row["messages"][:1],
+            "chosen": row["messages"][1:],
+            "rejected": [{"role": "assistant", "content": [{"type": "text", "text": hedge(i)}]}],
+            "images": row["images"],
+        }
+        for i, row in enumerate(rows)
+    ]
+
+
 def write_examples(out: Path = EXAMPLES_DIR) -> None:
     rows = shapes_rows(out)
-    with (out / "shapes_vqa.jsonl").open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    for name, written in (("shapes_vqa.jsonl", rows), ("shapes_pairs.jsonl", shapes_pairs(rows))):
+        with (out / name).open("w") as f:
+            for row in written:
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

@@ -117,7 +117,8 @@ DPO = MethodDefinition(
     trainer="DPOTrainer",
     config_class="DPOConfig",
     data="pairs",
-    formats=PAIR_FORMATS,
+    # pairs whose prompt shows images first: TRL's DPOTrainer takes them with a processor
+    formats={"vision_preference": ("prompt", "chosen", "rejected", "images"), **PAIR_FORMATS},
     training_defaults={**_COMMON_DEFAULTS, "learning_rate": 1e-5, "beta": 0.1, "loss_type": ["sigmoid"]},
     signal_metrics=("train/rewards/margins", "train/rewards/accuracies"),
     sequences_per_row=2,

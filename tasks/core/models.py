@@ -170,6 +170,7 @@ class DatasetReport(Frozen):
     split: str
     format: Literal[
         "vision",
+        "vision_preference",
         "messages",
         "prompt_completion",
         "text",

@@ -672,6 +672,15 @@ def _sft(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     return found
 
 
+def _vision_pairs(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
+    """Pairs whose prompt shows images first (TRL's form for DPO on a vision-language model)."""
+    columns = set(rows[0]) if rows else set()
+    if {"prompt", "chosen", "rejected", "images"} <= columns and any(_image_parts(v) for v in _values(rows, "prompt")):
+        what = "preference pairs after images ('prompt' with image parts + 'images')"
+        return [FormatCandidate(format=what, verdict="READY", trains_as="vision_preference")]
+    return []
+
+
 def _pairs(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
     found = []
     chosen = _first(rows, CHOSEN_NAMES, _text_or_turns)
@@ -817,7 +826,7 @@ def _prompts(rows: list[dict[str, Any]]) -> list[FormatCandidate]:
 # what each kind of data can be read from (a method's `data`)
 READERS: dict[str, Callable[[list[dict[str, Any]]], list[FormatCandidate]]] = {
     "demonstrations": _sft,
-    "pairs": _pairs,
+    "pairs": lambda rows: _vision_pairs(rows) or _pairs(rows),
     "unpaired": _unpaired,
     "prompts": _prompts,
 }
@@ -831,13 +840,15 @@ KTO_NOT_PAIRS = (
 )
 
 
+VISION_FORMATS = ("vision", "vision_preference")  # formats whose rows carry images
 IMAGES_NOT_HERE = (
-    "the rows have images, and {method} does not train on images yet (SFT does: docs/vision-language.md); "
+    "the rows have images, and {method} does not train on images yet (SFT and DPO do: docs/vision-language.md); "
     "training without them would teach answers about pictures the model never sees"
 )
 IMAGES_UNREAD = (
-    "the rows have images, but not in a form SFT reads with them: messages with {type: image} parts and an images "
-    "column, LLaVA rows (image, and conversations with <image>), or one image per row with its text (an image folder)"
+    "the rows have images, but not in a form {method} reads with them: for SFT, messages with {{type: image}} parts "
+    "and an images column, LLaVA rows (image, and conversations with <image>), or one image per row with its text "
+    "(an image folder); for DPO, prompt (turns with {{type: image}} parts), chosen, rejected and images"
 )
 
 
@@ -862,13 +873,15 @@ def recognise(rows: list[dict[str, Any]], method: str) -> MethodVerdict:
     sample, definition = rows[:SAMPLE_ROWS], method_definition(method)
     if definition.data == "demonstrations" and _kto(sample):
         return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=KTO_ROWS)
-    if _has_images(sample) and "vision" not in definition.formats:
+    if _has_images(sample) and not set(VISION_FORMATS) & set(definition.formats):
         return MethodVerdict(
             method=method, verdict="INCOMPATIBLE", candidates=[], why=IMAGES_NOT_HERE.format(method=method)
         )
     candidates = READERS[definition.data](sample)
-    if _has_images(sample) and not any(c.trains_as == "vision" for c in candidates):
-        return MethodVerdict(method=method, verdict="INCOMPATIBLE", candidates=[], why=IMAGES_UNREAD)
+    if _has_images(sample) and not any(c.trains_as in VISION_FORMATS for c in candidates):
+        return MethodVerdict(
+            method=method, verdict="INCOMPATIBLE", candidates=[], why=IMAGES_UNREAD.format(method=method)
+        )
     if any(c.verdict == "READY" for c in candidates):
         return MethodVerdict(method=method, verdict="READY", candidates=candidates)
     if candidates:

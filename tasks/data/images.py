@@ -116,17 +116,20 @@ def check_row_images(messages: Any, images: Any, source: ImageSource) -> RowImag
     return found
 
 
-def check_block_images(df: Any, source: ImageSource, add: Any) -> tuple[Any, list[list[tuple[int, int]]], int]:
+def check_block_images(
+    df: Any, source: ImageSource, add: Any, column: str = "messages"
+) -> tuple[Any, list[list[tuple[int, int]]], int]:
     """A block of vision rows with its images checked and staged: the good rows (their `images`
-    now staged paths), each row's image sizes, and how many rows were bad. `add(where, rule,
-    rows, value)` records a failure as the validation's `Failures.add` does."""
+    now staged paths), each row's image sizes, and how many rows were bad. `column` holds the
+    image placeholders (a pair's prompt). `add(where, rule, rows, value)` records a failure as
+    the validation's `Failures.add` does."""
     keep, paths, sizes, bad = [], [], [], 0
-    for number, messages, images in zip(df.index, df["messages"].tolist(), df["images"].tolist(), strict=True):
+    for number, messages, images in zip(df.index, df[column].tolist(), df["images"].tolist(), strict=True):
         found = check_row_images(messages, images, source)
         if found.problems:
             bad += 1
             for rule, value in found.problems:
-                where = "columns messages+images" if rule == PLACEHOLDERS else "column 'images'"
+                where = f"columns {column}+images" if rule == PLACEHOLDERS else "column 'images'"
                 add(where, rule, [int(number)], f" (row {int(number)}: {value})")
             continue
         keep.append(number)

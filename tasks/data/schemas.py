@@ -158,7 +158,7 @@ def _sides_differ(df: pd.DataFrame) -> pd.Series:
 
 
 def _same_kind(df: pd.DataFrame) -> pd.Series:
-    kinds = [df[c].map(lambda v: isinstance(v, list)) for c in df.columns]
+    kinds = [df[c].map(lambda v: isinstance(v, list)) for c in df.columns if c in ("prompt", "chosen", "rejected")]
     return pd.concat(kinds, axis=1).nunique(axis=1) == 1
 
 
@@ -200,6 +200,8 @@ def _conversation_order_ok(df: pd.DataFrame) -> pd.Series:
 
 
 def _preference_schema(fmt: str) -> pa.DataFrameSchema:
+    parts = fmt == "vision_preference"  # turns may hold image and text parts
+    present = (lambda v: not turn_code(v, True) & EMPTY_TEXT) if parts else _turn_text_present
     sides = {
         side: pa.Column(
             None,
@@ -211,15 +213,15 @@ def _preference_schema(fmt: str) -> pa.DataFrameSchema:
                     element_wise=True,
                     error=f"{side}: every turn's role must be one of {', '.join(ROLES)}",
                 ),
-                pa.Check(
-                    _turn_text_present, element_wise=True, error=f"{side}: every user and assistant turn needs text"
-                ),
+                pa.Check(present, element_wise=True, error=f"{side}: every user and assistant turn needs text"),
             ],
         )
         for side in ("chosen", "rejected")
     }
-    if fmt == "preference":
+    if fmt in ("preference", "vision_preference"):
         sides = {"prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")), **sides}
+    if parts:
+        sides["images"] = _images_column()
     checks = [
         pa.Check(_sides_differ, error="chosen and rejected are identical: the pair teaches nothing"),
         pa.Check(_same_kind, error="prompt, chosen and rejected must all be text or all be lists of turns"),
@@ -314,7 +316,7 @@ def schema_for(fmt: str) -> pa.DataFrameSchema:
             "prompt": pa.Column(None, nullable=False, checks=_text_checks("prompt")),
             "completion": pa.Column(None, nullable=False, checks=_text_checks("completion")),
         }
-    elif fmt in ("preference", "implicit_preference"):
+    elif fmt in ("preference", "implicit_preference", "vision_preference"):
         return _preference_schema(fmt)
     elif fmt == "unpaired":
         return _unpaired_schema()

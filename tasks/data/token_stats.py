@@ -92,7 +92,7 @@ def _texts(tokenizer: Any, fmt: str, row: dict) -> list[str]:
     def render(v: Any) -> str:
         return tokenizer.apply_chat_template(v, tokenize=False) if isinstance(v, list) else v
 
-    if fmt in ("preference", "implicit_preference"):
+    if fmt in ("preference", "implicit_preference", "vision_preference"):
         prompt = row.get("prompt", [] if isinstance(row["chosen"], list) else "")
         return [render(prompt + row[side]) for side in ("chosen", "rejected")]
     if fmt == "prompt_only":

@@ -53,6 +53,8 @@ from tasks.data.token_stats import CharEstimateTokenizer, Reservoir, histogram, 
 from tasks.data.vision import ImageTally, ModelInputs
 
 MAX_ROWS_SHOWN = 10
+PROMPTED = ("preference", "implicit_preference", "vision_preference", "unpaired")  # a prompt can fill max_length
+IMAGED = {"vision": "messages", "vision_preference": "prompt"}  # formats with images: where their placeholders are
 MAX_TOKENIZED_ROWS = 10_000  # a seeded uniform sample: the mean to well under 1%, and ~8 s of the tiny tokenizer
 HELDOUT_MAX = 64
 WORKERS_FROM_BLOCKS = 4  # blocks a dataset has before workers check them
@@ -362,7 +364,7 @@ def check_block(block: LineBlock | pd.DataFrame, job: BlockJob) -> BlockResult:
         keep = ~checked.index.isin(list(bad))
         df, checked = df[keep], checked[keep]
     if job.images is not None:
-        df, result.image_sizes, bad_images = check_block_images(df, job.images, result.failures.add)
+        df, result.image_sizes, bad_images = check_block_images(df, job.images, result.failures.add, IMAGED[job.fmt])
         result.failures.bad_rows += bad_images
         checked = checked.loc[df.index]
     if job.fmt in ("messages", "vision"):
@@ -417,7 +419,7 @@ class _Pass:
         self.conversion_bad += result.conversion_bad[: MAX_ROWS_SHOWN - len(self.conversion_bad)]
         self.conversion_bad_count += result.conversion_bad_count
         self.unreadable.merge(result.unreadable)
-        if fmt in ("preference", "implicit_preference", "unpaired") and result.lines and not self.too_long:
+        if fmt in PROMPTED and result.lines and not self.too_long:
             lengths = prompt_lengths(tokenizer, [orjson.loads(line) for line in result.lines])
             self.too_long += [r for r, n in zip(result.numbers, lengths, strict=True) if n >= max_length]
         if not self.ok():
@@ -607,7 +609,7 @@ def _start(
     """The pass's state, and the job with where its images go when the rows have images; image
     rows for a model that cannot see them are refused here, before any row is checked."""
     image_tokens = inputs.image_tokens if inputs else None
-    if job.fmt != "vision":
+    if job.fmt not in IMAGED:
         return _Pass(out_dir, job.source, held_out), job
     if image_tokens is None:
         raise DatasetValidationError((inputs or ModelInputs("unknown", None)).refuse_images(job.source))

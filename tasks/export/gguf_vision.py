@@ -40,9 +40,10 @@ def flattened(rows: list[dict]) -> list[dict]:
 
     out = []
     for row in rows:
-        if "messages" in row:
-            row = {"messages": [{**t, "content": text(t["content"])} for t in row["messages"]]}
-        out.append(row)
+        turns = {
+            k: v for k, v in row.items() if k in ("messages", "prompt", "chosen", "rejected") and isinstance(v, list)
+        }
+        out.append({k: [{**t, "content": text(t["content"])} for t in v] for k, v in turns.items()} or row)
     return out
 
 
@@ -57,9 +58,12 @@ def image_questions(model: Any, processor: Any, rows: list[dict], folder: Path, 
 
     found = []
     for row in rows:
-        if len(row.get("images") or []) != 1 or "messages" not in row or len(found) == QUESTIONS:
+        turns = row.get("messages") or row.get("prompt")
+        if len(row.get("images") or []) != 1 or not isinstance(turns, list) or len(found) == QUESTIONS:
             continue
-        user = row["messages"][0]
+        user = next((t for t in turns if t["role"] == "user" and isinstance(t["content"], list)), None)
+        if user is None:
+            continue
         question = " ".join(p["text"] for p in user["content"] if p.get("type") == "text")
         turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)

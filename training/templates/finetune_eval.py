@@ -95,9 +95,10 @@ def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: d
     shown = rows[: settings.get("generations", 3)]
     measure = settings["measure"]  # the method's, from CONFIG["evaluation"]
     scorers = {"completion_loss": score_sft, "preference_margin": score_dpo, "label_likelihood": score_labelled}
-    if hasattr(tokenizer, "image_processor") and measure == "completion_loss":  # a vision model's processor
+    with_images = {"completion_loss": score_with_images, "preference_margin": score_pairs_with_images}
+    if hasattr(tokenizer, "image_processor") and measure in with_images:  # a vision model's processor
         folder = Path(settings["images"])
-        per_row = score_with_images(model, tokenizer, rows, folder)
+        per_row = with_images[measure](model, tokenizer, rows, folder)
         prompts, answers = answer_with_images(model, tokenizer, shown, folder, settings["max_new_tokens"])
     elif measure == "pair_accuracy":  # a reward model scores; it does not write answers to show
         per_row, prompts, answers = score_pairs_with_head(model, tokenizer, rows, batch), [], []
@@ -350,23 +351,40 @@ def _encode(processor, messages: list, images: list, generation_prompt: bool):
     return text, processor(text=[text], images=images or None, return_tensors="pt")
 
 
-def score_with_images(model, processor, rows: list, folder: Path) -> list:
-    """Each conversation's last turn, after its images and earlier turns: its mean token loss
-    and its number of tokens (one row a forward: the processor lays out each row's images)."""
+def answer_logprob(model, processor, prompt: list, answer: list, images: list) -> tuple:
+    """The summed log-probability of the answer's turns after the prompt's (and its images), and
+    their number of tokens: one row a forward, the processor laying out the row's images."""
     import torch
 
+    _, asked = _encode(processor, prompt, images, True)
+    _, full = _encode(processor, prompt + answer, images, False)
+    start, ids = asked["input_ids"].shape[1], full["input_ids"]
+    with torch.no_grad():
+        logits = model(**full.to(model.device), use_cache=False).logits[:, :-1].float()
+    picked = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None].to(model.device))[0, :, 0]
+    return float(picked[start - 1 :].sum()), ids.shape[1] - start
+
+
+def score_with_images(model, processor, rows: list, folder: Path) -> list:
+    """Each conversation's last turn, after its images and earlier turns: its mean token loss
+    and its number of tokens."""
     scored = []
     for row in rows:
         images = open_images(row.get("images") or [], folder)
-        _, prompt = _encode(processor, row["messages"][:-1], images, True)
-        _, full = _encode(processor, row["messages"], images, False)
-        start, ids = prompt["input_ids"].shape[1], full["input_ids"]
-        with torch.no_grad():
-            logits = model(**full.to(model.device), use_cache=False).logits[:, :-1].float()
-        picked = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None].to(model.device))[0, :, 0]
-        n = ids.shape[1] - start
-        scored.append({"loss": float(-picked[start - 1 :].sum()) / n if n else None, "tokens": n})
+        logp, n = answer_logprob(model, processor, row["messages"][:-1], row["messages"][-1:], images)
+        scored.append({"loss": -logp / n if n else None, "tokens": n})
     return scored
+
+
+def score_pairs_with_images(model, processor, rows: list, folder: Path) -> list:
+    """Each pair after its images: the chosen answer's summed log-probability minus the rejected one's."""
+    margins = []
+    for row in rows:
+        images = open_images(row.get("images") or [], folder)
+        chosen, _ = answer_logprob(model, processor, row["prompt"], row["chosen"], images)
+        rejected, _ = answer_logprob(model, processor, row["prompt"], row["rejected"], images)
+        margins.append({"margin": chosen - rejected})
+    return margins
 
 
 def answer_with_images(model, processor, rows: list, folder: Path, max_new_tokens: int) -> tuple:
@@ -376,7 +394,8 @@ def answer_with_images(model, processor, rows: list, folder: Path, max_new_token
     prompts, answers = [], []
     for row in rows:
         images = open_images(row.get("images") or [], folder)
-        text, encoded = _encode(processor, row["messages"][:-1], images, True)
+        question = row["prompt"] if "prompt" in row else row["messages"][:-1]
+        text, encoded = _encode(processor, question, images, True)
         with torch.no_grad():
             out = model.generate(**encoded.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
         new = out[:, encoded["input_ids"].shape[1] :]
