@@ -208,12 +208,7 @@ def test_the_tiny_vision_model_learns_the_shapes_and_its_gguf_pair_answers_an_im
     assert printed and printed[0].strip() == projector.hf_image_answer.strip()
 
 
-def test_the_vision_tower_stays_frozen_unless_the_spec_trains_it_beside_the_adapter(tiny_vlm_path, trains, tmp_path):
-    import subprocess
-    import sys
-
-    from safetensors import safe_open
-
+def test_the_vision_tower_stays_frozen_unless_the_spec_trains_it_beside_the_adapter(tiny_vlm_path, tmp_path):
     frozen = _plan(SHAPES, name="frozen", lora=True)
     h = frozen.hardware
     assert h.frozen_tower_parameters > 0 and h.trained_tower_parameters == 0
@@ -224,13 +219,7 @@ def test_the_vision_tower_stays_frozen_unless_the_spec_trains_it_beside_the_adap
     assert t.trainable_parameters == h.trainable_parameters + h.frozen_tower_parameters
     assert "vision tower activations" in t.memory_breakdown_gb and trained.cost.estimated_flops > 0
     assert trained.script.config["lora"]["modules_to_save"] == ["visual"] and trained.script.config["frozen"] == []
-    out = tmp_path / "by-hand"
-    proc = subprocess.run(
-        [sys.executable, trained.script.path, "--output-dir", str(out)], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "np") as saved:
-        assert any(".visual." in key for key in saved.keys())  # the tower, trained whole beside the adapter
+    # trained by hand: test_dpo_pairs_after_their_pictures_are_planned_and_scored_with_their_images
 
 
 def test_image_parts_that_name_their_images_and_a_single_image_path_are_taken_as_they_are(tiny_vlm_path, tmp_path):
@@ -283,9 +272,10 @@ def test_dpo_pairs_after_their_pictures_are_planned_and_scored_with_their_images
 
     from tasks.core.spec import load_spec as load
 
-    plan = plan_run(load(EXAMPLES / "dpo-vision-tiny.yaml", {"name": "dpo-vision-plan"}))
+    # with the tower trained beside the adapter: one run by hand checks both
+    plan = plan_run(load(EXAMPLES / "dpo-vision-tiny.yaml", {"name": "dpo-vision-plan", "vision_tower": "trained"}))
     assert plan.dataset.format == "vision_preference" and plan.dataset.images.images == 120
-    assert plan.script.config["vision"] is True and "vision tower (forward)" in plan.hardware.memory_breakdown_gb
+    assert plan.script.config["vision"] is True and "vision tower activations" in plan.hardware.memory_breakdown_gb
     out = tmp_path / "by-hand"
     proc = subprocess.run(
         [sys.executable, plan.script.path, "--max-steps", "2", "--output-dir", str(out)],
@@ -297,6 +287,10 @@ def test_dpo_pairs_after_their_pictures_are_planned_and_scored_with_their_images
     evaluation = json.loads((out / "train_result.json").read_text())["evaluation"]
     assert len(evaluation["before"]["per_row"]) == 20 and all("margin" in r for r in evaluation["after"]["per_row"])
     assert evaluation["after"]["generations"][0]["prompt"].count("<|image_pad|>") == 1  # asked with its picture
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "np") as saved:
+        assert any(".visual." in key for key in saved.keys())  # the tower, trained whole beside the adapter
 
 
 @pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
@@ -314,3 +308,24 @@ def test_dpo_on_the_tiny_vision_model_prefers_answers_to_hedges_through_the_life
     assert summary.error is None and all(s.status == "passed" for s in summary.stages), summary.stages
     assert summary.evaluation.verdict == "improved" and summary.evaluation.rows == 20
     assert summary.gguf.mmproj.passed and (published / "gguf" / "dpo-vision-mmproj-f16.gguf").exists()
+
+
+def test_images_held_as_bytes_in_parquet_are_checked_and_staged(tiny_vlm_path, tmp_path):
+    """What the `datasets` Image feature writes to Parquet (and a Hub dataset streams): {bytes, path}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = _rows(SHAPES)[:45]
+    folder = EXAMPLES / "data"
+    table = pa.table(
+        {
+            "messages": pa.array([r["messages"] for r in rows]),
+            "images": pa.array([[{"bytes": (folder / r["images"][0]).read_bytes(), "path": None}] for r in rows]),
+        }
+    )
+    pq.write_table(table, tmp_path / "bytes.parquet")
+    plan = _plan(tmp_path / "bytes.parquet", name="bytes")
+    assert plan.dataset.format == "vision" and plan.dataset.images.images == 45
+    data = Path(plan.dataset.prepared_path).parent
+    first = json.loads(Path(plan.dataset.prepared_path).read_text().splitlines()[0])
+    assert (data / first["images"][0]).read_bytes() in {(folder / r["images"][0]).read_bytes() for r in rows}
