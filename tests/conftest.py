@@ -74,6 +74,14 @@ FAST_POLLS = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_RUNNER_POLL_FREQUENC
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cache folder (tiny models, measured architectures, TRL's config fields), one for all
+    xdist workers of the session: everything in it is written whole by one writer and renamed
+    into place, and keyed by what it was made from, so the workers share the work instead of
+    each building the tiny models and measuring the same architectures again."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "cache"  # the session's, not the next one's
+        shared.mkdir(exist_ok=True)
+        return shared
     return tmp_path_factory.mktemp("cache")
 
 
