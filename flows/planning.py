@@ -19,13 +19,12 @@ from tasks.core.methods import (
     method_definition,
     outputs_for_method,
 )
-from tasks.core.model_source import baseline_path, context_length, load_config, resolve_model
+from tasks.core.model_source import baseline_path, context_length, is_vision_model, load_config, resolve_model
 from tasks.core.models import CostEstimate, DatasetReport, InputUpload, RunPlan
 from tasks.core.rundir import default_run_name, prepare_run_dir
 from tasks.core.spec import RunSpec, SpecError
 from tasks.data.evaluation import has_evaluation_set, is_conversational, with_evaluation_rows
 from tasks.data.validate import HeldOut
-from tasks.data.vision import is_vision_model
 from tasks.evaluate.harness import HarnessTask, harness_tasks
 from tasks.export.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.export.hub import publish_target

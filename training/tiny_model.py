@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from training.example_data import tokenizer_corpus
 
@@ -68,6 +69,11 @@ def recipe_hash() -> str:
         "seed": SEED,
         "corpus": tokenizer_corpus(),
     }
+    return hash_recipe(recipe)
+
+
+def hash_recipe(recipe: dict) -> str:
+    """A built model's folder suffix: another recipe, another folder."""
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -124,16 +130,20 @@ def _build_into(target: Path) -> None:
     torch.manual_seed(SEED)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    save_built(target, model, tokenizer, {"recipe_hash": recipe_hash(), "architecture": ARCHITECTURE})
+
+
+def save_built(target: Path, model: Any, processing: Any, record: dict) -> None:
+    """A built model with its tokenizer (or processor), the tokenizer's class written out, and
+    the recipe's record last: `build_once` trusts a folder that has it."""
     model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    processing.save_pretrained(target)
     # transformers reloads this as Qwen2Tokenizer; keep the class explicit for other tools.
     cfg_path = target / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "Qwen2Tokenizer"
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    (target / "tiny_recipe.json").write_text(
-        json.dumps({"recipe_hash": recipe_hash(), "architecture": ARCHITECTURE}, indent=2)
-    )
+    (target / "tiny_recipe.json").write_text(json.dumps(record, indent=2))
 
 
 def ensure_tiny_model(root: Path | None = None) -> Path:

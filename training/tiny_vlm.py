@@ -10,12 +10,18 @@ llama.cpp's k-quants apply. Measured choices: docs/vision-language-probe.md.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from training.templates.finetune_vision import patch_no_torchvision
-from training.tiny_model import ARCHITECTURE, build_once, build_tokenizer, cache_root, recipe_hash
+from training.tiny_model import (
+    ARCHITECTURE,
+    build_once,
+    build_tokenizer,
+    cache_root,
+    hash_recipe,
+    recipe_hash,
+    save_built,
+)
 
 RECIPE_VERSION = 1
 TINY_VLM_NAME = "tiny-vl"
@@ -63,7 +69,7 @@ def vlm_recipe_hash() -> str:
         "seed": SEED,
         "tokenizer": recipe_hash(),
     }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return hash_recipe(recipe)
 
 
 def tiny_vlm_dir(root: Path | None = None) -> Path:
@@ -116,15 +122,7 @@ def _build_into(target: Path) -> None:
     torch.manual_seed(SEED)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
-    model.save_pretrained(target, safe_serialization=True)
-    processor.save_pretrained(target)
-    cfg_path = target / "tokenizer_config.json"  # reloaded as Qwen2Tokenizer; explicit for other tools
-    cfg = json.loads(cfg_path.read_text())
-    cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    (target / "tiny_recipe.json").write_text(
-        json.dumps({"recipe_hash": vlm_recipe_hash(), "text": TEXT, "vision": VISION}, indent=2)
-    )
+    save_built(target, model, processor, {"recipe_hash": vlm_recipe_hash(), "text": TEXT, "vision": VISION})
 
 
 def ensure_tiny_vlm(root: Path | None = None) -> Path:

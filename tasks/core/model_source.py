@@ -102,12 +102,17 @@ def load_processor(model_path: str) -> Any:
     return _read("processor", model_path, lambda: AutoProcessor.from_pretrained(model_path))
 
 
+def is_vision_model(config: Any) -> bool:
+    """A model with a vision tower (its config nests one), e.g. Qwen2.5-VL, SmolVLM, Gemma 3."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def auto_model_class(config: Any) -> Any:
-    """The transformers Auto class a model trains with: a vision-language model (its config nests
-    a vision tower) as image-text-to-text, anything else as a causal LM."""
+    """The transformers Auto class a model trains with: a vision-language model as
+    image-text-to-text, anything else as a causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    return AutoModelForImageTextToText if is_vision_model(config) else AutoModelForCausalLM
 
 
 def context_length(config: Any) -> int:

@@ -12,9 +12,8 @@ from tasks.core.atomic import write_text
 from tasks.core.methods import MethodDefinition
 from tasks.core.models import DatasetReport
 from tasks.core.spec import RunSpec
-from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import HeldOut, validate_dataset
-from tasks.data.vision import model_inputs
+from tasks.data.vision import planning_inputs
 
 
 def has_evaluation_set(spec: RunSpec) -> bool:
@@ -31,17 +30,18 @@ def with_evaluation_rows(
     source = spec.evaluation.dataset or spec.dataset
     split = spec.evaluation.split or "train"
     out = Path(report.prepared_path).parent
+    tokenizer, inputs = planning_inputs(model_path, args.get("chat_template_path"))
     checked = validate_dataset(
         source,
         method,
-        planning_tokenizer(model_path, args.get("chat_template_path")),
+        tokenizer,
         report.max_length,
         out / "evaluation",
         split,
         dict(spec.columns),
         spec.conversion,
         HeldOut(share=0),
-        model_inputs(model_path),
+        inputs,
     )
     lines = Path(checked.prepared_path).read_text(encoding="utf-8").splitlines()
     if checked.images:  # its images were staged beside its own rows, a folder below the held-out file's

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.core.errors import UserFacingError
 from tasks.core.methods import METHODS, DataKind, method_definition
+from tasks.data.images import image_parts
 from tasks.data.schemas import shared_prefix
 
 Verdict = Literal["READY", "NEEDS MAPPING", "INCOMPATIBLE"]
@@ -572,10 +573,7 @@ def _whole_chat(v: Any) -> bool:
 
 def _image_parts(v: Any) -> bool:
     """A conversation with at least one {type: image} part."""
-    return _role_turns(v) and any(
-        isinstance(t["content"], list) and any(isinstance(p, dict) and p.get("type") == "image" for p in t["content"])
-        for t in v
-    )
+    return _role_turns(v) and image_parts(v) > 0
 
 
 def _inline_parts(v: Any) -> bool:

@@ -11,14 +11,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
+from tasks.core.model_source import is_vision_model
 from tasks.core.models import ImageStats
 
 FAR_LARGER = 4  # an image with this many times the pixels its processor keeps gets a warning
-
-
-def is_vision_model(config: Any) -> bool:
-    """A model with a vision tower (its config nests one), e.g. Qwen2.5-VL, SmolVLM, Gemma 3."""
-    return getattr(config, "vision_config", None) is not None
 
 
 def architecture(config: Any) -> str:
@@ -204,6 +200,16 @@ class ModelInputs:
             f"the model is a vision-language model ({self.architecture}) and no row has an image: allowed, but only "
             "the language model learns; its vision tower is not trained"
         )
+
+
+def planning_inputs(model_path: str, chat_template_path: str | None = None) -> tuple[Any, ModelInputs]:
+    """What rows are measured with (the tokenizer, with the processor's chat template where only
+    the processor has one) and what the model takes in: for the training rows and an evaluation
+    set alike."""
+    from tasks.data.tokenizer import planning_tokenizer
+
+    inputs = model_inputs(model_path)
+    return inputs.with_chat_template(planning_tokenizer(model_path, chat_template_path)), inputs
 
 
 def model_inputs(model_path: str) -> ModelInputs:

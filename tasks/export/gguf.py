@@ -36,7 +36,7 @@ from tasks.core.atomic import write_text
 from tasks.core.derived_cache import config_key, derived
 from tasks.core.errors import UserFacingError
 from tasks.core.manifest import sha256_file
-from tasks.core.model_source import in_tower
+from tasks.core.model_source import auto_model_class, in_tower, is_vision_model, load_config
 from tasks.core.models import GgufFile, GgufFiles, JobResult, StageOutcome
 from tasks.core.spec import Outputs
 from tasks.export.gguf_converter import CHKTXT_PREFIX, ConverterUnavailable, find_converter
@@ -101,8 +101,6 @@ def config_row_sizes(config: Any) -> dict[str, int]:
 
     def measure() -> dict[str, int]:
         import torch
-
-        from tasks.core.model_source import auto_model_class
 
         with torch.device("meta"):
             model = auto_model_class(config).from_config(config)
@@ -181,7 +179,7 @@ def converted_architectures(config: Any) -> dict[str, str]:
         return {}
     text = getattr(getattr(config, "text_config", None), "architectures", None) or names
     found = {"TEXT_MODEL_MAP": text[0]}
-    if getattr(config, "vision_config", None) is not None:
+    if is_vision_model(config):
         found["MMPROJ_MODEL_MAP"] = names[0]
     return found
 
@@ -405,16 +403,11 @@ def convert_gguf(result: JobResult, outputs: Outputs, run_dir: Path, run_name: s
     )
 
 
-def is_vision_folder(model_dir: Path) -> bool:
-    """A saved vision-language model: its config nests a vision tower."""
-    return "vision_config" in json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-
-
 def projector(model_dir: Path, out_dir: Path, run_name: str, timings: list[str]) -> GgufFile | None:
     """A vision-language model's multimodal projector (vision tower and merger), as llama.cpp's
     converter writes it with --mmproj; kept in f16, as llama.cpp publishes projectors, whatever
     the language model's types. None for a text model."""
-    if not is_vision_folder(model_dir):
+    if not is_vision_model(load_config(str(model_dir))):
         return None
     path = out_dir / f"{run_name}-mmproj-f16.gguf"  # "mmproj" in the name: the converter adds no prefix
     seconds = convert_to_gguf(model_dir, path, "f16", out_dir / "convert-mmproj.log", "--mmproj")

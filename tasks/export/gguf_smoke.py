@@ -500,8 +500,8 @@ def _main(argv: list[str]) -> None:
     reference_file, files = argv
     reference = SmokeReference.model_validate_json(Path(reference_file).read_text())
     for file in json.loads(files):
-        check = SmokeCheck(Path(file["path"]), file["quant"], file["thresholds"], Path(file["mmproj"] or "."))
-        mmproj = check.mmproj if file["mmproj"] else None
+        mmproj = Path(file["mmproj"]) if file["mmproj"] else None
+        check = SmokeCheck(Path(file["path"]), file["quant"], file["thresholds"], mmproj)
         result = smoke_test(check.path, check.quant, reference, thresholds=check.thresholds, mmproj=mmproj)
         write_text(check.result_file, result.model_dump_json(indent=2))  # whole, or not there
 

@@ -245,14 +245,7 @@ def how_to_run(repo_id: str, name: str, gguf_names: list[str]) -> list[str]:
         *(f"llama-cli -m gguf/{file} -cnv" for file in gguf_names),
         "```",
         "",
-        "With Ollama (the `Modelfile` next to the GGUF files sets the template and stop tokens):",
-        "",
-        "```bash",
-        "cd gguf",
-        f"ollama create {name.lower()} -f Modelfile",
-        f"ollama run {name.lower()}",
-        "```",
-        "",
+        *ollama_lines(name, "the `Modelfile` next to the GGUF files sets the template and stop tokens"),
         "With LM Studio: copy a file into LM Studio's models folder, or",
         "",
         "```bash",
@@ -323,15 +316,25 @@ def how_to_run_vision(repo_id: str, name: str, gguf_names: list[str], gguf: Gguf
         f"llama-server -m gguf/{gguf_names[0]} --mmproj gguf/{mmproj}",
         "```",
         "",
-        "With Ollama (the `Modelfile` names both files; whether Ollama runs an imported projector of this family "
-        "depends on its version):",
+        *ollama_lines(
+            name,
+            "the `Modelfile` names both files; whether Ollama runs an imported projector of this family "
+            "depends on its version",
+        ),
+        "With LM Studio: put a model file and the projector in one folder of LM Studio's models folder.",
+        "",
+    ]
+
+
+def ollama_lines(name: str, why: str) -> list[str]:
+    """Creating and running the model in Ollama from the Modelfile beside the GGUF files."""
+    return [
+        f"With Ollama ({why}):",
         "",
         "```bash",
         "cd gguf",
         f"ollama create {name.lower()} -f Modelfile",
         f"ollama run {name.lower()}",
         "```",
-        "",
-        "With LM Studio: put a model file and the projector in one folder of LM Studio's models folder.",
         "",
     ]

@@ -18,9 +18,8 @@ from tasks.core.models import (
 )
 from tasks.core.money import usd
 from tasks.core.spec import RunSpec
-from tasks.data.tokenizer import planning_tokenizer
 from tasks.data.validate import HeldOut, validate_dataset
-from tasks.data.vision import model_inputs
+from tasks.data.vision import planning_inputs
 from tasks.plan.cost import estimate_cost
 from tasks.plan.hardware import select_hardware
 from tasks.plan.rewards import RewardSource
@@ -42,8 +41,7 @@ def validate_dataset_task(
     conversion: str | None = None,
     held_out: HeldOut | None = None,
 ) -> DatasetReport:
-    inputs = model_inputs(model_path)
-    tokenizer = inputs.with_chat_template(planning_tokenizer(model_path, chat_template_path))
+    tokenizer, inputs = planning_inputs(model_path, chat_template_path)
     report = validate_dataset(
         source, method, tokenizer, max_length, out_dir, split, columns, conversion, held_out, inputs
     )
