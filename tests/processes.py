@@ -52,3 +52,29 @@ def running_until_ready(
         yield proc
     finally:
         stop_process(proc)
+
+
+def marked_processes(mark: str) -> dict[int, str]:
+    """Every live process whose environment carries FINETUNE_TEST_MARK=`mark` (children inherit
+    it, and keep it when their parent dies), with its command line: what a run left behind."""
+    found: dict[int, str] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"FINETUNE_TEST_MARK={mark}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie is gone, only not yet reaped
+            found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+    return found
+
+
+def wait_until_gone(mark: str, keep: set[int], timeout_s: float = 20) -> dict[int, str]:
+    """The marked processes outside `keep` once they have had `timeout_s` to end."""
+    deadline = time.monotonic() + timeout_s
+    while (left := {p: c for p, c in marked_processes(mark).items() if p not in keep}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

@@ -30,6 +30,7 @@ def _training_starts(run_dir: Path) -> int:
     return log.read_text().count("training finished:") if log.exists() else 0
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports(
     trains, prefect_server, tmp_path, monkeypatch
 ):

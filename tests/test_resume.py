@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ import pytest
 from flows.sft import sft
 from tasks.core.spec import load_spec
 from tasks.run.backends import load_handle
-from tests.helpers import EXAMPLES, REPO
+from tasks.run.backends.local import descendants
+from tests.helpers import EXAMPLES, REPO, seed_prefect_home
+from tests.processes import marked_processes, wait_until_gone
 
 STEPS, SAVE, LOG = 24, 4, 2
 
@@ -109,21 +112,26 @@ def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushe
     assert jobs_env.counts["create_job"] == 2
 
 
-def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_over(trains, prefect_server, tmp_path):
+def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_over(
+    trains, prefect_server, prefect_database, tmp_path
+):
     """The orchestrator dies, the training does not: the next run of the same name follows
-    that training to its end instead of starting a second one."""
+    that training to its end instead of starting a second one. The flow's temporary Prefect
+    server dies with it; after the second run, nothing the first one started is left."""
     import subprocess
     import sys
     import time
 
     import yaml
-    from prefect.settings import PREFECT_API_URL
 
     spec = _spec(tmp_path, "sft-tiny.yaml", "killed-flow")
     spec_file = tmp_path / "killed-flow.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))  # type: ignore[attr-defined]
     run_dir = tmp_path / "runs" / "killed-flow"
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    mark = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # its own temporary server
+    home = seed_prefect_home(tmp_path / "prefect-home", prefect_database)
+    env |= {"PREFECT_HOME": str(home), "FINETUNE_TEST_MARK": mark}
     flow = subprocess.Popen(
         [sys.executable, "-m", "flows.sft", "--spec", str(spec_file)],
         cwd=REPO,
@@ -136,15 +144,19 @@ def test_a_killed_flow_leaves_its_training_running_and_the_next_run_takes_it_ove
     while not (log.exists() and '"event": "log"' in log.read_text()) and time.monotonic() < deadline:
         assert flow.poll() is None, "the flow ended before its training got going"
         time.sleep(0.2)
+    assert any("uvicorn" in c for c in marked_processes(mark).values()), "the flow started no temporary server"
     flow.kill()  # SIGKILL: no clean-up of any kind
     flow.wait(timeout=30)
     handle = load_handle(run_dir)
-    assert handle is not None
+    assert handle is not None and handle.pid is not None
+    training = {handle.pid, *descendants(handle.pid)}
+    assert not wait_until_gone(mark, keep=training), "the killed flow left its temporary server running"
 
     summary = sft(spec=spec)
     assert summary.error is None and summary.job.job_id == handle.job_id  # type: ignore[attr-defined]
     assert log.read_text().count("training finished:") == 1, "one training, never two"
     assert [p.step for p in summary.job.losses] == list(range(LOG, STEPS + 1, LOG))  # type: ignore[attr-defined]
+    assert not wait_until_gone(mark, keep=set()), "processes of the killed run outlived the run that took it over"
 
 
 def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path):

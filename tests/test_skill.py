@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, seed_prefect_home
 
 SKILL = REPO / "docs" / "agent-skill"
@@ -30,6 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_every_command_of_the_skill_runs_as_written(trains, own_server, prefect_database: Path, tmp_path: Path):
     port = _free_port()
     # The one substitution: the skill's default port, so a developer's own server is left alone.

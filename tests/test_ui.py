@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import PRICED, QUICK_SFT, seed_prefect_home
 
 
@@ -17,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_a_run_started_and_approved_in_the_ui_trains_and_a_cancel_stops_it(
     browser, trains, own_server, prefect_database: Path, tmp_path: Path
 ):
