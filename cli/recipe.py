@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from cli.run import set_override
-from cli.server import bound_temporary_server
+from cli.server import bind_temporary_server
 from tasks.core.errors import UserFacingError, error_payload
 from tasks.core.recipe import default_recipe_name, load_recipe
 from tasks.core.spec import SpecError
@@ -43,10 +43,8 @@ def main(flow: Any, argv: list[str] | None = None) -> int:
         if args.dry_run:
             result = flow.fn(recipe, dry_run=True)
         else:
-            with bound_temporary_server():  # none is left running if this process is killed
-                result = flow(
-                    recipe=recipe, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout
-                )
+            bind_temporary_server()  # none is left running if this process is killed
+            result = flow(recipe=recipe, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
     except (UserFacingError, SpecError, ValueError, NotImplementedError, RuntimeError) as e:
         if args.json:
             print(json.dumps(error_payload(e)))

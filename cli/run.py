@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from cli.server import bound_temporary_server
+from cli.server import bind_temporary_server
 from tasks.core.errors import UserFacingError, error_payload
 from tasks.core.locks import run_lock
 from tasks.core.models import RunPlan
@@ -106,8 +106,8 @@ def main(
                 planned = plan(spec)
             print(plan_json(planned) if args.json else plan_markdown(planned))
             return 0
-        with bound_temporary_server():  # none is left running if this process is killed
-            summary = flow_fn(spec=spec, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
+        bind_temporary_server()  # none is left running if this process is killed
+        summary = flow_fn(spec=spec, approve_up_to_usd=args.approve_up_to, approval_timeout_s=args.approval_timeout)
     except KeyboardInterrupt:
         print("interrupted: the run stopped (its job, if one was running, was cancelled)", file=sys.stderr)
         return 130

@@ -19,8 +19,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 from unittest import mock
 
@@ -55,25 +53,19 @@ def _needs_temporary_server() -> bool:
     return not settings.api.url and settings.server.ephemeral.enabled
 
 
-@contextmanager
-def bound_temporary_server() -> Iterator[None]:
-    """Start the temporary server this process would start anyway, tied to its life; a no-op
-    when a server is configured (PREFECT_API_URL) or the platform has no parent-death signal."""
+def bind_temporary_server() -> None:
+    """Start the temporary server this process would start anyway, tied to its life; nothing
+    when a server is configured (PREFECT_API_URL) or the platform has no parent-death signal.
+    Prefect stops it at exit as it stops its own (an atexit hook that runs after its log and
+    event workers have sent what they hold)."""
     if (
         not sys.platform.startswith("linux")
         or threading.current_thread() is not threading.main_thread()  # the signal follows the forking thread
         or not _needs_temporary_server()
     ):
-        yield
         return
     from prefect.server.api.server import SubprocessASGIServer
 
-    if None in SubprocessASGIServer._instances:  # already started in this process: Prefect's to stop
-        yield
+    if None in SubprocessASGIServer._instances:  # already started in this process
         return
-    server = _bound_server_class()()  # registers itself under the key Prefect looks up
-    try:
-        server.start()
-        yield
-    finally:
-        server.stop()  # and unregisters it
+    _bound_server_class()().start()  # registers itself under the key Prefect looks up

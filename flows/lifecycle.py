@@ -32,7 +32,7 @@ from tasks.core.models import (
     TrainedModel,
 )
 from tasks.core.rundir import flow_run_name, named
-from tasks.core.spec import RunSpec, SpecError
+from tasks.core.spec import RunSpec, SpecError, backend_settings
 from tasks.evaluate.verdict import blocks_publish
 from tasks.plan.cost import repriced
 from tasks.report.render import plan_markdown
@@ -121,7 +121,7 @@ def approve(
                 f"training with these inputs finished before (job {done.job.job_id}); nothing to submit or pay for"
             )
         else:
-            account = check_account_task(spec.backend, plan.hardware.flavor, spec.pool)
+            account = check_account_task(spec.backend, plan.hardware.flavor, backend_settings(spec))
             cost = repriced(plan.cost, account.price_per_hour_usd)
             step.detail = account_detail(account, cost)
     if done is not None:

@@ -22,7 +22,7 @@ from tasks.core.methods import (
 from tasks.core.model_source import baseline_path, context_length, is_vision_model, load_config, resolve_model
 from tasks.core.models import CostEstimate, DatasetReport, InputUpload, RunPlan
 from tasks.core.rundir import default_run_name, prepare_run_dir
-from tasks.core.spec import RunSpec, SpecError
+from tasks.core.spec import RunSpec, SpecError, backend_settings
 from tasks.data.evaluation import has_evaluation_set, is_conversational, with_evaluation_rows
 from tasks.data.validate import HeldOut
 from tasks.evaluate.harness import HarnessTask, harness_tasks
@@ -59,7 +59,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: froz
     on_gpu = hardware.accelerator is not None and hardware.accelerator_count > 0
     if args.get("use_vllm") and not on_gpu:
         raise SpecError("training.use_vllm needs a CUDA GPU, and this run is placed on a CPU; drop it or use a GPU")
-    backend = get_backend(spec.backend, spec.pool)
+    backend = get_backend(spec.backend, backend_settings(spec))
     check_reward_models_reachable(rewards, spec.backend, backend.on_this_machine)
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)

@@ -16,7 +16,7 @@ from prefect.exceptions import TerminationSignal
 
 from tasks.core.methods import method_definition
 from tasks.core.models import Approval, CostEstimate, JobHandle, JobStatus, RunPlan, TrainedModel, TrainingScript
-from tasks.core.spec import RunSpec
+from tasks.core.spec import RunSpec, backend_settings
 from tasks.run.backends import get_backend, load_handle
 from tasks.run.training import (
     Trail,
@@ -53,7 +53,7 @@ def train(
     """Raises TrainingFailed naming the part that failed; an interrupt cancels the job it follows."""
     if approval is None:  # only a cached result may be taken without an approval
         raise TrainingFailed("submit_job", "training was not approved, and no finished training has these inputs")
-    backend = get_backend(spec.backend, spec.pool)
+    backend = get_backend(spec.backend, backend_settings(spec))
     note = set_aside_other_training(Path(plan.run_dir), key)
     if note:
         say(note)

@@ -54,15 +54,15 @@ def running_until_ready(
         stop_process(proc)
 
 
-def marked_processes(mark: str) -> dict[int, str]:
-    """Every live process whose environment carries FINETUNE_TEST_MARK=`mark` (children inherit
-    it, and keep it when their parent dies), with its command line: what a run left behind."""
+def marked_processes(mark: str, variable: str = "FINETUNE_TEST_MARK") -> dict[int, str]:
+    """Every live process whose environment carries `variable`=`mark` (children inherit it, and
+    keep it when their parent dies), with its command line: what a run left behind."""
     found: dict[int, str] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if f"FINETUNE_TEST_MARK={mark}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+            if f"{variable}={mark}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
                 continue
             if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 continue  # a zombie is gone, only not yet reaped

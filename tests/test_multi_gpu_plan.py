@@ -13,11 +13,20 @@ import pytest
 import yaml
 
 from flows.planning import plan_run
+from tasks.core.money import usd
 from tasks.plan.cost import SCALING_EFFICIENCY, STEP_OVERHEAD_S, UTILISATION
 from tasks.plan.flavors import load_catalogue
 from tasks.plan.hardware import HardwareError, select_hardware
-from tasks.plan.memory import COMM_BUFFERS_GB, GB, Architecture, Workload, flops_per_token, memory_breakdown_gb
-from tasks.report.render import plan_markdown
+from tasks.plan.memory import (
+    COMM_BUFFERS_GB,
+    GB,
+    HOST_PROCESS_GB,
+    Architecture,
+    Workload,
+    flops_per_token,
+    memory_breakdown_gb,
+)
+from tasks.report.render import _hardware_lines, plan_markdown
 from tests.helpers import CONFIGS, chat_spec, dataset_report, hf_config, sft_args
 
 
@@ -93,10 +102,10 @@ def test_selection_weighs_single_and_multi_gpu_placements_by_total_cost_and_max_
     assert fitting == []  # nothing that fits the hours is cheaper
 
 
-def test_a_70b_full_fine_tune_says_how_many_gpus_sharding_would_need_and_what_fits_instead():
+def test_a_70b_full_fine_tune_without_offload_says_how_many_gpus_sharding_would_need_and_what_fits_instead():
     with pytest.raises(HardwareError) as e:
         select_hardware(
-            chat_spec(backend="hf-jobs", lora=False),
+            chat_spec(backend="hf-jobs", lora=False, distributed={"offload": "off"}),
             hf_config("llama-3.1-70b"),
             sft_args(per_device_train_batch_size=1),
             dataset_report(),
@@ -104,8 +113,8 @@ def test_a_70b_full_fine_tune_says_how_many_gpus_sharding_would_need_and_what_fi
     msg = str(e.value)
     arch = Architecture.from_config(hf_config("llama-3.1-70b"))
     state_gb = arch.params * (2 + 2 + 8 + 4) / GB  # weights, gradients, AdamW moments, its step's temporary
-    assert f"the model state is {state_gb:.0f} GB" in msg and "training across machines is not supported" in msg
-    assert "fsdp over 8 processes" in msg
+    assert f"the model state is {state_gb:.0f} GB" in msg and "fsdp over 8 processes" in msg
+    assert "- backend: kubernetes trains across machines (a Kubeflow Trainer TrainJob): full, fsdp over" in msg
     assert "- lora: auto (or true/qlora) trains an adapter and needs far less memory: fits on" in msg
 
 
@@ -172,3 +181,72 @@ def test_a_multi_gpu_plan_writes_the_accelerate_config_next_to_the_script(tmp_pa
     single = plan_run(chat_spec(model=str(model), backend="hf-jobs", hardware="h200", name="one"))
     assert single.hardware.processes == 1 and not (Path(single.run_dir) / "accelerate.yaml").exists()
     assert "'launch': None" in Path(single.script.path).read_text()
+
+
+def test_a_72b_full_fine_tune_is_sharded_across_nodes_where_the_backend_can_launch_them():
+    """Kubernetes (a Kubeflow Trainer TrainJob) trains across machines: the 72B full fine-tune no
+    machine of the catalogue holds is sharded over several nodes, every node paid for."""
+    config, report = hf_config("qwen2.5-72b"), dataset_report()
+    plan, cost = select_hardware(chat_spec(backend="kubernetes", lora=False), config, sft_args(), report)
+    arch = Architecture.from_config(config)
+    assert arch.params == 72_706_203_648  # Qwen2.5-72B, as published
+    flavor = load_catalogue().get(plan.flavor)
+    assert plan.strategy == "fsdp" and plan.nodes > 1 and plan.processes == plan.nodes * flavor.count
+    m = plan.memory_breakdown_gb
+    assert m["weights"] == pytest.approx(arch.params * 2 / plan.processes / GB, rel=1e-4)
+    assert plan.estimated_peak_memory_gb <= flavor.memory_gb * 0.9
+    # the whole model state, as LLaMA-Factory's hardware table puts a 70B full fine-tune (bf16): about 1200 GB
+    state = (
+        sum(v for k, v in m.items() if k in ("weights", "gradients", "optimizer", "optimizer step")) * plan.processes
+    )
+    assert 1000 < state * GB / 1e9 < 1300
+    assert cost.price_per_hour_usd == flavor.price_per_hour * plan.nodes and cost.usd == pytest.approx(
+        cost.hours * flavor.price_per_hour * plan.nodes
+    )
+    assert (
+        f"{plan.nodes} nodes of {plan.flavor}" in plan.strategy_reason
+        and "sharded on 1 node: needs" in plan.strategy_reason
+    )
+    assert f"{usd(cost.price_per_hour_usd)}/h for {plan.nodes} nodes ({usd(flavor.price_per_hour)} each)" in cost.basis
+    assert "cross a 400 Gb/s network card per GPU at 90%" in cost.basis
+
+
+def test_cpu_offload_is_weighed_and_kept_only_when_it_is_the_fit_or_cheaper():
+    """On one machine (hf-jobs) the 72B full fine-tune fits only with FSDP's CPU offload: the
+    parameter shards, gradients and optimizer state in host memory, the optimizer step on the host,
+    and the copies over PCIe in the time. Ruled out, the refusal names the machines it would take."""
+    config, report, args = hf_config("qwen2.5-72b"), dataset_report(), sft_args()
+    plan, cost = select_hardware(chat_spec(backend="hf-jobs", lora=False), config, args, report)
+    arch = Architecture.from_config(config)
+    flavor = load_catalogue().get(plan.flavor)
+    assert plan.offload and plan.nodes == 1 and plan.strategy == "fsdp"
+    assert not {"weights", "gradients", "optimizer"} & set(plan.memory_breakdown_gb)  # on the host instead
+    host = plan.host_memory_breakdown_gb
+    assert host["offloaded model state"] == pytest.approx(arch.params * (2 + 2 + 8 + 4) / GB, rel=1e-3)
+    assert host["training processes"] == HOST_PROCESS_GB * flavor.count
+    assert sum(host.values()) <= flavor.ram_gb * 0.9 == plan.available_host_memory_gb
+    assert "with CPU offload" in plan.strategy_reason and "host memory per node" in plan.strategy_reason
+    assert "CPU offload: shards over PCIe at 25 GB/s and AdamW on the host" in cost.basis
+    assert "host memory per node (CPU offload)" in "\n".join(_hardware_lines(plan))
+
+    with pytest.raises(HardwareError) as e:
+        select_hardware(chat_spec(backend="hf-jobs", lora=False, distributed={"offload": "off"}), config, args, report)
+    assert "- backend: kubernetes trains across machines (a Kubeflow Trainer TrainJob): full, fsdp over" in str(e.value)
+
+    # where more GPUs are cheaper, offload is weighed and said to cost more
+    lora, _ = select_hardware(chat_spec(backend="hf-jobs", lora=True), config, args, report)
+    assert not lora.offload and "with CPU offload: $" in lora.strategy_reason and "more than" in lora.strategy_reason
+
+
+def test_a_405b_full_fine_tune_is_planned_across_nodes_with_its_host_memory():
+    config = hf_config("llama-3.1-405b")
+    assert Architecture.from_config(config).params == 405_853_388_800  # Llama 3.1 405B, as published
+    plan, cost = select_hardware(chat_spec(backend="kubernetes", lora=False), config, sft_args(), dataset_report())
+    assert plan.strategy == "fsdp" and plan.nodes >= 4 and plan.mode == "full"
+    flavor = load_catalogue().get(plan.flavor)
+    assert plan.estimated_peak_memory_gb <= flavor.memory_gb * 0.9
+    if plan.offload:
+        assert 0 < sum(plan.host_memory_breakdown_gb.values()) <= flavor.ram_gb * 0.9
+    assert cost.hours_high <= 24  # budget.max_hours
+    with pytest.raises(HardwareError, match="distributed.nodes is 2, and backend: hf-jobs trains on one machine"):
+        select_hardware(chat_spec(backend="hf-jobs", distributed={"nodes": 2}), config, sft_args(), dataset_report())

@@ -175,3 +175,43 @@ def test_a_checkpoint_cut_off_while_saving_is_not_resumed_from(tmp_path):
     (torn / "trainer_state.json").write_text('{"global_st')
     assert template.checkpoint_complete(done)
     assert not template.checkpoint_complete(cut) and not template.checkpoint_complete(torn)
+
+
+def test_a_killed_launcher_takes_its_training_processes_with_it(trains, tmp_path):
+    """`accelerate launch` (torchrun's agent) starts the training processes in sessions of their
+    own: SIGKILL of the launcher alone used to leave them training into the run folder. Each
+    launched process now ends with its launcher."""
+    import subprocess
+    import sys
+    import time
+
+    from flows.planning import plan_run
+
+    spec = load_spec(EXAMPLES / "sft-two-processes.yaml", {"name": "killed-launcher", "training": {"max_steps": 400}})
+    plan = plan_run(spec)  # type: ignore[arg-type]
+    run_dir = Path(plan.run_dir)
+    log = (run_dir / "by-hand.log").open("wb")
+    launcher = subprocess.Popen([sys.executable, "train.py"], cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while (
+        len(trainers := descendants(launcher.pid)) < 2
+        or "FINETUNE_PROGRESS" not in (run_dir / "by-hand.log").read_text()
+    ):
+        assert launcher.poll() is None and time.monotonic() < deadline, (run_dir / "by-hand.log").read_text()[-2000:]
+        time.sleep(0.2)
+    launcher.kill()  # the launcher alone, as the OOM killer or a lost node would
+    launcher.wait()
+    deadline = time.monotonic() + 30
+    while [p for p in trainers if _alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in trainers if _alive(p)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "training processes outlived their launcher"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

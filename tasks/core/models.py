@@ -240,6 +240,10 @@ class FlavorOption(Frozen):
     memory_factor: float = 1.0
     strategy: Literal["single", "ddp", "fsdp"] = "single"
     processes: int = 1
+    nodes: int = 1
+    offload: bool = False
+    host_memory_gb: float = 0.0
+    usable_host_memory_gb: float = 0.0
     strategy_reason: str = ""
 
 
@@ -290,7 +294,17 @@ class HardwarePlan(Frozen):
     strategy: Literal["single", "ddp", "fsdp"] = Field(
         "single", description="single process; ddp: data parallel; fsdp: sharded (full shard)"
     )
-    processes: int = Field(1, description="training processes: one per GPU used (accelerate launches them)")
+    processes: int = Field(
+        1, description="training processes, every node's: one per GPU used (accelerate launches them)"
+    )
+    nodes: int = Field(1, description="machines of the flavor, alike; the price is every node's")
+    offload: bool = Field(
+        False, description="FSDP's CPU offload: parameter shards, gradients and optimizer state on the host"
+    )
+    host_memory_breakdown_gb: dict[str, float] = Field(
+        default_factory=dict, description="what each node's host memory holds, with offload"
+    )
+    available_host_memory_gb: float = Field(0.0, description="each node's host memory, less the safety margin")
     strategy_reason: str = Field("", description="why this strategy and process count")
     layer_classes: list[str] = Field(
         default_factory=list, description="the decoder layer class(es) FSDP wraps one by one (_no_split_modules)"

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.core.errors import UserFacingError
 
 Method = Literal["sft", "dpo", "orpo", "kto", "reward", "grpo", "rloo"]
-Backend = Literal["local", "hf-jobs", "prefect-pool"]
+Backend = Literal["local", "hf-jobs", "prefect-pool", "kubernetes"]
 GgufType = Literal["f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0", "q3_k_m", "q2_k"]
 
 RUN_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -125,8 +125,21 @@ class Distributed(_Frozen):
         None,
         ge=1,
         le=8,
-        description="training processes; default one per GPU of the flavor, one on a CPU. On this machine's CPU, "
-        "2 runs data parallel over gloo (the multi-GPU path, tried without a GPU)",
+        description="training processes per node; default one per GPU of the flavor, one on a CPU. On this machine's "
+        "CPU, 2 runs data parallel over gloo (the multi-GPU path, tried without a GPU)",
+    )
+    nodes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="machines of the flavor the run trains on, sharded (fsdp) across all their GPUs; default: one, "
+        "or with backend: kubernetes as many as the cheapest fit needs",
+    )
+    offload: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="FSDP's CPU offload of the parameter shards with their gradients and optimizer state (the "
+        "optimizer step runs on the host): auto weighs it against more GPUs and keeps it only when cheaper or the "
+        "only fit; on forces it (fsdp), off never",
     )
 
 
@@ -152,6 +165,48 @@ class PoolSettings(_Frozen):
     )
 
 
+class KubernetesSettings(_Frozen):
+    """Where `backend: kubernetes` runs the training: a Kubeflow Trainer TrainJob, one pod per node,
+    each running torchrun through the cluster's torch runtime, all of them in one job folder on a
+    volume that this machine also reaches as `storage`."""
+
+    namespace: str = Field("default", description="the namespace of the TrainJob and of the token's Secret")
+    runtime: str = Field(
+        "torch-distributed",
+        description="the ClusterTrainingRuntime that launches each node (Kubeflow Trainer's torch runtime sets "
+        "PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR for torchrun)",
+    )
+    image: str = Field(
+        "ghcr.io/astral-sh/uv:python3.12-bookworm",
+        description="the nodes' image: with uv, `uv run train.py` installs the versions pinned in the script's "
+        "header; or an image with them installed (deployments/k8s/Dockerfile)",
+    )
+    storage: str | None = Field(
+        None,
+        description="fsspec URL of the volume's root as this machine reaches it (a shared path here, "
+        "s3://bucket/prefix or gs://... in production). Default: $FINETUNE_K8S_STORAGE",
+    )
+    volume_claim: str = Field(
+        "finetune-runs", description="the PersistentVolumeClaim (ReadWriteMany) the nodes mount: the same storage"
+    )
+    mount_path: str = Field("/workspace", description="where the nodes see the volume's root")
+    token_secret: str | None = Field(
+        "hf-token",
+        description="a Secret with the Hugging Face token under the key `token`, passed to the nodes as HF_TOKEN "
+        "by reference (never in the manifest); null for none",
+    )
+    run_with: Literal["uv", "python"] = Field(
+        "uv",
+        description="how a node runs the script: uv (installs the versions pinned in its header, for an image with "
+        "uv) or python (an image with them installed)",
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", description="the nodes' GPU resource name")
+    context: str | None = Field(None, description="the kubeconfig context; default: the current one, or in-cluster")
+
+
+BackendSettings = PoolSettings | KubernetesSettings
+
+
 class RunSpec(_Frozen):
     """One fine-tuning run. Same fields as YAML and as flow parameters."""
 
@@ -171,6 +226,7 @@ class RunSpec(_Frozen):
     backend: Backend = "local"
     distributed: Distributed = Field(default_factory=Distributed)
     pool: PoolSettings = Field(default_factory=PoolSettings)
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     vision_tower: Literal["frozen", "trained"] = Field(
         "frozen",
@@ -319,9 +375,10 @@ def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
     model = data.get("model")
     if isinstance(model, str) and _spec_relative(model, base):
         data["model"] = str((base / model).resolve())
-    pool = data.get("pool")
-    if isinstance(pool, dict) and isinstance(pool.get("storage"), str) and pool["storage"].startswith(("./", "../")):
-        data["pool"] = {**pool, "storage": str((base / pool["storage"]).resolve())}  # a shared folder, next to the spec
+    for block in ("pool", "kubernetes"):  # a shared folder, next to the spec
+        settings = data.get(block)
+        if isinstance(settings, dict) and str(settings.get("storage", "")).startswith(("./", "../")):
+            data[block] = {**settings, "storage": str((base / settings["storage"]).resolve())}
     outputs = data.get("outputs")
     if isinstance(outputs, dict) and isinstance(outputs.get("hub_repo"), str):
         if outputs["hub_repo"].startswith(("./", "../")):  # a local publish folder, next to the spec
@@ -344,6 +401,11 @@ def resolve_spec_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
 # The backends that train on this machine: planning sizes this machine rather than a rented
 # flavor (each backend class takes its `on_this_machine` from here).
 ON_THIS_MACHINE = frozenset({"local"})
+
+
+def backend_settings(spec: RunSpec) -> BackendSettings | None:
+    """The spec's block for its backend, if the backend has one."""
+    return {"prefect-pool": spec.pool, "kubernetes": spec.kubernetes}.get(spec.backend)
 
 
 def runs_on_this_machine(backend: str) -> bool:

@@ -24,7 +24,7 @@ from tasks.core.money import usd
 from tasks.core.spec import runs_on_this_machine
 from tasks.plan.calibration import Correction, load_table
 from tasks.plan.flavors import Flavor, load_catalogue, local_flavor
-from tasks.plan.memory import Architecture, Workload, flops_per_token, workload_for
+from tasks.plan.memory import Architecture, Placement, Workload, flops_per_token, trained_parameters, workload_for
 
 # Share of the peak a training step achieves, by what is trained. On GPUs an assumption
 # (typical single-GPU TRL runs; no GPU was available to calibrate); adapters run at a lower
@@ -46,6 +46,25 @@ SCALING_EFFICIENCY = {
     "gpu": {"ddp": 0.90, "fsdp": 0.80},
     "cpu": {"ddp": 0.70},
 }
+# Across machines (several nodes), FSDP all-gathers the parameters for the forward and again for
+# the backward, and reduce-scatters the gradients, every micro-step. Each node receives the other
+# nodes' share of them, (nodes - 1) / nodes, through all its GPUs' network cards at once (one per
+# GPU, as in NVIDIA's DGX H100/H200 design: the flavor's network_gbps per GPU), at
+# NETWORK_EFFICIENCY of line rate (nccl-tests' bus bandwidth on InfiniBand, NVIDIA/nccl-tests
+# doc/PERFORMANCE.md; assumed, no cluster was lent to measure it). FSDP prefetches the next layer
+# while computing this one, so a micro-step takes the longer of its compute and its traffic.
+NETWORK_EFFICIENCY = 0.9
+# FSDP's CPU offload: every micro-step each process copies its parameter shard to the GPU for the
+# forward and the backward and its gradient shard back, over PCIe at PCIE_GB_S (assumed: half of
+# PCIe Gen5 x16's ~50 GB/s, as not every copy is pinned and the link is shared with the network
+# card); every optimizer step runs AdamW on the host, at CPU_ADAM_PARAMS_PER_CORE_S per physical
+# core (measured, benchmarks/results/cpu-optimizer.md) up to what the node's memory bandwidth
+# allows (HOST_MEMORY_GB_S, assumed for a two-socket server; AdamW reads and writes ADAM_HOST_BYTES
+# per parameter in bf16: parameter, gradient and two moments read, three written). Not overlapped.
+PCIE_GB_S = 25.0
+CPU_ADAM_PARAMS_PER_CORE_S = 376e6
+HOST_MEMORY_GB_S = 200.0
+ADAM_HOST_BYTES = 14
 RANGE_LOW, RANGE_HIGH = 0.75, 1.5
 # Fixed cost of one micro-step (optimizer update, data collation, Python): calibrated on CPU,
 # where it dominates tiny models; an assumption on GPUs.
@@ -120,6 +139,8 @@ class _TrainingTime(NamedTuple):
     utilisation: float
     scaling: float  # the share of the processes' combined peak a multi-process run achieves
     seconds: float
+    network_s: float = 0.0  # FSDP's traffic between nodes, where it outlasts the compute it overlaps
+    offload_s: float = 0.0  # FSDP's CPU offload: the copies over PCIe and the optimizer on the host
 
 
 def estimate_for(
@@ -139,12 +160,12 @@ def estimate_for(
     the training time."""
     correction = load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
-    training = _training_time(arch, w, tokens, flavor, steps, padding)
+    training = _training_time(arch, w, tokens, flavor, steps, padding, accumulation)
     compute_s = training.seconds * factor
     evaluation_s = _evaluation_s(arch, flavor, training.utilisation, evaluation)
     startup_s = _startup_s(arch, backend)
     hours = (compute_s + evaluation_s + startup_s) / 3600
-    price = flavor.price_per_hour
+    price = flavor.price_per_hour * w.nodes  # every node is paid for
     basis = _basis(arch, w, flavor, training, padding, steps, correction, evaluation, evaluation_s, startup_s)
     return CostEstimate(
         flavor=flavor.name,
@@ -174,7 +195,7 @@ def estimate_for(
 
 
 def _training_time(
-    arch: Architecture, w: Workload, tokens: int, flavor: Flavor, steps: int, padding: float
+    arch: Architecture, w: Workload, tokens: int, flavor: Flavor, steps: int, padding: float, accumulation: int = 1
 ) -> _TrainingTime:
     """The training's FLOPs over the peak it achieves (every GPU's, less what communication
     costs; a CPU's processes share its cores), plus a generating method's sampling and each micro-step's
@@ -183,7 +204,7 @@ def _training_time(
     utilisation = UTILISATION[device][w.mode]
     peak = flavor.peak_tflops * 1e12
     scaling = SCALING_EFFICIENCY[device][w.strategy] if w.processes > 1 else 1.0
-    train_peak = peak * (w.processes if flavor.is_gpu else 1) * scaling
+    train_peak = peak * (w.processes if flavor.is_gpu else w.nodes) * scaling  # a CPU's processes share it
     gen_tokens = 0.0
     if w.generates:
         # tokens counts prompts' tokens; each prompt gets num_generations completions
@@ -195,8 +216,48 @@ def _training_time(
     else:
         train_tokens, gen_s = tokens, 0.0
     flops = train_tokens * padding * flops_per_token(arch, w)
-    seconds = flops / (train_peak * utilisation) + gen_s + steps * STEP_OVERHEAD_S[device]
-    return _TrainingTime(train_tokens, gen_tokens, gen_s, flops, utilisation, scaling, seconds)
+    compute_s = flops / (train_peak * utilisation)
+    optimizer_steps = math.ceil(steps / max(accumulation, 1))
+    network_s = max(0.0, _network_s(arch, w, flavor, steps, optimizer_steps) - compute_s)
+    offload_s = steps * _offload_s_per_micro_step(arch, w) + optimizer_steps * _host_adam_s(arch, w, flavor)
+    seconds = compute_s + network_s + offload_s + gen_s + steps * STEP_OVERHEAD_S[device]
+    return _TrainingTime(train_tokens, gen_tokens, gen_s, flops, utilisation, scaling, seconds, network_s, offload_s)
+
+
+def _gathered_bytes(arch: Architecture, w: Workload) -> tuple[float, float]:
+    """What FSDP moves per micro-step, in all: the parameters (gathered twice) and the trained
+    gradients (reduce-scattered once)."""
+    trained = trained_parameters(arch, w.mode, w.tower_trained)
+    return arch.params * w.dtype_bytes, trained * (w.dtype_bytes if w.mode == "full" else 4)
+
+
+def _network_s(arch: Architecture, w: Workload, flavor: Flavor, steps: int, optimizer_steps: int) -> float:
+    """Traffic between nodes: FSDP's per micro-step; data parallel's all-reduce of the gradients
+    (sent and received) per optimizer step."""
+    if w.nodes <= 1:
+        return 0.0
+    params, grads = _gathered_bytes(arch, w)
+    node_bytes_s = flavor.network_gbps / 8 * 1e9 * max(w.processes // w.nodes, 1) * NETWORK_EFFICIENCY
+    share = (w.nodes - 1) / w.nodes
+    if w.strategy == "fsdp":
+        return steps * (2 * params + grads) * share / node_bytes_s
+    return optimizer_steps * 2 * grads * share / node_bytes_s
+
+
+def _offload_s_per_micro_step(arch: Architecture, w: Workload) -> float:
+    if not w.offload:
+        return 0.0
+    params, grads = _gathered_bytes(arch, w)
+    return (2 * params + grads) / w.processes / (PCIE_GB_S * 1e9)
+
+
+def _host_adam_s(arch: Architecture, w: Workload, flavor: Flavor) -> float:
+    """One optimizer step on a node's host: its processes' shares of the trained parameters."""
+    if not w.offload:
+        return 0.0
+    per_node = trained_parameters(arch, w.mode, w.tower_trained) / w.nodes
+    rate = min(flavor.vcpus / 2 * CPU_ADAM_PARAMS_PER_CORE_S, HOST_MEMORY_GB_S * 1e9 / ADAM_HOST_BYTES)
+    return per_node / rate
 
 
 def _evaluation_s(arch: Architecture, flavor: Flavor, utilisation: float, evaluation: tuple[int, int]) -> float:
@@ -246,6 +307,8 @@ def _basis(
         + (
             f" x {w.processes} GPUs x {scaling:.0%} scaling efficiency ({w.strategy})"
             if w.processes > 1 and flavor.is_gpu
+            else f" x {w.nodes} nodes x {scaling:.0%} efficiency ({w.strategy})"
+            if w.nodes > 1
             else f" shared by {w.processes} processes x {scaling:.0%} efficiency ({w.strategy})"
             if w.processes > 1
             else ""
@@ -258,13 +321,36 @@ def _basis(
             if scored or generated
             else ""
         )
-        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price)}/h"
+        + _distributed_basis(w, flavor, training)
+        + f"; start-up {startup_s:.0f} s; range x{RANGE_LOW}-x{RANGE_HIGH}; {usd(price * w.nodes)}/h"
+        + (f" for {w.nodes} nodes ({usd(price)} each)" if w.nodes > 1 else "")
         + (
-            f" for all {flavor.count} GPUs ({usd(price / flavor.count)} per GPU)"
+            f" for all {flavor.count * w.nodes} GPUs ({usd(price / flavor.count)} per GPU)"
             if flavor.is_gpu and flavor.count > 1
             else ""
         )
     )
+
+
+def _distributed_basis(w: Workload, flavor: Flavor, training: _TrainingTime) -> str:
+    """The terms several nodes and offloading add, with their assumptions."""
+    parts = []
+    if w.nodes > 1:
+        traffic = "FSDP's gathers and reduce-scatters" if w.strategy == "fsdp" else "the gradients' all-reduce"
+        card = "per GPU" if flavor.is_gpu else "per node"
+        parts.append(
+            f"; {w.nodes} nodes of {flavor.name}: {traffic} {'cross' if w.strategy == 'fsdp' else 'crosses'} a "
+            f"{flavor.network_gbps:g} Gb/s network card "
+            f"{card} at {NETWORK_EFFICIENCY:.0%}, overlapped with compute"
+            + (f", {training.network_s / 60:.1f} min not hidden" if training.network_s else ", hidden behind it")
+        )
+    if w.offload:
+        parts.append(
+            f"; CPU offload: shards over PCIe at {PCIE_GB_S:g} GB/s and AdamW on the host "
+            f"({CPU_ADAM_PARAMS_PER_CORE_S / 1e6:.0f} M parameters/s per core, at most {HOST_MEMORY_GB_S:g} GB/s of memory): "
+            f"{training.offload_s / 60:.1f} min"
+        )
+    return "".join(parts)
 
 
 def estimate_run(
@@ -309,7 +395,9 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
     )
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     args = {**args, **planned_batch(plan)}
-    w = workload_for(spec, flavor, plan.mode, args, report, plan.strategy, plan.processes)
+    w = workload_for(
+        spec, flavor, plan.mode, args, report, Placement(plan.strategy, plan.processes, plan.nodes, plan.offload)
+    )
     cost = estimate_run(spec, arch, w, flavor, report, args, plan.padding_overhead)
     if report.token_counts == "estimated":
         cost = cost.model_copy(

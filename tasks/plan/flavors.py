@@ -39,6 +39,9 @@ class Flavor(BaseModel):
     bf16: bool
     peak_tflops: float = Field(gt=0, description="dense peak per GPU (per CPU flavor for CPUs)")
     price_per_hour: float = Field(ge=0)
+    # assumed unless a flavor says otherwise: one 400 Gb/s InfiniBand NDR card per GPU, NVIDIA's
+    # DGX H100/H200 design; only a run across several nodes (backend: kubernetes) uses it
+    network_gbps: float = Field(400.0, gt=0, description="network between nodes, per GPU, in Gb/s")
 
     @property
     def is_gpu(self) -> bool:

@@ -2,22 +2,26 @@
 
 The rule, for `hardware: auto`:
 1. Candidates: this machine for `backend: local`; for cloud backends every flavor of the
-   catalogue with up to MAX_PROCESSES GPUs (one machine; multi-node training is not built),
-   and the CPU flavors.
+   catalogue with up to MAX_PROCESSES GPUs (one machine), and the CPU flavors.
 2. Placements per flavor: one process on a single GPU or a CPU; on N GPUs, N processes that
    accelerate launches, either data parallel (ddp: each GPU holds the whole model state) or
    sharded (fsdp full shard: parameters, gradients and optimizer state divided by N, plus the
-   all-gather working set). `distributed:` in the spec may fix the strategy, or run several
-   processes on a CPU.
+   all-gather working set). Where the backend launches across machines (MULTI_NODE_BACKENDS: a
+   Kubeflow Trainer TrainJob), also fsdp over 2 to 16 nodes of the flavor. Every sharded
+   placement also with FSDP's CPU offload (the shards, their gradients and optimizer state in host
+   memory, the optimizer step on the host): it needs host memory and costs time, and wins only
+   when it is the fit or the cheapest. `distributed:` in the spec may fix the strategy, the
+   nodes, the offload, or run several processes on a CPU.
 3. Mode: `lora: false` trains everything, `lora: true` an adapter, `lora: qlora` an adapter
    on 4-bit weights. `lora: auto` trains everything when the model has at most
    LORA_AUTO_THRESHOLD parameters and some candidate fits it; otherwise LoRA; otherwise
    QLoRA (GPUs only: bitsandbytes needs CUDA; data parallel only).
 4. A placement fits when the estimated peak memory per GPU (per machine on a CPU) is at most
-   SAFETY_MARGIN of its memory and the high end of its time estimate is within
-   `budget.max_hours`.
-5. Among those that fit, the cheapest run wins (estimated hours x the flavor's hourly price,
-   which pays for all its GPUs), then the fastest. When nothing fits, the error says what would.
+   SAFETY_MARGIN of its memory, an offloaded one's host memory per node too, and the high end
+   of its time estimate is within `budget.max_hours`.
+5. Among those that fit, the cheapest run wins (estimated hours x the flavor's hourly price x
+   its nodes, which pays for all their GPUs), then the fastest. When nothing fits, the error says
+   what would.
 """
 
 from __future__ import annotations
@@ -34,11 +38,25 @@ from tasks.core.spec import RunSpec, SpecError, runs_on_this_machine
 from tasks.plan.calibration import load_table
 from tasks.plan.cost import SCALING_EFFICIENCY, estimate_run, planned_batch
 from tasks.plan.flavors import Catalogue, Flavor, load_catalogue, local_flavor
-from tasks.plan.memory import Architecture, Mode, Strategy, memory_breakdown_gb, trained_parameters, workload_for
+from tasks.plan.memory import (
+    ONE_PROCESS,
+    Architecture,
+    Mode,
+    Placement,
+    Strategy,
+    host_memory_gb,
+    memory_breakdown_gb,
+    trained_parameters,
+    workload_for,
+)
 from tasks.plan.speed import choose_speed, padding_overhead
 
 GB = 1024**3
-MAX_PROCESSES = 8  # GPUs of one machine; across machines needs a multi-node launcher not built here
+MAX_PROCESSES = 8  # GPUs of one machine
+# Backends that launch one training across machines (a Kubeflow Trainer TrainJob runs torchrun on
+# each node), and the node counts the planner weighs for them
+MULTI_NODE_BACKENDS = ("kubernetes",)
+NODE_COUNTS = (1, 2, 4, 8, 16)
 LORA_AUTO_THRESHOLD = 3_000_000_000
 SAFETY_MARGIN = 0.9
 
@@ -83,20 +101,20 @@ def _option(
     arch: Architecture,
     args: dict[str, Any],
     report: DatasetReport,
-    strategy: Strategy = "single",
-    processes: int = 1,
+    placement: Placement = ONE_PROCESS,
 ) -> tuple[FlavorOption, CostEstimate]:
     """One placement, with the largest micro-batch that fits with margin, and gradient
     checkpointing only when not even a micro-batch of 1 fits without it: recomputing activations
     costs a third more compute (on an H200 with Qwen2.5-0.5B, TRL's default of always recomputing
     and a micro-batch of 8 made steps 2.7x slower; benchmarks/results)."""
+    processes = placement.processes
     total, micros = _global_batch(spec, args, processes)
     speed = _speed(spec, flavor, arch, args, report, total, processes)
 
     def attempt(micro: int, on: bool) -> tuple[FlavorOption, CostEstimate]:
         split = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": total // micro}
         placed = {**args, **split, "gradient_checkpointing": on}
-        return _option_with(spec, flavor, mode, arch, placed, report, speed, strategy, processes)
+        return _option_with(spec, flavor, mode, arch, placed, report, speed, placement)
 
     fastest = ""
     if not flavor.is_gpu and method_definition(spec.method).cpu_split_search and len(micros) > 1:
@@ -227,17 +245,14 @@ def _option_with(
     args: dict[str, Any],
     report: DatasetReport,
     speed: SpeedPlan,
-    strategy: Strategy = "single",
-    processes: int = 1,
+    placement: Placement = ONE_PROCESS,
 ) -> tuple[FlavorOption, CostEstimate]:
-    w = workload_for(spec, flavor, mode, args, report, strategy, processes)
-    memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
-    correction = load_table().find(flavor.name, arch.model_type, mode)
-    memory_factor = correction.memory_factor if correction else 1.0
-    if memory_factor != 1.0:  # what earlier runs like this one measured beyond (or below) the model
-        memory["calibration"] = round(sum(memory.values()) * (memory_factor - 1), 4)
+    w = workload_for(spec, flavor, mode, args, report, placement)
+    memory, memory_factor = _calibrated_memory(arch, w, flavor, mode)
     peak = sum(memory.values())
     usable = flavor.memory_gb * SAFETY_MARGIN
+    host = sum(host_memory_gb(arch, w).values())
+    usable_host = flavor.ram_gb * SAFETY_MARGIN
     micro = int(args.get("per_device_train_batch_size", 1))
     overhead = padding_overhead(
         report.length_percentiles,
@@ -251,6 +266,8 @@ def _option_with(
     problems = []
     if peak > usable:
         problems.append(f"needs {peak:.1f} GB, has {usable:.1f} GB usable")
+    if host > usable_host:
+        problems.append(f"offloading needs {host:.0f} GB of host memory per node, has {usable_host:.0f} GB usable")
     if mode == "qlora" and not flavor.is_gpu:
         problems.append("QLoRA needs a CUDA GPU")
     if cost.hours_high > spec.budget.max_hours:
@@ -270,10 +287,25 @@ def _option_with(
             padding_overhead=round(overhead, 3),
             memory_factor=memory_factor,
             strategy=w.strategy,
-            processes=processes,
+            processes=placement.processes,
+            nodes=placement.nodes,
+            offload=placement.offload,
+            host_memory_gb=round(host, 2),
+            usable_host_memory_gb=round(usable_host, 2),
         ),
         cost,
     )
+
+
+def _calibrated_memory(arch: Architecture, w: Any, flavor: Flavor, mode: Mode) -> tuple[dict[str, float], float]:
+    """The memory model's breakdown per GPU (or machine), with what earlier runs like this one
+    measured beyond (or below) it, and that factor."""
+    memory = memory_breakdown_gb(arch, w, "gpu" if flavor.is_gpu else "cpu", flavor.memory_gb)
+    correction = load_table().find(flavor.name, arch.model_type, mode)
+    factor = correction.memory_factor if correction else 1.0
+    if factor != 1.0:
+        memory["calibration"] = round(sum(memory.values()) * (factor - 1), 4)
+    return memory, factor
 
 
 def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
@@ -295,9 +327,42 @@ def _candidates(spec: RunSpec, catalogue: Catalogue) -> list[Flavor]:
     return [f for f in catalogue.flavors.values() if f.count <= MAX_PROCESSES]
 
 
-def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[tuple[Strategy, int]]:
-    """How a flavor may run the training: (strategy, processes). A GPU flavor runs one process
-    per GPU (fewer would pay for idle GPUs); a CPU runs one unless the spec asks for more."""
+def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[Placement]:
+    """How a flavor may run the training: on one node as one machine allows, and, where the
+    backend trains across machines, sharded over several nodes of it; each sharded placement
+    also with FSDP's CPU offload, unless the spec rules one out."""
+    one_node = _one_node_placements(spec, flavor, mode)
+    if not one_node:
+        return []  # not the GPU count distributed.processes asks for
+    nodes, strategy = _node_counts(spec), spec.distributed.strategy
+    per_node, several = one_node[0].processes, [n for n in nodes if n > 1]
+    placements = [p for p in one_node if 1 in nodes]
+    shards = flavor.is_gpu and mode != "qlora"  # 4-bit weights do not shard here; FSDP needs GPUs
+    if shards and strategy in ("auto", "fsdp"):
+        placements += [Placement("fsdp", per_node * n, n) for n in several]
+    if spec.distributed.nodes and strategy in ("auto", "ddp") and not (strategy == "auto" and shards):
+        # data parallel across machines only when asked for: it is never cheaper than one of them
+        placements += [Placement("ddp", per_node * n, n) for n in several]
+    offloaded = [p._replace(offload=True) for p in placements if p.strategy == "fsdp"]
+    return {"auto": placements + offloaded, "on": offloaded, "off": placements}[spec.distributed.offload]
+
+
+def _node_counts(spec: RunSpec) -> tuple[int, ...]:
+    """Machines a run may span: the spec's count, else one, or up to MAX_NODES where the backend
+    can launch across machines."""
+    if spec.distributed.nodes is not None:
+        if spec.distributed.nodes > 1 and spec.backend not in MULTI_NODE_BACKENDS:
+            raise HardwareError(
+                f"distributed.nodes is {spec.distributed.nodes}, and backend: {spec.backend} trains on one machine; "
+                "backend: kubernetes trains across machines (a Kubeflow Trainer TrainJob), or remove distributed.nodes"
+            )
+        return (spec.distributed.nodes,)
+    return NODE_COUNTS if spec.backend in MULTI_NODE_BACKENDS else (1,)
+
+
+def _one_node_placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[Placement]:
+    """One machine: a GPU flavor runs one process per GPU (fewer would pay for idle GPUs), a CPU
+    runs one unless the spec asks for more."""
     wanted = spec.distributed
     if flavor.is_gpu:
         if wanted.processes is not None and wanted.processes != flavor.count:
@@ -312,7 +377,7 @@ def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[tuple[Strateg
     else:
         processes = wanted.processes or 1
     if processes == 1:
-        return [("single", 1)]
+        return [Placement()]
     strategies: list[Strategy] = ["ddp", "fsdp"] if wanted.strategy == "auto" else [wanted.strategy]
     if not flavor.is_gpu:
         if wanted.strategy == "fsdp":
@@ -327,7 +392,7 @@ def _placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[tuple[Strateg
         strategies = ["ddp"]
     if mode == "qlora":  # 4-bit weights do not shard with FSDP here; each GPU holds the whole 4-bit model
         strategies = [s for s in strategies if s == "ddp"]
-    return [(s, processes) for s in strategies]
+    return [Placement(s, processes) for s in strategies]
 
 
 # Cloud CPU flavors are offered only to models this small: above it, CPU training speed is far
@@ -364,7 +429,7 @@ def _flavor_option(
 ) -> tuple[FlavorOption, CostEstimate] | None:
     """The flavor's best placement: the cheapest that fits, else the one needing least memory
     (to say how far it is), with why this strategy; None when the flavor cannot run it at all."""
-    tried = [_option(spec, flavor, mode, arch, args, report, s, n) for s, n in _placements(spec, flavor, mode)]
+    tried = [_option(spec, flavor, mode, arch, args, report, p) for p in _placements(spec, flavor, mode)]
     if not tried:
         return None
     fitting = [t for t in tried if t[0].fits]
@@ -379,7 +444,13 @@ def _strategy_reason(spec: RunSpec, flavor: Flavor, chosen: FlavorOption, tried:
     if chosen.processes == 1:
         return "one process " + ("on one GPU" if flavor.is_gpu else "on the CPU")
     scaling = SCALING_EFFICIENCY["gpu" if flavor.is_gpu else "cpu"][chosen.strategy]
-    if flavor.is_gpu:
+    if chosen.nodes > 1:
+        each = "GPUs in all, one process each" if flavor.is_gpu else "processes in all, one per node's CPU"
+        where = (
+            f"{chosen.nodes} nodes of {flavor.name}, {chosen.processes} {each} "
+            f"({scaling:.0%} scaling efficiency assumed, plus the network between nodes)"
+        )
+    elif flavor.is_gpu:
         where = f"{chosen.processes} GPUs, one process each ({scaling:.0%} scaling efficiency assumed)"
     else:
         where = (
@@ -389,19 +460,40 @@ def _strategy_reason(spec: RunSpec, flavor: Flavor, chosen: FlavorOption, tried:
         )
     name = {"ddp": "ddp (data parallel)", "fsdp": "fsdp (full shard)"}[chosen.strategy]
     memory = f"{chosen.peak_memory_gb:.1f} of {chosen.usable_memory_gb:.1f} GB usable per {'GPU' if flavor.is_gpu else 'machine'}"
-    if spec.distributed.strategy != "auto":
+    if chosen.offload:
+        name += " with CPU offload"
+        memory += (
+            f"; {chosen.host_memory_gb:.0f} of {chosen.usable_host_memory_gb:.0f} GB host memory per node holds the "
+            "parameter shards, gradients and optimizer state"
+        )
+    if spec.distributed.strategy != "auto" and not (chosen.nodes > 1 or chosen.offload):
         return f"{name} on {where}: set in the spec ({memory})"
     if not flavor.is_gpu:
         return f"{name} on {where} ({memory})"
-    ddp = next((o for o in tried if o.strategy == "ddp"), None)
     if chosen.strategy == "ddp":
         return f"{name} on {where}: each process holds the whole model state ({memory}); the fastest way to use them"
+    why = _why_sharded(chosen, tried)
+    return f"{name} on {where}: {why}; sharded, {memory}" if why else f"{name} on {where} ({memory})"
+
+
+def _why_sharded(chosen: FlavorOption, tried: list[FlavorOption]) -> str:
+    """What the cheaper or faster placements of the same flavor lacked."""
+    reasons = []
+    ddp = next((o for o in tried if o.strategy == "ddp"), None)
     if ddp is not None:
-        return (
-            f"{name} on {where}: data parallel needs {ddp.peak_memory_gb:.1f} GB per GPU "
-            f"({ddp.why_not or 'it fits, but costs more'}); sharded, {memory}"
+        reasons.append(
+            f"data parallel needs {ddp.peak_memory_gb:.1f} GB per GPU ({ddp.why_not or 'it fits, but costs more'})"
         )
-    return f"{name} on {where} ({memory})"
+    fewer = [o for o in tried if o.strategy == "fsdp" and (o.nodes, o.offload) < (chosen.nodes, chosen.offload)]
+    for o in sorted(fewer, key=lambda o: (o.nodes, o.offload)):
+        label = f"{o.nodes} node{'s' if o.nodes > 1 else ''}" + (" with offload" if o.offload else "")
+        verdict = o.why_not or f"fits, at {usd(o.usd)} against {usd(chosen.usd)}"
+        reasons.append(f"sharded on {label}: {verdict}")
+    same = next((o for o in tried if o.offload and o.nodes == chosen.nodes), None)
+    if not chosen.offload and same is not None:
+        verdict = same.why_not or f"{usd(same.usd)} ({same.hours:.1f} h), more than {usd(chosen.usd)}"
+        reasons.append(f"with CPU offload: {verdict}")
+    return "; ".join(reasons)
 
 
 def select_hardware(
@@ -439,19 +531,22 @@ def _plan(
     args: dict[str, Any],
     report: DatasetReport,
 ) -> HardwarePlan:
-    w = workload_for(spec, flavor, best.mode, {**args, **planned_batch(best)}, report, best.strategy, best.processes)
+    placement = Placement(best.strategy, best.processes, best.nodes, best.offload)
+    w = workload_for(spec, flavor, best.mode, {**args, **planned_batch(best)}, report, placement)
     dtype = "bfloat16" if w.dtype_bytes == 2 else "float32"
     alternatives = sorted((o for o in considered if o.fits and o.mode == best.mode), key=lambda o: o.usd)[:5]
     return HardwarePlan(
         backend=spec.backend,
         flavor=flavor.name,
-        description=("this machine: " if runs_on_this_machine(spec.backend) else "") + flavor.describe(),
+        description=("this machine: " if runs_on_this_machine(spec.backend) else "")
+        + (f"{best.nodes} nodes of " if best.nodes > 1 else "")
+        + flavor.describe(),
         accelerator=flavor.accelerator,
         accelerator_count=flavor.count,
         accelerator_memory_gb=round(flavor.memory_gb, 2) if flavor.is_gpu else None,
         cpu_count=flavor.vcpus,
         ram_gb=round(flavor.ram_gb, 2),
-        price_per_hour_usd=flavor.price_per_hour,
+        price_per_hour_usd=flavor.price_per_hour * best.nodes,
         peak_tflops=flavor.peak_tflops,
         parameters=arch.params,
         trainable_parameters=trained_parameters(arch, best.mode, w.tower_trained),
@@ -479,11 +574,22 @@ def _plan(
         available_memory_gb=best.usable_memory_gb,
         fits=True,
         alternatives=alternatives,
-        strategy=best.strategy,
-        processes=best.processes,
-        strategy_reason=best.strategy_reason,
+        **_placement_fields(best, arch, w, flavor),
         layer_classes=list(arch.layer_classes),
     )
+
+
+def _placement_fields(best: FlavorOption, arch: Architecture, w: Any, flavor: Flavor) -> dict[str, Any]:
+    """How the plan spreads over processes, nodes and host memory."""
+    return {
+        "strategy": best.strategy,
+        "processes": best.processes,
+        "nodes": best.nodes,
+        "offload": best.offload,
+        "host_memory_breakdown_gb": host_memory_gb(arch, w),
+        "available_host_memory_gb": round(flavor.ram_gb * SAFETY_MARGIN, 2),
+        "strategy_reason": best.strategy_reason,
+    }
 
 
 def _cheapest_fit(
@@ -514,6 +620,8 @@ def _nothing_fits(
         where = "nothing on this machine"
     elif spec.hardware == "auto":
         where = f"no flavor of the catalogue (CPU, one GPU, or up to {MAX_PROCESSES} GPUs of one machine, sharded)"
+        if spec.backend in MULTI_NODE_BACKENDS:
+            where = f"no flavor of the catalogue, on up to {NODE_COUNTS[-1]} nodes"
     else:
         where = f"nothing: not on the chosen flavor '{spec.hardware}'"
     per = "per GPU" if smallest.processes > 1 else ""
@@ -524,6 +632,8 @@ def _nothing_fits(
     ]
     if sharding := _sharding_need(considered):
         lines.append(sharding)
+    if across := _across_machines(spec, arch, args, report):
+        lines.append(across)
     modes = [m for m, _ in _modes(spec, arch)]
     seq = cut_length(args, report.max_length)
     for shorter in (seq // 2, seq // 4):
@@ -555,10 +665,30 @@ def _nothing_fits(
 SHARDED = ("weights", "adapter", "gradients", "optimizer", "optimizer step", "reference model")
 
 
+def _across_machines(spec: RunSpec, arch: Architecture, args: dict[str, Any], report: DatasetReport) -> str:
+    """Where this backend trains on one machine, what training across machines would take."""
+    if spec.backend in MULTI_NODE_BACKENDS or spec.distributed.nodes not in (None, 1):
+        return ""
+    there = spec.model_copy(
+        update={"backend": "kubernetes", "hardware": "auto" if runs_on_this_machine(spec.backend) else spec.hardware}
+    )
+    flavors = [f for f in load_catalogue(spec.flavors).flavors.values() if f.is_gpu and f.count <= MAX_PROCESSES]
+    if there.hardware != "auto":
+        flavors = [f for f in flavors if f.name == there.hardware]
+    best = _cheapest_fit(there, flavors, [m for m, _ in _modes(spec, arch)], arch, args, report)
+    if best is None:
+        return f"- not even across {NODE_COUNTS[-1]} machines (backend: kubernetes)"
+    return (
+        f"- backend: kubernetes trains across machines (a Kubeflow Trainer TrainJob): {best.mode}, fsdp over "
+        f"{best.nodes} nodes of {best.flavor} ({best.processes} GPUs){' with CPU offload' if best.offload else ''}, "
+        f"about {usd(best.usd)}"
+    )
+
+
 def _sharding_need(considered: list[FlavorOption]) -> str:
     """How many GPUs a sharded run would need, from the sharded placement with the most memory
     per GPU: the model state grows no smaller than its share of N GPUs, the rest stays per GPU."""
-    sharded = [o for o in considered if o.strategy == "fsdp"]
+    sharded = [o for o in considered if o.strategy == "fsdp" and not o.offload]
     if not sharded:
         return ""
     o = max(sharded, key=lambda x: (x.usable_memory_gb, x.processes))
@@ -573,6 +703,6 @@ def _sharding_need(considered: list[FlavorOption]) -> str:
     needed = math.ceil(state / room)
     return (
         f"- sharded (fsdp), the model state is {state:.0f} GB: it needs about {needed} GPUs like {o.flavor}'s "
-        f"({o.usable_memory_gb:.0f} GB usable each), more than the {o.processes} it has; one machine has at most "
-        f"{MAX_PROCESSES} and training across machines is not supported"
+        f"({o.usable_memory_gb:.0f} GB usable each), more than the {o.processes} "
+        + ("it has" if o.nodes == 1 else f"of {o.nodes} nodes")
     )

@@ -38,9 +38,11 @@ def accelerate_config(plan: HardwarePlan) -> dict[str, Any] | None:
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "MULTI_GPU",
-        "num_machines": 1,
+        # several nodes: each one's rank and the first one's address come at launch, from the
+        # PET_* variables the TrainJob's torch runtime sets (train.py passes them to accelerate)
+        "num_machines": plan.nodes,
         "machine_rank": 0,
-        "num_processes": plan.processes,
+        "num_processes": plan.processes,  # every node's together
         "gpu_ids": "all",
         # 0: torch.distributed picks a free port, so two runs on one machine never collide
         "main_process_port": 0,
@@ -63,7 +65,8 @@ def accelerate_config(plan: HardwarePlan) -> dict[str, Any] | None:
             "fsdp_reshard_after_forward": True,  # full shard: parameters gathered per layer, then freed
             "fsdp_state_dict_type": "FULL_STATE_DICT",  # the saved model loads without accelerate
             "fsdp_cpu_ram_efficient_loading": True,
-            "fsdp_offload_params": False,
+            # CPU offload: parameter shards, their gradients and the optimizer state on the host
+            "fsdp_offload_params": plan.offload,
             "fsdp_activation_checkpointing": plan.gradient_checkpointing,
         }
     return config

@@ -26,7 +26,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -233,6 +233,30 @@ def _lora_targets_module(name: str, targets: tuple[str, ...] | str) -> bool:
 Mode = Literal["full", "lora", "qlora"]
 Strategy = Literal["single", "ddp", "fsdp"]
 COMM_BUFFERS_GB = 0.5  # assumed: NCCL's communication buffers per GPU process (gloo's on a CPU are small)
+# What FSDP's CPU offload moves to the host: the parameters' shards and with them their gradients
+# and optimizer state (the optimizer step runs on the CPU). FSDP has no optimizer-only offload
+# (that is DeepSpeed ZeRO-Offload's, not used here).
+OFFLOADED = ("weights", "adapter", "gradients", "optimizer", "optimizer step")
+# assumed: one training process's host memory besides offloaded state (the CUDA context's host
+# side, Python and the libraries, pinned transfer buffers, one shard of the checkpoint loading)
+HOST_PROCESS_GB = 8.0
+
+
+class Placement(NamedTuple):
+    """How a flavor runs the training: one process, or several launched together on one node or
+    on `nodes` machines alike, data parallel or sharded, the shards in GPU or host memory."""
+
+    strategy: Strategy = "single"
+    processes: int = 1  # every node's together: one per GPU
+    nodes: int = 1
+    offload: bool = False  # FSDP's CPU offload (strategy fsdp only)
+
+    @property
+    def per_node(self) -> int:
+        return self.processes // self.nodes
+
+
+ONE_PROCESS = Placement()
 
 
 class Workload(BaseModel):
@@ -248,7 +272,9 @@ class Workload(BaseModel):
     fused_attention: bool = True
     lora_dropout: bool = True  # PEFT keeps a dropped-out copy of each adapted layer's input
     strategy: Strategy = "single"
-    processes: int = 1  # training processes (one per GPU; on a CPU they share the machine)
+    processes: int = 1  # training processes, every node's (one per GPU; on a CPU they share the machine)
+    nodes: int = 1  # machines alike, each running processes / nodes of them
+    offload: bool = False  # fsdp: parameter shards, gradients and optimizer state in host memory
     # what the method puts through the model (its MethodDefinition; `Workload.of`)
     sequences_per_row: int = 1  # pairs: chosen and rejected
     reference_model: bool = False  # a frozen reference forward per sequence
@@ -373,13 +399,15 @@ def _per_process(
     working set: the decoder layer computing, the next one prefetched, the root unit (embeddings,
     final norm, head) that stays gathered through forward and backward, and a layer's full
     gradient before its reduce-scatter. Activations and logits are each process's own micro-batch.
-    On a CPU the processes share one machine's memory, so the machine holds all of them."""
+    On a CPU a node's processes share its memory, so the machine holds all of them."""
     n = w.processes
     out = dict(out)
     if w.strategy == "fsdp":
         for key in ("weights", "adapter", "gradients", "optimizer", "optimizer step", "reference model"):
             if key in out:
                 out[key] /= n
+        if w.offload:  # host_memory_gb holds them
+            out = {k: v for k, v in out.items() if k not in OFFLOADED}
         unit = arch.layer_params
         root = max(arch.params - arch.layers * unit - arch.tower_params, 0)
         gathered = (2 * unit + root) * w.dtype_bytes + (unit * w.dtype_bytes if w.mode == "full" else 0)
@@ -389,7 +417,18 @@ def _per_process(
     if device == "gpu":
         out["communication"] = COMM_BUFFERS_GB
         return out
-    return {k: v * n for k, v in out.items()}
+    return {k: v * (n // w.nodes) for k, v in out.items()}
+
+
+def host_memory_gb(arch: Architecture, w: Workload) -> dict[str, float]:
+    """What one node's host memory holds for an offloaded run: every process's offloaded shards
+    (parameters, gradients, optimizer state) and each process's own. Empty without offload."""
+    if not w.offload:
+        return {}
+    on_device = memory_breakdown_gb(arch, w.model_copy(update={"offload": False}), "gpu")
+    shards = sum(v for k, v in on_device.items() if k in OFFLOADED)
+    per_node = w.processes // w.nodes
+    return {"offloaded model state": round(shards * per_node, 4), "training processes": HOST_PROCESS_GB * per_node}
 
 
 def flops_per_token(arch: Architecture, w: Workload) -> float:
@@ -436,8 +475,7 @@ def workload_for(
     mode: Mode,
     args: dict[str, Any],
     report: DatasetReport,
-    strategy: Strategy = "single",
-    processes: int = 1,
+    placement: Placement = ONE_PROCESS,
 ) -> Workload:
     on_gpu = flavor.is_gpu
     seq_len = min(cut_length(args, report.max_length), report.tokens.max)
@@ -466,7 +504,9 @@ def workload_for(
         checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
         fused_attention=on_gpu,
         lora_dropout=spec.lora.dropout > 0,
-        strategy=strategy if processes > 1 else "single",
-        processes=processes,
+        strategy=placement.strategy if placement.processes > 1 else "single",
+        processes=placement.processes,
+        nodes=placement.nodes,
+        offload=placement.offload,
         **extra,
     )

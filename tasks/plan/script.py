@@ -106,6 +106,7 @@ def script_config(
         "launch": (
             {
                 "processes": plan.processes,
+                "nodes": plan.nodes,
                 "strategy": plan.strategy,
                 "config_file": LAUNCH_CONFIG,
                 "accelerate": accelerate_config(plan),

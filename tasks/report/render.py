@@ -109,12 +109,28 @@ def _hardware_lines(h: HardwarePlan) -> list[str]:
         f"- processes: {h.processes} ({h.strategy}): {h.strategy_reason}",
         *(
             [f"- launch: `{launch_command(h)}` (`python train.py` runs it itself; the config is next to it)"]
-            if h.processes > 1
+            if h.processes > 1 and h.nodes == 1
+            else [
+                f"- launch: each of the {h.nodes} nodes runs `python train.py`, which starts `{launch_command(h)}` "
+                "with the node's rank and the first node's address (PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, "
+                "set by the TrainJob's torch runtime)"
+            ]
+            if h.nodes > 1
             else []
         ),
         f"- estimated peak memory{' per GPU' if h.processes > 1 and h.accelerator else ''}: "
         f"{_gb(h.estimated_peak_memory_gb)} of {_gb(h.available_memory_gb)} usable",
         "  (" + ", ".join(f"{k} {_gb(v)}" for k, v in h.memory_breakdown_gb.items()) + ")",
+        *(
+            [
+                f"- host memory per node (CPU offload): {_gb(sum(h.host_memory_breakdown_gb.values()))} of "
+                f"{_gb(h.available_host_memory_gb)} usable ("
+                + ", ".join(f"{k} {_gb(v)}" for k, v in h.host_memory_breakdown_gb.items())
+                + "); the optimizer step runs on the host"
+            ]
+            if h.offload
+            else []
+        ),
         *([f"- gradient checkpointing: {h.checkpointing_reason}"] if h.checkpointing_reason else []),
     ]
 

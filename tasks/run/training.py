@@ -17,7 +17,7 @@ from typing import Any
 from tasks.core.atomic import write_text
 from tasks.core.models import Approval, CostEstimate, JobHandle, JobStatus, RunPlan, TrainingScript
 from tasks.core.money import usd
-from tasks.core.spec import RunSpec
+from tasks.core.spec import RunSpec, backend_settings
 from tasks.run.backends import Backend, JobRequest
 from tasks.run.monitor import Guard
 from tasks.run.resubmit import safer_training
@@ -109,7 +109,9 @@ def job_request(
         training_key=key,
         baseline_path=plan.baseline_path,
         processes=plan.hardware.processes,
-        pool=spec.pool if spec.backend == "prefect-pool" else None,
+        nodes=plan.hardware.nodes,
+        gpus_per_node=plan.hardware.accelerator_count if plan.hardware.accelerator else 0,
+        settings=backend_settings(spec),
     )
 
 

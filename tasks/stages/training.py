@@ -14,7 +14,7 @@ from tasks.core.models import (
     LossPoint,
 )
 from tasks.core.money import usd
-from tasks.core.spec import PoolSettings
+from tasks.core.spec import BackendSettings
 from tasks.run.backends import Account, JobRequest, get_backend
 from tasks.run.fetch import fetch_artifacts
 from tasks.run.monitor import Guard, Progress, monitor_job
@@ -23,9 +23,9 @@ from tasks.stages.stage import say, stage
 
 
 @stage(name="check_account", retries=0, cache_policy=NO_CACHE)
-def check_account_task(backend_name: str, flavor: str, pool: PoolSettings | None = None) -> Account:
+def check_account_task(backend_name: str, flavor: str, settings: BackendSettings | None = None) -> Account:
     """Credentials, namespace and the flavor's current price, before approval and upload."""
-    account = get_backend(backend_name, pool).preflight(flavor)
+    account = get_backend(backend_name, settings).preflight(flavor)
     if account.namespace:
         price = f"{usd(account.price_per_hour_usd)}/h" if account.price_per_hour_usd is not None else "no price"
         say(f"{backend_name}: namespace {account.namespace}; {flavor} {price} from {account.price_source}")
@@ -34,7 +34,7 @@ def check_account_task(backend_name: str, flavor: str, pool: PoolSettings | None
 
 @stage(name="submit_job", cache_policy=NO_CACHE)  # the backend retries network faults itself, idempotently
 def submit_job_task(backend_name: str, request: JobRequest) -> JobHandle:
-    backend = get_backend(backend_name, request.pool)
+    backend = get_backend(backend_name, request.settings)
     existing = backend.find_live(request)
     if existing is not None:
         say(f"re-attached to {existing.job_id}, still alive from an earlier start of this run")

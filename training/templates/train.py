@@ -7,6 +7,7 @@
     python train.py                                  # or `uv run train.py`, with the pins above
     python train.py --max-steps 2 --output-dir /tmp/try
     accelerate launch --config_file accelerate.yaml train.py
+    PET_NNODES=2 PET_NODE_RANK=0 PET_MASTER_ADDR=node0 PET_MASTER_PORT=29500 python train.py  # one node of several
 
 Every setting is in CONFIG below. With several processes in CONFIG["launch"], `python train.py`
 runs the accelerate line itself (every process trains; the first one alone evaluates, saves and
@@ -130,6 +131,8 @@ def launch_processes() -> None:
     accelerate.yaml train.py` (the same process, so whoever stops it stops them all). The config
     next to this script is used; CONFIG carries the same one for a script copied alone."""
     launch = CONFIG.get("launch")
+    if launch and "LOCAL_RANK" in os.environ:  # one of the launched processes
+        end_with_launcher()
     if not launch or "LOCAL_RANK" in os.environ:  # one process, or already one of the launched ones
         return
     here = Path(__file__).resolve().parent
@@ -143,13 +146,54 @@ def launch_processes() -> None:
         config_file.write_text(yaml.safe_dump(launch["accelerate"]))
     if launch["accelerate"].get("use_cpu"):
         os.environ["ACCELERATE_USE_CPU"] = "true"  # without it each CPU process would train alone, unjoined
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), *this_node()]
     print(
         f"launching {launch['processes']} processes ({launch['strategy']}): accelerate launch "
         f"--config_file {config_file.name} {Path(__file__).name}",
         flush=True,
     )
     os.execv(sys.executable, [*command, str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+def end_with_launcher() -> None:
+    """A launched process ends when its launcher does (Linux's parent-death signal): torchrun starts
+    them in sessions of their own, so a launcher killed outright (SIGKILL, the OOM killer) would
+    leave them training into the folder the next run of this script trains in."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the launcher died before the line above
+        sys.exit("the launcher of this process is gone")
+
+
+def this_node() -> list[str]:
+    """Several nodes in the plan: this node's place among them, from the variables Kubeflow
+    Trainer's torch runtime sets on each (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR,
+    PET_MASTER_PORT, which torchrun reads too), as accelerate's flags."""
+    planned = int(CONFIG["launch"].get("nodes", 1))
+    given = int(os.environ.get("PET_NNODES") or 1)
+    if planned == 1 and given == 1:
+        return []
+    missing = [v for v in ("PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT") if not os.environ.get(v)]
+    if given != planned or missing:
+        sys.exit(
+            f"this script is planned for {planned} nodes and was started as "
+            + (f"one of {given}" if given > 1 else "a single one")
+            + (f" without {', '.join(missing)}" if missing else "")
+            + ". Each node runs it with PET_NNODES, PET_NODE_RANK (0 on the first), PET_MASTER_ADDR and "
+            "PET_MASTER_PORT (the first node's address) set: Kubeflow Trainer's torch runtime sets them; by hand, "
+            f"PET_NNODES={planned} PET_NODE_RANK=0 PET_MASTER_ADDR=<first node> PET_MASTER_PORT=29500 python train.py "
+            "on the first node, and so on"
+        )
+    return [
+        "--num_machines", str(planned),
+        "--machine_rank", os.environ["PET_NODE_RANK"],
+        "--main_process_ip", os.environ["PET_MASTER_ADDR"],
+        "--main_process_port", os.environ["PET_MASTER_PORT"],
+    ]  # fmt: skip
 
 
 def trainer_classes(name: str) -> tuple:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.spec import PoolSettings
+from tasks.core.spec import BackendSettings
 from tasks.run.backends.base import (
     Account,
     Backend,
@@ -12,6 +12,7 @@ from tasks.run.backends.base import (
     save_handle,
 )
 from tasks.run.backends.hf_jobs import HfJobsBackend
+from tasks.run.backends.kubernetes import KubernetesBackend
 from tasks.run.backends.local import LocalBackend
 from tasks.run.backends.prefect_pool import PrefectPoolBackend
 
@@ -27,15 +28,21 @@ __all__ = [
 
 
 _INSTANCES: dict[str, Backend] = {}
-_FACTORIES = {"local": LocalBackend, "hf-jobs": HfJobsBackend, "prefect-pool": PrefectPoolBackend}
+_FACTORIES = {
+    "local": LocalBackend,
+    "hf-jobs": HfJobsBackend,
+    "prefect-pool": PrefectPoolBackend,
+    "kubernetes": KubernetesBackend,
+}
+_CONFIGURED = {"prefect-pool": PrefectPoolBackend, "kubernetes": KubernetesBackend}
 
 
-def get_backend(name: str, pool: PoolSettings | None = None) -> Backend:
+def get_backend(name: str, settings: BackendSettings | None = None) -> Backend:
     """One instance per name and process (the local backend keeps its child processes). A work
-    pool's settings are the run's own, so `pool` gives a fresh instance with them; a job already
-    submitted carries what following it needs in its handle."""
-    if name == "prefect-pool" and pool is not None:
-        return PrefectPoolBackend(pool)
+    pool's or a cluster's settings are the run's own, so `settings` gives a fresh instance with
+    them; a job already submitted carries what following it needs in its handle."""
+    if name in _CONFIGURED and settings is not None:
+        return _CONFIGURED[name](settings)  # type: ignore[arg-type]
     if name not in _INSTANCES:
         _INSTANCES[name] = _FACTORIES[name]()
     return _INSTANCES[name]

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.errors import UserFacingError
 from tasks.core.models import CostEstimate, InputUpload, JobHandle, JobSnapshot, TrainingScript
 from tasks.core.money import usd
-from tasks.core.spec import PoolSettings
+from tasks.core.spec import BackendSettings
 
 
 class BackendError(UserFacingError, RuntimeError):
@@ -40,8 +40,10 @@ class JobRequest(BaseModel):
     flow_run_id: str | None = None
     training_key: str | None = None  # checkpoints made from other inputs are never resumed
     baseline_path: str | None = None  # a model the evaluation also compares with (a recipe's base)
-    processes: int = 1  # training processes of the plan (one per GPU)
-    pool: PoolSettings | None = None  # backend: prefect-pool's deployment and shared storage
+    processes: int = 1  # training processes of the plan (one per GPU), every node's
+    nodes: int = 1  # machines the plan spans (backend: kubernetes)
+    gpus_per_node: int = 0  # each node's GPUs (0 on a CPU)
+    settings: BackendSettings | None = None  # the spec's block for the backend (pool:, kubernetes:)
 
 
 class Account(BaseModel):
