@@ -28,7 +28,7 @@ from typing import Any
 from prefect import flow
 
 from tasks.run.backends.local import descendants, how_it_ended, kill_all, pid_alive
-from tasks.run.storage import RunStorage
+from tasks.run.storage import CheckpointMirror, RunStorage
 
 MIRROR_S = 2.0  # how often the log is copied to the storage while the script runs
 OUTPUTS = ("model", "adapter", "trackio", "train_result.json")
@@ -53,14 +53,19 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.wait(timeout=grace_s)
 
 
-def run_training_job(storage: str, mirror_s: float = MIRROR_S) -> dict[str, Any]:
-    """The plain function the flow wraps: inputs in, script run, outputs out."""
+def run_training_job(storage: str, checkpoints: str | None = None, mirror_s: float = MIRROR_S) -> dict[str, Any]:
+    """The plain function the flow wraps: inputs in, script run, outputs out; with `checkpoints`
+    (a folder of the run's, kept across its attempts) the newest checkpoint in first, and each new
+    one out as soon as it is complete."""
     store = RunStorage(storage)
     work = Path(tempfile.mkdtemp(prefix="finetune-train-"))
     try:
         names = store.get_tree("inputs", work)
         if "train.py" not in names:
             raise TrainingJobFailed(f"no train.py under {store.url}/inputs: the parent run did not upload its inputs")
+        mirror = CheckpointMirror(RunStorage(checkpoints), work / "checkpoints") if checkpoints else None
+        if mirror is not None and (restored := mirror.restore()):
+            print(f"{restored} from {checkpoints}: the script resumes from it")
         log_path = work / "logs" / "train.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRACKIO_DIR": str(work / "trackio")}
@@ -81,11 +86,15 @@ def run_training_job(storage: str, mirror_s: float = MIRROR_S) -> dict[str, Any]
             while proc.poll() is None:
                 time.sleep(mirror_s)
                 store.write_text("logs/train.log", log_path.read_text(encoding="utf-8", errors="replace"))
+                if mirror is not None:
+                    mirror.sync()
         except BaseException:
             _stop(proc)
             raise
         finally:
             store.write_text("logs/train.log", log_path.read_text(encoding="utf-8", errors="replace"))
+            if mirror is not None:
+                mirror.sync()
         code = proc.returncode
         for name in OUTPUTS:
             local = work / name
@@ -103,6 +112,7 @@ def run_training_job(storage: str, mirror_s: float = MIRROR_S) -> dict[str, Any]
 
 
 @flow(name="finetune-train", log_prints=True)
-def train_job(storage: str, run_name: str = "", attempt: int = 1) -> dict[str, Any]:
-    """One training attempt of a run (`run_name`, `attempt` name it in the UI), from and to `storage`."""
-    return run_training_job(storage)
+def train_job(storage: str, run_name: str = "", attempt: int = 1, checkpoints: str | None = None) -> dict[str, Any]:
+    """One training attempt of a run (`run_name`, `attempt` name it in the UI), from and to `storage`;
+    its checkpoints kept in `checkpoints` across attempts."""
+    return run_training_job(storage, checkpoints)

@@ -266,3 +266,42 @@ def test_an_interrupted_flow_cancels_the_job_it_follows(tmp_path):
     assert said[0].startswith(f"interrupted: cancelling job {handle.job_id}") and "resumes" in said[1]
     stop_on_interrupt(backend, handle, "run", said.append)
     assert len(said) == 2  # nothing left to cancel, nothing said
+
+
+def test_a_pool_attempt_leaves_its_checkpoints_on_the_storage_and_the_next_attempt_resumes_from_them(tmp_path):
+    """The pool's worker trains in a temporary folder; each complete checkpoint goes to the run's
+    checkpoints folder on the storage as it appears (one cut off while saving does not), and the
+    next attempt starts with the newest of them next to the script."""
+    import pytest
+
+    from flows.train_job import TrainingJobFailed, run_training_job
+    from tasks.run.storage import RunStorage
+
+    shared = tmp_path / "shared"
+    script = """\
+        import json, sys
+        from pathlib import Path
+        ckpt = Path("checkpoints")
+        found = sorted(p.name for p in ckpt.glob("checkpoint-*")) if ckpt.exists() else []
+        print("found", found, flush=True)
+        if not found:  # the first attempt: two complete checkpoints, a third cut off, then it dies
+            for step in (4, 8, 12):
+                folder = ckpt / f"checkpoint-{step}"
+                folder.mkdir(parents=True)
+                (folder / "model.safetensors").write_bytes(b"weights %d" % step)
+                if step != 12:
+                    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            sys.exit(137)
+        Path("train_result.json").write_text("{}")
+    """
+    for attempt in (1, 2):
+        inputs = RunStorage(str(shared)).child("run", f"attempt-{attempt}")
+        (tmp_path / "train.py").write_text(textwrap.dedent(script))
+        inputs.put([(tmp_path / "train.py", "train.py")], "inputs")
+    checkpoints = str(shared / "run" / "checkpoints")
+    with pytest.raises(TrainingJobFailed, match="signal 9"):
+        run_training_job(str(shared / "run" / "attempt-1"), checkpoints, mirror_s=0.1)
+    assert sorted(p.name for p in (shared / "run" / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    run_training_job(str(shared / "run" / "attempt-2"), checkpoints, mirror_s=0.1)
+    log = (shared / "run" / "attempt-2" / "logs" / "train.log").read_text()
+    assert "found ['checkpoint-8']" in log

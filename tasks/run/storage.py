@@ -4,6 +4,7 @@ packages installed). fsspec does the transfers; this module only names where thi
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 from tasks.core.errors import UserFacingError
@@ -83,3 +84,64 @@ class RunStorage:
             return self.fs.cat_file(self.path(relative)).decode("utf-8", errors="replace")
         except FileNotFoundError:
             return None
+
+
+def set_aside_other_inputs(store: RunStorage, key: str | None, kept: tuple[str, ...]) -> str | None:
+    """What a training made from other inputs left in `store` (its checkpoints above all) goes to
+    superseded/, as a local run's does (tasks/run/training.py), so it is never resumed; the key of
+    these inputs is written in its place."""
+    if key is None:
+        return None
+    earlier = (store.read_text("training_key") or "").strip() or None
+    present = [name for name in kept if store.fs.exists(store.path(name))]
+    note = None
+    if earlier != key and present:
+        dest = f"superseded/{(earlier or 'unkeyed')[:24]}-{datetime.now():%Y%m%d-%H%M%S}"
+        for name in present:
+            store.fs.mv(store.path(name), store.path(dest, name), recursive=True)
+        note = f"outputs of other inputs ({', '.join(present)}) moved to {store.url}/{dest}"
+    store.write_text("training_key", key + "\n")
+    return note
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The Trainer's checkpoints that can be resumed from, oldest first: it writes
+    trainer_state.json last, so one without it was cut off while saving."""
+    found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+
+
+class CheckpointMirror:
+    """A training's complete checkpoints copied to `store` (a folder of checkpoints) as they
+    appear, and the ones the Trainer rotates out removed there too; the newest brought back
+    before a new attempt, so an attempt on a machine that keeps nothing still leaves them behind."""
+
+    def __init__(self, store: RunStorage, local: Path) -> None:
+        self.store, self.local = store, local
+        self.sent: set[str] = set(self._remote())
+
+    def _remote(self) -> list[str]:
+        if not self.store.fs.exists(self.store.root):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.store.fs.ls(self.store.root, detail=False)]
+
+    def restore(self) -> str | None:
+        """The newest complete checkpoint on storage into the local folder; its name, or None."""
+        complete = [n for n in self._remote() if self.store.fs.exists(self.store.path(n, "trainer_state.json"))]
+        if not complete:
+            return None
+        newest = max(complete, key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else -1)
+        self.store.get_tree(newest, self.local / newest)
+        return newest
+
+    def sync(self) -> None:
+        here = {p.name: p for p in complete_checkpoints(self.local)}
+        for name, folder in here.items():
+            if name not in self.sent:  # whole, then named: storage never holds half a checkpoint under its name
+                self.store.put_tree(folder, f"{name}.part")
+                self.store.fs.mv(self.store.path(f"{name}.part"), self.store.path(name), recursive=True)
+                self.sent.add(name)
+        for name in sorted(self.sent - set(here)):  # rotated out by save_total_limit
+            if self.store.fs.exists(self.store.path(name)):
+                self.store.fs.rm(self.store.path(name), recursive=True)
+            self.sent.discard(name)

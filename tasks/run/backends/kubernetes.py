@@ -30,7 +30,7 @@ from tasks.core.models import InputUpload, JobHandle, JobSnapshot
 from tasks.core.spec import KubernetesSettings, runs_on_this_machine
 from tasks.run.backends.base import Account, BackendError, JobRequest, job_inputs, load_handle, save_handle, tail_lines
 from tasks.run.backends.trainjob import GROUP, NODE, PLURAL, VERSION, build_trainjob, trainjob_name
-from tasks.run.storage import RunStorage, StorageError
+from tasks.run.storage import RunStorage, StorageError, set_aside_other_inputs
 
 OUTPUTS = ("model", "adapter", "trackio", "train_result.json")
 KEPT = ("checkpoints", *OUTPUTS)  # what a training made from other inputs leaves, set aside together
@@ -172,7 +172,7 @@ class KubernetesBackend:
     def submit(self, request: JobRequest) -> JobHandle:
         store = self._store(request.run_name)
         try:
-            note = set_aside_on_storage(store, request.training_key)
+            note = set_aside_other_inputs(store, request.training_key, KEPT)
             for stale in ("train_result.json",):
                 if store.fs.exists(store.path(stale)):
                     store.fs.rm(store.path(stale))
@@ -341,23 +341,6 @@ class KubernetesBackend:
                 if text is None:
                     raise BackendError(f"the TrainJob left no train_result.json in {store.url}")
                 (run_dir / name).write_text(text)
-
-
-def set_aside_on_storage(store: RunStorage, key: str | None) -> str | None:
-    """The job folder's outputs of a training made from other inputs go to superseded/, as a
-    local run's do (tasks/run/training.py), so their checkpoints are never resumed."""
-    if key is None:
-        return None
-    earlier = (store.read_text("training_key") or "").strip() or None
-    present = [name for name in KEPT if store.fs.exists(store.path(name))]
-    note = None
-    if earlier != key and present:
-        dest = f"superseded/{(earlier or 'unkeyed')[:24]}-{datetime.now():%Y%m%d-%H%M%S}"
-        for name in present:
-            store.fs.mv(store.path(name), store.path(dest, name), recursive=True)
-        note = f"outputs of other inputs ({', '.join(present)}) moved to {store.url}/{dest}"
-    store.write_text("training_key", key + "\n")
-    return note
 
 
 def _node_index(pod: Any) -> int:

@@ -38,7 +38,7 @@ from tasks.run.backends.base import (
     save_handle,
     tail_lines,
 )
-from tasks.run.storage import RunStorage, StorageError
+from tasks.run.storage import RunStorage, StorageError, set_aside_other_inputs
 
 STATES = {
     "SCHEDULED": "scheduling",
@@ -59,8 +59,9 @@ class PrefectPoolBackend:
     name = "prefect-pool"
     on_this_machine = runs_on_this_machine(name)
     poll_s = 2.0
-    # the worker trains in a temporary folder: checkpoints do not outlive a cancelled or failed attempt
-    keeps_checkpoints = False
+    # the worker trains in a temporary folder and copies each checkpoint to <run>/checkpoints on the
+    # storage: they outlive a cancelled or failed attempt, and the next one resumes from the newest
+    keeps_checkpoints = True
 
     def __init__(self, settings: PoolSettings | None = None) -> None:
         self.settings = settings or PoolSettings()
@@ -162,7 +163,9 @@ class PrefectPoolBackend:
     def submit(self, request: JobRequest) -> JobHandle:
         run_dir = Path(request.run_dir)
         store = self._store(request.run_name, request.attempt)
+        checkpoints = self._root().child(request.run_name)
         try:
+            set_aside_other_inputs(checkpoints, request.training_key, ("checkpoints",))  # never resumed
             for stale in ("inputs", "outputs", "logs", "exit_status"):  # an earlier start of the same attempt
                 if store.fs.exists(store.path(stale)):
                     store.fs.rm(store.path(stale), recursive=True)
@@ -173,7 +176,12 @@ class PrefectPoolBackend:
             deployment = self._deployment(client)
             run = client.create_flow_run_from_deployment(
                 deployment.id,
-                parameters={"storage": store.url, "run_name": request.run_name, "attempt": request.attempt},
+                parameters={
+                    "storage": store.url,
+                    "run_name": request.run_name,
+                    "attempt": request.attempt,
+                    "checkpoints": checkpoints.child("checkpoints").url,
+                },
                 name=f"{request.run_name}-train-{request.attempt}",
                 tags=["finetune", f"finetune-run:{request.run_name}"],
                 work_queue_name=self.settings.work_queue,
