@@ -173,7 +173,8 @@ def test_a_multi_gpu_plan_writes_the_accelerate_config_next_to_the_script(tmp_pa
     fsdp = launch["fsdp_config"]
     assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and fsdp["fsdp_reshard_after_forward"] is True
-    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    # checkpoints in shards, one per process; the script gathers the whole model once, at the end
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and fsdp["fsdp_offload_params"] is False
     source = (run_dir / "train.py").read_text()
     assert "'processes': 2" in source and "'strategy': 'fsdp'" in source
     markdown = plan_markdown(plan)
@@ -250,3 +251,18 @@ def test_a_405b_full_fine_tune_is_planned_across_nodes_with_its_host_memory():
     assert cost.hours_high <= 24  # budget.max_hours
     with pytest.raises(HardwareError, match="distributed.nodes is 2, and backend: hf-jobs trains on one machine"):
         select_hardware(chat_spec(backend="hf-jobs", distributed={"nodes": 2}), config, sft_args(), dataset_report())
+
+
+def test_a_plan_across_nodes_with_offload_writes_it_into_the_launch():
+    from tasks.plan.launch import accelerate_config
+
+    plan, _ = select_hardware(
+        chat_spec(backend="kubernetes", lora=False, distributed={"nodes": 2, "offload": "on"}),
+        hf_config("qwen2.5-72b"),
+        sft_args(),
+        dataset_report(),
+    )
+    assert plan.nodes == 2 and plan.offload and plan.processes == 2 * plan.accelerator_count
+    launch = accelerate_config(plan)
+    assert launch["num_machines"] == 2 and launch["num_processes"] == plan.processes  # every node's together
+    assert launch["fsdp_config"]["fsdp_offload_params"] is True

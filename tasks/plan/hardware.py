@@ -386,8 +386,9 @@ def _one_node_placements(spec: RunSpec, flavor: Flavor, mode: Mode) -> list[Plac
             # accelerate 1.15 switches to FSDP only for GPU-like devices: on a CPU it trains as DDP
             # without saying so (or stops, with cpu_ram_efficient_loading), so it is not offered
             raise HardwareError(
-                f"distributed.strategy: fsdp needs GPUs; {flavor.name} is a CPU, where accelerate would silently "
-                "train data parallel instead. Use strategy ddp (or auto) here, or a GPU flavor."
+                f"distributed.strategy: fsdp needs GPUs; {flavor.name} is a CPU, where accelerate 1.15 would silently "
+                "train data parallel instead (it switches to FSDP only for accelerator types: AcceleratorState in "
+                "accelerate/state.py). Use strategy ddp (or auto) here, or a GPU flavor."
             )
         strategies = ["ddp"]
     if mode == "qlora":  # 4-bit weights do not shard with FSDP here; each GPU holds the whole 4-bit model

@@ -63,7 +63,10 @@ def accelerate_config(plan: HardwarePlan) -> dict[str, Any] | None:
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_transformer_layer_cls_to_wrap": ",".join(plan.layer_classes),
             "fsdp_reshard_after_forward": True,  # full shard: parameters gathered per layer, then freed
-            "fsdp_state_dict_type": "FULL_STATE_DICT",  # the saved model loads without accelerate
+            # checkpoints in shards, each process writing its own (gathering a 72B model's optimizer
+            # state into one process would need a terabyte of its host's memory); the script gathers
+            # the whole model once at the end, so the saved model loads without accelerate
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
             "fsdp_cpu_ram_efficient_loading": True,
             # CPU offload: parameter shards, their gradients and the optimizer state on the host
             "fsdp_offload_params": plan.offload,

@@ -408,12 +408,13 @@ def train(trainer, resume: str | None, main_process: bool):
 
 
 def unshard(trainer, out: Path, source: str, peft_config, main_process: bool) -> None:
-    """FSDP holds a shard of the weights in each process: every process takes part in gathering
-    the whole model (FULL_STATE_DICT in accelerate.yaml), and the main process carries on with
-    an ordinary copy of it for the evaluation and the saved model."""
+    """FSDP holds a shard of the weights in each process (its checkpoints too: SHARDED_STATE_DICT in
+    accelerate.yaml): every process takes part in gathering the whole model once, and the main
+    process carries on with an ordinary copy of it for the evaluation and the saved model."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return
     gathered = out / "gathered.tmp"
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(gathered))
     if not main_process:
         return
