@@ -34,8 +34,9 @@ test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m "not slow"
 
-# the few tests that take over a minute alone (a real `prefect deploy --all` with workers, the GRPO
-# recipe as shipped, the docs' curl sequence, the fast path against TRL's defaults): CI runs them too
+# the tests that take over a minute alone (a real `prefect deploy --all` with workers, the GRPO
+# recipe as shipped, the docs' curl sequence and the skill's commands as written, the UI clicked
+# through, two TrainJob nodes, the FSDP path, lifecycles killed and resumed): CI runs them too
 test-slow: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup -m slow
 

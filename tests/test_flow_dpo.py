@@ -6,11 +6,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from flows.dpo import dpo
 from tasks.core.spec import load_spec
 from tests.helpers import EXAMPLES
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_dpo_raises_the_preference_margin_and_accuracy(trains, prefect_server, tmp_path):
     start = time.monotonic()
     spec = load_spec(

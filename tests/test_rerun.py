@@ -90,6 +90,7 @@ def test_a_crash_after_training_does_not_retrain_and_a_finished_run_only_reports
     assert (run_dir / "spec.previous.yaml").exists()
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_changed_data_trains_again_and_the_earlier_training_is_set_aside(trains, prefect_server, tmp_path):
     data = tmp_path / "data.jsonl"
     rows = (EXAMPLES / "data" / "sft_chat.jsonl").read_text().splitlines()

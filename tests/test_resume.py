@@ -99,6 +99,7 @@ def test_a_local_training_killed_by_a_signal_resumes_where_its_checkpoint_left_i
     _check_resumed(first_losses, sft(spec=spec), run_dir)
 
 
+@pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`
 def test_a_hugging_face_job_killed_mid_run_resumes_from_the_checkpoints_it_pushed(
     trains, prefect_server, jobs_env, tmp_path
 ):
