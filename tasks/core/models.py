@@ -330,6 +330,12 @@ class CostEstimate(Frozen):
     compute_s: float = Field(0.0, description="the training itself (start-up excluded), calibration applied")
     evaluation_s: float = Field(0.0, description="the before/after evaluation on the held-out rows")
     optimizer_steps: int = 0
+    useful_flops_per_token: float = Field(
+        0.0, description="what a real token needs (the model's forward and backward, no padding, no recomputation)"
+    )
+    peak_flops: float = Field(
+        0.0, description="the peak the estimate divides by: every GPU's, or the CPU's measured matmul"
+    )
     time_factor: float = Field(1.0, description="measured / modelled time of earlier runs like this one (calibration)")
     calibration: str = Field("", description="which measured runs corrected the estimate, if any")
     usd: float

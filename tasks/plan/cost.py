@@ -177,6 +177,10 @@ def estimate_for(
         compute_s=compute_s,
         evaluation_s=evaluation_s,
         optimizer_steps=max(1, math.ceil(steps / max(1, accumulation))),
+        useful_flops_per_token=0.0
+        if w.generates
+        else flops_per_token(arch, w.model_copy(update={"checkpointing": False})),
+        peak_flops=flavor.peak_tflops * 1e12 * (w.processes if flavor.is_gpu else w.nodes),
         time_factor=factor,
         calibration=(
             f"time x{factor:.2f}: measured / estimated on {correction.runs} earlier {flavor.name} "

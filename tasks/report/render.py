@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.models import DatasetReport, HardwarePlan, RunPlan, RunSummary
+from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, RunPlan, RunSummary, TrainingMeasurement
 from tasks.core.money import usd
 from tasks.evaluate.summary import evaluation_lines
 from tasks.export.gguf_summary import fallback_text, gguf_cells
@@ -301,6 +301,33 @@ def estimate_lines(s: RunSummary) -> list[str]:
         return []
     c, h = s.plan.cost, s.plan.hardware
     share = min(1.0, m.optimizer_steps / c.optimizer_steps) if c.optimizer_steps else 1.0
+    lines = [
+        "",
+        "## Estimate vs measured",
+        f"Measured on {m.device}: {m.optimizer_steps} optimizer steps"
+        + (
+            f", {m.processes} processes ({h.strategy}, world size {m.processes}, global batch {m.global_batch})"
+            if m.processes > 1
+            else ""
+        )
+        + (f" (this job's share of the planned {c.optimizer_steps})" if share < 1 else "")
+        + ". `python -m flows.calibrate` turns such runs into corrections the planner applies.",
+        "",
+        "| quantity | estimated | measured | measured / estimated |",
+        "|---|---|---|---|",
+    ]
+    for name, est, got, fmt in _estimate_rows(c, h, m, share):
+        ratio = f"{got / est:.2f}" if est and got else "-"
+        lines.append(f"| {name} | {fmt.format(est) if est else '-'} | {fmt.format(got) if got else '-'} | {ratio} |")
+    if c.calibration:
+        lines.append(f"\nThe estimate was already corrected: {c.calibration}.")
+    return lines + _useful_flops_note(s)
+
+
+def _estimate_rows(
+    c: CostEstimate, h: HardwarePlan, m: TrainingMeasurement, share: float
+) -> list[tuple[str, float | None, float | None, str]]:
+    """Each quantity the plan estimated and the training measured, with its format."""
     rows: list[tuple[str, float | None, float | None, str]] = [
         ("training time (s)", c.compute_s * share if c.compute_s else None, m.train_s, "{:.1f}"),
         (
@@ -327,27 +354,30 @@ def estimate_lines(s: RunSummary) -> list[str]:
                 "{:,.0f}",
             ),
         )
-    lines = [
-        "",
-        "## Estimate vs measured",
-        f"Measured on {m.device}: {m.optimizer_steps} optimizer steps"
-        + (
-            f", {m.processes} processes ({h.strategy}, world size {m.processes}, global batch {m.global_batch})"
-            if m.processes > 1
-            else ""
+    if c.useful_flops_per_token and c.peak_flops and c.compute_s and c.tokens:
+        rows.append(
+            (
+                "useful FLOPs per second, share of the peak",
+                c.useful_flops_per_token * c.tokens / c.compute_s / c.peak_flops,
+                c.useful_flops_per_token * m.tokens_per_s / c.peak_flops if m.tokens_per_s else None,
+                "{:.1%}",
+            )
         )
-        + (f" (this job's share of the planned {c.optimizer_steps})" if share < 1 else "")
-        + ". `python -m flows.calibrate` turns such runs into corrections the planner applies.",
-        "",
-        "| quantity | estimated | measured | measured / estimated |",
-        "|---|---|---|---|",
+    return rows
+
+
+def _useful_flops_note(s: RunSummary) -> list[str]:
+    """What the share of the peak divides: the yardstick is the device's limit, not TRL's defaults."""
+    c, h = s.plan.cost, s.plan.hardware
+    if not (c.useful_flops_per_token and c.peak_flops):
+        return []
+    measured = h.flavor in ("local-cpu", "local-cuda")
+    return [
+        f"\nUseful FLOPs: {c.useful_flops_per_token:.3g} per real token (the model's forward and backward; no "
+        f"padding, no recomputation), over a peak of {c.peak_flops / 1e12:.3g} TFLOP/s ("
+        + ("this machine's matmul, measured when the run was planned" if measured else f"{h.flavor}'s dense peak")
+        + ")."
     ]
-    for name, est, got, fmt in rows:
-        ratio = f"{got / est:.2f}" if est and got else "-"
-        lines.append(f"| {name} | {fmt.format(est) if est else '-'} | {fmt.format(got) if got else '-'} | {ratio} |")
-    if c.calibration:
-        lines.append(f"\nThe estimate was already corrected: {c.calibration}.")
-    return lines
 
 
 def gguf_rows(s: RunSummary) -> list[tuple[str, ...]]:

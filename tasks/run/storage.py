@@ -105,10 +105,28 @@ def set_aside_other_inputs(store: RunStorage, key: str | None, kept: tuple[str, 
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
-    """The Trainer's checkpoints that can be resumed from, oldest first: it writes
-    trainer_state.json last, so one without it was cut off while saving."""
-    found = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    """The Trainer's checkpoints that can be resumed from, oldest first: the main process writes
+    trainer_state.json after its own files, the other processes write their random states (and
+    FSDP shards, sealed by a .metadata) on their own time; the generated script checks the same."""
+    found = [p for p in folder.glob("checkpoint-*") if _complete(p)]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+
+
+def _complete(checkpoint: Path) -> bool:
+    import json
+    import zipfile
+
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        for rng in checkpoint.glob("rng_state*.pth"):  # torch.save writes a zip: cut short, it has no directory
+            with zipfile.ZipFile(rng) as archive:
+                if archive.testzip() is not None:
+                    return False
+    except Exception:  # missing, cut short: not yet (or never) a checkpoint to copy
+        return False
+    return all(
+        (d / ".metadata").exists() for d in checkpoint.iterdir() if d.is_dir() and next(d.glob("*.distcp"), None)
+    )
 
 
 class CheckpointMirror:

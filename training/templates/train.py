@@ -372,18 +372,30 @@ def wait_for_the_main_process(waiting) -> None:
 
 
 def checkpoint_complete(folder: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint without a readable one was cut off."""
+    """The main process writes trainer_state.json after its own files, but the other processes
+    write theirs (their random states; under FSDP their shards) without waiting for it. So a
+    checkpoint is complete when its trainer state reads, every process's random state loads, and
+    every sharded state has the .metadata torch.distributed.checkpoint writes once all shards are in."""
+    import zipfile
+
     try:
         json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-        return True
-    except (OSError, ValueError):
+        processes = int((CONFIG.get("launch") or {}).get("processes", 1))
+        if processes > 1 and not all((folder / f"rng_state_{rank}.pth").exists() for rank in range(processes)):
+            return False
+        for rng in folder.glob("rng_state*.pth"):  # torch.save writes a zip: cut short, it has no directory
+            with zipfile.ZipFile(rng) as archive:
+                if archive.testzip() is not None:
+                    return False
+    except Exception:  # unreadable, cut short: whatever the error, it cannot be resumed from
         return False
+    return all((s / ".metadata").exists() for s in folder.iterdir() if s.is_dir() and next(s.glob("*.distcp"), None))
 
 
 def last_complete_checkpoint(folder: Path, remove: bool) -> str | None:
     """The newest checkpoint that can be resumed from. A job killed while saving leaves one
-    without its trainer state (the Trainer writes it last): nothing in it can be resumed, so
-    it goes (`remove`: the main process removes it) and the one before is used."""
+    incomplete (checkpoint_complete): nothing in it can be resumed, so it goes (`remove`: the
+    main process removes it) and the one before is used."""
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     while checkpoints and not checkpoint_complete(checkpoints[-1]):
         if remove:

@@ -1,0 +1,145 @@
+"""The plan's estimates against the run, on every shipped example and on mixed-length chat data.
+
+    python -m benchmarks.estimates [--only sft-tiny,dpo-tiny] [--out benchmarks/results/estimates-cpu.md]
+
+Each example is planned by the project's own planning code (`plan_run`, as `--dry-run` does) and
+its generated script run by hand (`python train.py`, as every backend runs it), on this machine.
+The script measures itself (`train_result.json` "measured": the training loop's seconds, its
+real tokens, the peak memory), and each row sets that beside the plan's training time (start-up
+excluded, as the report's "Estimate vs measured" does) and its peak memory. Also the useful
+FLOPs per second as a share of the CPU's matmul peak measured at planning. Goal (issue 30):
+time within 0.75-1.25 of measured, memory within 0.85-1.15. Results go to
+benchmarks/results/estimates-cpu.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = ("sft-tiny", "dpo-tiny", "orpo-tiny", "kto-tiny", "reward-tiny", "sft-vision-tiny", "dpo-vision-tiny")
+MIXED = "sft-mixed-lengths"  # the tiny SFT on chat rows from a few tokens to a few hundred
+
+
+def mixed_rows(path: Path, rows: int = 400, seed: int = 0) -> Path:
+    """Chat rows whose lengths spread over two orders of magnitude (a log-uniform draw), as user
+    data does, unlike the shipped example's near-uniform rows."""
+    rng = random.Random(seed)
+    words = "the model answers in short plain sentences about numbers colours and the weather today".split()
+    with path.open("w") as f:
+        for _ in range(rows):
+            n = int(round(2 ** rng.uniform(1, 8)))  # 2 to 256 words
+            answer = " ".join(rng.choice(words) for _ in range(n))
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": "Say something."},
+                            {"role": "assistant", "content": answer},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def spec_for(name: str, data_dir: Path) -> Any:
+    from tasks.core.spec import load_spec
+
+    overrides: dict[str, Any] = {"name": f"est-{name}", "outputs": {"gguf": []}, "evaluation": {"generations": 0}}
+    if name == MIXED:
+        overrides |= {"dataset": str(mixed_rows(data_dir / "mixed.jsonl")), "training": {"max_length": 512}}
+        return load_spec(REPO / "examples" / "sft-tiny.yaml", overrides)
+    return load_spec(REPO / "examples" / f"{name}.yaml", overrides)
+
+
+def run_case(name: str, data_dir: Path) -> dict[str, Any]:
+    from flows.planning import plan_run
+
+    plan = plan_run(spec_for(name, data_dir))
+    done = subprocess.run([sys.executable, "train.py"], cwd=plan.run_dir, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name}: train.py failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    measured = json.loads((Path(plan.run_dir) / "train_result.json").read_text())["measured"]
+    c, h = plan.cost, plan.hardware
+    share = min(1.0, measured["optimizer_steps"] / c.optimizer_steps) if c.optimizer_steps else 1.0
+    estimated_s = c.compute_s * share
+    tokens_per_s = measured["tokens"] / measured["train_s"] if measured["tokens"] and measured["train_s"] else None
+    return {
+        "case": name,
+        "micro_batch": h.micro_batch,
+        "accumulation": h.accumulation,
+        "padding_overhead": h.padding_overhead,
+        "estimated_train_s": round(estimated_s, 2),
+        "measured_train_s": measured["train_s"],
+        "time_ratio": round(estimated_s / measured["train_s"], 3),
+        "estimated_gb": h.estimated_peak_memory_gb,
+        "measured_gb": measured["peak_memory_gb"],
+        "memory_ratio": round(h.estimated_peak_memory_gb / measured["peak_memory_gb"], 3),
+        "useful_share_of_peak": (
+            round(c.useful_flops_per_token * tokens_per_s / c.peak_flops, 4)
+            if tokens_per_s and c.useful_flops_per_token and c.peak_flops
+            else None
+        ),
+    }
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    from tasks.plan.flavors import measured_cpu_flops
+
+    within = lambda r: 0.75 <= r["time_ratio"] <= 1.25 and 0.85 <= r["memory_ratio"] <= 1.15  # noqa: E731
+    lines = [
+        "# Estimates against the run: every shipped example and mixed-length data, on this CPU",
+        "",
+        f"`python -m benchmarks.estimates`, {datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} cores, matmul peak {measured_cpu_flops() / 1e9:.0f} GFLOP/s. Ratio = "
+        "estimated / measured (the training loop, start-up excluded; the peak resident memory of the training "
+        "process). Goal: time 0.75-1.25, memory 0.85-1.15.",
+        "",
+        "| case | batch | padding | est. s | measured s | time ratio | est. GB | measured GB | memory ratio | useful FLOPs, share of peak | within goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        share = f"{r['useful_share_of_peak']:.1%}" if r["useful_share_of_peak"] is not None else "-"
+        lines.append(
+            f"| {r['case']} | {r['micro_batch']} x {r['accumulation']} | {r['padding_overhead']:.2f} | "
+            f"{r['estimated_train_s']:.1f} | {r['measured_train_s']:.1f} | {r['time_ratio']:.2f} | "
+            f"{r['estimated_gb']:.2f} | {r['measured_gb']:.2f} | {r['memory_ratio']:.2f} | {share} | "
+            f"{'yes' if within(r) else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="comma-separated cases (default: every example and the mixed-length data)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "estimates-cpu.md")
+    args = p.parse_args()
+    cases = args.only.split(",") if args.only else [*EXAMPLES, MIXED]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["FINETUNE_RUNS_DIR"] = str(Path(tmp) / "runs")
+        os.environ["FINETUNE_CALIBRATION_FILE"] = str(Path(tmp) / "calibration.json")  # uncorrected estimates
+        for name in cases:
+            row = run_case(name, Path(tmp))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(to_markdown(rows))
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
