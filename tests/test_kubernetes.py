@@ -20,6 +20,7 @@ from flows.sft import sft
 from tasks.core.spec import KubernetesSettings, load_spec
 from tasks.run.backends.kubernetes import JOB_ENV, KubernetesBackend
 from tasks.run.backends.trainjob import ManifestError, build_trainjob, check_trainjob, trainjob_name
+from tasks.run.storage import complete_checkpoints
 from tests.helpers import EXAMPLES, REPO
 from tests.processes import wait_until_gone
 
@@ -121,7 +122,7 @@ def test_two_nodes_train_through_a_trainjob_and_a_killed_node_is_resumed_by_the_
     def kill_node_1_after_a_checkpoint() -> None:
         name = trainjob_name("two-nodes", 1)
         deadline = time.monotonic() + 300
-        while not (job_dir / "checkpoints" / f"checkpoint-{SAVE}" / "trainer_state.json").exists():
+        while f"checkpoint-{SAVE}" not in [c.name for c in complete_checkpoints(job_dir / "checkpoints")]:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.1)
@@ -146,8 +147,11 @@ def test_two_nodes_train_through_a_trainjob_and_a_killed_node_is_resumed_by_the_
     log = (run_dir / "logs" / "train.log").read_text()
     assert f"resuming from {job_dir}/checkpoints/checkpoint-" in log
     assert "process 0 of 2 trained" in log
-    node_1 = next(cluster.home.glob(f"{trainjob_name('two-nodes', 1)}-node-0-1-*.log"))
-    assert "process 1 of 2 trained" in node_1.read_text()
+    # node 1's log of each TrainJob (both named after the run's attempt 1), the re-run's last
+    node_1 = sorted(
+        cluster.home.glob(f"{trainjob_name('two-nodes', 1)}-node-0-1-*.log"), key=lambda p: p.stat().st_mtime
+    )
+    assert len(node_1) == 2 and "process 1 of 2 trained" in node_1[-1].read_text()
     assert (run_dir / "model").is_dir() and (run_dir / "train_result.json").exists()
     assert not wait_until_gone(mark, keep=set()), "processes outlived the finished TrainJob"
     for path in [*run_dir.rglob("*"), *cluster.home.glob("*.log")]:
