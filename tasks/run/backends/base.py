@@ -150,6 +150,35 @@ def job_inputs(
     return files, items
 
 
+SHARED_STORAGE_BYTES_PER_S = 100e6  # an assumption: a pool's or a cluster's shared storage
+
+
+def uploaded_model_reference(model_path: str, slot: str = "model") -> str:
+    """How a job that cannot see this disk names a model: a local folder goes up with the job,
+    under inputs/<slot> next to the script; a Hub id is read where the job runs."""
+    return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
+
+
+def planned_upload(
+    run_dir: Path,
+    model_path: str,
+    baseline_path: str | None,
+    destination: str,
+    bytes_per_s: float,
+    overhead_s: float = 0.0,
+) -> InputUpload:
+    """What a remote job's inputs weigh and how long sending them takes, before it can start."""
+    files, items = job_inputs(run_dir, model_path, baseline_path)
+    size = sum(p.stat().st_size for p, _ in files)
+    return InputUpload(
+        destination=destination,
+        files=len(files),
+        bytes=size,
+        seconds=round(overhead_s + size / bytes_per_s, 1),
+        items=items,
+    )
+
+
 def tail_lines(lines: list[str], tail: int) -> str:
     clean = [line for line in (x.rstrip() for x in lines) if line.strip()]
     return "\n".join(clean[-tail:])

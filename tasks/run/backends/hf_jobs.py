@@ -45,10 +45,11 @@ from tasks.run.backends.base import (
     Account,
     BackendError,
     JobRequest,
-    job_inputs,
     load_handle,
+    planned_upload,
     save_handle,
     tail_lines,
+    uploaded_model_reference,
 )
 
 T = TypeVar("T")
@@ -183,19 +184,11 @@ class HfJobsBackend:
         return self._namespace[key]
 
     # ------------------------------------------------------------------ planning
-    def model_reference(self, model_path: str, slot: str = "model") -> str:
-        return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
+    model_reference = staticmethod(uploaded_model_reference)
 
     def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
-        files, items = job_inputs(run_dir, model_path, baseline_path)
-        size = sum(p.stat().st_size for p, _ in files)
-        return InputUpload(
-            destination=f"private Hub repo <your namespace>/finetune-{run_dir.name}",
-            files=len(files),
-            bytes=size,
-            seconds=round(UPLOAD_OVERHEAD_S + size / UPLOAD_BYTES_PER_S, 1),
-            items=items,
-        )
+        where = f"private Hub repo <your namespace>/finetune-{run_dir.name}"
+        return planned_upload(run_dir, model_path, baseline_path, where, UPLOAD_BYTES_PER_S, UPLOAD_OVERHEAD_S)
 
     def preflight(self, flavor: str) -> Account:
         token = self._token()

@@ -28,7 +28,18 @@ import yaml
 
 from tasks.core.models import InputUpload, JobHandle, JobSnapshot
 from tasks.core.spec import KubernetesSettings, runs_on_this_machine
-from tasks.run.backends.base import Account, BackendError, JobRequest, job_inputs, load_handle, save_handle, tail_lines
+from tasks.run.backends.base import (
+    SHARED_STORAGE_BYTES_PER_S,
+    Account,
+    BackendError,
+    JobRequest,
+    job_inputs,
+    load_handle,
+    planned_upload,
+    save_handle,
+    tail_lines,
+    uploaded_model_reference,
+)
 from tasks.run.backends.trainjob import GROUP, NODE, PLURAL, VERSION, build_trainjob, trainjob_name
 from tasks.run.storage import RunStorage, StorageError, set_aside_other_inputs
 
@@ -62,19 +73,11 @@ class KubernetesBackend:
         """The job folder as the nodes see it."""
         return f"{self.settings.mount_path.rstrip('/')}/{run_name}"
 
-    def model_reference(self, model_path: str, slot: str = "model") -> str:
-        return f"inputs/{slot}" if Path(model_path).is_dir() else model_path
+    model_reference = staticmethod(uploaded_model_reference)
 
     def planned_inputs(self, run_dir: Path, model_path: str, baseline_path: str | None = None) -> InputUpload | None:
-        files, items = job_inputs(run_dir, model_path, baseline_path)
-        size = sum(p.stat().st_size for p, _ in files)
-        return InputUpload(
-            destination=f"{self.storage or '<kubernetes.storage>'}/{run_dir.name}",
-            files=len(files),
-            bytes=size,
-            seconds=round(size / 100e6, 1),  # an assumption: shared storage at 100 MB/s
-            items=items,
-        )
+        where = f"{self.storage or '<kubernetes.storage>'}/{run_dir.name}"
+        return planned_upload(run_dir, model_path, baseline_path, where, SHARED_STORAGE_BYTES_PER_S)
 
     # -- the API ------------------------------------------------------------------------------
     def _apis(self, context: str | None = None) -> tuple[Any, Any]:
