@@ -86,22 +86,25 @@ class RunStorage:
             return None
 
 
-def set_aside_other_inputs(store: RunStorage, key: str | None, kept: tuple[str, ...]) -> str | None:
-    """What a training made from other inputs left in `store` (its checkpoints above all) goes to
-    superseded/, as a local run's does (tasks/run/training.py), so it is never resumed; the key of
-    these inputs is written in its place."""
+def set_aside_other_inputs(store: RunStorage, key: str | None, kept: tuple[str, ...]) -> tuple[list[str], str] | None:
+    """What a training made from other inputs left in `store` (a run folder here, or a job's on
+    shared storage; its checkpoints above all) goes to superseded/, so it is never resumed and
+    nothing is lost; the key of these inputs is written in its place, whole. Returns what moved
+    and where to, or None."""
     if key is None:
         return None
     earlier = (store.read_text("training_key") or "").strip() or None
     present = [name for name in kept if store.fs.exists(store.path(name))]
-    note = None
+    moved = None
     if earlier != key and present:
-        dest = f"superseded/{(earlier or 'unkeyed')[:24]}-{datetime.now():%Y%m%d-%H%M%S}"
+        dest = store.path("superseded", f"{(earlier or 'unkeyed')[:24]}-{datetime.now():%Y%m%d-%H%M%S}")
+        store.fs.makedirs(dest, exist_ok=True)
         for name in present:
-            store.fs.mv(store.path(name), store.path(dest, name), recursive=True)
-        note = f"outputs of other inputs ({', '.join(present)}) moved to {store.url}/{dest}"
-    store.write_text("training_key", key + "\n")
-    return note
+            store.fs.mv(store.path(name), f"{dest}/{name}", recursive=True)
+        moved = (present, dest)
+    store.write_text("training_key.tmp", key + "\n")  # then renamed: a torn key would set aside a good training
+    store.fs.mv(store.path("training_key.tmp"), store.path("training_key"))
+    return moved
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:

@@ -10,17 +10,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.core.atomic import write_text
 from tasks.core.models import Approval, CostEstimate, JobHandle, JobStatus, RunPlan, TrainingScript
 from tasks.core.money import usd
 from tasks.core.spec import RunSpec, backend_settings
 from tasks.run.backends import Backend, JobRequest
 from tasks.run.monitor import Guard
 from tasks.run.resubmit import safer_training
+from tasks.run.storage import RunStorage, set_aside_other_inputs
 
 # What a training leaves in the run folder; set aside together when the inputs change.
 TRAINED_OUTPUTS = ("checkpoints", "model", "adapter", "train_result.json", "trackio", "gguf", "loss.png")
@@ -41,21 +40,14 @@ class TrainingFailed(RuntimeError):
 def set_aside_other_training(run_dir: Path, key: str) -> str | None:
     """Move the outputs of a training made from other inputs to superseded/, so that its
     checkpoints are not resumed and its model is not lost; returns what was done."""
-    marker = run_dir / "training_key"
-    earlier = marker.read_text().strip() if marker.exists() else None
-    present = [name for name in TRAINED_OUTPUTS if (run_dir / name).exists()]
-    note = None
-    if earlier != key and present:
-        dest = run_dir / "superseded" / f"{(earlier or 'unkeyed')[:24]}-{datetime.now():%Y%m%d-%H%M%S}"
-        dest.mkdir(parents=True)
-        for name in present:
-            (run_dir / name).rename(dest / name)
-        note = (
-            f"the inputs changed since the last training of this run (spec, data, script or model): its "
-            f"outputs ({', '.join(present)}) were moved to {dest}, and training starts afresh"
-        )
-    write_text(marker, key + "\n")
-    return note
+    moved = set_aside_other_inputs(RunStorage(str(run_dir)), key, TRAINED_OUTPUTS)
+    if moved is None:
+        return None
+    present, dest = moved
+    return (
+        f"the inputs changed since the last training of this run (spec, data, script or model): its "
+        f"outputs ({', '.join(present)}) were moved to {dest}, and training starts afresh"
+    )
 
 
 def backend_poll_s(backend: Backend) -> float:

@@ -175,7 +175,7 @@ class KubernetesBackend:
     def submit(self, request: JobRequest) -> JobHandle:
         store = self._store(request.run_name)
         try:
-            note = set_aside_other_inputs(store, request.training_key, KEPT)
+            set_aside_other_inputs(store, request.training_key, KEPT)
             for stale in ("train_result.json",):
                 if store.fs.exists(store.path(stale)):
                     store.fs.rm(store.path(stale))
@@ -196,7 +196,7 @@ class KubernetesBackend:
             PLURAL,
             manifest,
         )
-        handle = self._handle(request, name, None, note)
+        handle = self._handle(request, name, None)
         save_handle(handle)
         return handle
 
@@ -212,7 +212,7 @@ class KubernetesBackend:
             JOB_ENV,
         )
 
-    def _handle(self, request: JobRequest, name: str, job: dict[str, Any] | None, note: str | None = None) -> JobHandle:
+    def _handle(self, request: JobRequest, name: str, job: dict[str, Any] | None) -> JobHandle:
         log_path = Path(request.run_dir) / "logs" / "train.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         created = (job or {}).get("metadata", {}).get("creationTimestamp")
@@ -233,7 +233,6 @@ class KubernetesBackend:
                 "finetune-script": request.script.sha256,
                 "finetune-storage": self._store(request.run_name).url,
                 "finetune-context": self.settings.context or "",
-                **({"finetune-note": note} if note else {}),
             },
         )
 
