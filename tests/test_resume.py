@@ -16,7 +16,7 @@ import yaml
 from flows.sft import sft
 from tasks.core.spec import load_spec
 from tasks.run.backends import load_handle
-from tasks.run.backends.local import descendants
+from tasks.run.backends.local import descendants, pid_alive
 from tests.helpers import EXAMPLES, REPO, seed_prefect_home
 from tests.processes import marked_processes, wait_until_gone
 
@@ -240,19 +240,12 @@ def test_a_killed_launcher_takes_its_training_processes_with_it(trains, tmp_path
     launcher.kill()  # the launcher alone, as the OOM killer or a lost node would
     launcher.wait()
     deadline = time.monotonic() + 30
-    while [p for p in trainers if _alive(p)] and time.monotonic() < deadline:
+    while [p for p in trainers if pid_alive(p)] and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = [p for p in trainers if _alive(p)]
+    left = [p for p in trainers if pid_alive(p)]
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "training processes outlived their launcher"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.slow  # a minute or more alone: `make test-slow`, run by CI after `make test`

@@ -58,6 +58,7 @@ class KubernetesBackend:
     def __init__(self, settings: KubernetesSettings | None = None) -> None:
         self.settings = settings or KubernetesSettings()
         self.storage = self.settings.storage or os.environ.get("FINETUNE_K8S_STORAGE")
+        self._clients: dict[tuple[str | None, str | None], tuple[Any, Any]] = {}
 
     # -- where things are -------------------------------------------------------------------
     def _store(self, run_name: str) -> RunStorage:
@@ -81,12 +82,19 @@ class KubernetesBackend:
 
     # -- the API ------------------------------------------------------------------------------
     def _apis(self, context: str | None = None) -> tuple[Any, Any]:
-        """The cluster's custom objects (TrainJobs) and core (pods, logs) APIs."""
+        """The cluster's custom objects (TrainJobs) and core (pods, logs) APIs, connected once per
+        kubeconfig and context rather than on every poll."""
+        context = context or self.settings.context
+        key = (os.environ.get("KUBECONFIG"), context)
+        if key not in self._clients:
+            self._clients[key] = self._connect(context)
+        return self._clients[key]
+
+    def _connect(self, context: str | None) -> tuple[Any, Any]:
         try:
             from kubernetes import client, config
         except ImportError:
             raise BackendError("backend: kubernetes needs the kubeflow SDK: pip install '.[kubernetes]'") from None
-        context = context or self.settings.context
         try:
             if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG") and not context:
                 config.load_incluster_config()
