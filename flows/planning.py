@@ -36,6 +36,7 @@ from tasks.stages.planning import (
     build_script_task,
     check_rewards_task,
     estimate_cost_task,
+    probe_splits_task,
     select_hardware_task,
     validate_dataset_task,
 )
@@ -53,6 +54,10 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: froz
     report = validate(spec, method, model_path, args, run_dir)
     rewards = check_rewards_task(spec.rewards, report, pending_rewards) if method.rewards else []
     hardware = select_hardware_task(spec, model_path, args, report)
+    vision = is_vision_model(load_config(model_path))
+    probed = script_config(spec, method, run_name, model_path, hardware, planned_arguments(args, hardware), vision)
+    if probe := probe_splits_task(spec, probed, method, hardware, report, run_dir):
+        hardware = select_hardware_task(spec, model_path, args, report, probe)
     notes = gguf_notes(spec, model_path)
     cost = estimate_cost_task(spec, model_path, hardware, report, args)
     args = planned_arguments(args, hardware)
@@ -63,7 +68,6 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: froz
     check_reward_models_reachable(rewards, spec.backend, backend.on_this_machine)
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)
-    vision = is_vision_model(load_config(model_path))
     config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args, vision)
     config = job_settings(config, spec, backend, rewards, baseline, eval_tasks, report)
     script = build_script_task(method, config, run_dir)

@@ -60,6 +60,10 @@ def _thread_share() -> int:
     return max(1, cores // workers)
 
 
+# planning does not time the batch splits here (10-20 s a plan): the time model chooses, and
+# tests/test_split_probe.py turns the probe on where it is what is tested
+os.environ["FINETUNE_SPLIT_PROBE"] = "0"
+
 # read when torch is imported, so set first
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_thread_share())
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="finetune-tests-hf-home-")  # no user token file

@@ -247,6 +247,43 @@ class FlavorOption(Frozen):
     strategy_reason: str = ""
 
 
+class SplitRate(Frozen):
+    """One batch split timed on this machine by the script's own probe (finetune_probe.py)."""
+
+    micro_batch: int
+    accumulation: int
+    padding_free: bool = False
+    steps: int = Field(description="optimizer steps timed (after one untimed)")
+    seconds: float
+    real_tokens: int
+    computed_tokens: int = Field(description="padding included")
+
+    @property
+    def seconds_per_computed_token(self) -> float:
+        return self.seconds / max(self.computed_tokens, 1)
+
+    @property
+    def real_tokens_per_s(self) -> float:
+        return self.real_tokens / max(self.seconds, 1e-9)
+
+    @property
+    def label(self) -> str:
+        kind = "padding-free batches of" if self.padding_free else "micro-batch"
+        return f"{kind} {self.micro_batch} x {self.accumulation}"
+
+
+class SplitProbe(Frozen):
+    """The candidate splits measured where the run trains, or why none was."""
+
+    rates: list[SplitRate] = Field(default_factory=list)
+    seconds: float = Field(0.0, description="the probe's wall time, start-up included")
+    cached: bool = Field(False, description="measured by an earlier plan of the same script, data and machine")
+    note: str = Field("", description="why the probe did not run or failed; empty when it measured")
+
+    def rate(self, micro_batch: int, padding_free: bool) -> SplitRate | None:
+        return next((r for r in self.rates if (r.micro_batch, r.padding_free) == (micro_batch, padding_free)), None)
+
+
 class HardwarePlan(Frozen):
     backend: str
     flavor: str
@@ -309,6 +346,14 @@ class HardwarePlan(Frozen):
     layer_classes: list[str] = Field(
         default_factory=list, description="the decoder layer class(es) FSDP wraps one by one (_no_split_modules)"
     )
+    split_probe: SplitProbe | None = Field(None, description="the batch splits timed on this machine, if probed")
+
+    @property
+    def measured_split(self) -> SplitRate | None:
+        """The chosen split's measured rate, when the probe timed it."""
+        if self.split_probe is None:
+            return None
+        return self.split_probe.rate(self.micro_batch, self.speed.batching == "padding_free")
 
     @property
     def global_batch(self) -> int:
@@ -328,6 +373,9 @@ class CostEstimate(Frozen):
     hours_high: float
     upload_s: float = Field(0.0, description="uploading inputs before the job starts; wall time, not billed")
     compute_s: float = Field(0.0, description="the training itself (start-up excluded), calibration applied")
+    modelled_compute_s: float = Field(
+        0.0, description="the time model's training seconds, before calibration or a measured split replaced them"
+    )
     evaluation_s: float = Field(0.0, description="the before/after evaluation on the held-out rows")
     optimizer_steps: int = 0
     useful_flops_per_token: float = Field(

@@ -82,7 +82,8 @@ def observation(report: dict) -> tuple[tuple[str, str, str], float, float] | Non
     # the estimate is for the whole run; a resumed job measured only its own part of it
     planned_steps = cost.get("optimizer_steps") or result["optimizer_steps"]
     share = min(1.0, result["optimizer_steps"] / planned_steps)
-    raw_time = cost["compute_s"] / cost.get("time_factor", 1.0) * share
+    # the time model's own figure: not a split timed on this machine, nor an earlier correction
+    raw_time = (cost.get("modelled_compute_s") or cost["compute_s"] / cost.get("time_factor", 1.0)) * share
     raw_memory = hardware["estimated_peak_memory_gb"] / hardware.get("memory_factor", 1.0)
     key = (hardware.get("flavor", ""), hardware.get("model_type", ""), hardware.get("mode", ""))
     return key, result["train_s"] / raw_time, result["peak_memory_gb"] / raw_memory

@@ -19,7 +19,7 @@ import math
 from typing import Any, NamedTuple
 
 from tasks.core.methods import cut_length, method_definition
-from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan
+from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, SplitRate
 from tasks.core.money import usd
 from tasks.core.spec import runs_on_this_machine
 from tasks.plan.calibration import Correction, load_table
@@ -153,20 +153,27 @@ def estimate_for(
     padding: float = 1.0,
     accumulation: int = 1,
     evaluation: tuple[int, int] = (0, 0),
+    measured: SplitRate | None = None,
 ) -> CostEstimate:
     """`tokens` are real tokens; `padding` is the tokens computed per real token (the batching's);
     `steps` are micro-steps; `evaluation` is (tokens scored, tokens generated) by the before/after
     evaluation, both models together. Measured runs of the same flavor, family and mode scale
-    the training time."""
-    correction = load_table().find(flavor.name, arch.model_type, w.mode)
+    the modelled training time; a split timed on this machine (`measured`) replaces it."""
+    modelled = _training_time(arch, w, tokens, flavor, steps, padding, accumulation)
+    training = _measured_time(modelled, measured, padding, flavor, w) if measured else modelled
+    correction = None if measured else load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
-    training = _training_time(arch, w, tokens, flavor, steps, padding, accumulation)
     compute_s = training.seconds * factor
     evaluation_s = _evaluation_s(arch, flavor, training.utilisation, evaluation)
     startup_s = _startup_s(arch, backend)
     hours = (compute_s + evaluation_s + startup_s) / 3600
     price = flavor.price_per_hour * w.nodes  # every node is paid for
-    basis = _basis(arch, w, flavor, training, padding, steps, correction, evaluation, evaluation_s, startup_s)
+    head = (
+        _measured_basis(training, measured, padding)
+        if measured
+        else _modelled_basis(arch, w, flavor, training, padding, steps, correction)
+    )
+    basis = head + _basis(w, flavor, training, evaluation, evaluation_s, startup_s)
     return CostEstimate(
         flavor=flavor.name,
         price_per_hour_usd=price,
@@ -175,6 +182,7 @@ def estimate_for(
         utilisation=training.utilisation,
         startup_s=startup_s,
         compute_s=compute_s,
+        modelled_compute_s=modelled.seconds,
         evaluation_s=evaluation_s,
         optimizer_steps=max(1, math.ceil(steps / max(1, accumulation))),
         useful_flops_per_token=0.0
@@ -226,6 +234,28 @@ def _training_time(
     offload_s = steps * _offload_s_per_micro_step(arch, w) + optimizer_steps * _host_adam_s(arch, w, flavor)
     seconds = compute_s + network_s + offload_s + gen_s + steps * STEP_OVERHEAD_S[device]
     return _TrainingTime(train_tokens, gen_tokens, gen_s, flops, utilisation, scaling, seconds, network_s, offload_s)
+
+
+def _measured_time(
+    modelled: _TrainingTime, rate: SplitRate, padding: float, flavor: Flavor, w: Workload
+) -> _TrainingTime:
+    """The training at the rate its split was timed at on this machine: seconds per computed
+    token (padding included, every per-step cost spread over the tokens of the timed steps),
+    times the run's tokens with that split's padding."""
+    seconds = rate.seconds_per_computed_token * modelled.tokens * padding
+    peak = flavor.peak_tflops * 1e12 * w.nodes
+    return modelled._replace(seconds=seconds, utilisation=modelled.flops / (peak * seconds) if seconds else 0.0)
+
+
+def _measured_basis(training: _TrainingTime, rate: SplitRate, padding: float) -> str:
+    """The measured estimate's arithmetic in words."""
+    return (
+        f"{int(training.tokens):,} training tokens"
+        + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
+        + f" at {rate.seconds_per_computed_token * 1000:.3g} s per 1,000 computed tokens, measured on this machine "
+        f"({rate.label}: {rate.steps} optimizer steps timed, {rate.real_tokens_per_s:,.0f} real tokens/s; "
+        f"{training.utilisation:.0%} of the matmul peak)"
+    )
 
 
 def _gathered_bytes(arch: Architecture, w: Workload) -> tuple[float, float]:
@@ -282,7 +312,7 @@ def _startup_s(arch: Architecture, backend: str) -> float:
     return CLOUD_STARTUP_S + 2 * arch.params * CHECKPOINT_BYTES_PER_PARAM / DOWNLOAD_BYTES_PER_S
 
 
-def _basis(
+def _modelled_basis(
     arch: Architecture,
     w: Workload,
     flavor: Flavor,
@@ -290,14 +320,9 @@ def _basis(
     padding: float,
     steps: int,
     correction: Correction | None,
-    evaluation: tuple[int, int],
-    evaluation_s: float,
-    startup_s: float,
 ) -> str:
-    """The estimate's arithmetic in words, so a reader can check every factor of it."""
-    scored, generated = evaluation
-    factor = correction.time_factor if correction else 1.0
-    scaling, price = training.scaling, flavor.price_per_hour
+    """The time model's arithmetic in words, so a reader can check every factor of it."""
+    scaling = training.scaling
     return (
         f"{int(training.tokens):,} training tokens"
         + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
@@ -319,8 +344,23 @@ def _basis(
         )
         + f" at {training.utilisation:.0%} utilisation"
         + f"; {steps:,} steps x {STEP_OVERHEAD_S['gpu' if flavor.is_gpu else 'cpu']} s overhead"
-        + (f"; x{factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
-        + (
+        + (f"; x{correction.time_factor:.2f} as measured on {correction.runs} earlier run(s)" if correction else "")
+    )
+
+
+def _basis(
+    w: Workload,
+    flavor: Flavor,
+    training: _TrainingTime,
+    evaluation: tuple[int, int],
+    evaluation_s: float,
+    startup_s: float,
+) -> str:
+    """The rest of the estimate in words: evaluation, distribution, start-up, range and price."""
+    scored, generated = evaluation
+    price = flavor.price_per_hour
+    return (
+        (
             f"; evaluation before and after (held-out rows and tasks): {scored:,} tokens scored, {generated:,} generated ({evaluation_s:.0f} s)"
             if scored or generated
             else ""
@@ -365,9 +405,11 @@ def estimate_run(
     report: DatasetReport,
     args: dict[str, Any],
     padding: float,
+    measured: SplitRate | None = None,
 ) -> CostEstimate:
     """The estimate for one placement, with the run's tokens, micro-steps and evaluation work
-    read from its training arguments (the batch split in them)."""
+    read from its training arguments (the batch split in them), at the split's measured rate
+    where it was timed on this machine."""
     return estimate_for(
         arch,
         w,
@@ -378,6 +420,7 @@ def estimate_run(
         padding,
         int(args.get("gradient_accumulation_steps", 1)),
         evaluation_work(spec.method, report, args, spec.evaluation.generations, 3 if spec.evaluation.baseline else 2),
+        measured,
     )
 
 
@@ -402,7 +445,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
     w = workload_for(
         spec, flavor, plan.mode, args, report, Placement(plan.strategy, plan.processes, plan.nodes, plan.offload)
     )
-    cost = estimate_run(spec, arch, w, flavor, report, args, plan.padding_overhead)
+    cost = estimate_run(spec, arch, w, flavor, report, args, plan.padding_overhead, plan.measured_split)
     if report.token_counts == "estimated":
         cost = cost.model_copy(
             update={"basis": "TOKENS ESTIMATED (the tokenizer cannot encode; see the dataset warnings); " + cost.basis}

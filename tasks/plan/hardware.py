@@ -32,7 +32,15 @@ from typing import Any
 
 from tasks.core.errors import UserFacingError
 from tasks.core.methods import cut_length, method_definition
-from tasks.core.models import CostEstimate, DatasetReport, FlavorOption, HardwarePlan, SpeedPlan
+from tasks.core.models import (
+    CostEstimate,
+    DatasetReport,
+    FlavorOption,
+    HardwarePlan,
+    SpeedPlan,
+    SplitProbe,
+    SplitRate,
+)
 from tasks.core.money import usd
 from tasks.core.spec import RunSpec, SpecError, runs_on_this_machine
 from tasks.plan.calibration import load_table
@@ -49,7 +57,7 @@ from tasks.plan.memory import (
     trained_parameters,
     workload_for,
 )
-from tasks.plan.speed import choose_speed, padding_overhead
+from tasks.plan.speed import choose_speed, padding_free_speed, padding_overhead
 
 GB = 1024**3
 MAX_PROCESSES = 8  # GPUs of one machine
@@ -90,7 +98,8 @@ def _global_batch(spec: RunSpec, args: dict[str, Any], processes: int = 1) -> tu
     return share, [m for m in range(share, 0, -1) if share % m == 0 and m >= least]
 
 
-Attempt = Callable[[int, bool], tuple[FlavorOption, CostEstimate]]  # (micro-batch, recompute) -> the placement
+# (micro-batch, recompute[, the split's rate timed here]) -> the placement
+Attempt = Callable[..., tuple[FlavorOption, CostEstimate]]
 Tried = list[tuple[int, bool, FlavorOption, CostEstimate]]  # (micro-batch, recompute, placement, cost), in order
 
 
@@ -102,6 +111,7 @@ def _option(
     args: dict[str, Any],
     report: DatasetReport,
     placement: Placement = ONE_PROCESS,
+    probe: SplitProbe | None = None,
 ) -> tuple[FlavorOption, CostEstimate]:
     """One placement, with the largest micro-batch that fits with margin, and gradient
     checkpointing only when not even a micro-batch of 1 fits without it: recomputing activations
@@ -111,14 +121,16 @@ def _option(
     total, micros = _global_batch(spec, args, processes)
     speed = _speed(spec, flavor, arch, args, report, total, processes)
 
-    def attempt(micro: int, on: bool) -> tuple[FlavorOption, CostEstimate]:
+    def attempt(micro: int, on: bool, rate: SplitRate | None = None) -> tuple[FlavorOption, CostEstimate]:
         split = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": total // micro}
         placed = {**args, **split, "gradient_checkpointing": on}
-        return _option_with(spec, flavor, mode, arch, placed, report, speed, placement)
+        batched = padding_free_speed(speed) if rate and rate.padding_free else speed
+        return _option_with(spec, flavor, mode, arch, placed, report, batched, placement, rate)
 
     fastest = ""
     if not flavor.is_gpu and method_definition(spec.method).cpu_split_search and len(micros) > 1:
-        tried, fastest = _fastest_cpu_split(micros, attempt)
+        timed = probe is not None and placement == ONE_PROCESS and probe.rates
+        tried, fastest = _measured_split(probe, attempt) if timed else _fastest_cpu_split(micros, attempt)
     else:
         tried = _largest_fitting_split(micros, _recompute_options(spec, flavor), attempt)
     micro, on, option, cost = tried[-1]
@@ -191,6 +203,19 @@ def _fastest_cpu_split(micros: list[int], attempt: Attempt) -> tuple[Tried, str]
     return [(best[0], False, best[1], best[2])], fastest
 
 
+def _measured_split(probe: SplitProbe, attempt: Attempt) -> tuple[Tried, str]:
+    """The split that trained fastest on this machine: each timed split's seconds per computed
+    token, times the run's tokens with the padding that split leaves (simulated on the lengths)."""
+    timed = [(rate, *attempt(rate.micro_batch, False, rate)) for rate in probe.rates]
+    fitting = [t for t in timed if t[1].peak_memory_gb <= t[1].usable_memory_gb] or timed
+    rate, option, cost = min(fitting, key=lambda t: t[2].compute_s)
+    measured = "; ".join(
+        f"{r.label}: {r.real_tokens_per_s:,.0f} real tokens/s, {c.compute_s:.0f} s" for r, _, c in timed
+    )
+    fastest = f"the fastest split timed on this machine ({measured}; {probe.seconds:.0f} s probe)"
+    return [(rate.micro_batch, False, option, cost)], fastest
+
+
 def _memory_use(option: FlavorOption) -> str:
     """How much of the usable memory the placement needs, as the reasons quote it."""
     return f"{option.peak_memory_gb:.1f} of {option.usable_memory_gb:.1f} GB usable"
@@ -246,6 +271,7 @@ def _option_with(
     report: DatasetReport,
     speed: SpeedPlan,
     placement: Placement = ONE_PROCESS,
+    measured: SplitRate | None = None,
 ) -> tuple[FlavorOption, CostEstimate]:
     w = workload_for(spec, flavor, mode, args, report, placement)
     memory, memory_factor = _calibrated_memory(arch, w, flavor, mode)
@@ -262,7 +288,7 @@ def _option_with(
         micro * int(args.get("gradient_accumulation_steps", 1)),
         speed.batching,
     )
-    cost = estimate_run(spec, arch, w, flavor, report, args, overhead)
+    cost = estimate_run(spec, arch, w, flavor, report, args, overhead, measured)
     problems = []
     if peak > usable:
         problems.append(f"needs {peak:.1f} GB, has {usable:.1f} GB usable")
@@ -426,11 +452,17 @@ def _modes(spec: RunSpec, arch: Architecture) -> list[tuple[Mode, str]]:
 
 
 def _flavor_option(
-    spec: RunSpec, flavor: Flavor, mode: Mode, arch: Architecture, args: dict[str, Any], report: DatasetReport
+    spec: RunSpec,
+    flavor: Flavor,
+    mode: Mode,
+    arch: Architecture,
+    args: dict[str, Any],
+    report: DatasetReport,
+    probe: SplitProbe | None = None,
 ) -> tuple[FlavorOption, CostEstimate] | None:
     """The flavor's best placement: the cheapest that fits, else the one needing least memory
     (to say how far it is), with why this strategy; None when the flavor cannot run it at all."""
-    tried = [_option(spec, flavor, mode, arch, args, report, p) for p in _placements(spec, flavor, mode)]
+    tried = [_option(spec, flavor, mode, arch, args, report, p, probe) for p in _placements(spec, flavor, mode)]
     if not tried:
         return None
     fitting = [t for t in tried if t[0].fits]
@@ -498,8 +530,15 @@ def _why_sharded(chosen: FlavorOption, tried: list[FlavorOption]) -> str:
 
 
 def select_hardware(
-    spec: RunSpec, config: Any, args: dict[str, Any], report: DatasetReport, catalogue: Catalogue | None = None
+    spec: RunSpec,
+    config: Any,
+    args: dict[str, Any],
+    report: DatasetReport,
+    catalogue: Catalogue | None = None,
+    probe: SplitProbe | None = None,
 ) -> tuple[HardwarePlan, CostEstimate]:
+    """The cheapest placement that fits; on this machine's CPU the batch split the probe timed
+    fastest, when it ran (tasks/plan/probe.py), else the time model's."""
     catalogue = catalogue or load_catalogue(spec.flavors)
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
     candidates = _candidates(spec, catalogue)
@@ -507,13 +546,14 @@ def select_hardware(
         candidates = _fit_for_device(candidates, arch, spec)
     considered: list[FlavorOption] = []
     for mode, reason in _modes(spec, arch):
-        options = [o for f in candidates if (o := _flavor_option(spec, f, mode, arch, args, report))]
+        options = [o for f in candidates if (o := _flavor_option(spec, f, mode, arch, args, report, probe))]
         considered += [o for o, _ in options]
         fitting = sorted((o for o in options if o[0].fits), key=lambda o: (o[0].usd, o[0].hours))
         if fitting:
             best, cost = fitting[0]
             flavor = next(f for f in candidates if f.name == best.flavor)
-            return _plan(spec, flavor, best, arch, reason, considered, args, report), cost
+            plan = _plan(spec, flavor, best, arch, reason, considered, args, report)
+            return plan.model_copy(update={"split_probe": probe}), cost
     if not considered:
         raise HardwareError(
             f"no flavor has {spec.distributed.processes} GPUs (distributed.processes); remove it, or add such a "

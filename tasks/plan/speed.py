@@ -128,13 +128,28 @@ def _batching(
     elif not gpu:
         batching = "padded"
         why = (
-            "padded batches in random order, the batch split chosen by the time model (micro-batch 1 has no "
+            "padded batches in random order, the batch split chosen for speed (micro-batch 1 has no "
             "padding at all): on this CPU micro-batch 1 ran 2.9-3.2x TRL's defaults (tiny, SmolLM2-135M) with the same held-out loss; "
             "grouping rows by length ran 2.7x and reorders the rows, which changed what short runs learnt"
         )
     else:
         batching, why, arguments = _gpu_batching(attention, rows_over_max_length, every_row_measured, whole_epochs)
     return SpeedChoice(setting="batching", value=batching, reason=why), arguments
+
+
+def padding_free_speed(speed: SpeedPlan) -> SpeedPlan:
+    """The same choices with padding-free batches, which trained fastest on this machine when
+    the probe timed them (tasks/plan/probe.py offers them only where no row reaches max_length,
+    so unsetting it, as TRL requires, cuts nothing)."""
+    why = "padding-free: rows concatenated, positions restarting at each row, no padding; timed fastest here"
+    choice = SpeedChoice(setting="batching", value="padding_free", reason=why)
+    return speed.model_copy(
+        update={
+            "batching": "padding_free",
+            "choices": [choice if c.setting == "batching" else c for c in speed.choices],
+            "arguments": {**speed.arguments, "padding_free": True, "max_length": None},
+        }
+    )
 
 
 def _given_batching(training: dict[str, Any], rows_over_max_length: int) -> tuple[Batching, str, dict[str, Any]]:

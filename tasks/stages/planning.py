@@ -14,6 +14,7 @@ from tasks.core.models import (
     CostEstimate,
     DatasetReport,
     HardwarePlan,
+    SplitProbe,
     TrainingScript,
 )
 from tasks.core.money import usd
@@ -89,13 +90,52 @@ def check_rewards_task(
 
 @stage(name="select_hardware", cache_policy=NO_CACHE)
 def select_hardware_task(
-    spec: RunSpec, model_path: str, training_args: dict[str, Any], report: DatasetReport
+    spec: RunSpec,
+    model_path: str,
+    training_args: dict[str, Any],
+    report: DatasetReport,
+    probe: SplitProbe | None = None,
 ) -> HardwarePlan:
     from tasks.core.model_source import load_config
 
-    plan, _ = select_hardware(spec, load_config(model_path), training_args, report)
+    plan, _ = select_hardware(spec, load_config(model_path), training_args, report, probe=probe)
     say(f"hardware: {plan.description}; {plan.mode}; peak ~{plan.estimated_peak_memory_gb:.2f} GB")
+    if probe is not None and probe.rates:
+        say(f"batch split: {plan.batch_reason}")
     return plan
+
+
+@stage(name="probe_splits", cache_policy=NO_CACHE)
+def probe_splits_task(
+    spec: RunSpec,
+    config: dict[str, Any],
+    method: MethodDefinition,
+    plan: HardwarePlan,
+    report: DatasetReport,
+    run_dir: Path,
+) -> SplitProbe | None:
+    """Time the candidate batch splits here with the script's own probe (tasks/plan/probe.py);
+    None where the split is not probed."""
+    from tasks.core.model_source import is_vision_model, load_config
+    from tasks.plan.cost import estimate_cost
+    from tasks.plan.probe import affordable, candidates, probe_splits, why_not
+
+    if why_not(spec, plan, report):
+        return None
+    found = candidates(plan, report, is_vision_model(load_config(config["model"])))
+    found, too_long = affordable(
+        found, estimate_cost(spec, load_config(config["model"]), plan, report, config["training"])
+    )
+    if not found:
+        say(f"batch split: not timed, {too_long}")
+        return SplitProbe(note=too_long)
+    build_script(method, config, run_dir)  # the probe imports train.py; the final script replaces it
+    probe = probe_splits(run_dir, config, found)
+    timed = ", ".join(f"{r.label}: {r.real_tokens_per_s:,.0f} real tokens/s" for r in probe.rates)
+    say(
+        f"batch splits timed here{' (cached)' if probe.cached else f' in {probe.seconds:.0f} s'}: {timed or probe.note}"
+    )
+    return probe
 
 
 @stage(name="estimate_cost", cache_policy=NO_CACHE)

@@ -16,6 +16,7 @@ to it and travels with it:
   finetune_eval.py       the evaluation before and after training
   finetune_callbacks.py  the progress lines, the measurement, the checkpoint pushes
   finetune_vision.py     vision-language models: the processor, the rows' images as the trainer reads them
+  finetune_probe.py      times a few steps of other batch splits here (how the planner picked this one)
   finetune_rewards/      GRPO only: the reward functions CONFIG["rewards"] names
   accelerate.yaml        several processes only: how they are launched
   data/                  the training and held-out rows
