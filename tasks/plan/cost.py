@@ -154,11 +154,13 @@ def estimate_for(
     accumulation: int = 1,
     evaluation: tuple[int, int] = (0, 0),
     measured: SplitRate | None = None,
+    attended: float | None = None,
 ) -> CostEstimate:
     """`tokens` are real tokens; `padding` is the tokens computed per real token (the batching's);
     `steps` are micro-steps; `evaluation` is (tokens scored, tokens generated) by the before/after
     evaluation, both models together. Measured runs of the same flavor, family and mode scale
-    the modelled training time; a split timed on this machine (`measured`) replaces it."""
+    the modelled training time; a split timed on this machine (`measured`) replaces it.
+    `attended`: the length of a real token's row on average, what its useful attention spans."""
     modelled = _training_time(arch, w, tokens, flavor, steps, padding, accumulation)
     training = _measured_time(modelled, measured, padding, flavor, w) if measured else modelled
     correction = None if measured else load_table().find(flavor.name, arch.model_type, w.mode)
@@ -185,9 +187,7 @@ def estimate_for(
         modelled_compute_s=modelled.seconds,
         evaluation_s=evaluation_s,
         optimizer_steps=max(1, math.ceil(steps / max(1, accumulation))),
-        useful_flops_per_token=0.0
-        if w.generates
-        else flops_per_token(arch, w.model_copy(update={"checkpointing": False})),
+        useful_flops_per_token=0.0 if w.generates else _useful_flops_per_token(arch, w, attended),
         peak_flops=flavor.peak_tflops * 1e12 * (w.processes if flavor.is_gpu else w.nodes),
         time_factor=factor,
         calibration=(
@@ -234,6 +234,20 @@ def _training_time(
     offload_s = steps * _offload_s_per_micro_step(arch, w) + optimizer_steps * _host_adam_s(arch, w, flavor)
     seconds = compute_s + network_s + offload_s + gen_s + steps * STEP_OVERHEAD_S[device]
     return _TrainingTime(train_tokens, gen_tokens, gen_s, flops, utilisation, scaling, seconds, network_s, offload_s)
+
+
+def _useful_flops_per_token(arch: Architecture, w: Workload, attended: float | None) -> float:
+    """What a real token needs: the forward and backward without recomputation, attention over
+    its own row (not the longest row, nor a padding-free batch's concatenated rows)."""
+    seq_len = max(1, round(attended)) if attended else w.seq_len
+    return flops_per_token(arch, w.model_copy(update={"checkpointing": False, "seq_len": seq_len}))
+
+
+def attended_length(report: DatasetReport, max_length: int) -> float:
+    """The length of a real token's row on average, E[s^2] / E[s] over the rows' lengths (a long
+    row holds more tokens, each attending over more), cut at max_length; from the percentiles."""
+    lengths = [min(p, max_length) for p in report.length_percentiles]
+    return sum(x * x for x in lengths) / sum(lengths) if sum(lengths) else float(max_length)
 
 
 def _measured_time(
@@ -421,6 +435,7 @@ def estimate_run(
         int(args.get("gradient_accumulation_steps", 1)),
         evaluation_work(spec.method, report, args, spec.evaluation.generations, 3 if spec.evaluation.baseline else 2),
         measured,
+        attended_length(report, cut_length(args, report.max_length)),
     )
 
 

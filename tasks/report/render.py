@@ -321,7 +321,7 @@ def estimate_lines(s: RunSummary) -> list[str]:
         lines.append(f"| {name} | {fmt.format(est) if est else '-'} | {fmt.format(got) if got else '-'} | {ratio} |")
     if c.calibration:
         lines.append(f"\nThe estimate was already corrected: {c.calibration}.")
-    return lines + _useful_flops_note(s)
+    return lines + _useful_flops_note(c, h, m)
 
 
 def _estimate_rows(
@@ -355,28 +355,33 @@ def _estimate_rows(
             ),
         )
     if c.useful_flops_per_token and c.peak_flops and c.compute_s and c.tokens:
+        peak = m.matmul_peak_flops or c.peak_flops  # a CPU's, measured in the run itself
         rows.append(
             (
                 "useful FLOPs per second, share of the peak",
                 c.useful_flops_per_token * c.tokens / c.compute_s / c.peak_flops,
-                c.useful_flops_per_token * m.tokens_per_s / c.peak_flops if m.tokens_per_s else None,
+                c.useful_flops_per_token * m.tokens_per_s / peak if m.tokens_per_s else None,
                 "{:.1%}",
             )
         )
     return rows
 
 
-def _useful_flops_note(s: RunSummary) -> list[str]:
+def _useful_flops_note(c: CostEstimate, h: HardwarePlan, m: TrainingMeasurement) -> list[str]:
     """What the share of the peak divides: the yardstick is the device's limit, not TRL's defaults."""
-    c, h = s.plan.cost, s.plan.hardware
     if not (c.useful_flops_per_token and c.peak_flops):
         return []
     measured = h.flavor in ("local-cpu", "local-cuda")
+    in_run = m.matmul_peak_flops
+    where = (
+        f"{c.peak_flops / 1e12:.3g} TFLOP/s estimated, this machine's matmul measured when the run was planned"
+        + (f"; {in_run / 1e12:.3g} TFLOP/s measured, by the script right after it trained" if in_run else "")
+        if measured
+        else f"{c.peak_flops / 1e12:.3g} TFLOP/s, {h.flavor}'s dense peak"
+    )
     return [
-        f"\nUseful FLOPs: {c.useful_flops_per_token:.3g} per real token (the model's forward and backward; no "
-        f"padding, no recomputation), over a peak of {c.peak_flops / 1e12:.3g} TFLOP/s ("
-        + ("this machine's matmul, measured when the run was planned" if measured else f"{h.flavor}'s dense peak")
-        + ")."
+        f"\nUseful FLOPs: {c.useful_flops_per_token:.3g} per real token (the model's forward and backward, "
+        f"attention over each row's own tokens; no padding, no recomputation), over a peak of {where}."
     ]
 
 

@@ -95,8 +95,9 @@ class Measure(TrainerCallback):
 
             peaks = gather_object([peak])
             peak = sum(peaks) if device == "cpu" else max(peaks)
+        train_s = round(time.time() - self.at, 3)
         self.result = {
-            "train_s": round(time.time() - self.at, 3),
+            "train_s": train_s,
             "optimizer_steps": state.global_step - self.step,
             "tokens": state.num_input_tokens_seen - self.tokens,
             "peak_memory_gb": round(peak / 1024**3, 3),
@@ -104,6 +105,26 @@ class Measure(TrainerCallback):
             "processes": args.world_size,
             "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         }
+        if device == "cpu" and state.is_world_process_zero:
+            self.result["matmul_peak_flops"] = round(cpu_matmul_flops())
+
+
+def cpu_matmul_flops(size: int = 1024, trials: int = 3, seconds: float = 0.15) -> float:
+    """This CPU's float32 matmul FLOP/s with the training's threads, right after it trained: the
+    peak its useful FLOPs are read against (the best of short trials, so a busy moment does not
+    halve it). The planner measures the same way (tasks/plan/flavors.py measured_cpu_flops)."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(trials):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            torch.mm(a, b)
+            n += 1
+        best = max(best, 2 * size**3 * n / (time.perf_counter() - start))
+    return best
 
 
 class PushCheckpoints(TrainerCallback):
