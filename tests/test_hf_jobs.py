@@ -284,6 +284,7 @@ def test_the_files_the_script_imports_travel_with_the_job(jobs_standin, tmp_path
         "finetune_eval.py",
         "finetune_callbacks.py",
         "finetune_vision.py",
+        "finetune_attention.py",
         "finetune_probe.py",
         "finetune_rewards/__init__.py",
         "finetune_rewards/rewards.py",

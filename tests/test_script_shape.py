@@ -9,7 +9,7 @@ import ast
 from tests.helpers import REPO
 
 TEMPLATES = REPO / "training" / "templates"
-SIBLINGS = {"finetune_eval", "finetune_callbacks", "finetune_vision"}
+SIBLINGS = {"finetune_eval", "finetune_callbacks", "finetune_vision", "finetune_attention"}
 PROBE = "finetune_probe"  # a script of its own beside train.py: it imports train.py, which never imports it
 
 

@@ -161,6 +161,11 @@ def test_the_planned_choices_reach_the_script_and_the_plan(tmp_path):
     training = given.script.config["training"]
     assert training["padding_free"] is True and training["max_length"] is None
     assert "train_sampling_strategy" not in training and given.hardware.padding_overhead == 1.0
+    # on a CPU padding-free rows attend one by one (finetune_attention.py), unless the spec chose the kernel
+    assert training["model_init_kwargs"] == {"attn_implementation": "sdpa_rows"}
+    chosen = {**whole, "model_init_kwargs": {"attn_implementation": "eager"}}
+    kernel = plan_run(load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "kernel", "training": chosen}), runs_root=tmp_path)
+    assert kernel.script.config["training"]["model_init_kwargs"] == {"attn_implementation": "eager"}
 
 
 def test_on_a_cpu_the_batch_split_is_the_one_the_time_model_finds_fastest(tmp_path):
@@ -230,6 +235,38 @@ def test_padding_free_and_padded_batches_keep_rows_apart(tiny):
         torch.testing.assert_close(out[start : start + len(r)], alone[i], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(batch[i, : len(r)], alone[i], atol=1e-4, rtol=1e-4)
         start += len(r)
+
+
+def test_row_by_row_attention_gives_each_row_of_a_padding_free_batch_what_it_gets_alone(tiny_model_path):
+    """The script's finetune_attention.py (attn_implementation sdpa_rows, padding-free batches on a
+    CPU): the logits and the gradients of a batch from TRL's padding-free collator equal those of
+    SDPA with transformers' block-diagonal mask, and each row's logits equal the row's alone."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from training.templates.finetune_attention import register
+
+    register()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    rows = _rows(4, tokenizer)
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": r} for r in rows])
+    results = []
+    for attention in ("sdpa_rows", "sdpa"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attention)
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        results.append((out.logits[0].detach(), model.model.layers[0].self_attn.q_proj.weight.grad.clone(), model))
+    (rows_logits, rows_grad, model), (mask_logits, mask_grad, _) = results
+    torch.testing.assert_close(rows_logits, mask_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(rows_grad, mask_grad, atol=1e-5, rtol=1e-4)
+    start = 0
+    with torch.no_grad():
+        for r in rows:
+            alone = model(input_ids=torch.tensor([r]), use_cache=False).logits[0]
+            torch.testing.assert_close(rows_logits[start : start + len(r)], alone, atol=1e-4, rtol=1e-4)
+            start += len(r)
 
 
 def _train(model_path: str, data: Path, out: Path, **speed_args) -> tuple[list[float], float]:

@@ -74,7 +74,8 @@ def test_padding_free_batches_are_timed_only_where_no_row_would_be_cut_and_rows_
     plan = plan_run(_spec(tmp_path, "open"), runs_root=tmp_path)  # the suite's default: not probed
     assert plan.hardware.split_probe is None and "by the time model" in plan.hardware.batch_reason
     hardware, report = plan.hardware, plan.dataset
-    assert {"micro_batch": 8, "padding_free": True} in candidates(hardware, report, vision=False)
+    # padding-free candidates attend row by row, as the script would train them here
+    assert {"micro_batch": 8, "padding_free": True, "attention": "sdpa_rows"} in candidates(hardware, report, False)
     cut = report.model_copy(update={"rows_over_max_length": 3})
     assert not any(c.get("padding_free") for c in candidates(hardware, cut, vision=False))
     assert not any(c.get("padding_free") for c in candidates(hardware, report, vision=True))

@@ -162,7 +162,8 @@ def estimate_for(
     the modelled training time; a split timed on this machine (`measured`) replaces it.
     `attended`: the length of a real token's row on average, what its useful attention spans."""
     modelled = _training_time(arch, w, tokens, flavor, steps, padding, accumulation)
-    training = _measured_time(modelled, measured, padding, flavor, w) if measured else modelled
+    useful = 0.0 if w.generates else _useful_flops_per_token(arch, w, attended)
+    training = _measured_time(modelled, measured, padding, flavor, w, useful) if measured else modelled
     correction = None if measured else load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
     compute_s = training.seconds * factor
@@ -187,7 +188,7 @@ def estimate_for(
         modelled_compute_s=modelled.seconds,
         evaluation_s=evaluation_s,
         optimizer_steps=max(1, math.ceil(steps / max(1, accumulation))),
-        useful_flops_per_token=0.0 if w.generates else _useful_flops_per_token(arch, w, attended),
+        useful_flops_per_token=useful,
         peak_flops=flavor.peak_tflops * 1e12 * (w.processes if flavor.is_gpu else w.nodes),
         time_factor=factor,
         calibration=(
@@ -251,14 +252,16 @@ def attended_length(report: DatasetReport, max_length: int) -> float:
 
 
 def _measured_time(
-    modelled: _TrainingTime, rate: SplitRate, padding: float, flavor: Flavor, w: Workload
+    modelled: _TrainingTime, rate: SplitRate, padding: float, flavor: Flavor, w: Workload, useful: float
 ) -> _TrainingTime:
     """The training at the rate its split was timed at on this machine: seconds per computed
     token (padding included, every per-step cost spread over the tokens of the timed steps),
-    times the run's tokens with that split's padding."""
+    times the run's tokens with that split's padding. Its utilisation is the useful share."""
     seconds = rate.seconds_per_computed_token * modelled.tokens * padding
     peak = flavor.peak_tflops * 1e12 * w.nodes
-    return modelled._replace(seconds=seconds, utilisation=modelled.flops / (peak * seconds) if seconds else 0.0)
+    return modelled._replace(
+        seconds=seconds, utilisation=useful * modelled.tokens / (peak * seconds) if seconds else 0.0
+    )
 
 
 def _measured_basis(training: _TrainingTime, rate: SplitRate, padding: float) -> str:
@@ -268,7 +271,7 @@ def _measured_basis(training: _TrainingTime, rate: SplitRate, padding: float) ->
         + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
         + f" at {rate.seconds_per_computed_token * 1000:.3g} s per 1,000 computed tokens, measured on this machine "
         f"({rate.label}: {rate.steps} optimizer steps timed, {rate.real_tokens_per_s:,.0f} real tokens/s; "
-        f"{training.utilisation:.0%} of the matmul peak)"
+        f"useful FLOPs {training.utilisation:.0%} of the matmul peak)"
     )
 
 

@@ -29,6 +29,7 @@ from tasks.core.derived_cache import derived
 from tasks.core.methods import method_definition
 from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, SplitProbe, SplitRate
 from tasks.core.spec import RunSpec, runs_on_this_machine
+from tasks.plan.speed import padding_free_speed
 
 PROBE_ENV = "FINETUNE_SPLIT_PROBE"  # "0": the time model chooses (the test suite's default, for speed)
 TIMED_STEPS, TIMED_SECONDS = 6, 2.0  # per candidate: at most this many steps, fewer once this long
@@ -71,7 +72,10 @@ def candidates(hardware: HardwarePlan, report: DatasetReport, vision: bool) -> l
     found = [{"micro_batch": 1}, {"micro_batch": hardware.micro_batch}]
     uncut = report.rows_over_max_length == 0 and report.token_rows_measured >= report.rows
     if uncut and not vision:
-        found += [{"micro_batch": m, "padding_free": True} for m in (total, total // 2) if m > 1]
+        attention = padding_free_speed(hardware.speed).attention  # what the script would train them with
+        found += [
+            {"micro_batch": m, "padding_free": True, "attention": attention} for m in (total, total // 2) if m > 1
+        ]
     found.append({"micro_batch": 2})
     unique = [c for i, c in enumerate(found) if c not in found[:i] and total % c["micro_batch"] == 0]
     return unique[:MAX_CANDIDATES]

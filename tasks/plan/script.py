@@ -28,7 +28,13 @@ TEMPLATES = Path(__file__).resolve().parents[2] / "training" / "templates"
 CONFIG_MARKER = "CONFIG: dict = {}  # @@CONFIG@@"
 DEPENDENCIES_MARKER = "# dependencies = []  # @@DEPENDENCIES@@"
 # the template's siblings: copied next to train.py unchanged, imported by it
-SIBLINGS = ("finetune_eval.py", "finetune_callbacks.py", "finetune_vision.py", "finetune_probe.py")
+SIBLINGS = (
+    "finetune_eval.py",
+    "finetune_callbacks.py",
+    "finetune_vision.py",
+    "finetune_attention.py",
+    "finetune_probe.py",
+)
 REWARDS_PACKAGE = "finetune_rewards"  # GRPO: the spec's reward files, one module each
 SCRIPT_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "trackio", "huggingface_hub")
 

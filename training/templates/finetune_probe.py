@@ -1,6 +1,6 @@
 """Time a few training steps of each candidate batch split of train.py, on this machine.
 
-    python finetune_probe.py --candidates '[{"micro_batch": 1}, {"micro_batch": 8, "padding_free": true}]'
+    python finetune_probe.py --candidates '[{"micro_batch": 1}, {"micro_batch": 8, "padding_free": true, "attention": "sdpa_rows"}]'
         [--steps 6] [--seconds 2] [--out probe.json]
 
 The planner runs this before it fixes the split of a run that trains where it is planned: which
@@ -30,7 +30,7 @@ WARMUP_STEPS = 1  # the first step builds kernels and caches: not timed
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--candidates", required=True, help="JSON list of {micro_batch, padding_free}")
+    p.add_argument("--candidates", required=True, help="JSON list of {micro_batch, padding_free, attention}")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per candidate, at most")
     p.add_argument(
         "--seconds", type=float, default=2.0, help="stop timing a candidate after this long (2 steps at least)"
@@ -66,7 +66,7 @@ def probe(train, candidate: dict, here: Path, scratch: Path, steps: int, seconds
     global_batch = micro * training["gradient_accumulation_steps"]
     rows = train.load_data(train.CONFIG["data"], here, scratch)
     rows = sample(rows, global_batch * (WARMUP_STEPS + steps), train.CONFIG["seed"])
-    model, tokenizer, peft_config = train.load_model(train.model_source(here))
+    model, tokenizer, peft_config = load_model(train, here, candidate.get("attention"))
     trainer = Trainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
     timed = Timed(trainer, seconds)
     trainer.add_callback(timed)
@@ -79,6 +79,18 @@ def probe(train, candidate: dict, here: Path, scratch: Path, steps: int, seconds
         "padding_free": padding_free,
         "steps": timed.steps,
     }
+
+
+def load_model(train, here: Path, attention: str | None) -> tuple:
+    """train.py's model, with the attention kernel the candidate trains with."""
+    planned = train.CONFIG["training"]
+    if attention:
+        init_kwargs = {**(planned.get("model_init_kwargs") or {}), "attn_implementation": attention}
+        train.CONFIG["training"] = {**planned, "model_init_kwargs": init_kwargs}
+    try:
+        return train.load_model(train.model_source(here))
+    finally:
+        train.CONFIG["training"] = planned
 
 
 def sample(rows, n: int, seed: int):

@@ -16,6 +16,7 @@ to it and travels with it:
   finetune_eval.py       the evaluation before and after training
   finetune_callbacks.py  the progress lines, the measurement, the checkpoint pushes
   finetune_vision.py     vision-language models: the processor, the rows' images as the trainer reads them
+  finetune_attention.py  padding-free batches on a CPU: attention row by row (attn_implementation sdpa_rows)
   finetune_probe.py      times a few steps of other batch splits here (how the planner picked this one)
   finetune_rewards/      GRPO only: the reward functions CONFIG["rewards"] names
   accelerate.yaml        several processes only: how they are launched
@@ -283,6 +284,10 @@ def load_pretrained(source: str):
     beyond them, e.g. the planned attention kernel (TRL's own `model_init_kwargs`, applied here
     because this script instantiates the model itself)."""
     init_kwargs = dict(CONFIG["training"].get("model_init_kwargs") or {})
+    if init_kwargs.get("attn_implementation") == "sdpa_rows":  # padding-free batches on a CPU
+        from finetune_attention import register
+
+        register()
     return from_pretrained(source, dtype=torch_dtype(), quantization_config=quantization(), **init_kwargs)
 
 

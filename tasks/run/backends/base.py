@@ -118,6 +118,7 @@ JOB_FILES = (
     "finetune_eval.py",
     "finetune_callbacks.py",
     "finetune_vision.py",
+    "finetune_attention.py",
     "finetune_probe.py",
     "accelerate.yaml",
     "data/train.jsonl",
