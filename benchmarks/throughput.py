@@ -21,6 +21,9 @@ Variants (the training arguments are printed in the results):
   equally good runs lands (the noise band the loss comparison is read against).
 - `padding-free`: `planned` with TRL's padding-free batches instead of its batching (rows
   concatenated, positions restarting per row; SDPA keeps them apart with a block-diagonal mask).
+- `padding-free-rows`: the same, attending row by row (the script's `finetune_attention.py`,
+  `sdpa_rows`: what the planner trains padding-free batches with on a CPU). A `-mN` suffix on
+  either sets micro-batches of N rows, the global batch kept.
 - `fast-flex`: `padding-free` with FlexAttention's block-sparse masks (GPU).
 
 Measured per variant, after `--warmup` optimizer steps: real (non-padding) tokens per second,
@@ -166,7 +169,13 @@ def variant_args(variant: str, on_gpu: bool, global_batch: int, planned: dict[st
     # positions restarting per row, attention kept within rows by a block-diagonal mask or a
     # varlen kernel); fast-flex: the same with FlexAttention's block-sparse masks (GPU)
     if variant.startswith(("padding-free", "fast-flex")):
-        attention = "flex_attention" if variant.startswith("fast-flex") else "sdpa"
+        attention = (
+            "flex_attention"
+            if variant.startswith("fast-flex")
+            else "sdpa_rows"
+            if variant.startswith("padding-free-rows")
+            else "sdpa"
+        )
         rest = {k: v for k, v in planned.items() if k != "train_sampling_strategy"}
         if "-m" in variant:  # e.g. padding-free-m2: micro-batches of 2, the global batch kept
             micro = int(variant.rsplit("-m", 1)[1])
@@ -209,6 +218,10 @@ def child(args: argparse.Namespace) -> None:
     training = variant_args(args.child, on_gpu, args.global_batch, json.loads(args.planned))
     training["max_steps"] = args.steps
     init_kwargs = training.pop("model_init_kwargs", None) or {"attn_implementation": "sdpa"}
+    if init_kwargs.get("attn_implementation") == "sdpa_rows":  # as the generated script does
+        from training.templates.finetune_attention import register
+
+        register()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, **init_kwargs)

@@ -4,7 +4,6 @@ choice and the estimate follow the measured rates, and that a failed probe chang
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -34,9 +33,7 @@ def _spec(tmp_path: Path, name: str, rows: int = 48, **training):
 
 def test_planning_times_the_candidate_splits_here_and_prices_the_run_at_the_fastest(tmp_path, monkeypatch):
     monkeypatch.setenv(probe.PROBE_ENV, "1")
-    started = time.time()
     plan = plan_run(_spec(tmp_path, "probed"), runs_root=tmp_path)
-    first_s = time.time() - started
     hardware, cost = plan.hardware, plan.cost
     timed = hardware.split_probe
     assert timed is not None and not timed.cached and not timed.note
@@ -64,10 +61,8 @@ def test_planning_times_the_candidate_splits_here_and_prices_the_run_at_the_fast
     assert json.loads((run_dir / "plan.json").read_text())["hardware"]["split_probe"]["rates"]
 
     # the same script, data and machine again: read from the cache, not timed again
-    started = time.time()
     again = plan_run(_spec(tmp_path, "probed-again"), runs_root=tmp_path)
     assert again.hardware.split_probe.cached and again.hardware.split_probe.rates == timed.rates
-    assert time.time() - started < first_s - 3
 
 
 def test_padding_free_batches_are_timed_only_where_no_row_would_be_cut_and_rows_are_text(tmp_path):
