@@ -43,6 +43,9 @@ class MethodDefinition(BaseModel):
     signal_metrics: tuple[str, ...] = ("train/mean_token_accuracy",)
     # --- what one training step puts through the model (tasks.plan.memory and cost) ---
     sequences_per_row: int = 1  # pairs: the chosen and the rejected answer, each a forward and backward
+    # of those, the ones whose activations are kept for a backward (0: all): KTO scores its KL
+    # batch under no_grad, so it costs compute and no activations
+    sequences_with_grad: int = 0
     # a frozen reference model beside the trained one: always (DPO), never (ORPO: its odds ratio
     # needs none), or when `beta` > 0 (GRPO); with LoRA it is the base with the adapter off
     reference: Literal["always", "never", "beta"] = "never"
@@ -160,6 +163,7 @@ KTO = MethodDefinition(
     # each step also scores a KL batch (the same completions under mismatched prompts), policy
     # and reference alike; the reference is the base with the adapter off under LoRA, as DPO's
     sequences_per_row=2,
+    sequences_with_grad=1,  # the KL batch is scored under torch.no_grad (KTOTrainer._compute_kl_logps)
     reference="always",
     batching="TRL's KTOTrainer pads its rows and builds a KL batch of mismatched prompt/completion pairs",
     # its KL term is estimated from the other rows of a micro-batch: with one row it is the

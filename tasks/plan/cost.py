@@ -459,7 +459,7 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
         else load_catalogue(spec.flavors).get(plan.flavor)
     )
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
-    args = {**args, **planned_batch(plan)}
+    args = {**args, **planned_batch(plan), **({"padding_free": True} if plan.speed.batching == "padding_free" else {})}
     w = workload_for(
         spec, flavor, plan.mode, args, report, Placement(plan.strategy, plan.processes, plan.nodes, plan.offload)
     )

@@ -268,6 +268,9 @@ class Workload(BaseModel):
     dtype_bytes: int = 2
     micro_batch: int = 1
     seq_len: int = 1024
+    # the longest span attention covers, when shorter than seq_len: a padding-free batch is one
+    # sequence of its rows end to end, and each row attends over itself only
+    attention_len: int = 0
     checkpointing: bool = False
     fused_attention: bool = True
     lora_dropout: bool = True  # PEFT keeps a dropped-out copy of each adapted layer's input
@@ -277,6 +280,7 @@ class Workload(BaseModel):
     offload: bool = False  # fsdp: parameter shards, gradients and optimizer state in host memory
     # what the method puts through the model (its MethodDefinition; `Workload.of`)
     sequences_per_row: int = 1  # pairs: chosen and rejected
+    sequences_with_grad: int = 0  # of those, the ones whose activations are kept (0: all)
     reference_model: bool = False  # a frozen reference forward per sequence
     generates: bool = False
     lm_logits: bool = True  # a vocabulary of logits per token; a classifier (reward model) has one score
@@ -295,6 +299,7 @@ class Workload(BaseModel):
         """The workload of `method` with its training arguments (the reference model may hang on `beta`)."""
         traits = {
             "sequences_per_row": method.sequences_per_row,
+            "sequences_with_grad": method.sequences_with_grad,
             "reference_model": uses_reference(method, args or {}),
             "generates": method.generates,
             "lm_logits": method.head == "causal_lm",
@@ -303,8 +308,9 @@ class Workload(BaseModel):
 
 
 def _sequences(w: Workload) -> int:
-    """Sequences in one micro-step's forward/backward."""
-    return w.sequences_per_row * w.micro_batch
+    """Sequences in one micro-step whose activations wait for the backward (a sequence scored
+    under no_grad frees them as it goes)."""
+    return (w.sequences_with_grad or w.sequences_per_row) * w.micro_batch
 
 
 def trained_parameters(arch: Architecture, mode: Mode, tower_trained: bool = False) -> int:
@@ -345,7 +351,7 @@ def memory_breakdown_gb(
             values += arch.lora_in_features_per_layer
         per_token_layer += values * adapter_bytes
     # without a fused kernel, attention keeps its scores and probabilities (2 x heads x s^2)
-    attention_probs = 0 if w.fused_attention else 2 * seqs * arch.heads * w.seq_len**2 * b
+    attention_probs = 0 if w.fused_attention else 2 * seqs * arch.heads * (w.attention_len or w.seq_len) ** 2 * b
     per_layer = tokens * per_token_layer + attention_probs
     if w.checkpointing:
         activations = tokens * h * b * arch.layers + per_layer
@@ -435,7 +441,7 @@ def flops_per_token(arch: Architecture, w: Workload) -> float:
     """Training FLOPs per processed token: the forward (2 per matmul parameter plus
     attention), the backward (twice the forward, or once without weight gradients when only
     an adapter trains), and a second forward under gradient checkpointing."""
-    forward = 2 * arch.matmul_params + 2 * arch.layers * w.seq_len * arch.hidden
+    forward = 2 * arch.matmul_params + 2 * arch.layers * (w.attention_len or w.seq_len) * arch.hidden
     backward = 2 * forward if w.mode == "full" else forward
     recompute = forward if w.checkpointing else 0
     total = forward + backward + recompute
@@ -494,12 +500,18 @@ def workload_for(
     extra["tower_trained"] = spec.vision_tower == "trained"
     if report.images is not None and report.total_tokens:
         extra["image_token_share"] = min(1.0, report.images.image_tokens / report.total_tokens)
+    micro = int(args.get("per_device_train_batch_size", 1))
+    if args.get("padding_free") and not method.generates and micro > 1:
+        # one sequence of the micro-batch's rows: at its largest one longest row and the rest average
+        extra["attention_len"] = max(seq_len, 1)
+        seq_len = min(micro * seq_len, round((micro - 1) * report.tokens.mean + seq_len))
+        micro = 1
     return Workload.of(
         method,
         args,
         mode=mode,
         dtype_bytes=2 if (on_gpu and flavor.bf16) else 4,
-        micro_batch=int(args.get("per_device_train_batch_size", 1)),
+        micro_batch=micro,
         seq_len=max(seq_len, 1),
         checkpointing=bool(args.get("gradient_checkpointing", on_gpu)),
         fused_attention=on_gpu,
