@@ -269,6 +269,33 @@ def test_row_by_row_attention_gives_each_row_of_a_padding_free_batch_what_it_get
             start += len(r)
 
 
+def test_padding_free_batches_of_the_script_cut_rows_at_max_length_first(tiny_model_path, tmp_path):
+    """The script's padding_free_batches: TRL tokenizes and cuts the rows at max_length as for
+    padded batches, then its collator puts each micro-batch's rows end to end, positions
+    restarting at each row (TRL's own padding_free refuses a max_length without packing)."""
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.templates.train import padding_free_batches
+
+    rows = [json.loads(line) for line in (EXAMPLES / "data" / "sft_chat.jsonl").read_text().splitlines()[:8]]
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_length=16, use_cpu=True, report_to="none"
+    )
+    trainer = trl.SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_path),
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(tiny_model_path),
+    )
+    padding_free_batches(trainer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, 8 * 16)  # every row was longer
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == list(range(0, 8 * 16, 16)) and batch["cu_seq_lens_q"].tolist() == [*starts, 8 * 16]
+
+
 def _train(model_path: str, data: Path, out: Path, **speed_args) -> tuple[list[float], float]:
     import trl
     from datasets import load_dataset

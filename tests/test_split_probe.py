@@ -46,16 +46,17 @@ def test_planning_times_the_candidate_splits_here_and_prices_the_run_at_the_fast
     # the chosen split is the one whose measured rate gives the shortest run, and the estimate is that rate
     chosen = hardware.measured_split
     assert chosen is not None and "the fastest split timed on this machine" in hardware.batch_reason
-    expected = chosen.seconds_per_computed_token * cost.tokens * hardware.padding_overhead
-    assert cost.compute_s == pytest.approx(expected, rel=1e-6)
+    expected = chosen.seconds_per_computed_token * cost.tokens * hardware.padding_overhead + chosen.first_step_extra_s
+    assert cost.compute_s == pytest.approx(expected, rel=1e-6) and chosen.warmup_s > 0
     assert "measured on this machine" in cost.basis and cost.modelled_compute_s > 0
     for rate in timed.rates:  # every other split's run, at its own rate, would take longer
         assert f"{rate.label}: {rate.real_tokens_per_s:,.0f} real tokens/s" in hardware.batch_reason
 
     # the script trains with that split; the probe left nothing in the run folder but its own file
-    training = plan.script.config["training"]
-    assert training["per_device_train_batch_size"] == chosen.micro_batch
-    assert training.get("padding_free", False) is chosen.padding_free
+    config = plan.script.config
+    assert config["training"]["per_device_train_batch_size"] == chosen.micro_batch
+    assert config["padding_free_batches"] is chosen.padding_free and "padding_free" not in config["training"]
+    assert config["training"]["max_length"] == 2048  # padding-free or not, rows are cut where the spec says
     run_dir = Path(plan.run_dir)
     assert (run_dir / "finetune_probe.py").exists() and not (run_dir / "checkpoints").exists()
     assert json.loads((run_dir / "plan.json").read_text())["hardware"]["split_probe"]["rates"]
@@ -65,16 +66,14 @@ def test_planning_times_the_candidate_splits_here_and_prices_the_run_at_the_fast
     assert again.hardware.split_probe.cached and again.hardware.split_probe.rates == timed.rates
 
 
-def test_padding_free_batches_are_timed_only_where_no_row_would_be_cut_and_rows_are_text(tmp_path):
+def test_padding_free_batches_are_timed_for_text_models_only(tmp_path):
     plan = plan_run(_spec(tmp_path, "open"), runs_root=tmp_path)  # the suite's default: not probed
     assert plan.hardware.split_probe is None and "by the time model" in plan.hardware.batch_reason
-    hardware, report = plan.hardware, plan.dataset
+    found = candidates(plan.hardware, vision=False)
     # padding-free candidates attend row by row, as the script would train them here
-    assert {"micro_batch": 8, "padding_free": True, "attention": "sdpa_rows"} in candidates(hardware, report, False)
-    cut = report.model_copy(update={"rows_over_max_length": 3})
-    assert not any(c.get("padding_free") for c in candidates(hardware, cut, vision=False))
-    assert not any(c.get("padding_free") for c in candidates(hardware, report, vision=True))
-    assert len(candidates(hardware, report, vision=False)) <= probe.MAX_CANDIDATES
+    assert {"micro_batch": 8, "padding_free": True, "attention": "sdpa_rows"} in found
+    assert found[0] == {"micro_batch": 1} and len(found) <= probe.MAX_CANDIDATES
+    assert not any(c.get("padding_free") for c in candidates(plan.hardware, vision=True))
 
 
 def test_the_split_is_probed_only_where_it_is_open_and_the_run_trains_here(tmp_path, monkeypatch):
@@ -95,7 +94,7 @@ def test_the_split_is_probed_only_where_it_is_open_and_the_run_trains_here(tmp_p
 
 def test_a_probe_that_would_take_minutes_times_fewer_splits_or_none(tmp_path):
     plan = plan_run(_spec(tmp_path, "open"), runs_root=tmp_path)
-    found = candidates(plan.hardware, plan.dataset, vision=False)
+    found = candidates(plan.hardware, vision=False)
     quick = plan.cost.model_copy(update={"compute_s": 10.0, "optimizer_steps": 100})
     assert affordable(found, quick) == (found, "")
     slow = plan.cost.model_copy(update={"compute_s": 100 * 15.0, "optimizer_steps": 100})

@@ -257,6 +257,12 @@ class SplitRate(Frozen):
     seconds: float
     real_tokens: int
     computed_tokens: int = Field(description="padding included")
+    warmup_s: float = Field(0.0, description="the first, untimed step: kernels and caches built")
+
+    @property
+    def first_step_extra_s(self) -> float:
+        """What a run's first step takes beyond a timed one."""
+        return max(0.0, self.warmup_s - self.seconds / max(self.steps, 1))
 
     @property
     def seconds_per_computed_token(self) -> float:

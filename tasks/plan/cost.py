@@ -75,10 +75,20 @@ DOWNLOAD_BYTES_PER_S = 100e6
 CHECKPOINT_BYTES_PER_PARAM = 2
 
 
+def cut_mean(report: DatasetReport, max_length: int) -> float:
+    """A row's mean tokens once rows are cut at max_length: the mean of min(length, max_length),
+    from the measured length percentiles (min(mean, max_length) would count every long row's
+    cut-off tokens as if the short rows had them)."""
+    points = report.length_percentiles
+    if report.tokens.max <= max_length or not points or not sum(points):
+        return min(report.tokens.mean, float(max_length))
+    return report.tokens.mean * sum(min(p, max_length) for p in points) / sum(points)
+
+
 def training_tokens(report: DatasetReport, args: dict[str, Any], processes: int = 1) -> int:
     """Tokens the trainer will process (each row padded to no more than max_length), all processes
     together: with max_steps each optimizer step sees every process's batch."""
-    per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
+    per_row = cut_mean(report, cut_length(args, report.max_length))
     max_steps = int(args.get("max_steps", -1) or -1)
     if max_steps > 0:
         rows = (
@@ -100,7 +110,7 @@ def evaluation_work(
     the side-by-side answers (a generating method: a greedy and a sampled completion per row)."""
     definition = method_definition(method)
     held = report.heldout_rows
-    per_row = min(report.tokens.mean, float(cut_length(args, report.max_length)))
+    per_row = cut_mean(report, cut_length(args, report.max_length))
     if definition.generates:
         return 0, models * held * 2 * int(args.get("max_completion_length", 256))
     answers = min(generations, held) * int(args.get("max_completion_length", 48))
@@ -191,12 +201,7 @@ def estimate_for(
         useful_flops_per_token=useful,
         peak_flops=flavor.peak_tflops * 1e12 * (w.processes if flavor.is_gpu else w.nodes),
         time_factor=factor,
-        calibration=(
-            f"time x{factor:.2f}: measured / estimated on {correction.runs} earlier {flavor.name} "
-            f"{arch.model_type} {w.mode} run(s)"
-            if correction
-            else ""
-        ),
+        calibration=_calibration_note(correction, flavor, arch, w),
         hours=hours,
         hours_low=hours * RANGE_LOW,
         hours_high=hours * RANGE_HIGH,
@@ -204,6 +209,15 @@ def estimate_for(
         usd_low=hours * RANGE_LOW * price,
         usd_high=hours * RANGE_HIGH * price,
         basis=basis,
+    )
+
+
+def _calibration_note(correction: Correction | None, flavor: Flavor, arch: Architecture, w: Workload) -> str:
+    if correction is None:
+        return ""
+    return (
+        f"time x{correction.time_factor:.2f}: measured / estimated on {correction.runs} earlier {flavor.name} "
+        f"{arch.model_type} {w.mode} run(s)"
     )
 
 
@@ -256,8 +270,9 @@ def _measured_time(
 ) -> _TrainingTime:
     """The training at the rate its split was timed at on this machine: seconds per computed
     token (padding included, every per-step cost spread over the tokens of the timed steps),
-    times the run's tokens with that split's padding. Its utilisation is the useful share."""
-    seconds = rate.seconds_per_computed_token * modelled.tokens * padding
+    times the run's tokens with that split's padding, and what its first step takes beyond the
+    others (kernels and caches built). Its utilisation is the useful share."""
+    seconds = rate.seconds_per_computed_token * modelled.tokens * padding + rate.first_step_extra_s
     peak = flavor.peak_tflops * 1e12 * w.nodes
     return modelled._replace(
         seconds=seconds, utilisation=useful * modelled.tokens / (peak * seconds) if seconds else 0.0
@@ -270,7 +285,8 @@ def _measured_basis(training: _TrainingTime, rate: SplitRate, padding: float) ->
         f"{int(training.tokens):,} training tokens"
         + (f" x {padding:.2f} for padding" if padding > 1.0005 else "")
         + f" at {rate.seconds_per_computed_token * 1000:.3g} s per 1,000 computed tokens, measured on this machine "
-        f"({rate.label}: {rate.steps} optimizer steps timed, {rate.real_tokens_per_s:,.0f} real tokens/s; "
+        f"({rate.label}: {rate.steps} optimizer steps timed, {rate.real_tokens_per_s:,.0f} real tokens/s, "
+        f"the first step {rate.first_step_extra_s:.2f} s longer; "
         f"useful FLOPs {training.utilisation:.0%} of the matmul peak)"
     )
 

@@ -35,6 +35,7 @@ PROBE_ENV = "FINETUNE_SPLIT_PROBE"  # "0": the time model chooses (the test suit
 TIMED_STEPS, TIMED_SECONDS = 6, 2.0  # per candidate: at most this many steps, fewer once this long
 BUDGET_S = 90.0  # the probe's steps by the time model; beyond it fewer candidates are timed, or none
 MAX_CANDIDATES = 4
+PROBE_VERSION = 2  # bump when what finetune_probe.py measures changes: earlier results are not read
 SPLIT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "padding_free")
 
 
@@ -63,15 +64,14 @@ def why_not(spec: RunSpec, hardware: HardwarePlan, report: DatasetReport) -> str
     return ""
 
 
-def candidates(hardware: HardwarePlan, report: DatasetReport, vision: bool) -> list[dict[str, Any]]:
+def candidates(hardware: HardwarePlan, vision: bool) -> list[dict[str, Any]]:
     """At most MAX_CANDIDATES, most likely fastest first: micro-batch 1 (no padding), the time
-    model's split, padding-free batches of the whole global batch and of half of it where they
-    may run (no row reaches max_length: TRL cannot cut rows without padding; every row's length
-    is known; the model reads text only), and micro-batch 2."""
+    model's split, padding-free batches of the whole global batch and of half of it (rows cut at
+    max_length as in any batch; not for a vision model, whose rows TRL's padding-free collator
+    does not take), and micro-batch 2."""
     total = hardware.global_batch
     found = [{"micro_batch": 1}, {"micro_batch": hardware.micro_batch}]
-    uncut = report.rows_over_max_length == 0 and report.token_rows_measured >= report.rows
-    if uncut and not vision:
+    if not vision:
         attention = padding_free_speed(hardware.speed).attention  # what the script would train them with
         found += [
             {"micro_batch": m, "padding_free": True, "attention": attention} for m in (total, total // 2) if m > 1
@@ -102,7 +102,7 @@ def probe_splits(script_dir: Path, config: dict[str, Any], found: list[dict[str,
         "data": hashlib.sha256(data.read_bytes()).hexdigest() if data.is_file() else str(config["data"]),
         "candidates": found,
         "machine": _machine(),
-        "timing": [TIMED_STEPS, TIMED_SECONDS],
+        "timing": [TIMED_STEPS, TIMED_SECONDS, PROBE_VERSION],
     }
     started, fresh = time.time(), []
 
@@ -148,6 +148,7 @@ def _summed(result: dict[str, Any]) -> dict[str, Any]:
         "seconds": round(sum(s["s"] for s in steps), 4),
         "real_tokens": sum(s["real"] for s in steps),
         "computed_tokens": sum(s["computed"] for s in steps),
+        "warmup_s": result.get("warmup_s", 0.0),
     }
 
 

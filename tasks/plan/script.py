@@ -63,6 +63,21 @@ def pinned_dependencies(extra: tuple[str, ...] = ()) -> list[str]:
     return pins
 
 
+def _lora_config(spec: RunSpec, plan: HardwarePlan) -> dict[str, Any] | None:
+    """PEFT's LoraConfig arguments, or None when every weight trains."""
+    if plan.mode == "full":
+        return None
+    lora: dict[str, Any] = {
+        "r": spec.lora.r,
+        "lora_alpha": spec.lora.alpha,
+        "lora_dropout": spec.lora.dropout,
+        "target_modules": plan.lora_target_modules,
+    }
+    if plan.trained_tower_parameters:  # PEFT trains (and saves) these modules whole beside the adapter
+        lora["modules_to_save"] = plan.tower_modules
+    return lora
+
+
 def script_config(
     spec: RunSpec,
     method: MethodDefinition,
@@ -72,22 +87,15 @@ def script_config(
     training_args: dict[str, Any],
     vision: bool = False,
 ) -> dict[str, Any]:
-    lora = None
-    if plan.mode != "full":
-        lora = {
-            "r": spec.lora.r,
-            "lora_alpha": spec.lora.alpha,
-            "lora_dropout": spec.lora.dropout,
-            "target_modules": plan.lora_target_modules,
-        }
-        if plan.trained_tower_parameters:  # PEFT trains (and saves) these modules whole beside the adapter
-            lora["modules_to_save"] = plan.tower_modules
+    lora = _lora_config(spec, plan)
     return {
         "trainer": method.trainer,
         "config_class": method.config_class,
         "trainer_module": method.trainer_module,
         "head": method.head,
         "vision": vision,  # a vision-language model: loaded with its processor, rows with their images
+        # padding-free batches of rows cut at max_length: TRL's collator swapped into that mode
+        "padding_free_batches": plan.speed.batching == "padding_free" and not training_args.get("padding_free"),
         "model": model_path,
         "method": spec.method,
         "data": "data/train.jsonl",

@@ -143,16 +143,19 @@ ROWS_ATTENTION = "sdpa_rows"  # the script's finetune_attention.py: SDPA row by 
 
 def padding_free_speed(speed: SpeedPlan) -> SpeedPlan:
     """The same choices with padding-free batches, which trained fastest on this CPU when the
-    probe timed them (tasks/plan/probe.py offers them only where no row reaches max_length, so
-    unsetting it, as TRL requires, cuts nothing)."""
-    why = "padding-free: rows concatenated, positions restarting at each row, no padding; timed fastest here"
+    probe timed them. Not TRL's `padding_free` argument, which cannot cut rows at max_length:
+    the script swaps TRL's collator into its padding-free mode after the rows are cut
+    (CONFIG["padding_free_batches"], tasks/plan/script.py), so max_length still holds."""
+    why = (
+        "padding-free: rows cut at max_length as usual, then concatenated with positions restarting at each row, "
+        "no padding (TRL's collator, swapped in by the script); timed fastest here"
+    )
     batching = SpeedChoice(setting="batching", value="padding_free", reason=why)
     return _attention_by_rows(
         speed.model_copy(
             update={
                 "batching": "padding_free",
                 "choices": [batching if c.setting == "batching" else c for c in speed.choices],
-                "arguments": {**speed.arguments, "padding_free": True, "max_length": None},
             }
         )
     )

@@ -122,7 +122,7 @@ def probe_splits_task(
 
     if why_not(spec, plan, report):
         return None
-    found = candidates(plan, report, is_vision_model(load_config(config["model"])))
+    found = candidates(plan, is_vision_model(load_config(config["model"])))
     found, too_long = affordable(
         found, estimate_cost(spec, load_config(config["model"]), plan, report, config["training"])
     )

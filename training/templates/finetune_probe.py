@@ -60,7 +60,7 @@ def probe(train, candidate: dict, here: Path, scratch: Path, steps: int, seconds
 
     set_seed(train.CONFIG["seed"])
     micro, padding_free = int(candidate["micro_batch"]), bool(candidate.get("padding_free"))
-    training = split_training(train.CONFIG["training"], micro, padding_free, WARMUP_STEPS + steps)
+    training = split_training(train.CONFIG["training"], micro, WARMUP_STEPS + steps)
     Trainer, TrainerConfig = train.trainer_classes(train.CONFIG["trainer"])
     config = TrainerConfig(output_dir=str(scratch / "checkpoints"), report_to="none", **training)
     global_batch = micro * training["gradient_accumulation_steps"]
@@ -68,6 +68,8 @@ def probe(train, candidate: dict, here: Path, scratch: Path, steps: int, seconds
     rows = sample(rows, global_batch * (WARMUP_STEPS + steps), train.CONFIG["seed"])
     model, tokenizer, peft_config = load_model(train, here, candidate.get("attention"))
     trainer = Trainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config)
+    if padding_free:
+        train.padding_free_batches(trainer)  # rows cut at max_length as train.py would, then end to end
     timed = Timed(trainer, seconds)
     trainer.add_callback(timed)
     trainer.train()
@@ -78,6 +80,7 @@ def probe(train, candidate: dict, here: Path, scratch: Path, steps: int, seconds
         "accumulation": training["gradient_accumulation_steps"],
         "padding_free": padding_free,
         "steps": timed.steps,
+        "warmup_s": round(timed.warmup_s, 5),
     }
 
 
@@ -103,15 +106,14 @@ def sample(rows, n: int, seed: int):
     return rows.select(range(n))
 
 
-def split_training(training: dict, micro: int, padding_free: bool, max_steps: int) -> dict:
+def split_training(training: dict, micro: int, max_steps: int) -> dict:
     """CONFIG["training"] with this split of its global batch, for max_steps, saving and
-    logging nothing (padding-free batches cannot cut rows: TRL wants max_length unset)."""
+    logging nothing."""
     global_batch = training.get("per_device_train_batch_size", 8) * training.get("gradient_accumulation_steps", 1)
     changed = {k: v for k, v in training.items() if k != "model_init_kwargs"}
     changed.update(
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=max(1, global_batch // micro),
-        padding_free=padding_free,
         max_steps=max_steps,
         save_strategy="no",
         eval_strategy="no",
@@ -119,18 +121,18 @@ def split_training(training: dict, micro: int, padding_free: bool, max_steps: in
         disable_tqdm=True,
         load_best_model_at_end=False,
     )
-    if padding_free:
-        changed["max_length"] = None
     return changed
 
 
 class Timed(TrainerCallback):
-    """Times each optimizer step after the warm-up and counts its tokens: real ones (the
-    attention mask's, or every position of a padding-free batch) and computed ones (padding
-    included); stops the training once `seconds` of steps are timed."""
+    """Times each optimizer step after the warm-up, from the end of the one before (so fetching and
+    collating its batches counts, as in a run), and counts its tokens: real ones (the attention
+    mask's, or every position of a padding-free batch) and computed ones (padding included).
+    The warm-up step's own seconds are kept apart; the training stops once `seconds` are timed."""
 
     def __init__(self, trainer, seconds: float) -> None:
         self.steps: list[dict] = []
+        self.warmup_s = 0.0
         self.seconds, self._real, self._computed, self._at = seconds, 0, 0, 0.0
         step = trainer.training_step
 
@@ -142,15 +144,17 @@ class Timed(TrainerCallback):
 
         trainer.training_step = counted
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._real = self._computed = 0
+    def on_train_begin(self, args, state, control, **kwargs):
         self._at = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        s, self._at = now - self._at, now
         if state.global_step <= WARMUP_STEPS:
-            return
-        s = time.perf_counter() - self._at
-        self.steps.append({"s": round(s, 5), "real": self._real, "computed": self._computed})
+            self.warmup_s += s
+        else:
+            self.steps.append({"s": round(s, 5), "real": self._real, "computed": self._computed})
+        self._real = self._computed = 0
         if len(self.steps) >= 2 and sum(x["s"] for x in self.steps) >= self.seconds:
             control.should_training_stop = True
 

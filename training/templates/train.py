@@ -80,15 +80,8 @@ def main() -> int:
     # Build the trainer (DPO with an adapter needs no second model: the reference is the base with the adapter off)
     rewards, measure = load_rewards(CONFIG.get("rewards")), Measure()
     pushes = [PushCheckpoints(args.hub_repo, out / "checkpoints")] if args.hub_repo else []
-    trainer = Trainer(
-        model=model,
-        args=config,
-        **({"reward_funcs": rewards} if rewards else {}),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[ProgressLines(STARTED), measure, *pushes],
-    )
+    callbacks = [ProgressLines(STARTED), measure, *pushes]
+    trainer = build_trainer(Trainer, config, model, tokenizer, peft_config, dataset, rewards, callbacks)
     main_process = trainer.is_world_process_zero()  # True in a plain one-process run
     waiting = waiting_room(trainer)
     resume = last_complete_checkpoint(out / "checkpoints", remove=main_process)
@@ -210,6 +203,33 @@ def trainer_classes(name: str) -> tuple:
             f"CONFIG['trainer'] is {name!r}, which {module.__name__} lacks: is TRL the version pinned above?"
         )
     return getattr(module, name), getattr(module, CONFIG["config_class"])
+
+
+def build_trainer(Trainer, config, model, tokenizer, peft_config, dataset, rewards: list, callbacks: list):
+    """The method's trainer; with CONFIG["padding_free_batches"], its rows (cut at max_length as
+    usual) go into each micro-batch end to end, without padding."""
+    trainer = Trainer(
+        model=model,
+        args=config,
+        **({"reward_funcs": rewards} if rewards else {}),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+    if CONFIG.get("padding_free_batches"):
+        padding_free_batches(trainer)
+    return trainer
+
+
+def padding_free_batches(trainer) -> None:
+    """TRL's own collator in its padding-free mode, swapped in after the trainer has tokenized and
+    cut the rows: TRL's `padding_free=True` cannot cut rows at max_length without packing (it
+    refuses the pair), and packing would change how many rows a step sees. The collator is the
+    only part of SFTTrainer that `padding_free` changes (trl/trainer/sft_trainer.py)."""
+    import dataclasses
+
+    trainer.data_collator = dataclasses.replace(trainer.data_collator, padding_free=True)
 
 
 def trainer_config(config_class, out: Path, max_steps: int | None):
