@@ -79,12 +79,24 @@ def spec_for(name: str, data_dir: Path) -> Any:
     return load_spec(REPO / "examples" / f"{name}.yaml", overrides)
 
 
+SHORT_S = 5.0  # a training loop shorter than this is run REPEATS times and its median kept
+REPEATS = 3
+
+
 def train(run_dir: Path) -> dict[str, Any]:
-    """The script in run_dir, run by hand; what it measured."""
-    done = subprocess.run([sys.executable, "train.py"], cwd=run_dir, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{run_dir.name}: train.py failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return json.loads((run_dir / "train_result.json").read_text())["measured"]
+    """The script in run_dir, run by hand (each time into a fresh output folder); what it
+    measured, the median run of REPEATS where the loop is shorter than SHORT_S (a few seconds
+    vary by a fifth from run to run on this machine)."""
+    runs: list[dict[str, Any]] = []
+    while not runs or (runs[0]["train_s"] < SHORT_S and len(runs) < REPEATS):
+        out = run_dir / f"bench-{len(runs)}"
+        done = subprocess.run(
+            [sys.executable, "train.py", "--output-dir", str(out)], cwd=run_dir, capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{run_dir.name}: train.py failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+        runs.append(json.loads((out / "train_result.json").read_text())["measured"])
+    return sorted(runs, key=lambda r: r["train_s"])[len(runs) // 2]
 
 
 def trl_defaults(plan: Any) -> Path:
@@ -104,7 +116,8 @@ def trl_defaults(plan: Any) -> Path:
         "gradient_checkpointing": True,  # TRL's SFTConfig default
         "model_init_kwargs": {"attn_implementation": "sdpa"},
     }
-    build_script(method_definition(plan.method), {**plan.script.config, "training": training}, folder)
+    config = {**plan.script.config, "training": training, "padding_free_batches": False}
+    build_script(method_definition(plan.method), config, folder)
     return folder
 
 
@@ -154,8 +167,8 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         "",
         f"`python -m benchmarks.estimates`, {datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, "
         f"{len(os.sched_getaffinity(0))} cores, matmul peak at planning {measured_cpu_flops() / 1e9:.0f} GFLOP/s. "
-        "Ratio = estimated / measured (the training loop, start-up excluded; the peak resident memory of the "
-        "training process). Goal: time 0.75-1.25, memory 0.85-1.15. Useful FLOPs: over the matmul peak the "
+        "Ratio = estimated / measured (the training loop, start-up excluded, the median of 3 runs where it is "
+        "under 5 s; the peak resident memory of the training process). Goal: time 0.75-1.25, memory 0.85-1.15. Useful FLOPs: over the matmul peak the "
         "script measured right after training. TRL defaults: the same script and data with micro-batch 8, "
         "gradient checkpointing and SDPA in place of the plan's speed settings; x = its training loop's time "
         "over the plan's.",
