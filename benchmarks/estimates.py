@@ -201,6 +201,11 @@ def main() -> None:
     args = p.parse_args()
     cases = args.only.split(",") if args.only else [*EXAMPLES, MIXED, WHOLE]
     rows = []
+    from training.tiny_model import cache_root
+
+    # every plan times its split afresh, as a first plan does, on the machine as it is now (its
+    # speed drifts by a fifth over minutes): an earlier probe in the cache would be read instead
+    shutil.rmtree(cache_root() / "derived" / "split-probe", ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["FINETUNE_RUNS_DIR"] = str(Path(tmp) / "runs")
         os.environ["FINETUNE_CALIBRATION_FILE"] = str(Path(tmp) / "calibration.json")  # uncorrected estimates
