@@ -173,7 +173,8 @@ def estimate_for(
     `attended`: the length of a real token's row on average, what its useful attention spans."""
     modelled = _training_time(arch, w, tokens, flavor, steps, padding, accumulation)
     useful = 0.0 if w.generates else _useful_flops_per_token(arch, w, attended)
-    training = _measured_time(modelled, measured, padding, flavor, w, useful) if measured else modelled
+    peak_flops = flavor.peak_tflops * 1e12 * (w.processes if flavor.is_gpu else w.nodes)
+    training = _measured_time(modelled, measured, padding, useful / peak_flops) if measured else modelled
     correction = None if measured else load_table().find(flavor.name, arch.model_type, w.mode)
     factor = correction.time_factor if correction else 1.0
     compute_s = training.seconds * factor
@@ -199,7 +200,7 @@ def estimate_for(
         evaluation_s=evaluation_s,
         optimizer_steps=max(1, math.ceil(steps / max(1, accumulation))),
         useful_flops_per_token=useful,
-        peak_flops=flavor.peak_tflops * 1e12 * (w.processes if flavor.is_gpu else w.nodes),
+        peak_flops=peak_flops,
         time_factor=factor,
         calibration=_calibration_note(correction, flavor, arch, w),
         hours=hours,
@@ -265,17 +266,15 @@ def attended_length(report: DatasetReport, max_length: int) -> float:
     return sum(x * x for x in lengths) / sum(lengths) if sum(lengths) else float(max_length)
 
 
-def _measured_time(
-    modelled: _TrainingTime, rate: SplitRate, padding: float, flavor: Flavor, w: Workload, useful: float
-) -> _TrainingTime:
+def _measured_time(modelled: _TrainingTime, rate: SplitRate, padding: float, peak_s_per_token: float) -> _TrainingTime:
     """The training at the rate its split was timed at on this machine: seconds per computed
     token (padding included, every per-step cost spread over the tokens of the timed steps),
     times the run's tokens with that split's padding, and what its first step takes beyond the
-    others (kernels and caches built). Its utilisation is the useful share."""
+    others (kernels and caches built). Its utilisation is the useful share: `peak_s_per_token`
+    is what a real token's useful FLOPs take at the peak."""
     seconds = rate.seconds_per_computed_token * modelled.tokens * padding + rate.first_step_extra_s
-    peak = flavor.peak_tflops * 1e12 * w.nodes
     return modelled._replace(
-        seconds=seconds, utilisation=useful * modelled.tokens / (peak * seconds) if seconds else 0.0
+        seconds=seconds, utilisation=peak_s_per_token * modelled.tokens / seconds if seconds else 0.0
     )
 
 
@@ -475,10 +474,9 @@ def estimate_cost(spec: Any, config: Any, plan: Any, report: DatasetReport, args
         else load_catalogue(spec.flavors).get(plan.flavor)
     )
     arch = Architecture.from_config(config, spec.lora.r, spec.lora.target_modules)
-    args = {**args, **planned_batch(plan), **({"padding_free": True} if plan.speed.batching == "padding_free" else {})}
-    w = workload_for(
-        spec, flavor, plan.mode, args, report, Placement(plan.strategy, plan.processes, plan.nodes, plan.offload)
-    )
+    args = {**args, **planned_batch(plan)}
+    placement = Placement(plan.strategy, plan.processes, plan.nodes, plan.offload)
+    w = workload_for(spec, flavor, plan.mode, args, report, placement, plan.speed.batching)
     cost = estimate_run(spec, arch, w, flavor, report, args, plan.padding_overhead, plan.measured_split)
     if report.token_counts == "estimated":
         cost = cost.model_copy(

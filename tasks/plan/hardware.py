@@ -273,7 +273,7 @@ def _option_with(
     placement: Placement = ONE_PROCESS,
     measured: SplitRate | None = None,
 ) -> tuple[FlavorOption, CostEstimate]:
-    w = workload_for(spec, flavor, mode, {**args, **_batching_arguments(speed)}, report, placement)
+    w = workload_for(spec, flavor, mode, args, report, placement, speed.batching)
     memory, memory_factor = _calibrated_memory(arch, w, flavor, mode)
     peak = sum(memory.values())
     usable = flavor.memory_gb * SAFETY_MARGIN
@@ -321,12 +321,6 @@ def _option_with(
         ),
         cost,
     )
-
-
-def _batching_arguments(speed: SpeedPlan) -> dict[str, Any]:
-    """What of the batching the memory and time models read: padding-free batches are one
-    sequence per micro-step."""
-    return {"padding_free": True} if speed.batching == "padding_free" else {}
 
 
 def _calibrated_memory(arch: Architecture, w: Any, flavor: Flavor, mode: Mode) -> tuple[dict[str, float], float]:
@@ -579,9 +573,7 @@ def _plan(
     report: DatasetReport,
 ) -> HardwarePlan:
     placement = Placement(best.strategy, best.processes, best.nodes, best.offload)
-    w = workload_for(
-        spec, flavor, best.mode, {**args, **planned_batch(best), **_batching_arguments(best.speed)}, report, placement
-    )
+    w = workload_for(spec, flavor, best.mode, {**args, **planned_batch(best)}, report, placement, best.speed.batching)
     dtype = "bfloat16" if w.dtype_bytes == 2 else "float32"
     alternatives = sorted((o for o in considered if o.fits and o.mode == best.mode), key=lambda o: o.usd)[:5]
     return HardwarePlan(

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.core.derived_cache import config_key, derived
 from tasks.core.methods import MethodDefinition, cut_length, method_definition, uses_reference
 from tasks.core.model_source import TOWER_MARKERS, auto_model_class, in_tower, load_config
-from tasks.core.models import DatasetReport
+from tasks.core.models import Batching, DatasetReport
 from tasks.core.spec import RunSpec
 from tasks.plan.flavors import Flavor
 
@@ -482,7 +482,10 @@ def workload_for(
     args: dict[str, Any],
     report: DatasetReport,
     placement: Placement = ONE_PROCESS,
+    batching: Batching = "padded",
 ) -> Workload:
+    """What one micro-step puts through the model, from the training arguments and the batching
+    the speed plan chose (a padding-free micro-batch is one sequence of its rows)."""
     on_gpu = flavor.is_gpu
     seq_len = min(cut_length(args, report.max_length), report.tokens.max)
     method = method_definition(spec.method)
@@ -501,7 +504,7 @@ def workload_for(
     if report.images is not None and report.total_tokens:
         extra["image_token_share"] = min(1.0, report.images.image_tokens / report.total_tokens)
     micro = int(args.get("per_device_train_batch_size", 1))
-    if args.get("padding_free") and not method.generates and micro > 1:
+    if batching == "padding_free" and not method.generates and micro > 1:
         # one sequence of the micro-batch's rows: at its largest one longest row and the rest average
         extra["attention_len"] = max(seq_len, 1)
         seq_len = min(micro * seq_len, round((micro - 1) * report.tokens.mean + seq_len))

@@ -116,16 +116,14 @@ def probe_splits_task(
 ) -> SplitProbe | None:
     """Time the candidate batch splits here with the script's own probe (tasks/plan/probe.py);
     None where the split is not probed."""
-    from tasks.core.model_source import is_vision_model, load_config
+    from tasks.core.model_source import load_config
     from tasks.plan.cost import estimate_cost
     from tasks.plan.probe import affordable, candidates, probe_splits, why_not
 
     if why_not(spec, plan, report):
         return None
-    found = candidates(plan, is_vision_model(load_config(config["model"])))
-    found, too_long = affordable(
-        found, estimate_cost(spec, load_config(config["model"]), plan, report, config["training"])
-    )
+    modelled = estimate_cost(spec, load_config(config["model"]), plan, report, config["training"])
+    found, too_long = affordable(candidates(plan, config["vision"]), modelled)
     if not found:
         say(f"batch split: not timed, {too_long}")
         return SplitProbe(note=too_long)
