@@ -124,6 +124,39 @@ def test_rows_scored_and_answered_in_batches_equal_each_row_alone(tiny_model_pat
     assert [r["margin"] for r in one["per_row"]] == pytest.approx([r["margin"] for r in four["per_row"]], abs=1e-4)
 
 
+def test_held_out_rows_are_cut_where_the_trainer_cuts_them(tiny_model_path):
+    """A row longer than the training's max_length is scored on its first max_length tokens (what
+    training saw; memory the plan sized) and a prompt to answer keeps its last ones."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.helpers import REPO
+
+    loader = importlib.util.spec_from_file_location("script", REPO / "training" / "templates" / "finetune_eval.py")
+    script = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(script)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    prompt, answer = "Say it.", " seven" * 100
+    start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    [(logp, n)] = script.completion_logprobs(model, tokenizer, [(prompt, answer)], 1, cut=40)
+    ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"][:40]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+    expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(ids[1:])[:, None])[start - 1 :].sum()
+    assert n == 40 - start and logp == pytest.approx(float(expected), abs=1e-3)
+    assert script.completion_logprobs(model, tokenizer, [(prompt, answer)], 1)[0][1] > 100  # uncut without one
+
+    long_prompt = "one two three " * 50 + "Say it."
+    tail = tokenizer.decode(tokenizer(long_prompt, add_special_tokens=False)["input_ids"][-12:])
+    cut = script.generate_many(model, tokenizer, [long_prompt], 4, False, 1.0, 1, cut=12)
+    assert cut == script.generate_many(model, tokenizer, [tail], 4, False, 1.0, 1)
+    assert tokenizer.truncation_side == "right"  # the tokenizer is left as it was
+
+
 def test_a_diverged_model_scoring_nan_is_worse_and_stops_the_publish():
     base = _sft([2.0, 2.5, 1.5, 3.0])
     diverged = _sft([1.0, float("nan"), 1.2, float("inf")])  # finite rows look better, two are broken

@@ -50,7 +50,7 @@ def test_on_a_cpu_rows_keep_their_order_in_float32_without_workers():
         "bf16": False,
         "fp16": False,
         "use_cpu": True,
-        "optim": "adamw_torch",
+        "optim": "adamw_torch_fused",
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": False,
     }
@@ -142,12 +142,12 @@ def test_the_planned_choices_reach_the_script_and_the_plan(tmp_path):
     spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "speedy", "outputs": {"hub_repo": None}})
     plan = plan_run(spec, runs_root=tmp_path)
     training = plan.script.config["training"]
-    assert "train_sampling_strategy" not in training and training["optim"] == "adamw_torch"
+    assert "train_sampling_strategy" not in training and training["optim"] == "adamw_torch_fused"
     assert training["model_init_kwargs"] == {"attn_implementation": "sdpa"}
     assert training["per_device_train_batch_size"] == plan.hardware.micro_batch == 8
     assert training["gradient_checkpointing"] is False and training["dataloader_num_workers"] == 0
     source = Path(plan.script.path).read_text()
-    assert "'optim': 'adamw_torch'" in source and "**init_kwargs" in source
+    assert "'optim': 'adamw_torch_fused'" in source and "**init_kwargs" in source
     markdown = plan_markdown(plan)
     assert "## Speed" in markdown and "| batching | padded |" in markdown and "| batch | 8 x 1 |" in markdown
     saved = json.loads(plan.model_dump_json())

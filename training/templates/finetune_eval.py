@@ -10,6 +10,10 @@ own score of the chosen and of the rejected answer; rewards (GRPO, RLOO), each
 reward function's score for a greedy and a sampled completion. Plus greedy
 generations for the first few prompts, to read side by side, and the spec's task evaluations
 (EleutherAI's lm-evaluation-harness) on the model in memory.
+
+Rows are cut where the trainer cuts them (its max_length: the first tokens kept; a prompt to
+answer keeps its last ones), so the numbers are of what training saw and the evaluation needs no
+more memory than a training step the plan sized.
 """
 
 import json
@@ -24,12 +28,13 @@ class Evaluation:
     weights are still the base's), against a `baseline` model when the plan names one, and
     `after`; None when there is nothing to evaluate or this process does not evaluate."""
 
-    def __init__(self, config: dict, here: Path, out: Path, reward_funcs: list) -> None:
+    def __init__(self, config: dict, here: Path, out: Path, reward_funcs: list, max_length: int | None) -> None:
         training = config["training"]
         self.settings = {
             "max_new_tokens": int(training.get("max_completion_length", 48)),
             "temperature": float(training.get("temperature", 1.0)),
             "seed": config["seed"],
+            "max_length": max_length,  # the trainer's cut; None where it cuts nothing
             **config.get("evaluation", {}),
         }
         heldout = here / config["heldout"] if config.get("heldout") else None
@@ -85,12 +90,13 @@ class Evaluation:
 def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: dict) -> dict:
     """Per held-out row, the numbers of the method's measure (see the module's docstring), and greedy
     generations for the first `settings["generations"]` rows. Rows are scored and answered
-    `settings["batch_size"]` at a time (the plan's micro-batch)."""
+    `settings["batch_size"]` at a time (the plan's micro-batch), cut at `settings["max_length"]`."""
     import torch
 
     was_training = model.training
     model.eval()
     batch = max(1, int(settings.get("batch_size", 1)))
+    cut = settings.get("max_length")
     torch.manual_seed(settings.get("seed", 0))
     shown = rows[: settings.get("generations", 3)]
     measure = settings["measure"]  # the method's, from CONFIG["evaluation"]
@@ -101,12 +107,12 @@ def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: d
         per_row = with_images[measure](model, tokenizer, rows, folder)
         prompts, answers = answer_with_images(model, tokenizer, shown, folder, settings["max_new_tokens"])
     elif measure == "pair_accuracy":  # a reward model scores; it does not write answers to show
-        per_row, prompts, answers = score_pairs_with_head(model, tokenizer, rows, batch), [], []
+        per_row, prompts, answers = score_pairs_with_head(model, tokenizer, rows, batch, cut), [], []
     elif measure in scorers:
-        per_row = scorers[measure](model, tokenizer, rows, batch)
+        per_row = scorers[measure](model, tokenizer, rows, batch, cut)
         # plain text: its opening, continued
         prompts = [prompt_and_completions(r, tokenizer, ())[0] or r.get("text", "")[:40] for r in shown]
-        answers = generate_many(model, tokenizer, prompts, settings["max_new_tokens"], False, 1.0, batch)
+        answers = generate_many(model, tokenizer, prompts, settings["max_new_tokens"], False, 1.0, batch, cut)
     else:  # rewards (GRPO): the greedy answers the rewards scored are the ones shown
         per_row, prompts, answers = score_rewards(model, tokenizer, rows, reward_funcs, settings, batch)
         prompts, answers = prompts[: len(shown)], answers[: len(shown)]
@@ -115,9 +121,9 @@ def evaluate_model(model, tokenizer, rows: list, reward_funcs: list, settings: d
     return {"per_row": per_row, "generations": generations}
 
 
-def score_sft(model, tokenizer, rows: list, batch: int) -> list:
+def score_sft(model, tokenizer, rows: list, batch: int, cut: int | None = None) -> list:
     """Each row's completion: its mean token loss and its number of tokens."""
-    scored = completion_logprobs(model, tokenizer, [completion_of(row, tokenizer) for row in rows], batch)
+    scored = completion_logprobs(model, tokenizer, [completion_of(row, tokenizer) for row in rows], batch, cut)
     return [{"loss": -logp / n if n else None, "tokens": n} for logp, n in scored]
 
 
@@ -127,24 +133,24 @@ def completion_of(row: dict, tokenizer) -> tuple:
     return prompt, completion
 
 
-def score_dpo(model, tokenizer, rows: list, batch: int) -> list:
+def score_dpo(model, tokenizer, rows: list, batch: int, cut: int | None = None) -> list:
     """Each pair: the log-probability of the chosen completion minus the rejected one's."""
     pairs = []
     for row in rows:
         prompt, (chosen, rejected) = prompt_and_completions(row, tokenizer, ("chosen", "rejected"))
         pairs += [(prompt, chosen), (prompt, rejected)]
-    scored = completion_logprobs(model, tokenizer, pairs, batch)
+    scored = completion_logprobs(model, tokenizer, pairs, batch, cut)
     return [{"margin": scored[at][0] - scored[at + 1][0]} for at in range(0, len(scored), 2)]
 
 
-def score_labelled(model, tokenizer, rows: list, batch: int) -> list:
+def score_labelled(model, tokenizer, rows: list, batch: int, cut: int | None = None) -> list:
     """Each labelled answer: the summed log-probability of the completion after its prompt, and
     its label (the verdict counts it up for a desirable answer, down for an undesirable one)."""
-    scored = completion_logprobs(model, tokenizer, [completion_of(row, tokenizer) for row in rows], batch)
+    scored = completion_logprobs(model, tokenizer, [completion_of(row, tokenizer) for row in rows], batch, cut)
     return [{"logp": logp, "label": bool(row["label"])} for (logp, _), row in zip(scored, rows, strict=True)]
 
 
-def score_pairs_with_head(model, tokenizer, rows: list, batch: int) -> list:
+def score_pairs_with_head(model, tokenizer, rows: list, batch: int, cut: int | None = None) -> list:
     """A reward model's own scores for each held-out pair: its single output for the prompt with
     the chosen answer and with the rejected one, each rendered whole through the chat template."""
     import torch
@@ -157,7 +163,12 @@ def score_pairs_with_head(model, tokenizer, rows: list, batch: int) -> list:
     with torch.no_grad():
         for start in range(0, len(texts), batch * 2):
             enc = tokenizer(
-                texts[start : start + batch * 2], return_tensors="pt", padding=True, add_special_tokens=False
+                texts[start : start + batch * 2],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=cut is not None,
+                max_length=cut,
             )
             enc = {k: v.to(model.device) for k, v in enc.items()}
             scores += model(**enc).logits[:, 0].float().tolist()
@@ -214,16 +225,17 @@ def prompt_and_completions(row: dict, tokenizer, names: tuple) -> tuple:
     return prompt, [row[n] for n in names]
 
 
-def completion_logprobs(model, tokenizer, pairs: list, batch_size: int) -> list:
+def completion_logprobs(model, tokenizer, pairs: list, batch_size: int, cut: int | None = None) -> list:
     """Per (prompt, completion): the summed log-probability of the completion's tokens after
-    the prompt, and their count. Rows of similar length are scored together, padded on the
-    right with an attention mask, so each row's numbers are those of its own forward pass."""
+    the prompt within the first `cut` tokens, and their count. Rows of similar length are scored
+    together, padded on the right with an attention mask, so each row's numbers are those of its
+    own forward pass."""
     import torch
 
     encoded = []
     for prompt, completion in pairs:
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"][:cut]
         encoded.append((ids, max(len(prompt_ids), 1)))  # a plain text's first token has nothing to predict it
     out = [(0.0, 0)] * len(pairs)
     todo = sorted((i for i, (ids, start) in enumerate(encoded) if len(ids) > start), key=lambda i: len(encoded[i][0]))
@@ -250,18 +262,31 @@ def completion_logprobs(model, tokenizer, pairs: list, batch_size: int) -> list:
 
 
 def generate_many(
-    model, tokenizer, prompts: list, max_new_tokens: int, sample: bool, temperature: float, batch_size: int
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    batch_size: int,
+    cut: int | None = None,
 ) -> list:
     """Completions for the prompts, `batch_size` at a time, padded on the left so every prompt
-    ends where its answer begins."""
+    ends where its answer begins (and cut on the left to its last `cut` tokens)."""
     import torch
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    cut_side, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     texts = []
     try:
         for at in range(0, len(prompts), batch_size):
             inputs = tokenizer(
-                prompts[at : at + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                prompts[at : at + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+                truncation=cut is not None,
+                max_length=cut,
             ).to(model.device)
             with torch.no_grad():
                 out = model.generate(
@@ -276,7 +301,7 @@ def generate_many(
             new = out[:, inputs["input_ids"].shape[1] :]
             texts += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut_side
     return texts
 
 

@@ -87,7 +87,8 @@ def main() -> int:
     resume = last_complete_checkpoint(out / "checkpoints", remove=main_process)
 
     # Evaluate before training (also when resuming: the weights are still the base's)
-    evaluation = Evaluation(CONFIG, here, out, rewards)
+    cut = getattr(trainer.args, "max_length", None)  # held-out rows are cut as the trainer cuts its rows
+    evaluation = Evaluation(CONFIG, here, out, rewards, cut)
     if main_process:
         evaluation.before(trainer.model, tokenizer, lambda name: load_baseline(name, here, trainer.model.device))
     wait_for_the_main_process(waiting)  # the others wait for the evaluation and the removed checkpoint
