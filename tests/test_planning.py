@@ -125,6 +125,29 @@ def test_memory_of_a_full_bf16_run_is_the_sum_of_its_parts():
     assert "adapter" not in m and "reference model" not in m
 
 
+def test_a_padding_free_micro_batch_is_sized_at_the_largest_its_rows_make_in_an_epoch():
+    """Its peak comes with its longest sequence: the largest sum of its rows over the epoch's
+    draws (log-uniform lengths here), not one longest row and the rest average."""
+    import random
+
+    from tasks.plan.memory import largest_padding_free_batch
+
+    rng = random.Random(0)
+    lengths = sorted(int(2 ** rng.uniform(5, 12)) for _ in range(400))
+    report = dataset_report(rows=400).model_copy(
+        update={"length_percentiles": [lengths[min(399, 4 * i)] for i in range(101)]}
+    )
+    for micro, cut in ((4, 1024), (8, 512), (8, 128)):
+        cut_rows = [min(x, cut) for x in lengths]
+        epochs = []
+        for _ in range(50):
+            rng.shuffle(cut_rows)
+            epochs.append(max(sum(cut_rows[i : i + micro]) for i in range(0, 400, micro)))
+        simulated = sorted(epochs)[25]
+        assert simulated <= largest_padding_free_batch(report, micro, cut) <= 1.15 * simulated
+        assert largest_padding_free_batch(report, micro, cut) <= micro * cut
+
+
 def test_qlora_weights_are_four_bit_and_dpo_adds_a_reference_only_without_lora():
     arch = Architecture.from_config(hf_config("llama-3.1-8b"))
     q = memory_breakdown_gb(arch, Workload(mode="qlora"), "gpu", 24)
