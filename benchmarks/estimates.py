@@ -27,14 +27,21 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = ("sft-tiny", "dpo-tiny", "orpo-tiny", "kto-tiny", "reward-tiny", "sft-vision-tiny", "dpo-vision-tiny")
-MIXED = "sft-mixed-lengths"  # the tiny SFT on chat rows from a few tokens to a few hundred, cut at 512
-WHOLE = "sft-mixed-whole"  # the same rows at max_length 1024: none is cut, so padding-free batches may run
+# SFT of the tiny model on chat rows of other spreads than the example's near-uniform ones: the
+# answer's words drawn per row, and where rows are cut (the example spec cuts at 128)
+SPREADS: dict[str, tuple[Callable[[random.Random], int], int]] = {
+    "sft-mixed-lengths": (lambda rng: round(2 ** rng.uniform(1, 8)), 512),  # 2-256 words, log-uniform
+    "sft-mixed-whole": (lambda rng: round(2 ** rng.uniform(1, 8)), 1024),  # the same, none cut
+    "sft-short-rows": (lambda rng: rng.randint(3, 40), 128),  # 30-170 tokens, uniform
+    "sft-skewed-128": (lambda rng: int(rng.expovariate(1 / 60)) + 1, 128),  # exponential, most cut at 128
+}
 SPEED_KEYS = (  # the plan's speed settings, which TRL's defaults replace in the baseline
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
@@ -45,14 +52,14 @@ SPEED_KEYS = (  # the plan's speed settings, which TRL's defaults replace in the
 )
 
 
-def mixed_rows(path: Path, rows: int = 400, seed: int = 0) -> Path:
-    """Chat rows whose lengths spread over two orders of magnitude (a log-uniform draw), as user
-    data does, unlike the shipped example's near-uniform rows."""
+def mixed_rows(path: Path, words_in: Callable[[random.Random], int], rows: int = 400, seed: int = 0) -> Path:
+    """Chat rows whose answers have `words_in(rng)` words each, as user data spreads, unlike the
+    shipped example's near-uniform rows."""
     rng = random.Random(seed)
     words = "the model answers in short plain sentences about numbers colours and the weather today".split()
     with path.open("w") as f:
         for _ in range(rows):
-            n = int(round(2 ** rng.uniform(1, 8)))  # 2 to 256 words
+            n = words_in(rng)
             answer = " ".join(rng.choice(words) for _ in range(n))
             f.write(
                 json.dumps(
@@ -72,9 +79,10 @@ def spec_for(name: str, data_dir: Path) -> Any:
     from tasks.core.spec import load_spec
 
     overrides: dict[str, Any] = {"name": f"est-{name}", "outputs": {"gguf": []}, "evaluation": {"generations": 0}}
-    if name in (MIXED, WHOLE):
-        max_length = 512 if name == MIXED else 1024
-        overrides |= {"dataset": str(mixed_rows(data_dir / "mixed.jsonl")), "training": {"max_length": max_length}}
+    if name in SPREADS:
+        words_in, max_length = SPREADS[name]
+        data = mixed_rows(data_dir / f"{name}.jsonl", words_in)
+        overrides |= {"dataset": str(data), "training": {"max_length": max_length}}
         return load_spec(REPO / "examples" / "sft-tiny.yaml", overrides)
     return load_spec(REPO / "examples" / f"{name}.yaml", overrides)
 
@@ -163,7 +171,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
     within = lambda r: 0.75 <= r["time_ratio"] <= 1.25 and 0.85 <= r["memory_ratio"] <= 1.15  # noqa: E731
     lines = [
-        "# Estimates against the run: every shipped example and mixed-length data, on this CPU",
+        "# Estimates against the run: every shipped example and chat rows of four spreads, on this CPU",
         "",
         f"`python -m benchmarks.estimates`, {datetime.now(UTC):%Y-%m-%d}, {platform.machine()}, "
         f"{len(os.sched_getaffinity(0))} cores, matmul peak at planning {measured_cpu_flops() / 1e9:.0f} GFLOP/s. "
@@ -199,7 +207,7 @@ def main() -> None:
     p.add_argument("--only", help="comma-separated cases (default: every example and the mixed-length data)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "estimates-cpu.md")
     args = p.parse_args()
-    cases = args.only.split(",") if args.only else [*EXAMPLES, MIXED, WHOLE]
+    cases = args.only.split(",") if args.only else [*EXAMPLES, *SPREADS]
     rows = []
     from training.tiny_model import cache_root
 
