@@ -138,3 +138,30 @@ def test_a_measured_rate_replaces_the_time_model_and_not_the_calibration_it_lear
     }
     _, time_ratio, _ = observation(report)
     assert time_ratio == 0.5  # measured against the time model's 60 s, not the probe's 20 s
+
+
+def test_two_plans_on_one_machine_time_their_splits_one_after_the_other(tmp_path, monkeypatch):
+    """Two probes at once would share the cores and both cache wrong rates: the second waits, then
+    reads what the first measured for the same script and data; past the wait it gives up."""
+    import threading
+    import time
+
+    from tasks.core.derived_cache import Busy, derived
+
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path))
+    timings, running = [], threading.Event()
+
+    def slow_probe() -> dict:
+        running.set()
+        time.sleep(1.0)
+        timings.append("timed")
+        return {"rate": 1.0}
+
+    first = threading.Thread(target=lambda: derived("probe-test", {"k": 1}, slow_probe, alone_within_s=30))
+    first.start()
+    running.wait(5)
+    with pytest.raises(Busy, match="another process kept it"):
+        derived("probe-test", {"k": 2}, slow_probe, alone_within_s=0.2)
+    assert derived("probe-test", {"k": 1}, slow_probe, alone_within_s=30) == {"rate": 1.0}
+    first.join()
+    assert timings == ["timed"]  # the second plan read the first's rates instead of timing again

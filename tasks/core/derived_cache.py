@@ -1,18 +1,24 @@
-"""Numbers derived from a model's config alone, kept in the cache folder.
+"""Numbers derived once and kept in the cache folder: from a model's config alone, or measured
+on this machine (the batch-split probe).
 
 Planning measures an architecture by instantiating it on the meta device (no weights), which
 imports transformers' modeling code: about 3.5 s of a 12 s dry run, paid again by every
 command-line plan, MCP plan and served flow run, for numbers that depend only on the config
 and the installed transformers. They are kept per hash of those, so another config or another
-transformers version is measured afresh. Nothing here is a library's job: no cache of this
-kind exists in transformers or Prefect (Prefect's task cache needs a flow run)."""
+transformers version is measured afresh. A measurement of the machine is also taken one at a
+time (two would share its cores). Nothing here is a library's job: no cache of this kind exists
+in transformers or Prefect (Prefect's task cache needs a flow run)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from tasks.core.atomic import write_text
@@ -25,16 +31,56 @@ def config_key(config: Any) -> str:
     return config.to_json_string(use_diff=False)
 
 
-def derived(kind: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`compute()` for this key, read from the cache folder when it was computed before."""
+class Busy(RuntimeError):
+    """Another process kept computing this kind for longer than the caller would wait."""
+
+
+def derived(
+    kind: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]], alone_within_s: float | None = None
+) -> dict[str, Any]:
+    """`compute()` for this key, read from the cache folder when it was computed before. With
+    `alone_within_s`, no two processes on this machine compute this kind at once (a measurement
+    that another one would disturb): the second waits up to that long, then reads what the first
+    found for the same key, or computes its own; past the wait it raises Busy."""
     from training.tiny_model import cache_root
 
     text = json.dumps({"kind": kind, "v": VERSION, "transformers": version("transformers"), **key}, sort_keys=True)
     path = cache_root() / "derived" / kind / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    found = _read(path)
+    if found is None and alone_within_s is None:
+        found = compute()
+        write_text(path, json.dumps(found))  # atomic: a concurrent reader sees the whole file or none
+    elif found is None:
+        with _alone(path.parent / ".computing.lock", alone_within_s):
+            found = _read(path)
+            if found is None:
+                found = compute()
+                write_text(path, json.dumps(found))
+    return found
+
+
+def _read(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
-        pass
-    found = compute()
-    write_text(path, json.dumps(found))  # atomic: a concurrent reader sees the whole file or none
-    return found
+        return None
+
+
+@contextmanager
+def _alone(lock: Path, wait_s: float) -> Iterator[None]:
+    """An advisory lock (flock, released by the kernel however its holder ends), waited for."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise Busy(f"another process kept it for over {wait_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks.core.derived_cache import derived
+from tasks.core.derived_cache import Busy, derived
 from tasks.core.methods import method_definition
 from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, SplitProbe, SplitRate
 from tasks.core.spec import RunSpec, runs_on_this_machine
@@ -35,6 +35,7 @@ PROBE_ENV = "FINETUNE_SPLIT_PROBE"  # "0": the time model chooses (the test suit
 TIMED_STEPS, TIMED_SECONDS = 6, 2.0  # per candidate: at most this many steps, fewer once this long
 BUDGET_S = 90.0  # the probe's steps by the time model; beyond it fewer candidates are timed, or none
 MAX_CANDIDATES = 4
+WAIT_S = 4 * BUDGET_S  # how long a plan waits for another's probe (its longest) before the time model decides
 PROBE_VERSION = 2  # bump when what finetune_probe.py measures changes: earlier results are not read
 SPLIT_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "padding_free")
 
@@ -110,10 +111,12 @@ def probe_splits(script_dir: Path, config: dict[str, Any], found: list[dict[str,
         fresh.append(True)
         return {"rates": _run(script_dir, found), "seconds": round(time.time() - started, 1)}
 
-    try:
-        found_before = derived("split-probe", key, measure)
+    try:  # one probe at a time on a machine: two would share its cores and both cache wrong rates
+        found_before = derived("split-probe", key, measure, alone_within_s=WAIT_S)
     except ProbeFailed as e:
         return SplitProbe(note=f"the probe failed, so the time model chose the split: {e}")
+    except Busy as e:
+        return SplitProbe(note=f"another plan was timing its splits on this machine ({e}), so the time model chose")
     rates = [SplitRate.model_validate(r) for r in found_before["rates"] if r["steps"] and r["seconds"] > 0]
     return SplitProbe(rates=rates, seconds=found_before["seconds"], cached=not fresh)
 
