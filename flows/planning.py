@@ -69,7 +69,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: froz
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)
     config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args, vision)
-    config = job_settings(config, spec, backend, rewards, baseline, eval_tasks, report)
+    config = job_settings(config, spec, backend, rewards, baseline, eval_tasks, report, cost)
     script = build_script_task(method, config, run_dir)
     inputs = backend.planned_inputs(run_dir, model_path, baseline)
     plan = RunPlan(
@@ -124,9 +124,13 @@ def job_settings(
     baseline: str | None,
     eval_tasks: list[HarnessTask],
     report: DatasetReport,
+    cost: CostEstimate,
 ) -> dict[str, Any]:
-    """What the script needs beyond training: where it pushes, its rewards, what it compares with."""
+    """What the script needs beyond training: where it pushes, its rewards, what it compares with,
+    and what its pace is measured against (the useful FLOPs of a real token, the device's peak)."""
     config = {**config, "evaluation": dict(config["evaluation"])}
+    if cost.useful_flops_per_token and cost.peak_flops:
+        config["yardstick"] = {"useful_flops_per_token": cost.useful_flops_per_token, "peak_flops": cost.peak_flops}
     if spec.outputs.hub_repo and publish_target(spec.outputs.hub_repo)[0] == "hub" and not backend.on_this_machine:
         config["push_model_to"] = spec.outputs.hub_repo  # the job pushes the trained model there itself
         config["private"] = spec.outputs.private

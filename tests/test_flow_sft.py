@@ -76,6 +76,8 @@ def test_the_whole_sft_lifecycle_trains_and_leaves_every_output(sft_run, monkeyp
     assert 0.01 < share < 1 and "| useful FLOPs per second, share of the peak |" in report
     assert f"{share:.1%} |" in report and "this machine's matmul measured when the run was planned" in report
     assert "measured, by the script right after it trained" in report
+    # and the script says the same where it ran, for whoever runs it by hand
+    assert f"{share:.1%} of this CPU's float32 matmul peak" in (run_dir / "logs" / "train.log").read_text()
     # did it help? the trained model against the base, on the 20 held-out rows
     evaluation = summary.evaluation
     assert evaluation.verdict == "improved" and evaluation.rows == 20, evaluation
