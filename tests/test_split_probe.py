@@ -104,18 +104,19 @@ def test_a_probe_that_would_take_minutes_times_fewer_splits_or_none(tmp_path):
     assert kept == [] and "one optimizer step takes ~60 s" in why
 
 
-def test_a_failed_probe_leaves_the_split_to_the_time_model_and_caches_nothing(tmp_path, tiny_cache):
+def test_a_failed_probe_leaves_the_split_to_the_time_model_and_caches_nothing(tmp_path, monkeypatch):
     from tasks.core.model_source import load_config
     from tasks.plan.hardware import select_hardware
 
     plan = plan_run(_spec(tmp_path, "open"), runs_root=tmp_path)
     broken = tmp_path / "broken"
     broken.mkdir()  # no finetune_probe.py: the process exits with an error
-    before = set((tiny_cache / "derived").rglob("*"))
-    failed = probe.probe_splits(broken, {**plan.script.config, "data": "none.jsonl"}, [{"micro_batch": 1}])
+    with monkeypatch.context() as mp:
+        mp.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))  # a cache no other test writes to
+        failed = probe.probe_splits(broken, {**plan.script.config, "data": "none.jsonl"}, [{"micro_batch": 1}])
     assert not failed.rates and "the probe failed, so the time model chose the split" in failed.note
     assert "finetune_probe.py exited 2" in failed.note
-    assert set((tiny_cache / "derived").rglob("*")) == before
+    assert not list((tmp_path / "cache").rglob("*.json"))
     spec = _spec(tmp_path, "open")
     again, _ = select_hardware(
         spec, load_config(plan.model_path), {"per_device_train_batch_size": 8}, plan.dataset, probe=failed
