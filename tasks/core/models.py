@@ -503,7 +503,9 @@ class TrainingMeasurement(Frozen):
     processes: int = Field(1, description="training processes (the world size); tokens count all of them")
     global_batch: int | None = Field(None, description="rows per optimizer step, all processes together")
     matmul_peak_flops: float | None = Field(
-        None, description="on a CPU: its float32 matmul FLOP/s, measured by the script right after training"
+        None,
+        description="on a CPU: its float32 matmul FLOP/s with the training's threads (every process's: accelerate "
+        "splits the cores among them), measured by the script right after training",
     )
 
     @property

@@ -105,8 +105,8 @@ class Measure(TrainerCallback):
             "processes": args.world_size,
             "global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         }
-        if device == "cpu" and state.is_world_process_zero:
-            self.result["matmul_peak_flops"] = round(cpu_matmul_flops())
+        if device == "cpu" and state.is_world_process_zero:  # every process's threads: accelerate splits the cores
+            self.result["matmul_peak_flops"] = round(cpu_matmul_flops() * args.world_size)
 
 
 def cpu_matmul_flops(size: int = 1024, trials: int = 3, seconds: float = 0.15) -> float:
