@@ -11,17 +11,15 @@ in transformers or Prefect (Prefect's task cache needs a flow run)."""
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from tasks.core.atomic import write_text
+from tasks.core.locks import waited
 
 VERSION = 3  # bump when what is derived changes (3: a tower's matmuls, widths and modules)
 
@@ -31,17 +29,13 @@ def config_key(config: Any) -> str:
     return config.to_json_string(use_diff=False)
 
 
-class Busy(RuntimeError):
-    """Another process kept computing this kind for longer than the caller would wait."""
-
-
 def derived(
     kind: str, key: dict[str, Any], compute: Callable[[], dict[str, Any]], alone_within_s: float | None = None
 ) -> dict[str, Any]:
     """`compute()` for this key, read from the cache folder when it was computed before. With
     `alone_within_s`, no two processes on this machine compute this kind at once (a measurement
     that another one would disturb): the second waits up to that long, then reads what the first
-    found for the same key, or computes its own; past the wait it raises Busy."""
+    found for the same key, or computes its own; past the wait, TimeoutError."""
     from training.tiny_model import cache_root
 
     text = json.dumps({"kind": kind, "v": VERSION, "transformers": version("transformers"), **key}, sort_keys=True)
@@ -51,7 +45,7 @@ def derived(
         found = compute()
         write_text(path, json.dumps(found))  # atomic: a concurrent reader sees the whole file or none
     elif found is None:
-        with _alone(path.parent / ".computing.lock", alone_within_s):
+        with waited(path.parent / ".computing.lock", alone_within_s):
             found = _read(path)
             if found is None:
                 found = compute()
@@ -64,23 +58,3 @@ def _read(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-@contextmanager
-def _alone(lock: Path, wait_s: float) -> Iterator[None]:
-    """An advisory lock (flock, released by the kernel however its holder ends), waited for."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with lock.open("a+") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise Busy(f"another process kept it for over {wait_s:.0f} s") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

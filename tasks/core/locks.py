@@ -1,4 +1,5 @@
-"""One flow at a time per run name and per publish target, across processes.
+"""One flow at a time per run name and per publish target, across processes; one measurement of
+the machine at a time (`waited`).
 
 An advisory lock (flock) on a file under runs/.locks/: the kernel releases it when the
 holding process ends, however it ends (a killed flow leaves no stale lock behind). The file
@@ -10,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
@@ -48,6 +50,26 @@ def exclusive(path: Path, what: str, hint: str) -> Iterator[None]:
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+@contextmanager
+def waited(path: Path, wait_s: float) -> Iterator[None]:
+    """The lock at `path`, waited for up to `wait_s` seconds; TimeoutError past that."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"another process held it for over {wait_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_lock(run_name: str) -> AbstractContextManager[None]:

@@ -25,7 +25,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks.core.derived_cache import Busy, derived
+from tasks.core.derived_cache import derived
 from tasks.core.methods import method_definition
 from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, SplitProbe, SplitRate
 from tasks.core.spec import RunSpec, runs_on_this_machine
@@ -105,17 +105,18 @@ def probe_splits(script_dir: Path, config: dict[str, Any], found: list[dict[str,
         "machine": _machine(),
         "timing": [TIMED_STEPS, TIMED_SECONDS, PROBE_VERSION],
     }
-    started, fresh = time.time(), []
+    fresh = []
 
     def measure() -> dict[str, Any]:
         fresh.append(True)
+        started = time.time()  # after any wait for another plan's probe
         return {"rates": _run(script_dir, found), "seconds": round(time.time() - started, 1)}
 
     try:  # one probe at a time on a machine: two would share its cores and both cache wrong rates
         found_before = derived("split-probe", key, measure, alone_within_s=WAIT_S)
     except ProbeFailed as e:
         return SplitProbe(note=f"the probe failed, so the time model chose the split: {e}")
-    except Busy as e:
+    except TimeoutError as e:
         return SplitProbe(note=f"another plan was timing its splits on this machine ({e}), so the time model chose")
     rates = [SplitRate.model_validate(r) for r in found_before["rates"] if r["steps"] and r["seconds"] > 0]
     return SplitProbe(rates=rates, seconds=found_before["seconds"], cached=not fresh)
