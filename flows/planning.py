@@ -20,7 +20,7 @@ from tasks.core.methods import (
     outputs_for_method,
 )
 from tasks.core.model_source import baseline_path, context_length, is_vision_model, load_config, resolve_model
-from tasks.core.models import CostEstimate, DatasetReport, InputUpload, RunPlan
+from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, InputUpload, RunPlan
 from tasks.core.rundir import default_run_name, prepare_run_dir
 from tasks.core.spec import RunSpec, SpecError, backend_settings
 from tasks.data.evaluation import has_evaluation_set, is_conversational, with_evaluation_rows
@@ -69,7 +69,7 @@ def plan_run(spec: RunSpec, runs_root: Path | None = None, pending_rewards: froz
     baseline = baseline_path(spec, model_path, report.heldout_rows)
     eval_tasks = harness_tasks(spec, run_dir, backend.on_this_machine)
     config = script_config(spec, method, run_name, backend.model_reference(model_path), hardware, args, vision)
-    config = job_settings(config, spec, backend, rewards, baseline, eval_tasks, report, cost)
+    config = job_settings(config, spec, backend, rewards, baseline, eval_tasks, report, yardstick(cost, hardware))
     script = build_script_task(method, config, run_dir)
     inputs = backend.planned_inputs(run_dir, model_path, baseline)
     plan = RunPlan(
@@ -124,13 +124,13 @@ def job_settings(
     baseline: str | None,
     eval_tasks: list[HarnessTask],
     report: DatasetReport,
-    cost: CostEstimate,
+    measure_by: dict[str, float] | None,
 ) -> dict[str, Any]:
     """What the script needs beyond training: where it pushes, its rewards, what it compares with,
-    and what its pace is measured against (the useful FLOPs of a real token, the device's peak)."""
+    and what its pace is measured against."""
     config = {**config, "evaluation": dict(config["evaluation"])}
-    if cost.useful_flops_per_token and cost.peak_flops:
-        config["yardstick"] = {"useful_flops_per_token": cost.useful_flops_per_token, "peak_flops": cost.peak_flops}
+    if measure_by:
+        config["yardstick"] = measure_by
     if spec.outputs.hub_repo and publish_target(spec.outputs.hub_repo)[0] == "hub" and not backend.on_this_machine:
         config["push_model_to"] = spec.outputs.hub_repo  # the job pushes the trained model there itself
         config["private"] = spec.outputs.private
@@ -143,6 +143,18 @@ def job_settings(
         # chat models are asked in their own template, as they were trained
         config["evaluation"]["chat_template"] = is_conversational(report)
     return config
+
+
+def yardstick(cost: CostEstimate, hardware: HardwarePlan) -> dict[str, float] | None:
+    """The useful FLOPs of a real token, and a cloud flavor's dense peak (this machine's is measured
+    by the script itself: a figure measured at planning would make each plan's script differ, and a
+    re-plan of a running job would set its checkpoints aside as made from other inputs)."""
+    if not cost.useful_flops_per_token:
+        return None
+    found = {"useful_flops_per_token": cost.useful_flops_per_token}
+    if hardware.flavor not in ("local-cpu", "local-cuda") and cost.peak_flops:
+        found["peak_flops"] = cost.peak_flops
+    return found
 
 
 def with_upload(cost: CostEstimate, inputs: InputUpload | None) -> CostEstimate:

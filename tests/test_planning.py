@@ -380,6 +380,25 @@ def test_the_trl_config_fields_are_read_once_per_installed_version(tmp_path, mon
     assert config_fields("SFTConfig") == ["only_this"]  # read back, TRL not asked again
 
 
+def test_planning_a_run_again_writes_the_same_script_though_the_machine_measures_differently(tmp_path, monkeypatch):
+    """A re-plan (the next run of a name whose flow died) takes over the running job and its
+    checkpoints only if the script is the same: nothing measured at planning may enter it."""
+    import tasks.plan.flavors as flavors
+    from flows.planning import plan_run
+    from tasks.core.spec import load_spec
+    from tests.helpers import EXAMPLES
+
+    spec = load_spec(EXAMPLES / "sft-tiny.yaml", {"name": "again", "outputs": {"hub_repo": None}})
+    peak = [150e9]
+    monkeypatch.setattr(flavors, "measured_cpu_flops", lambda: peak[0])
+    first = plan_run(spec, runs_root=tmp_path)
+    peak[0] = 190e9  # the machine measured again, busier or not
+    second = plan_run(spec, runs_root=tmp_path)
+    assert first.cost.peak_flops != second.cost.peak_flops
+    assert first.script.sha256 == second.script.sha256
+    assert first.script.config["yardstick"] == {"useful_flops_per_token": first.cost.useful_flops_per_token}
+
+
 def test_reusing_a_run_name_with_another_spec_keeps_the_earlier_spec():
     first = plan_run(chat_spec(name="same", training={"max_length": 128}))
     plan_run(chat_spec(name="same", training={"max_length": 128}))  # identical spec: it resumes

@@ -515,19 +515,22 @@ def write_result(out: Path, trainer, result, peft_config, measured: dict | None,
 def pace(measured: dict, yardstick: dict | None) -> str:
     """The training loop's pace, and its useful FLOPs (the plan's per real token: forward and
     backward, attention over each row's own tokens) as a share of the device's peak: on a CPU its
-    float32 matmul, measured right after training; else the plan's dense peak."""
+    float32 matmul, measured right after training; on a cloud flavor its dense peak."""
     tokens, seconds = measured.get("tokens") or 0, measured.get("train_s") or 0
     if not (tokens and seconds):
         return f"training loop: {seconds:.1f} s"
     line = f"training loop: {tokens:,} real tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
-    if yardstick:
-        useful = yardstick["useful_flops_per_token"] * tokens / seconds
-        peak = measured.get("matmul_peak_flops") or yardstick["peak_flops"]
-        which = "this CPU's float32 matmul peak, measured just now" if measured.get("matmul_peak_flops") else "the peak"
-        line += (
-            f"; useful FLOPs {useful / 1e9:,.1f} GFLOP/s, {useful / peak:.1%} of {which} ({peak / 1e9:,.0f} GFLOP/s)"
-        )
-    return line
+    if not yardstick:
+        return line
+    useful = yardstick["useful_flops_per_token"] * tokens / seconds
+    line += f"; useful FLOPs {useful / 1e9:,.1f} GFLOP/s"
+    if measured.get("matmul_peak_flops"):
+        peak, which = measured["matmul_peak_flops"], "this CPU's float32 matmul peak, measured just now"
+    elif yardstick.get("peak_flops"):
+        peak, which = yardstick["peak_flops"], "the flavor's dense peak"
+    else:
+        return line
+    return line + f", {useful / peak:.1%} of {which} ({peak / 1e9:,.0f} GFLOP/s)"
 
 
 def push_outputs(repo: str, out: Path, lora: bool) -> None:
