@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.planning import plan_run
-from tasks.core.methods import DPO, GRPO, ORPO, SFT
+from tasks.core.methods import DPO, GRPO, ORPO, SFT, check_training_keys
 from tasks.core.spec import Budget, SpecError
 from tasks.plan.cost import RANGE_HIGH, RANGE_LOW, training_tokens
 from tasks.plan.flavors import CatalogueError, load_catalogue
@@ -362,8 +362,11 @@ def test_qlora_plans_write_a_4bit_script(tmp_path):
 def test_training_options_are_checked_against_the_trl_config():
     with pytest.raises(SpecError, match=r"'lerning_rate' \(did you mean 'learning_rate'"):
         plan_run(chat_spec(training={"lerning_rate": 1e-3}))
-    with pytest.raises(SpecError, match="looks like a secret"):
-        plan_run(chat_spec(training={"hub_token": "abc"}))
+    for secret in ("hub_token", "hf_token", "token", "wandb_api_key"):
+        with pytest.raises(SpecError, match=f"training.{secret} looks like a secret"):
+            plan_run(chat_spec(training={secret: "abc"}))
+    # options that name a tokenizer's token or count tokens are options, not secrets
+    check_training_keys(chat_spec(training={"pad_token": "<|endoftext|>", "include_num_input_tokens_seen": "all"}))
 
 
 def test_the_trl_config_fields_are_read_once_per_installed_version(tmp_path, monkeypatch):

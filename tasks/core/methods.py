@@ -318,7 +318,18 @@ def outputs_for_method(spec: RunSpec) -> RunSpec:
     return spec.model_copy(update={"outputs": spec.outputs.model_copy(update={"gguf": []})})
 
 
-SECRET_LIKE = ("token", "password", "secret", "api_key")
+SECRET_LIKE = ("password", "secret", "api_key")
+SECRET_FIELDS = ("hub_token", "push_to_hub_token")  # the trainer configs' own options that hold one
+
+
+def _looks_secret(key: str, unknown: dict[str, Any]) -> bool:
+    """A password, secret or API key anywhere in the name; a token where the name is a trainer's
+    token option or no option at all (`hf_token`), not where it names a tokenizer's token
+    (`pad_token`) or counts tokens (`include_num_input_tokens_seen`)."""
+    name = key.lower()
+    if name in SECRET_FIELDS or any(s in name for s in SECRET_LIKE):
+        return True
+    return "token" in name.split("_") and key in unknown
 
 
 def check_training_keys(spec: RunSpec) -> None:
@@ -328,13 +339,13 @@ def check_training_keys(spec: RunSpec) -> None:
     if spec.rewards and not method.rewards:
         with_rewards = " and ".join(m.name for m in METHODS.values() if m.rewards)
         raise SpecError(f"'rewards' applies to {with_rewards} only (this spec's method is {spec.method})")
-    secrets = [k for k in spec.training if any(s in k.lower() for s in SECRET_LIKE)]
+    unknown = unknown_training_keys(method, list(spec.training))
+    secrets = [k for k in spec.training if _looks_secret(k, unknown)]
     if secrets:
         raise SpecError(
             f"training.{secrets[0]} looks like a secret; secrets never go into the spec or the script. "
             "Set HF_TOKEN in the environment (or a Prefect Secret block) instead."
         )
-    unknown = unknown_training_keys(method, list(spec.training))
     if unknown:
         parts = [
             f"'{k}'" + (f" (did you mean {', '.join(repr(m) for m in near)}?)" if near else "")
