@@ -29,6 +29,7 @@ from tasks.evaluate.harness import HarnessTask, harness_tasks
 from tasks.export.gguf import check_converter_knows, check_quant_types, config_row_sizes
 from tasks.export.hub import publish_target
 from tasks.plan.cost import planned_arguments
+from tasks.plan.flavors import LOCAL_FLAVORS
 from tasks.plan.rewards import check_reward_models_reachable
 from tasks.plan.script import script_config
 from tasks.run.backends import Backend, get_backend
@@ -152,7 +153,7 @@ def yardstick(cost: CostEstimate, hardware: HardwarePlan) -> dict[str, float] | 
     if not cost.useful_flops_per_token:
         return None
     found = {"useful_flops_per_token": cost.useful_flops_per_token}
-    if hardware.flavor not in ("local-cpu", "local-cuda") and cost.peak_flops:
+    if hardware.flavor not in LOCAL_FLAVORS and cost.peak_flops:
         found["peak_flops"] = cost.peak_flops
     return found
 

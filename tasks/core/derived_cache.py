@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,13 @@ def derived(
     text = json.dumps({"kind": kind, "v": VERSION, "transformers": version("transformers"), **key}, sort_keys=True)
     path = cache_root() / "derived" / kind / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
     found = _read(path)
-    if found is None and alone_within_s is None:
-        found = compute()
-        write_text(path, json.dumps(found))  # atomic: a concurrent reader sees the whole file or none
-    elif found is None:
-        with waited(path.parent / ".computing.lock", alone_within_s):
-            found = _read(path)
-            if found is None:
-                found = compute()
-                write_text(path, json.dumps(found))
+    if found is not None:
+        return found
+    with nullcontext() if alone_within_s is None else waited(path.parent / ".computing.lock", alone_within_s):
+        found = _read(path)  # another process may have computed it while this one waited
+        if found is None:
+            found = compute()
+            write_text(path, json.dumps(found))  # atomic: a concurrent reader sees the whole file or none
     return found
 
 

@@ -8,6 +8,7 @@ from tasks.core.models import CostEstimate, DatasetReport, HardwarePlan, RunPlan
 from tasks.core.money import usd
 from tasks.evaluate.summary import evaluation_lines
 from tasks.export.gguf_summary import fallback_text, gguf_cells
+from tasks.plan.flavors import LOCAL_FLAVORS
 from tasks.plan.launch import launch_command
 
 
@@ -371,7 +372,7 @@ def _useful_flops_note(c: CostEstimate, h: HardwarePlan, m: TrainingMeasurement)
     """What the share of the peak divides: the yardstick is the device's limit, not TRL's defaults."""
     if not (c.useful_flops_per_token and c.peak_flops):
         return []
-    measured = h.flavor in ("local-cpu", "local-cuda")
+    measured = h.flavor in LOCAL_FLAVORS
     in_run = m.matmul_peak_flops
     where = (
         f"{c.peak_flops / 1e12:.3g} TFLOP/s estimated, this machine's matmul measured when the run was planned"
